@@ -1,0 +1,43 @@
+//! pgwatch: table changes as compact, coalesced LISTEN/NOTIFY messages.
+//!
+//! Wiring only; each concern has its module.
+
+use pgrx::prelude::*;
+
+mod api;
+mod coalesce;
+mod events;
+mod guc;
+mod notify;
+mod payload;
+mod plan;
+mod stats;
+mod trigger;
+mod xact;
+
+::pgrx::pg_module_magic!();
+
+pgrx::extension_sql_file!("../sql/bootstrap.sql", bootstrap);
+pgrx::extension_sql_file!("../sql/api.sql", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::register();
+    xact::register_callbacks();
+    plan::register_invalidation();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[path = "../pg_test/api_tests.rs"]
+mod api_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pgwatch'"]
+    }
+}

@@ -1,0 +1,553 @@
+//! Payload encoding: row images as JSON pairs, and their packing into NOTIFY payloads.
+//!
+//! Pure Rust with fixed-capacity `heapless` buffers: nothing here calls PostgreSQL, so it is
+//! unit-tested with plain `#[test]`s and can be shared by inline and worker delivery.
+
+use heapless::Vec as FixedVec;
+
+/// PostgreSQL rejects a payload of `NOTIFY_PAYLOAD_MAX_LENGTH` (8000) bytes or more.
+pub const MAX_PAYLOAD: usize = 7999;
+
+/// Room kept free in every payload for `"seq":N,`, so that rows sized for inline delivery also fit
+/// a worker's numbered payload.
+const SEQ_RESERVE: usize = r#""seq":18446744073709551615,"#.len();
+
+/// A payload being built: never longer than PostgreSQL accepts.
+pub type PayloadBuf = FixedVec<u8, MAX_PAYLOAD>;
+
+/// The net kind of a row change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub const ALL: [Op; 3] = [Op::Insert, Op::Update, Op::Delete];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A write that would pass a buffer's limit; the buffer is left unchanged or truncated by the caller.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+/// Appends `bytes`, failing if the buffer would grow beyond `limit`.
+fn push_bytes<const N: usize>(buf: &mut FixedVec<u8, N>, bytes: &[u8], limit: usize) -> Result<(), Full> {
+    if buf.len() + bytes.len() > limit {
+        return Err(Full);
+    }
+    buf.extend_from_slice(bytes).map_err(|_| Full)
+}
+
+/// Appends `s` as a JSON string literal. Bytes ≥ 0x80 pass through: payloads are in the server encoding.
+pub fn push_json_string<const N: usize>(buf: &mut FixedVec<u8, N>, s: &[u8], limit: usize) -> Result<(), Full> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let start = buf.len();
+    let result = (|| {
+        push_bytes(buf, b"\"", limit)?;
+        let mut plain = 0;
+        for (i, &b) in s.iter().enumerate() {
+            let escaped: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                0..=0x1f => &[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]],
+                _ => continue,
+            };
+            push_bytes(buf, &s[plain..i], limit)?;
+            push_bytes(buf, escaped, limit)?;
+            plain = i + 1;
+        }
+        push_bytes(buf, &s[plain..], limit)?;
+        push_bytes(buf, b"\"", limit)
+    })();
+    if result.is_err() {
+        buf.truncate(start);
+    }
+    result
+}
+
+/// The `"name":` prefix of a column's pair, built once per watched column.
+pub fn pair_prefix(name: &str) -> Result<Box<[u8]>, Full> {
+    let mut buf = PayloadBuf::new();
+    push_json_string(&mut buf, name.as_bytes(), MAX_PAYLOAD)?;
+    push_bytes(&mut buf, b":", MAX_PAYLOAD)?;
+    Ok(buf.as_slice().into())
+}
+
+/// One row's watched columns, key columns first, as `"name":value` pairs each stored behind a
+/// two-byte length. The key part doubles as the row's identity when changes are folded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    data: Box<[u8]>,
+    key_len: u32,
+    /// Extra columns were left out because the row was too big for a payload.
+    pub partial: bool,
+}
+
+impl Image {
+    /// The length-prefixed key pairs: equal exactly when the key values are equal.
+    pub fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+
+    fn pairs(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let mut rest = data;
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<2>()?;
+            let (pair, tail) = tail.split_at(u16::from_le_bytes(*len) as usize);
+            rest = tail;
+            Some(pair)
+        })
+    }
+
+    fn key_pairs(&self) -> impl Iterator<Item = &[u8]> {
+        Self::pairs(self.key())
+    }
+
+    fn extra_pairs(&self) -> impl Iterator<Item = &[u8]> {
+        Self::pairs(&self.data[self.key_len as usize..])
+    }
+
+    fn all_pairs(&self) -> impl Iterator<Item = &[u8]> {
+        Self::pairs(&self.data)
+    }
+}
+
+/// Builds an [`Image`] in a fixed buffer, refusing any pair that would make the rendered row
+/// (`{`, pairs, commas, `,"partial":true`, `}`) longer than `limit`.
+pub struct ImageBuilder {
+    buf: PayloadBuf,
+    key_len: usize,
+    rendered: usize,
+    limit: usize,
+}
+
+/// A point an [`ImageBuilder`] can be rolled back to.
+#[derive(Clone, Copy)]
+pub struct Mark {
+    len: usize,
+    rendered: usize,
+}
+
+const PARTIAL_FLAG: &[u8] = b",\"partial\":true";
+
+impl ImageBuilder {
+    pub fn new(limit: usize) -> Self {
+        ImageBuilder { buf: PayloadBuf::new(), key_len: 0, rendered: 2 + PARTIAL_FLAG.len(), limit }
+    }
+
+    pub fn mark(&self) -> Mark {
+        Mark { len: self.buf.len(), rendered: self.rendered }
+    }
+
+    pub fn rollback(&mut self, mark: Mark) {
+        self.buf.truncate(mark.len);
+        self.rendered = mark.rendered;
+    }
+
+    /// Ends the key columns: what has been added so far is the row's identity.
+    pub fn end_key(&mut self) {
+        self.key_len = self.buf.len();
+    }
+
+    /// Adds one pair whose value is written by `value` (e.g. [`push_json_string`]), all or nothing.
+    pub fn pair(
+        &mut self,
+        prefix: &[u8],
+        value: impl FnOnce(&mut PayloadBuf, usize) -> Result<(), Full>,
+    ) -> Result<(), Full> {
+        let mark = self.mark();
+        let separator = usize::from(self.buf.len() > 0);
+        let result = (|| {
+            // Every stored byte but the length prefix is rendered, so the storage limit follows
+            // from the rendering limit.
+            let room = self.limit.checked_sub(self.rendered + separator).ok_or(Full)?;
+            let start = self.buf.len();
+            push_bytes(&mut self.buf, &[0, 0], MAX_PAYLOAD)?;
+            let storage_limit = (start + 2 + room).min(MAX_PAYLOAD);
+            push_bytes(&mut self.buf, prefix, storage_limit)?;
+            value(&mut self.buf, storage_limit)?;
+            let len = self.buf.len() - start - 2;
+            self.buf[start..start + 2].copy_from_slice(&(len as u16).to_le_bytes());
+            self.rendered += separator + len;
+            Ok(())
+        })();
+        if result.is_err() {
+            self.rollback(mark);
+        }
+        result
+    }
+
+    /// Adds a pair with a value written verbatim (numbers, booleans, `null`).
+    pub fn raw_pair(&mut self, prefix: &[u8], value: &[u8]) -> Result<(), Full> {
+        self.pair(prefix, |buf, limit| push_bytes(buf, value, limit))
+    }
+
+    /// Adds a pair with an integer value.
+    pub fn int_pair(&mut self, prefix: &[u8], value: i64) -> Result<(), Full> {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut rest = value.unsigned_abs();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        self.pair(prefix, |buf, limit| {
+            if value < 0 {
+                push_bytes(buf, b"-", limit)?;
+            }
+            push_bytes(buf, &digits[at..], limit)
+        })
+    }
+
+    /// Adds a pair with a string value.
+    pub fn string_pair(&mut self, prefix: &[u8], value: &[u8]) -> Result<(), Full> {
+        self.pair(prefix, |buf, limit| push_json_string(buf, value, limit))
+    }
+
+    pub fn finish(self, partial: bool) -> Image {
+        Image { data: self.buf.as_slice().into(), key_len: self.key_len as u32, partial }
+    }
+}
+
+/// Writes `{pairs}`, with an `"old"` object and the `partial` flag as given.
+fn write_row<'a>(
+    out: &mut PayloadBuf,
+    limit: usize,
+    pairs: impl Iterator<Item = &'a [u8]>,
+    old: impl Iterator<Item = &'a [u8]>,
+    partial: bool,
+) -> Result<(), Full> {
+    fn join<'a>(out: &mut PayloadBuf, limit: usize, pairs: impl Iterator<Item = &'a [u8]>) -> Result<usize, Full> {
+        let mut n = 0;
+        for pair in pairs {
+            if n > 0 {
+                push_bytes(out, b",", limit)?;
+            }
+            push_bytes(out, pair, limit)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+    push_bytes(out, b"{", limit)?;
+    join(out, limit, pairs)?;
+    let mut old = old.peekable();
+    if old.peek().is_some() {
+        push_bytes(out, b",\"old\":{", limit)?;
+        join(out, limit, old)?;
+        push_bytes(out, b"}", limit)?;
+    }
+    if partial {
+        push_bytes(out, PARTIAL_FLAG, limit)?;
+    }
+    push_bytes(out, b"}", limit)
+}
+
+/// The net change of one row, ready to be rendered.
+#[derive(Clone, Copy, Debug)]
+pub struct NetRow<'a> {
+    pub op: Op,
+    pub before: Option<&'a Image>,
+    pub after: Option<&'a Image>,
+}
+
+impl NetRow<'_> {
+    /// Renders the row as payload JSON within `limit` bytes. An update carries, under `"old"`, the
+    /// previous values of the extra columns that changed and the whole previous key if the key
+    /// changed. A row that does not fit falls back to its key columns with `"partial":true`;
+    /// `Err(Full)` means not even that fits. Returns whether the row is partial.
+    pub fn render(&self, out: &mut PayloadBuf, limit: usize) -> Result<bool, Full> {
+        out.clear();
+        let (shown, other) = match self.op {
+            Op::Delete => (self.before.expect("a delete has a before image"), None),
+            _ => (self.after.expect("an insert or update has an after image"), self.before),
+        };
+        let key_moved = other.is_some_and(|b| b.key() != shown.key());
+        let old_keys = || other.filter(|_| key_moved).into_iter().flat_map(Image::key_pairs);
+        let both_complete = other.is_some_and(|b| !b.partial && !shown.partial);
+        let changed_extras = other
+            .filter(|_| both_complete)
+            .into_iter()
+            .flat_map(|b| b.extra_pairs().zip(shown.extra_pairs()).filter(|(was, is)| was != is).map(|(was, _)| was));
+        let partial = shown.partial || other.is_some_and(|b| b.partial);
+        if write_row(out, limit, shown.all_pairs(), old_keys().chain(changed_extras), partial).is_ok() {
+            return Ok(partial);
+        }
+        out.clear();
+        write_row(out, limit, shown.key_pairs(), old_keys(), true).inspect_err(|_| out.clear())?;
+        Ok(true)
+    }
+}
+
+/// Packs rendered rows of one table and op into as few payloads as fit.
+pub struct Packer {
+    buf: PayloadBuf,
+    header_len: usize,
+    rows: usize,
+}
+
+/// A finished payload and how many rows it carries.
+pub struct Payload<'a> {
+    pub text: &'a [u8],
+    pub rows: usize,
+}
+
+fn header(buf: &mut PayloadBuf, tbl: &str, op: Op) -> Result<(), Full> {
+    push_bytes(buf, b"{\"tbl\":", MAX_PAYLOAD)?;
+    push_json_string(buf, tbl.as_bytes(), MAX_PAYLOAD)?;
+    push_bytes(buf, b",\"op\":\"", MAX_PAYLOAD)?;
+    push_bytes(buf, op.as_str().as_bytes(), MAX_PAYLOAD)?;
+    push_bytes(buf, b"\",", MAX_PAYLOAD)
+}
+
+/// The payload that tells subscribers of `tbl` to refetch: some `op` rows could not be listed.
+pub fn overflow_payload(tbl: &str, op: Op) -> PayloadBuf {
+    let mut buf = PayloadBuf::new();
+    header(&mut buf, tbl, op).expect("a table name fits a payload");
+    push_bytes(&mut buf, b"\"overflow\":true}", MAX_PAYLOAD).expect("a table name fits a payload");
+    buf
+}
+
+/// The most bytes a rendered row may take in payloads of `tbl`.
+pub fn row_budget(tbl: &str) -> usize {
+    Packer::new(tbl, Op::Update).row_budget()
+}
+
+impl Packer {
+    pub fn new(tbl: &str, op: Op) -> Self {
+        let mut buf = PayloadBuf::new();
+        header(&mut buf, tbl, op).expect("a table name fits a payload");
+        push_bytes(&mut buf, b"\"rows\":[", MAX_PAYLOAD).expect("a table name fits a payload");
+        let header_len = buf.len();
+        Packer { buf, header_len, rows: 0 }
+    }
+
+    /// The most bytes one row may take so that it fits a payload on its own (with `]}` and room
+    /// for a sequence number).
+    pub fn row_budget(&self) -> usize {
+        MAX_PAYLOAD - SEQ_RESERVE - self.header_len - 2
+    }
+
+    /// Adds a row if it fits the current payload; `false` means take the payload first.
+    pub fn push(&mut self, row: &[u8]) -> bool {
+        let separator = usize::from(self.rows > 0);
+        if self.buf.len() + separator + row.len() + 2 + SEQ_RESERVE > MAX_PAYLOAD {
+            return false;
+        }
+        if separator == 1 {
+            self.buf.push(b',').expect("checked above");
+        }
+        self.buf.extend_from_slice(row).expect("checked above");
+        self.rows += 1;
+        true
+    }
+
+    /// Closes the current payload, hands it to `send`, and starts the next one.
+    pub fn flush(&mut self, send: &mut impl FnMut(Payload<'_>)) {
+        if self.rows == 0 {
+            return;
+        }
+        self.buf.extend_from_slice(b"]}").expect("room kept by push");
+        send(Payload { text: &self.buf, rows: self.rows });
+        self.buf.truncate(self.header_len);
+        self.rows = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(keys: &[(&str, &str)], extras: &[(&str, &str)], limit: usize) -> Image {
+        let mut b = ImageBuilder::new(limit);
+        for (name, value) in keys {
+            b.raw_pair(&pair_prefix(name).unwrap(), value.as_bytes()).unwrap();
+        }
+        b.end_key();
+        let mark = b.mark();
+        for (name, value) in extras {
+            if b.string_pair(&pair_prefix(name).unwrap(), value.as_bytes()).is_err() {
+                b.rollback(mark);
+                return b.finish(true);
+            }
+        }
+        b.finish(false)
+    }
+
+    fn render(op: Op, before: Option<&Image>, after: Option<&Image>, limit: usize) -> Result<String, Full> {
+        let mut out = PayloadBuf::new();
+        let partial = NetRow { op, before, after }.render(&mut out, limit)?;
+        assert_eq!(partial, out.ends_with(b"\"partial\":true}"));
+        Ok(String::from_utf8(out.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut buf = PayloadBuf::new();
+        push_json_string(&mut buf, "a\"b\\c\nd\u{1}é\t".as_bytes(), MAX_PAYLOAD).unwrap();
+        let text = std::str::from_utf8(&buf).unwrap();
+        assert_eq!(text, r#""a\"b\\c\nd\u0001é\t""#);
+        assert_eq!(serde_json::from_str::<String>(text).unwrap(), "a\"b\\c\nd\u{1}é\t");
+    }
+
+    #[test]
+    fn json_string_that_does_not_fit_leaves_buffer_unchanged() {
+        let mut buf = PayloadBuf::new();
+        buf.extend_from_slice(b"xy").unwrap();
+        assert_eq!(push_json_string(&mut buf, b"abc", 6), Err(Full));
+        assert_eq!(&buf[..], b"xy");
+        push_json_string(&mut buf, b"abc", 7).unwrap();
+        assert_eq!(&buf[..], b"xy\"abc\"");
+    }
+
+    #[test]
+    fn insert_renders_all_pairs_in_column_order() {
+        let after = image(&[("id", "42")], &[("role", "admin")], 500);
+        assert_eq!(render(Op::Insert, None, Some(&after), 500).unwrap(), r#"{"id":42,"role":"admin"}"#);
+    }
+
+    #[test]
+    fn update_lists_changed_extras_under_old() {
+        let before = image(&[("id", "1")], &[("role", "a"), ("name", "x")], 500);
+        let after = image(&[("id", "1")], &[("role", "b"), ("name", "x")], 500);
+        assert_eq!(
+            render(Op::Update, Some(&before), Some(&after), 500).unwrap(),
+            r#"{"id":1,"role":"b","name":"x","old":{"role":"a"}}"#
+        );
+        assert_eq!(render(Op::Update, Some(&after), Some(&after), 500).unwrap(), r#"{"id":1,"role":"b","name":"x"}"#);
+    }
+
+    #[test]
+    fn update_of_the_key_lists_the_whole_old_key() {
+        let before = image(&[("a", "1"), ("b", "2")], &[("role", "r")], 500);
+        let after = image(&[("a", "1"), ("b", "3")], &[("role", "r")], 500);
+        assert_eq!(
+            render(Op::Update, Some(&before), Some(&after), 500).unwrap(),
+            r#"{"a":1,"b":3,"role":"r","old":{"a":1,"b":2}}"#
+        );
+    }
+
+    #[test]
+    fn delete_renders_the_before_image() {
+        let before = image(&[("id", "7")], &[("role", "a")], 500);
+        assert_eq!(render(Op::Delete, Some(&before), None, 500).unwrap(), r#"{"id":7,"role":"a"}"#);
+    }
+
+    #[test]
+    fn image_too_big_for_extras_is_partial() {
+        let big = "x".repeat(100);
+        let img = image(&[("id", "1")], &[("a", "s"), ("body", &big)], 60);
+        assert!(img.partial);
+        assert_eq!(render(Op::Insert, None, Some(&img), 60).unwrap(), r#"{"id":1,"partial":true}"#);
+    }
+
+    #[test]
+    fn image_limit_counts_the_rendered_row() {
+        // {"id":1,"a":"s","partial":true} is 32 bytes: the partial flag is always budgeted.
+        let fits = image(&[("id", "1")], &[("a", "s")], 16 + PARTIAL_FLAG.len());
+        assert!(!fits.partial);
+        let cut = image(&[("id", "1")], &[("a", "s")], 15 + PARTIAL_FLAG.len());
+        assert!(cut.partial);
+    }
+
+    #[test]
+    fn integers_are_written_in_full() {
+        let mut b = ImageBuilder::new(500);
+        for v in [0, 7, -7, 1234567890, i64::MIN, i64::MAX] {
+            b.int_pair(&pair_prefix("n").unwrap(), v).unwrap();
+        }
+        let row = render(Op::Insert, None, Some(&b.finish(false)), 500).unwrap();
+        assert_eq!(
+            row,
+            r#"{"n":0,"n":7,"n":-7,"n":1234567890,"n":-9223372036854775808,"n":9223372036854775807}"#
+        );
+    }
+
+    #[test]
+    fn key_too_big_does_not_build() {
+        let mut b = ImageBuilder::new(30);
+        assert_eq!(b.string_pair(&pair_prefix("id").unwrap(), "k".repeat(40).as_bytes()), Err(Full));
+    }
+
+    #[test]
+    fn row_with_old_too_big_falls_back_to_keys() {
+        let before = image(&[("id", "1")], &[("a", &"p".repeat(40))], 200);
+        let after = image(&[("id", "2")], &[("a", &"q".repeat(40))], 200);
+        let full = render(Op::Update, Some(&before), Some(&after), 200).unwrap();
+        assert!(full.len() > 60, "{full}");
+        assert_eq!(
+            render(Op::Update, Some(&before), Some(&after), 60).unwrap(),
+            r#"{"id":2,"old":{"id":1},"partial":true}"#
+        );
+        assert_eq!(render(Op::Update, Some(&before), Some(&after), 10), Err(Full));
+    }
+
+    #[test]
+    fn packer_splits_rows_across_payloads_under_the_limit() {
+        let mut packer = Packer::new("public.t", Op::Insert);
+        let mut payloads: Vec<(String, usize)> = Vec::new();
+        let mut send = |p: Payload<'_>| payloads.push((String::from_utf8(p.text.to_vec()).unwrap(), p.rows));
+        let rows: Vec<String> = (0..2000).map(|i| format!("{{\"id\":{i}}}")).collect();
+        for row in &rows {
+            if !packer.push(row.as_bytes()) {
+                packer.flush(&mut send);
+                assert!(packer.push(row.as_bytes()));
+            }
+        }
+        packer.flush(&mut send);
+        let mut ids = Vec::new();
+        for (text, count) in &payloads {
+            assert!(text.len() + SEQ_RESERVE <= MAX_PAYLOAD);
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["tbl"], "public.t");
+            assert_eq!(v["op"], "insert");
+            let rows = v["rows"].as_array().unwrap();
+            assert_eq!(rows.len(), *count);
+            ids.extend(rows.iter().map(|r| r["id"].as_i64().unwrap()));
+        }
+        assert_eq!(ids, (0..2000).collect::<Vec<_>>());
+        // Full payloads leave no room for another row.
+        let first = &payloads[0].0;
+        assert!(first.len() + SEQ_RESERVE + ",{\"id\":1000}".len() > MAX_PAYLOAD);
+    }
+
+    #[test]
+    fn overflow_payload_names_table_and_op() {
+        let p = overflow_payload("s.\"q\"", Op::Delete);
+        assert_eq!(std::str::from_utf8(&p).unwrap(), r#"{"tbl":"s.\"q\"","op":"delete","overflow":true}"#);
+    }
+
+    #[test]
+    fn row_budget_lets_a_full_row_fit_alone() {
+        let tbl = "public.users";
+        let budget = row_budget(tbl);
+        let row = format!("{{\"k\":\"{}\"}}", "x".repeat(budget - 8));
+        assert_eq!(row.len(), budget);
+        let mut packer = Packer::new(tbl, Op::Update);
+        assert!(packer.push(row.as_bytes()));
+        let mut len = 0;
+        packer.flush(&mut |p| len = p.text.len());
+        assert_eq!(len + SEQ_RESERVE, MAX_PAYLOAD);
+    }
+}

@@ -1,0 +1,254 @@
+//! What a watch trigger needs to encode a row, resolved once per trigger and backend.
+//!
+//! A plan comes from the trigger's arguments (channel, table name, key count, column names, as
+//! written by `watch_table`) and the table's tuple descriptor. It is cached by trigger OID and
+//! dropped when the table's relcache entry is invalidated (ALTER TABLE, CREATE/DROP TRIGGER, …),
+//! so the per-row path does no catalog lookups.
+
+use std::cell::{RefCell, UnsafeCell};
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::rc::Rc;
+
+use pgrx::pg_sys::{self, Oid};
+use pgrx::{pg_guard, warning};
+
+use crate::payload::{self, pair_prefix, ImageBuilder};
+use crate::xact::Target;
+
+/// How a column's value becomes JSON.
+pub enum Encoding {
+    Int2,
+    Int4,
+    Int8,
+    Oid,
+    Bool,
+    /// text, varchar, char(n): the bytes themselves, escaped.
+    Text,
+    /// float and numeric: their text output as a JSON number, or a string for NaN and infinities.
+    Number(OutputFunction),
+    /// Any other type: its text output as a JSON string.
+    Output(OutputFunction),
+}
+
+pub struct Column {
+    pub attno: i16,
+    /// `"name":`, ready to copy.
+    pub prefix: Box<[u8]>,
+    pub encoding: Encoding,
+}
+
+pub struct Columns {
+    pub list: Vec<Column>,
+    pub keys: usize,
+    /// The most bytes one rendered row may take.
+    pub row_budget: usize,
+}
+
+pub struct Plan {
+    pub target: Rc<Target>,
+    relid: Oid,
+    /// `None` when a watched column is gone from the table: rows are reported as overflows.
+    pub columns: Option<Columns>,
+}
+
+thread_local! {
+    static PLANS: RefCell<HashMap<Oid, Rc<Plan>>> = RefCell::default();
+}
+
+/// The plan of the trigger being fired, built on its first row in this backend.
+///
+/// # Safety
+/// `data` must be the `TriggerData` of a running `pgwatch.capture` trigger.
+pub unsafe fn for_trigger(data: &pg_sys::TriggerData) -> Rc<Plan> {
+    // SAFETY: a firing trigger's TriggerData points to its Trigger and open Relation.
+    let (trigger, rel) = unsafe { (&*data.tg_trigger, data.tg_relation) };
+    if let Some(plan) = PLANS.with_borrow(|plans| plans.get(&trigger.tgoid).cloned()) {
+        return plan;
+    }
+    // SAFETY: as above; building may look up catalogs, and the borrow of PLANS is released.
+    let plan = Rc::new(unsafe { build(trigger, rel) });
+    PLANS.with_borrow_mut(|plans| plans.insert(trigger.tgoid, plan.clone()));
+    plan
+}
+
+/// # Safety
+/// `trigger` and `rel` must be a firing trigger's.
+unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
+    // SAFETY: tgargs holds tgnargs NUL-terminated strings.
+    let args: Vec<&CStr> = (0..trigger.tgnargs as usize)
+        .map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) })
+        .collect();
+    let [channel, tbl, keys, names @ ..] = &args[..] else {
+        pgrx::error!("pgwatch.capture() is called by triggers made with watch_table()");
+    };
+    let tbl = tbl.to_string_lossy().into_owned();
+    let target = Rc::new(Target { channel: CString::from(*channel), tbl });
+    let keys: usize = keys.to_str().ok().and_then(|k| k.parse().ok()).unwrap_or(usize::MAX);
+    // SAFETY: rel is open for the trigger's whole run.
+    let relid = unsafe { (*rel).rd_id };
+    let columns = unsafe { resolve(rel, names) };
+    let columns = match columns {
+        Ok(list) if keys <= list.len() => Some(Columns { list, keys, row_budget: payload::row_budget(&target.tbl) }),
+        Ok(_) => None,
+        Err(missing) => {
+            warning!(
+                "pgwatch: column \"{missing}\" watched on {} is gone; its changes are sent as overflow notices until it is watched again",
+                target.tbl
+            );
+            None
+        }
+    };
+    Plan { target, relid, columns }
+}
+
+/// Finds each named column in `rel` and how to encode it; `Err` names the first one missing.
+///
+/// # Safety
+/// `rel` must be an open relation.
+unsafe fn resolve(rel: pg_sys::Relation, names: &[&CStr]) -> Result<Vec<Column>, String> {
+    // SAFETY: an open relation has a valid tuple descriptor.
+    let tupdesc = unsafe { &*(*rel).rd_att };
+    let attrs = unsafe { tupdesc.attrs.as_slice(tupdesc.natts as usize) };
+    names
+        .iter()
+        .map(|name| {
+            let missing = || name.to_string_lossy().into_owned();
+            let attr = attrs
+                .iter()
+                .find(|a| !a.attisdropped && unsafe { CStr::from_ptr(a.attname.data.as_ptr()) } == *name)
+                .ok_or_else(missing)?;
+            let prefix = pair_prefix(&name.to_string_lossy()).map_err(|_| missing())?;
+            // SAFETY: the attribute's type exists while the column does.
+            let encoding = unsafe { encoding(attr.atttypid) };
+            Ok(Column { attno: attr.attnum, prefix, encoding })
+        })
+        .collect()
+}
+
+/// # Safety
+/// `typid` must be an existing type.
+unsafe fn encoding(typid: Oid) -> Encoding {
+    // SAFETY: syscache lookups of an existing type.
+    let base = unsafe { pg_sys::getBaseType(typid) };
+    let output = || {
+        let (mut func, mut varlena) = (Oid::INVALID, false);
+        // SAFETY: as above; the FmgrInfo lives in TopMemoryContext like the cached plan.
+        unsafe {
+            pg_sys::getTypeOutputInfo(typid, &mut func, &mut varlena);
+            let info = OutputFunction(Box::new(UnsafeCell::new(std::mem::zeroed())));
+            pg_sys::fmgr_info_cxt(func, info.0.get(), pg_sys::TopMemoryContext);
+            info
+        }
+    };
+    match base {
+        pg_sys::INT2OID => Encoding::Int2,
+        pg_sys::INT4OID => Encoding::Int4,
+        pg_sys::INT8OID => Encoding::Int8,
+        pg_sys::OIDOID => Encoding::Oid,
+        pg_sys::BOOLOID => Encoding::Bool,
+        pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Encoding::Text,
+        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::NUMERICOID => Encoding::Number(output()),
+        _ => Encoding::Output(output()),
+    }
+}
+
+/// Drops the plans of `relid`'s triggers (of every table when `relid` is invalid).
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: Oid) {
+    PLANS.with_borrow_mut(|plans| plans.retain(|_, plan| relid != Oid::INVALID && plan.relid != relid));
+}
+
+/// Keeps cached plans in step with table definitions (once, when the library loads).
+pub fn register_invalidation() {
+    // SAFETY: registers a plain function for the backend's lifetime.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
+}
+
+impl Columns {
+    /// The row's watched columns; `None` when even its key does not fit a payload.
+    ///
+    /// # Safety
+    /// `tuple` must be a valid tuple described by `tupdesc`.
+    pub unsafe fn image(&self, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Option<payload::Image> {
+        let mut builder = ImageBuilder::new(self.row_budget);
+        for column in &self.list[..self.keys] {
+            // SAFETY: as the caller promised.
+            unsafe { column.write(&mut builder, tuple, tupdesc) }.ok()?;
+        }
+        builder.end_key();
+        let mark = builder.mark();
+        for column in &self.list[self.keys..] {
+            // SAFETY: as the caller promised.
+            if unsafe { column.write(&mut builder, tuple, tupdesc) }.is_err() {
+                builder.rollback(mark);
+                return Some(builder.finish(true));
+            }
+        }
+        Some(builder.finish(false))
+    }
+}
+
+impl Column {
+    /// # Safety
+    /// `tuple` must be a valid tuple described by `tupdesc`.
+    unsafe fn write(
+        &self,
+        out: &mut ImageBuilder,
+        tuple: pg_sys::HeapTuple,
+        tupdesc: pg_sys::TupleDesc,
+    ) -> Result<(), payload::Full> {
+        let mut isnull = false;
+        // SAFETY: attno is a live column of this tuple descriptor (checked when the plan was built).
+        let datum = unsafe { pg_sys::heap_getattr(tuple, self.attno as i32, tupdesc, &mut isnull) };
+        let prefix = &self.prefix[..];
+        if isnull {
+            return out.raw_pair(prefix, b"null");
+        }
+        match &self.encoding {
+            Encoding::Int2 => out.int_pair(prefix, datum.value() as i16 as i64),
+            Encoding::Int4 => out.int_pair(prefix, datum.value() as i32 as i64),
+            Encoding::Int8 => out.int_pair(prefix, datum.value() as i64),
+            Encoding::Oid => out.int_pair(prefix, datum.value() as u32 as i64),
+            Encoding::Bool => out.raw_pair(prefix, if datum.value() != 0 { b"true" } else { b"false" }),
+            Encoding::Text => {
+                // SAFETY: a non-null text datum is a varlena; checking its raw size first means an
+                // oversized value is never detoasted.
+                unsafe {
+                    if pg_sys::toast_raw_datum_size(datum) > payload::MAX_PAYLOAD {
+                        return Err(payload::Full);
+                    }
+                    let text = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+                    out.string_pair(prefix, pgrx::varlena::varlena_to_byte_slice(text))
+                }
+            }
+            Encoding::Number(output) => {
+                // SAFETY: the output function of the column's type, on a non-null datum of it.
+                let text = unsafe { output.call(datum) };
+                if is_json_number(text) { out.raw_pair(prefix, text) } else { out.string_pair(prefix, text) }
+            }
+            // SAFETY: as above.
+            Encoding::Output(output) => out.string_pair(prefix, unsafe { output.call(datum) }),
+        }
+    }
+}
+
+/// A type's output function, looked up once. PostgreSQL may cache state in it on every call.
+pub struct OutputFunction(Box<UnsafeCell<pg_sys::FmgrInfo>>);
+
+impl OutputFunction {
+    /// The datum's text, in the current (per-tuple) memory context.
+    ///
+    /// # Safety
+    /// `datum` must be a non-null value of the type this function was looked up for.
+    unsafe fn call<'a>(&self, datum: pg_sys::Datum) -> &'a [u8] {
+        // SAFETY: the FmgrInfo is initialised and only used by this backend, one call at a time.
+        unsafe { CStr::from_ptr(pg_sys::OutputFunctionCall(self.0.get(), datum)).to_bytes() }
+    }
+}
+
+/// Float and numeric output is a JSON number unless it is NaN or ±Infinity.
+fn is_json_number(text: &[u8]) -> bool {
+    let digits = text.strip_prefix(b"-").unwrap_or(text);
+    digits.first().is_some_and(u8::is_ascii_digit)
+}

@@ -1,0 +1,197 @@
+//! The per-transaction capture buffer.
+//!
+//! Triggers record changes here; at pre-commit their net effect is sent, on abort it is dropped,
+//! and `ROLLBACK TO SAVEPOINT` drops what the rolled-back subtransactions recorded. Changes made at
+//! the top level are folded at once; changes inside a subtransaction wait in a tail, in order,
+//! until they can no longer be rolled back on their own.
+
+use std::cell::RefCell;
+use std::ffi::{c_void, CString};
+use std::rc::Rc;
+
+use pgrx::pg_sys::{self, SubTransactionId, SubXactEvent, XactEvent};
+use pgrx::{pg_guard, warning};
+
+use crate::coalesce::{Change, Folded};
+use crate::guc;
+use crate::notify;
+use crate::payload::{overflow_payload, Op, Packer, PayloadBuf};
+use crate::stats::{self, Counter};
+
+/// Where a watch's notifications go: its channel and the table name subscribers see.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    pub channel: CString,
+    pub tbl: String,
+}
+
+/// One watch's changes in this transaction.
+struct Buffer {
+    target: Rc<Target>,
+    folded: Folded,
+    /// Changes of this watch still in the tail.
+    pending: usize,
+    /// Per op: some rows could not be listed (too big, or past the per-transaction limit).
+    overflow: [bool; 3],
+}
+
+impl Buffer {
+    fn tracked(&self) -> usize {
+        self.folded.len() + self.pending
+    }
+}
+
+/// A change recorded inside a subtransaction.
+struct Pending {
+    buffer: usize,
+    subxact: SubTransactionId,
+    change: Change,
+}
+
+#[derive(Default)]
+struct Xact {
+    buffers: Vec<Buffer>,
+    tail: Vec<Pending>,
+}
+
+thread_local! {
+    static XACT: RefCell<Xact> = RefCell::default();
+}
+
+impl Xact {
+    fn buffer(&mut self, target: &Rc<Target>) -> usize {
+        if let Some(i) = self.buffers.iter().position(|b| Rc::ptr_eq(&b.target, target) || b.target == *target) {
+            return i;
+        }
+        self.buffers.push(Buffer { target: target.clone(), folded: Folded::default(), pending: 0, overflow: [false; 3] });
+        self.buffers.len() - 1
+    }
+
+    fn fold_tail(&mut self) {
+        for pending in self.tail.drain(..) {
+            let buffer = &mut self.buffers[pending.buffer];
+            buffer.folded.apply(pending.change);
+            buffer.pending -= 1;
+        }
+    }
+
+    /// Drops what subtransaction `subxact` and its children recorded: they hold every id from
+    /// `subxact` on, and everything recorded since it began.
+    fn roll_back_to(&mut self, subxact: SubTransactionId) {
+        while self.tail.last().is_some_and(|p| p.subxact >= subxact) {
+            let pending = self.tail.pop().expect("checked above");
+            self.buffers[pending.buffer].pending -= 1;
+        }
+    }
+}
+
+/// Records one row change of `target`'s table.
+pub fn record(target: &Rc<Target>, op: Op, change: Change) {
+    stats::add(Counter::RowsCaptured, 1);
+    let limit = guc::MAX_ROWS_PER_XACT.get() as usize;
+    // SAFETY: plain reads of the current transaction's state.
+    let (level, subxact) = unsafe { (pg_sys::GetCurrentTransactionNestLevel(), pg_sys::GetCurrentSubTransactionId()) };
+    XACT.with_borrow_mut(|x| {
+        let b = x.buffer(target);
+        if x.buffers[b].tracked() >= limit {
+            x.buffers[b].overflow[op.index()] = true;
+        } else if level <= 1 {
+            x.fold_tail();
+            x.buffers[b].folded.apply(change);
+        } else {
+            x.buffers[b].pending += 1;
+            x.tail.push(Pending { buffer: b, subxact, change });
+        }
+    });
+}
+
+/// Records a row change of `target`'s table that cannot be listed: subscribers are told to refetch.
+pub fn record_overflow(target: &Rc<Target>, op: Op) {
+    stats::add(Counter::RowsCaptured, 1);
+    XACT.with_borrow_mut(|x| {
+        let b = x.buffer(target);
+        x.buffers[b].overflow[op.index()] = true;
+    });
+}
+
+/// Order in which a watch's rows are sent: a row that takes a freed key (a delete, or an update
+/// that moved a key away) is always sent after the change that freed it.
+const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
+
+/// Sends the net effect of one watch's changes in as few payloads as fit.
+fn send(buffer: &Buffer) {
+    let Buffer { target, folded, overflow, .. } = buffer;
+    let mut row = PayloadBuf::new();
+    let mut deliver = |p: crate::payload::Payload<'_>| notify::send(&target.channel, p.text, p.rows);
+    for op in SEND_ORDER {
+        let mut packer = Packer::new(&target.tbl, op);
+        let mut overflowed = overflow[op.index()];
+        for net in folded.net_rows().filter(|net| net.op == op) {
+            match net.render(&mut row, packer.row_budget()) {
+                Ok(partial) => {
+                    stats::add(Counter::PartialRows, u64::from(partial));
+                    if !packer.push(&row) {
+                        packer.flush(&mut deliver);
+                        assert!(packer.push(&row), "a row within the budget fits an empty payload");
+                    }
+                }
+                Err(_) => overflowed = true,
+            }
+        }
+        packer.flush(&mut deliver);
+        if overflowed {
+            stats::add(Counter::Overflows, 1);
+            notify::send(&target.channel, &overflow_payload(&target.tbl, op), 0);
+        }
+    }
+}
+
+fn take() -> Xact {
+    XACT.with_borrow_mut(std::mem::take)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
+    match event {
+        XactEvent::XACT_EVENT_PRE_COMMIT => {
+            let mut xact = take();
+            xact.fold_tail();
+            xact.buffers.iter().for_each(send);
+        }
+        XactEvent::XACT_EVENT_PRE_PREPARE => {
+            let mut xact = take();
+            xact.fold_tail();
+            let rows: usize = xact.buffers.iter().map(|b| b.folded.net_rows().count()).sum();
+            if rows > 0 {
+                stats::add(Counter::PreparedUnsent, rows as u64);
+                warning!("pgwatch: {rows} changed rows of this prepared transaction will not be notified");
+            }
+        }
+        XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT | XactEvent::XACT_EVENT_COMMIT => {
+            take();
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: SubXactEvent::Type,
+    subxact: SubTransactionId,
+    _parent: SubTransactionId,
+    _arg: *mut c_void,
+) {
+    if event == SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        XACT.with_borrow_mut(|x| x.roll_back_to(subxact));
+    }
+}
+
+/// Hooks the buffer into every transaction of this backend (once, when the library loads).
+pub fn register_callbacks() {
+    // SAFETY: registering plain functions with no argument; PostgreSQL keeps them for the
+    // backend's lifetime, as long as this library stays loaded (it is never unloaded).
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
