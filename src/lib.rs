@@ -41,3 +41,7 @@ pub mod pg_test {
         vec!["shared_preload_libraries = 'pgwatch'"]
     }
 }
+
+#[cfg(test)]
+#[path = "../pg_test/e2e.rs"]
+mod e2e;
