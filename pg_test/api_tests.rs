@@ -1,16 +1,260 @@
-//! `#[pg_test]`s of the SQL API: they run inside a transaction that is rolled back.
+//! `#[pg_test]`s of the SQL API. Each runs inside a transaction that is rolled back, so nothing
+//! here can observe a NOTIFY: delivery is covered end to end in `e2e.rs`.
 
 #[pgrx::pg_schema]
 mod tests {
     use pgrx::prelude::*;
 
+    fn users() {
+        Spi::run("CREATE TABLE users (id int PRIMARY KEY, role_id int, name text, org text)").unwrap();
+    }
+
+    fn count(query: &str) -> i64 {
+        Spi::get_one::<i64>(query).unwrap().unwrap()
+    }
+
+    /// Triggers pgwatch made on `table` (partition clones included).
+    fn triggers(table: &str) -> i64 {
+        count(&format!(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND tgfoid = 'pgwatch.capture'::regproc"
+        ))
+    }
+
     #[pg_test]
     fn watch_table_returns_the_watch() {
-        Spi::run("CREATE TABLE users (id int PRIMARY KEY, role_id int, name text)").unwrap();
+        users();
         let row = Spi::get_three::<String, String, Vec<String>>(
             "SELECT channel, tbl::text, events FROM watch_table('users', 'update')",
         )
         .unwrap();
         assert_eq!(row, (Some("public.users".into()), Some("users".into()), Some(vec!["update".into()])));
+        let columns = Spi::get_two::<Vec<String>, Vec<String>>(
+            "SELECT extra_columns, key_columns FROM pgwatch.watches WHERE tbl = 'users'::regclass",
+        )
+        .unwrap();
+        assert_eq!(columns, (Some(vec![]), Some(vec!["id".into()])));
+        assert_eq!(triggers("users"), 1);
+    }
+
+    #[pg_test]
+    fn events_are_normalised() {
+        users();
+        for (given, expected) in [
+            ("{update,insert}", vec!["insert", "update"]),
+            ("deleted", vec!["delete"]),
+            ("*", vec!["insert", "update", "delete"]),
+            ("all", vec!["insert", "update", "delete"]),
+            ("Inserted, DELETE", vec!["insert", "delete"]),
+        ] {
+            let events =
+                Spi::get_one::<Vec<String>>(&format!("SELECT events FROM watch_table('users', '{given}')")).unwrap();
+            assert_eq!(events.unwrap(), expected, "events => '{given}'");
+        }
+        let default = Spi::get_one::<Vec<String>>("SELECT events FROM watch_table('users')").unwrap().unwrap();
+        assert_eq!(default, ["insert", "update", "delete"]);
+    }
+
+    #[pg_test]
+    fn composite_keys_in_key_order_and_extra_columns() {
+        Spi::run("CREATE TABLE members (org_id int, user_id int, role text, note text, PRIMARY KEY (user_id, org_id))")
+            .unwrap();
+        let row = Spi::get_two::<Vec<String>, Vec<String>>(
+            "SELECT key_columns, extra_columns FROM watch_table('members', 'update', '{note,role}')",
+        )
+        .unwrap();
+        assert_eq!(row, (Some(vec!["user_id".into(), "org_id".into()]), Some(vec!["note".into(), "role".into()])));
+    }
+
+    #[pg_test]
+    fn watching_again_replaces_the_definition() {
+        users();
+        let first = count("SELECT id FROM watch_table('users', 'insert')");
+        let second = count("SELECT id FROM watch_table('users', 'update', '{role_id}')");
+        assert_eq!(first, second);
+        assert_eq!(count("SELECT count(*) FROM pgwatch.watches"), 1);
+        assert_eq!(triggers("users"), 1);
+        let (events, extras) =
+            Spi::get_two::<Vec<String>, Vec<String>>("SELECT events, extra_columns FROM pgwatch.watches").unwrap();
+        assert_eq!((events.unwrap(), extras.unwrap()), (vec!["update".into()], vec!["role_id".into()]));
+        // The trigger now fires on UPDATE only.
+        let tgtype = count("SELECT tgtype::bigint FROM pg_trigger WHERE tgfoid = 'pgwatch.capture'::regproc");
+        assert_eq!(tgtype & (4 | 8 | 16), 16, "TRIGGER_TYPE_UPDATE only");
+    }
+
+    #[pg_test]
+    fn labels_make_separate_watches_with_their_own_channel() {
+        users();
+        Spi::run("SELECT watch_table('users', 'insert')").unwrap();
+        let channel = Spi::get_one::<String>("SELECT channel FROM watch_table('users', 'update', label => 'admins')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(channel, "admins");
+        assert_eq!(count("SELECT count(*) FROM pgwatch.watches"), 2);
+        assert_eq!(triggers("users"), 2);
+        assert_eq!(count("SELECT unwatch_table('users', 'admins')"), 1);
+        assert_eq!(triggers("users"), 1);
+        assert_eq!(count("SELECT unwatch_table('users')"), 1);
+        assert_eq!(triggers("users"), 0);
+        assert_eq!(count("SELECT unwatch_table('users')"), 0);
+    }
+
+    #[pg_test]
+    fn unwatch_without_label_removes_every_watch_of_the_table() {
+        users();
+        Spi::run("SELECT watch_table('users'); SELECT watch_table('users', label => 'a'); SELECT watch_table('users', label => 'b')")
+            .unwrap();
+        assert_eq!(count("SELECT unwatch_table('users')"), 3);
+        assert_eq!(count("SELECT count(*) FROM pgwatch.watches"), 0);
+        assert_eq!(triggers("users"), 0);
+    }
+
+    #[pg_test]
+    fn partitioned_tables_are_watched_on_the_parent() {
+        Spi::run(
+            "CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+             SELECT watch_table('events')",
+        )
+        .unwrap();
+        assert_eq!(triggers("events"), 1);
+        assert_eq!(triggers("events_2024"), 1, "cloned onto the partition");
+        assert_eq!(
+            Spi::get_one::<Vec<String>>("SELECT key_columns FROM pgwatch.watches").unwrap().unwrap(),
+            ["id", "at"]
+        );
+    }
+
+    #[pg_test]
+    fn drop_table_forgets_its_watches() {
+        users();
+        Spi::run("CREATE TABLE other (id int PRIMARY KEY); SELECT watch_table('users'); SELECT watch_table('other')")
+            .unwrap();
+        Spi::run("DROP TABLE users").unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT string_agg(channel, ',') FROM pgwatch.watches").unwrap().unwrap(),
+            "public.other"
+        );
+    }
+
+    #[pg_test]
+    fn stats_is_one_row_of_counters() {
+        assert_eq!(count("SELECT count(*) FROM pgwatch.stats() WHERE rows_captured >= 0 AND overflows >= 0"), 1);
+    }
+
+    #[pg_test(error = "\"public.user_names\" is not a table")]
+    fn error_for_a_view() {
+        users();
+        Spi::run("CREATE VIEW user_names AS SELECT id, name FROM users; SELECT watch_table('user_names')").unwrap();
+    }
+
+    #[pg_test(error = "\"public.counter\" is not a table")]
+    fn error_for_a_sequence() {
+        Spi::run("CREATE SEQUENCE counter; SELECT watch_table('counter')").unwrap();
+    }
+
+    #[pg_test(error = "\"public.users_pkey\" is not a table")]
+    fn error_for_an_index() {
+        users();
+        Spi::run("SELECT watch_table('users_pkey')").unwrap();
+    }
+
+    #[pg_test(error = "\"public.remote\" is not a table")]
+    fn error_for_a_foreign_table() {
+        Spi::run(
+            "CREATE FOREIGN DATA WRAPPER nothing; CREATE SERVER nowhere FOREIGN DATA WRAPPER nothing;
+             CREATE FOREIGN TABLE remote (id int) SERVER nowhere; SELECT watch_table('remote')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "table public.logs has no primary key")]
+    fn error_without_a_primary_key() {
+        Spi::run("CREATE TABLE logs (id int UNIQUE, line text); SELECT watch_table('logs')").unwrap();
+    }
+
+    #[pg_test(error = "column \"rol_id\" of relation public.users does not exist")]
+    fn error_for_an_unknown_extra_column() {
+        users();
+        Spi::run("SELECT watch_table('users', 'update', '{role_id,rol_id}')").unwrap();
+    }
+
+    #[pg_test(error = "column \"role_id\" is listed twice in extra_columns")]
+    fn error_for_a_duplicate_extra_column() {
+        users();
+        Spi::run("SELECT watch_table('users', 'update', '{role_id,name,role_id}')").unwrap();
+    }
+
+    #[pg_test(error = "column \"id\" is part of the primary key of public.users")]
+    fn error_for_a_key_column_listed_as_extra() {
+        users();
+        Spi::run("SELECT watch_table('users', 'update', '{id}')").unwrap();
+    }
+
+    #[pg_test(error = "extra_columns must not contain NULL")]
+    fn error_for_a_null_extra_column() {
+        users();
+        Spi::run("SELECT watch_table('users', 'update', ARRAY['name', NULL])").unwrap();
+    }
+
+    #[pg_test(error = "unknown event \"upsert\"")]
+    fn error_for_an_unknown_event() {
+        users();
+        Spi::run("SELECT watch_table('users', 'insert, upsert')").unwrap();
+    }
+
+    #[pg_test(error = "events names no event")]
+    fn error_for_no_event() {
+        users();
+        Spi::run("SELECT watch_table('users', '{}')").unwrap();
+    }
+
+    #[pg_test(
+        error = "channel name \"public.a_table_name_that_is_long_enough_to_push_the_channel_over\" is longer than 63 bytes"
+    )]
+    fn error_for_a_channel_name_too_long() {
+        Spi::run(
+            "CREATE TABLE a_table_name_that_is_long_enough_to_push_the_channel_over (id int PRIMARY KEY);
+             SELECT watch_table('a_table_name_that_is_long_enough_to_push_the_channel_over')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "label must not be empty")]
+    fn error_for_an_empty_label() {
+        users();
+        Spi::run("SELECT watch_table('users', label => '')").unwrap();
+    }
+
+    #[pg_test(error = "tbl must not be NULL")]
+    fn error_for_a_null_table() {
+        Spi::run("SELECT watch_table(NULL)").unwrap();
+    }
+
+    #[pg_test(error = "permission denied to watch table public.users")]
+    fn error_without_the_trigger_privilege() {
+        users();
+        Spi::run(
+            "CREATE ROLE pgwatch_stranger; GRANT SELECT, INSERT ON users TO pgwatch_stranger;
+             SET ROLE pgwatch_stranger; SELECT watch_table('users')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "permission denied to watch table public.users")]
+    fn unwatch_needs_the_trigger_privilege_too() {
+        users();
+        Spi::run("SELECT watch_table('users'); CREATE ROLE pgwatch_stranger; SET ROLE pgwatch_stranger; SELECT unwatch_table('users')")
+            .unwrap();
+    }
+
+    #[pg_test]
+    fn the_trigger_privilege_is_enough_to_watch() {
+        users();
+        Spi::run(
+            "CREATE ROLE pgwatch_helper; GRANT TRIGGER ON users TO pgwatch_helper;
+             SET ROLE pgwatch_helper; SELECT watch_table('users', 'insert'); SELECT unwatch_table('users'); RESET ROLE",
+        )
+        .unwrap();
+        assert_eq!(count("SELECT count(*) FROM pgwatch.watches"), 0);
     }
 }
