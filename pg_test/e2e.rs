@@ -459,6 +459,7 @@ fn bad_input_fails_with_its_sqlstate_and_changes_nothing() {
         ("SELECT watch_table('e2e_bad', NULL)", "22004"),
         ("SELECT watch_table('e2e_bad', label => repeat('l', 64))", "42622"),
         ("SELECT watch_table('e2e_bad', label => '')", "22023"),
+        ("SELECT watch_table('e2e_bad', 'update', array(SELECT 'c' || g FROM generate_series(1, 65) g))", "54011"),
         ("SET ROLE e2e_bad_role; SELECT watch_table('e2e_bad')", "42501"),
         ("SET ROLE e2e_bad_role; SELECT unwatch_table('e2e_bad')", "42501"),
     ] {
@@ -516,4 +517,29 @@ fn stats_count_captured_and_sent_rows() {
     let after = read(&mut writer);
     let delta: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(delta, [3, 1, 1, payload.len() as i64], "captured, sent, notifications, bytes");
+}
+
+#[test]
+fn ddl_on_watched_columns_never_fails_a_write() {
+    let mut writer = connect();
+    writer
+        .batch_execute(
+            "CREATE TABLE e2e_ddl (id int PRIMARY KEY, role_id int, name text);
+             SELECT watch_table('e2e_ddl', '*', '{role_id}')",
+        )
+        .unwrap();
+    let mut listener = listen(&["public.e2e_ddl"]);
+    // A type change is followed: the plan is rebuilt from the new descriptor.
+    writer.batch_execute("ALTER TABLE e2e_ddl ALTER COLUMN role_id TYPE text; INSERT INTO e2e_ddl VALUES (1, 'x', 'a')").unwrap();
+    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":1,"role_id":"x"}]}"#]);
+    // A renamed or dropped watched column: writes succeed, subscribers are told to refetch.
+    writer.batch_execute("ALTER TABLE e2e_ddl RENAME COLUMN role_id TO role; UPDATE e2e_ddl SET name = 'b'").unwrap();
+    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"update","overflow":true}"#]);
+    writer.batch_execute("ALTER TABLE e2e_ddl DROP COLUMN role; DELETE FROM e2e_ddl").unwrap();
+    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"delete","overflow":true}"#]);
+    // Watching again picks up the new shape.
+    writer
+        .batch_execute("SELECT watch_table('e2e_ddl', '*', '{name}'); INSERT INTO e2e_ddl VALUES (2, 'c')")
+        .unwrap();
+    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":2,"name":"c"}]}"#]);
 }

@@ -197,6 +197,10 @@ fn trigger_name(id: i64) -> String {
     format!("pgwatch_{id}")
 }
 
+fn drop_trigger(id: i64, table: &str) {
+    run(&format!("DROP TRIGGER IF EXISTS {} ON {table}", quote_identifier(trigger_name(id))), &[]);
+}
+
 #[pg_schema]
 mod pgwatch {
     use super::*;
@@ -228,14 +232,19 @@ mod pgwatch {
                 extras.clone().into(),
                 keys.clone().into(),
             ];
-            let updated = Spi::get_one_with_args::<i64>(
+            let replaced = Spi::get_one_with_args::<i64>(
                 "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6
                   WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
                 &fields,
-            );
-            let id = match updated {
-                Ok(Some(id)) => id,
-                _ => Spi::get_one_with_args::<i64>(
+            )
+            .ok()
+            .flatten();
+            if let Some(id) = replaced {
+                drop_trigger(id, &table);
+            }
+            let id = match replaced {
+                Some(id) => id,
+                None => Spi::get_one_with_args::<i64>(
                     "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns)
                      VALUES ($1::regclass, $2, $3, $4, $5, $6) RETURNING id",
                     &fields,
@@ -251,7 +260,6 @@ mod pgwatch {
                 .chain(extras.iter().cloned())
                 .map(quote_literal)
                 .collect();
-            run(&format!("DROP TRIGGER IF EXISTS {trigger} ON {table}"), &[]);
             run(
                 &format!(
                     "CREATE TRIGGER {trigger} AFTER {} ON {table} FOR EACH ROW EXECUTE FUNCTION pgwatch.capture({})",
@@ -288,7 +296,7 @@ fn unwatch_table(tbl: Option<PgRelation>, label: default!(Option<&str>, "NULL"))
         })
         .unwrap_or_else(|e| error!("pgwatch: {e}"));
         for &id in &ids {
-            run(&format!("DROP TRIGGER IF EXISTS {} ON {table}", quote_identifier(trigger_name(id))), &[]);
+            drop_trigger(id, &table);
         }
         ids.len() as i32
     })
