@@ -17,13 +17,14 @@ fn connect() -> Client {
 fn connect_to(via: &mut Client, dbname: &str) -> Client {
     let row = via.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
     let (port, user): (i32, String) = (row.get(0), row.get(1));
-    postgres::Config::new()
-        .host("localhost")
-        .port(port as u16)
-        .user(&user)
-        .dbname(dbname)
-        .connect(NoTls)
-        .unwrap()
+    postgres::Config::new().host("localhost").port(port as u16).user(&user).dbname(dbname).connect(NoTls).unwrap()
+}
+
+/// A writer that ran `setup` and a listener already listening on `channels`.
+fn watched(setup: &str, channels: &[&str]) -> (Client, Client) {
+    let mut writer = connect();
+    writer.batch_execute(setup).unwrap();
+    (writer, listen(channels))
 }
 
 fn listen(channels: &[&str]) -> Client {
@@ -74,21 +75,21 @@ fn stat(client: &mut Client, counter: &str) -> i64 {
 
 #[test]
 fn insert_update_delete_send_exact_payloads() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_basic (id int PRIMARY KEY, role_id int, name text);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_basic (id int PRIMARY KEY, role_id int, name text);
              SELECT watch_table('e2e_basic', '*', '{role_id}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_basic"]);
+        &["public.e2e_basic"],
+    );
     writer.batch_execute("INSERT INTO e2e_basic VALUES (1, 7, 'ann'), (2, 7, 'bob')").unwrap();
     expect(
         &mut listener,
         &[r#"{"tbl":"public.e2e_basic","op":"insert","rows":[{"id":1,"role_id":7},{"id":2,"role_id":7}]}"#],
     );
     writer.batch_execute("UPDATE e2e_basic SET role_id = 8 WHERE id = 1").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_basic","op":"update","rows":[{"id":1,"role_id":8,"old":{"role_id":7}}]}"#]);
+    expect(
+        &mut listener,
+        &[r#"{"tbl":"public.e2e_basic","op":"update","rows":[{"id":1,"role_id":8,"old":{"role_id":7}}]}"#],
+    );
     writer.batch_execute("UPDATE e2e_basic SET name = 'bea' WHERE id = 2").unwrap();
     expect(&mut listener, &[r#"{"tbl":"public.e2e_basic","op":"update","rows":[{"id":2,"role_id":7}]}"#]);
     writer.batch_execute("DELETE FROM e2e_basic WHERE id = 1").unwrap();
@@ -97,11 +98,10 @@ fn insert_update_delete_send_exact_payloads() {
 
 #[test]
 fn only_watched_events_are_sent() {
-    let mut writer = connect();
-    writer
-        .batch_execute("CREATE TABLE e2e_events (id int PRIMARY KEY, n int); SELECT watch_table('e2e_events', 'update')")
-        .unwrap();
-    let mut listener = listen(&["public.e2e_events"]);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_events (id int PRIMARY KEY, n int); SELECT watch_table('e2e_events', 'update')",
+        &["public.e2e_events"],
+    );
     writer
         .batch_execute(
             "INSERT INTO e2e_events VALUES (1, 0), (2, 0); UPDATE e2e_events SET n = 1 WHERE id = 2;
@@ -113,14 +113,11 @@ fn only_watched_events_are_sent() {
 
 #[test]
 fn composite_keys_and_key_changes() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_members (org_id int, user_id int, role text, PRIMARY KEY (user_id, org_id));
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_members (org_id int, user_id int, role text, PRIMARY KEY (user_id, org_id));
              SELECT watch_table('e2e_members', '*', '{role}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_members"]);
+        &["public.e2e_members"],
+    );
     writer.batch_execute("INSERT INTO e2e_members VALUES (10, 1, 'admin')").unwrap();
     writer.batch_execute("UPDATE e2e_members SET org_id = 11 WHERE user_id = 1").unwrap();
     writer.batch_execute("DELETE FROM e2e_members").unwrap();
@@ -136,18 +133,15 @@ fn composite_keys_and_key_changes() {
 
 #[test]
 fn values_are_typed_json() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "SET TimeZone = 'UTC';
+    let (mut writer, mut listener) = watched(
+        "SET TimeZone = 'UTC';
              CREATE TYPE e2e_mood AS ENUM ('happy', 'sad');
              CREATE TABLE e2e_types (id bigint PRIMARY KEY, small smallint, price numeric, ratio float8, ok boolean,
                  label text, code char(3), at timestamptz, mood e2e_mood, doc jsonb, missing int, nan float8);
              SELECT watch_table('e2e_types', 'insert',
                  '{small,price,ratio,ok,label,code,at,mood,doc,missing,nan}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_types"]);
+        &["public.e2e_types"],
+    );
     writer
         .batch_execute(
             r#"INSERT INTO e2e_types VALUES (-9000000000, -3, 1.50, 2.5e-7, true, E'say "hi"\n\\', 'ab',
@@ -166,15 +160,12 @@ fn values_are_typed_json() {
 
 #[test]
 fn a_transaction_folds_to_net_changes_deletes_first() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_fold (id int PRIMARY KEY, role_id int);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_fold (id int PRIMARY KEY, role_id int);
              INSERT INTO e2e_fold VALUES (2, 1), (4, 1), (5, 1);
              SELECT watch_table('e2e_fold', '*', '{role_id}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_fold"]);
+        &["public.e2e_fold"],
+    );
     writer
         .batch_execute(
             "BEGIN;
@@ -203,11 +194,10 @@ fn a_transaction_folds_to_net_changes_deletes_first() {
 
 #[test]
 fn rolled_back_transactions_send_nothing() {
-    let mut writer = connect();
-    writer
-        .batch_execute("CREATE TABLE e2e_rollback (id int PRIMARY KEY); SELECT watch_table('e2e_rollback')")
-        .unwrap();
-    let mut listener = listen(&["public.e2e_rollback"]);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_rollback (id int PRIMARY KEY); SELECT watch_table('e2e_rollback')",
+        &["public.e2e_rollback"],
+    );
     writer.batch_execute("BEGIN; INSERT INTO e2e_rollback VALUES (1); ROLLBACK").unwrap();
     assert!(writer.batch_execute("BEGIN; INSERT INTO e2e_rollback VALUES (2); SELECT 1/0; COMMIT").is_err());
     writer.batch_execute("ROLLBACK; INSERT INTO e2e_rollback VALUES (3)").unwrap();
@@ -216,14 +206,11 @@ fn rolled_back_transactions_send_nothing() {
 
 #[test]
 fn rollback_to_savepoint_drops_that_part() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_savepoint (id int PRIMARY KEY, v int); INSERT INTO e2e_savepoint VALUES (0, 0);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_savepoint (id int PRIMARY KEY, v int); INSERT INTO e2e_savepoint VALUES (0, 0);
              SELECT watch_table('e2e_savepoint', '*', '{v}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_savepoint"]);
+        &["public.e2e_savepoint"],
+    );
     writer
         .batch_execute(
             "BEGIN;
@@ -263,17 +250,16 @@ fn rollback_to_savepoint_drops_that_part() {
 
 #[test]
 fn oversized_rows_are_sent_partial_or_as_overflow() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_big (id text PRIMARY KEY, body text);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_big (id text PRIMARY KEY, body text);
              SELECT watch_table('e2e_big', '*', '{body}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_big"]);
+        &["public.e2e_big"],
+    );
     let (partial, overflows) = (stat(&mut writer, "partial_rows"), stat(&mut writer, "overflows"));
     writer
-        .batch_execute("INSERT INTO e2e_big VALUES ('small', repeat('x', 9000)), ('fine', 'ok'), (repeat('k', 8100), 'x')")
+        .batch_execute(
+            "INSERT INTO e2e_big VALUES ('small', repeat('x', 9000)), ('fine', 'ok'), (repeat('k', 8100), 'x')",
+        )
         .unwrap();
     expect(
         &mut listener,
@@ -296,14 +282,11 @@ fn oversized_rows_are_sent_partial_or_as_overflow() {
 
 #[test]
 fn a_10000_row_statement_delivers_every_key_once_in_full_payloads() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_bulk (id int PRIMARY KEY, role_id int);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_bulk (id int PRIMARY KEY, role_id int);
              SELECT watch_table('e2e_bulk', 'insert', '{role_id}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_bulk"]);
+        &["public.e2e_bulk"],
+    );
     let sent_before = stat(&mut writer, "notifications");
     writer.batch_execute("INSERT INTO e2e_bulk SELECT g, g % 7 FROM generate_series(1, 10000) g").unwrap();
     let sent = (stat(&mut writer, "notifications") - sent_before) as usize;
@@ -328,11 +311,10 @@ fn a_10000_row_statement_delivers_every_key_once_in_full_payloads() {
 
 #[test]
 fn past_the_row_limit_subscribers_are_told_to_refetch() {
-    let mut writer = connect();
-    writer
-        .batch_execute("CREATE TABLE e2e_limit (id int PRIMARY KEY); SELECT watch_table('e2e_limit', 'insert')")
-        .unwrap();
-    let mut listener = listen(&["public.e2e_limit"]);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_limit (id int PRIMARY KEY); SELECT watch_table('e2e_limit', 'insert')",
+        &["public.e2e_limit"],
+    );
     writer
         .batch_execute("SET pgwatch.max_rows_per_xact = 1000; INSERT INTO e2e_limit SELECT generate_series(1, 5000)")
         .unwrap();
@@ -349,15 +331,12 @@ fn past_the_row_limit_subscribers_are_told_to_refetch() {
 
 #[test]
 fn unwatch_stops_only_that_watch() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_unwatch (id int PRIMARY KEY);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_unwatch (id int PRIMARY KEY);
              SELECT watch_table('e2e_unwatch', 'insert', label => 'e2e_unwatch_a');
              SELECT watch_table('e2e_unwatch', 'insert', label => 'e2e_unwatch_b')",
-        )
-        .unwrap();
-    let mut listener = listen(&["e2e_unwatch_a", "e2e_unwatch_b"]);
+        &["e2e_unwatch_a", "e2e_unwatch_b"],
+    );
     writer.batch_execute("INSERT INTO e2e_unwatch VALUES (1)").unwrap();
     let mut got = receive(&mut listener, 2, Duration::from_secs(10));
     got.sort();
@@ -367,23 +346,26 @@ fn unwatch_stops_only_that_watch() {
     assert_eq!(removed, 1);
     writer.batch_execute("INSERT INTO e2e_unwatch VALUES (2)").unwrap();
     let got = receive(&mut listener, 1, Duration::from_secs(10));
-    assert_eq!(got, [("e2e_unwatch_b".into(), r#"{"tbl":"public.e2e_unwatch","op":"insert","rows":[{"id":2}]}"#.into())]);
+    assert_eq!(
+        got,
+        [("e2e_unwatch_b".into(), r#"{"tbl":"public.e2e_unwatch","op":"insert","rows":[{"id":2}]}"#.into())]
+    );
     expect_silence(&mut listener);
 }
 
 #[test]
 fn drop_table_removes_the_watch_and_others_keep_working() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_dropped (id int PRIMARY KEY); CREATE TABLE e2e_kept (id int PRIMARY KEY);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_dropped (id int PRIMARY KEY); CREATE TABLE e2e_kept (id int PRIMARY KEY);
              SELECT watch_table('e2e_dropped'); SELECT watch_table('e2e_kept')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_dropped", "public.e2e_kept"]);
+        &["public.e2e_dropped", "public.e2e_kept"],
+    );
     writer.batch_execute("DROP TABLE e2e_dropped").unwrap();
     let left: i64 = writer
-        .query_one("SELECT count(*) FROM pgwatch.watches WHERE channel IN ('public.e2e_dropped', 'public.e2e_kept')", &[])
+        .query_one(
+            "SELECT count(*) FROM pgwatch.watches WHERE channel IN ('public.e2e_dropped', 'public.e2e_kept')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(left, 1);
@@ -394,9 +376,10 @@ fn drop_table_removes_the_watch_and_others_keep_working() {
 
 #[test]
 fn replica_role_sends_nothing() {
-    let mut writer = connect();
-    writer.batch_execute("CREATE TABLE e2e_replica (id int PRIMARY KEY); SELECT watch_table('e2e_replica')").unwrap();
-    let mut listener = listen(&["public.e2e_replica"]);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_replica (id int PRIMARY KEY); SELECT watch_table('e2e_replica')",
+        &["public.e2e_replica"],
+    );
     writer
         .batch_execute(
             "SET session_replication_role = replica; INSERT INTO e2e_replica VALUES (1);
@@ -408,16 +391,13 @@ fn replica_role_sends_nothing() {
 
 #[test]
 fn partition_rows_arrive_under_the_parent_name() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_parts (id int PRIMARY KEY) PARTITION BY RANGE (id);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_parts (id int PRIMARY KEY) PARTITION BY RANGE (id);
              CREATE TABLE e2e_parts_low PARTITION OF e2e_parts FOR VALUES FROM (0) TO (100);
              SELECT watch_table('e2e_parts');
              CREATE TABLE e2e_parts_high PARTITION OF e2e_parts FOR VALUES FROM (100) TO (200)",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_parts"]);
+        &["public.e2e_parts"],
+    );
     writer.batch_execute("INSERT INTO e2e_parts VALUES (1), (150)").unwrap();
     expect(&mut listener, &[r#"{"tbl":"public.e2e_parts","op":"insert","rows":[{"id":1},{"id":150}]}"#]);
 }
@@ -499,11 +479,8 @@ fn drop_extension_removes_every_trigger() {
 
 #[test]
 fn stats_count_captured_and_sent_rows() {
-    let mut writer = connect();
-    writer
-        .batch_execute("CREATE TABLE e2e_stats (id int PRIMARY KEY); SELECT watch_table('e2e_stats')")
-        .unwrap();
-    let mut listener = listen(&["public.e2e_stats"]);
+    let (mut writer, mut listener) =
+        watched("CREATE TABLE e2e_stats (id int PRIMARY KEY); SELECT watch_table('e2e_stats')", &["public.e2e_stats"]);
     let read = |c: &mut Client| -> Vec<i64> {
         let row = c
             .query_one("SELECT rows_captured, rows_sent, notifications, payload_bytes FROM pgwatch.stats()", &[])
@@ -511,7 +488,9 @@ fn stats_count_captured_and_sent_rows() {
         (0..4).map(|i| row.get(i)).collect()
     };
     let before = read(&mut writer);
-    writer.batch_execute("BEGIN; INSERT INTO e2e_stats VALUES (1), (2); DELETE FROM e2e_stats WHERE id = 2; COMMIT").unwrap();
+    writer
+        .batch_execute("BEGIN; INSERT INTO e2e_stats VALUES (1), (2); DELETE FROM e2e_stats WHERE id = 2; COMMIT")
+        .unwrap();
     let payload = r#"{"tbl":"public.e2e_stats","op":"insert","rows":[{"id":1}]}"#;
     expect(&mut listener, &[payload]);
     let after = read(&mut writer);
@@ -521,16 +500,15 @@ fn stats_count_captured_and_sent_rows() {
 
 #[test]
 fn ddl_on_watched_columns_never_fails_a_write() {
-    let mut writer = connect();
-    writer
-        .batch_execute(
-            "CREATE TABLE e2e_ddl (id int PRIMARY KEY, role_id int, name text);
+    let (mut writer, mut listener) = watched(
+        "CREATE TABLE e2e_ddl (id int PRIMARY KEY, role_id int, name text);
              SELECT watch_table('e2e_ddl', '*', '{role_id}')",
-        )
-        .unwrap();
-    let mut listener = listen(&["public.e2e_ddl"]);
+        &["public.e2e_ddl"],
+    );
     // A type change is followed: the plan is rebuilt from the new descriptor.
-    writer.batch_execute("ALTER TABLE e2e_ddl ALTER COLUMN role_id TYPE text; INSERT INTO e2e_ddl VALUES (1, 'x', 'a')").unwrap();
+    writer
+        .batch_execute("ALTER TABLE e2e_ddl ALTER COLUMN role_id TYPE text; INSERT INTO e2e_ddl VALUES (1, 'x', 'a')")
+        .unwrap();
     expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":1,"role_id":"x"}]}"#]);
     // A renamed or dropped watched column: writes succeed, subscribers are told to refetch.
     writer.batch_execute("ALTER TABLE e2e_ddl RENAME COLUMN role_id TO role; UPDATE e2e_ddl SET name = 'b'").unwrap();
@@ -538,8 +516,6 @@ fn ddl_on_watched_columns_never_fails_a_write() {
     writer.batch_execute("ALTER TABLE e2e_ddl DROP COLUMN role; DELETE FROM e2e_ddl").unwrap();
     expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"delete","overflow":true}"#]);
     // Watching again picks up the new shape.
-    writer
-        .batch_execute("SELECT watch_table('e2e_ddl', '*', '{name}'); INSERT INTO e2e_ddl VALUES (2, 'c')")
-        .unwrap();
+    writer.batch_execute("SELECT watch_table('e2e_ddl', '*', '{name}'); INSERT INTO e2e_ddl VALUES (2, 'c')").unwrap();
     expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":2,"name":"c"}]}"#]);
 }

@@ -478,10 +478,7 @@ mod tests {
             b.int_pair(&pair_prefix("n").unwrap(), v).unwrap();
         }
         let row = render(Op::Insert, None, Some(&b.finish(false)), 500).unwrap();
-        assert_eq!(
-            row,
-            r#"{"n":0,"n":7,"n":-7,"n":1234567890,"n":-9223372036854775808,"n":9223372036854775807}"#
-        );
+        assert_eq!(row, r#"{"n":0,"n":7,"n":-7,"n":1234567890,"n":-9223372036854775808,"n":9223372036854775807}"#);
     }
 
     #[test]

@@ -76,9 +76,8 @@ pub unsafe fn for_trigger(data: &pg_sys::TriggerData) -> Rc<Plan> {
 /// `trigger` and `rel` must be a firing trigger's.
 unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     // SAFETY: tgargs holds tgnargs NUL-terminated strings.
-    let args: Vec<&CStr> = (0..trigger.tgnargs as usize)
-        .map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) })
-        .collect();
+    let args: Vec<&CStr> =
+        (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }).collect();
     let [channel, tbl, keys, names @ ..] = &args[..] else {
         pgrx::error!("pgwatch.capture() is called by triggers made with watch_table()");
     };
@@ -225,7 +224,11 @@ impl Column {
             Encoding::Number(output) => {
                 // SAFETY: the output function of the column's type, on a non-null datum of it.
                 let text = unsafe { output.call(datum) };
-                if is_json_number(text) { out.raw_pair(prefix, text) } else { out.string_pair(prefix, text) }
+                if is_json_number(text) {
+                    out.raw_pair(prefix, text)
+                } else {
+                    out.string_pair(prefix, text)
+                }
             }
             // SAFETY: as above.
             Encoding::Output(output) => out.string_pair(prefix, unsafe { output.call(datum) }),

@@ -9,7 +9,9 @@ use crate::coalesce::Change;
 use crate::payload::Op;
 use crate::{plan, xact};
 
-#[pg_trigger(sql = "CREATE FUNCTION pgwatch.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
+#[pg_trigger(
+    sql = "CREATE FUNCTION pgwatch.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
 fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
     let data = trigger.trigger_data();
     if data.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0 {

@@ -63,7 +63,12 @@ impl Xact {
         if let Some(i) = self.buffers.iter().position(|b| Rc::ptr_eq(&b.target, target) || b.target == *target) {
             return i;
         }
-        self.buffers.push(Buffer { target: target.clone(), folded: Folded::default(), pending: 0, overflow: [false; 3] });
+        self.buffers.push(Buffer {
+            target: target.clone(),
+            folded: Folded::default(),
+            pending: 0,
+            overflow: [false; 3],
+        });
         self.buffers.len() - 1
     }
 
