@@ -11,3 +11,7 @@ AS $$
     SELECT pgwatch.apply_watch(tbl, events, extra_columns, label);
     SELECT w.* FROM pgwatch.watches w WHERE w.tbl = $1 AND w.label IS NOT DISTINCT FROM $4;
 $$;
+
+-- One row per database that uses worker delivery (empty unless pgwatch is preloaded).
+CREATE VIEW pgwatch.workers AS SELECT * FROM pgwatch.worker_status();
+GRANT SELECT ON pgwatch.workers TO PUBLIC;

@@ -1,9 +1,29 @@
 //! Settings (`pgwatch.*` GUCs).
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::PostgresGucEnum;
 
 /// Row changes one transaction may track per watch before the rest are reported as an overflow.
 pub static MAX_ROWS_PER_XACT: GucSetting<i32> = GucSetting::<i32>::new(100_000);
+
+/// Who sends a transaction's notifications.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Delivery {
+    /// The delivery worker when pgwatch is preloaded, else the writing transaction.
+    #[name = c"auto"]
+    Auto,
+    /// The database's delivery worker, after commit (needs preloading; inline without it).
+    #[name = c"worker"]
+    Worker,
+    /// The writing transaction itself, at pre-commit.
+    #[name = c"inline"]
+    Inline,
+}
+
+pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery::Auto);
+
+/// Size of the shared-memory queue, in kB.
+pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
 pub fn register() {
     GucRegistry::define_int_guc(
@@ -15,5 +35,23 @@ pub fn register() {
         i32::MAX,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"pgwatch.delivery",
+        c"Who sends notifications: auto, worker or inline.",
+        c"auto uses the delivery worker when pgwatch is in shared_preload_libraries, inline otherwise.",
+        &DELIVERY,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgwatch.queue_size",
+        c"Size of the shared-memory queue that holds committed changes for the delivery workers.",
+        c"A transaction that does not fit is notified inline instead (counted as an inline fallback).",
+        &QUEUE_SIZE_KB,
+        64,
+        1024 * 1024,
+        GucContext::Postmaster,
+        GucFlags::UNIT_KB,
     );
 }

@@ -11,8 +11,10 @@ mod guc;
 mod notify;
 mod payload;
 mod plan;
+mod queue;
 mod stats;
 mod trigger;
+mod worker;
 mod xact;
 
 ::pgrx::pg_module_magic!();
@@ -25,6 +27,12 @@ pub extern "C-unwind" fn _PG_init() {
     guc::register();
     xact::register_callbacks();
     plan::register_invalidation();
+    // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        queue::init();
+        worker::register_launcher();
+        worker::install_drop_database_hook();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -1,11 +1,20 @@
-//! Sending one NOTIFY from the current transaction.
+//! Sending notifications from the current transaction: by the writing backend (inline delivery)
+//! or by a delivery worker.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, CStr, CString};
 
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 
-use crate::payload::MAX_PAYLOAD;
+use crate::coalesce::Folded;
+use crate::payload::{overflow_payload, Op, Packer, Payload, PayloadBuf, MAX_PAYLOAD};
 use crate::stats::{self, Counter};
+
+/// Where a watch's notifications go: its channel and the table name subscribers see.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    pub channel: CString,
+    pub tbl: String,
+}
 
 unsafe extern "C-unwind" {
     /// The C function behind `NOTIFY`/`pg_notify()`; pgrx does not bind it.
@@ -13,7 +22,7 @@ unsafe extern "C-unwind" {
 }
 
 /// Queues `payload` on `channel` for delivery when the current transaction commits.
-pub fn send(channel: &CStr, payload: &[u8], rows: usize) {
+fn send(channel: &CStr, payload: &[u8], rows: usize) {
     assert!(payload.len() <= MAX_PAYLOAD, "payloads are built under the NOTIFY limit");
     let mut text = [0u8; MAX_PAYLOAD + 1];
     text[..payload.len()].copy_from_slice(payload);
@@ -23,4 +32,37 @@ pub fn send(channel: &CStr, payload: &[u8], rows: usize) {
     stats::add(Counter::Notifications, 1);
     stats::add(Counter::PayloadBytes, payload.len() as u64);
     stats::add(Counter::RowsSent, rows as u64);
+}
+
+/// Order in which a watch's rows are sent: a row that takes a freed key (a delete, or an update
+/// that moved a key away) is always sent after the change that freed it.
+const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
+
+/// Sends the net effect of one watch's changes in as few payloads as fit, each numbered by
+/// `seq()` when that gives a number (worker delivery), then an overflow notice for each op whose
+/// rows could not all be listed.
+pub fn send_changes(target: &Target, folded: &Folded, overflow: [bool; 3], seq: &mut impl FnMut() -> Option<u64>) {
+    let mut row = PayloadBuf::new();
+    let mut deliver = |p: Payload<'_>| send(&target.channel, p.text, p.rows);
+    for op in SEND_ORDER {
+        let mut packer = Packer::new(&target.tbl, op);
+        let mut overflowed = overflow[op.index()];
+        for net in folded.net_rows().filter(|net| net.op == op) {
+            match net.render(&mut row, packer.row_budget()) {
+                Ok(partial) => {
+                    stats::add(Counter::PartialRows, u64::from(partial));
+                    if !packer.push(&row) {
+                        packer.flush(seq, &mut deliver);
+                        assert!(packer.push(&row), "a row within the budget fits an empty payload");
+                    }
+                }
+                Err(_) => overflowed = true,
+            }
+        }
+        packer.flush(seq, &mut deliver);
+        if overflowed {
+            stats::add(Counter::Overflows, 1);
+            send(&target.channel, &overflow_payload(&target.tbl, op, seq()), 0);
+        }
+    }
 }

@@ -102,6 +102,16 @@ pub struct Image {
 }
 
 impl Image {
+    /// Rebuilds an image from [`Image::parts`], e.g. after a trip through shared memory.
+    pub fn from_parts(data: &[u8], key_len: u32, partial: bool) -> Image {
+        Image { data: data.into(), key_len: key_len.min(data.len() as u32), partial }
+    }
+
+    /// The stored bytes, the length of their key part, and whether the image is partial.
+    pub fn parts(&self) -> (&[u8], u32, bool) {
+        (&self.data, self.key_len, self.partial)
+    }
+
     /// The length-prefixed key pairs: equal exactly when the key values are equal.
     pub fn key(&self) -> &[u8] {
         &self.data[..self.key_len as usize]
@@ -203,21 +213,12 @@ impl ImageBuilder {
     /// Adds a pair with an integer value.
     pub fn int_pair(&mut self, prefix: &[u8], value: i64) -> Result<(), Full> {
         let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut rest = value.unsigned_abs();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
+        let text = format_u64(value.unsigned_abs(), &mut digits);
         self.pair(prefix, |buf, limit| {
             if value < 0 {
                 push_bytes(buf, b"-", limit)?;
             }
-            push_bytes(buf, &digits[at..], limit)
+            push_bytes(buf, text, limit)
         })
     }
 
@@ -303,6 +304,8 @@ impl NetRow<'_> {
 /// Packs rendered rows of one table and op into as few payloads as fit.
 pub struct Packer {
     buf: PayloadBuf,
+    /// Where `"seq":N,` goes: after `{"tbl":…,"op":"…",`.
+    seq_at: usize,
     header_len: usize,
     rows: usize,
 }
@@ -313,18 +316,44 @@ pub struct Payload<'a> {
     pub rows: usize,
 }
 
-fn header(buf: &mut PayloadBuf, tbl: &str, op: Op) -> Result<(), Full> {
+/// Writes `{"tbl":…,"op":"…",` and, for worker delivery, `"seq":N,`.
+fn header(buf: &mut PayloadBuf, tbl: &str, op: Op, seq: Option<u64>) -> Result<(), Full> {
     push_bytes(buf, b"{\"tbl\":", MAX_PAYLOAD)?;
     push_json_string(buf, tbl.as_bytes(), MAX_PAYLOAD)?;
     push_bytes(buf, b",\"op\":\"", MAX_PAYLOAD)?;
     push_bytes(buf, op.as_str().as_bytes(), MAX_PAYLOAD)?;
-    push_bytes(buf, b"\",", MAX_PAYLOAD)
+    push_bytes(buf, b"\",", MAX_PAYLOAD)?;
+    if let Some(seq) = seq {
+        push_seq(buf, seq)?;
+    }
+    Ok(())
+}
+
+fn push_seq(buf: &mut PayloadBuf, seq: u64) -> Result<(), Full> {
+    let mut digits = [0u8; 20];
+    let text = format_u64(seq, &mut digits);
+    push_bytes(buf, b"\"seq\":", MAX_PAYLOAD)?;
+    push_bytes(buf, text, MAX_PAYLOAD)?;
+    push_bytes(buf, b",", MAX_PAYLOAD)
+}
+
+/// `value` in decimal, written at the end of `digits`.
+fn format_u64(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return &digits[at..];
+        }
+    }
 }
 
 /// The payload that tells subscribers of `tbl` to refetch: some `op` rows could not be listed.
-pub fn overflow_payload(tbl: &str, op: Op) -> PayloadBuf {
+pub fn overflow_payload(tbl: &str, op: Op, seq: Option<u64>) -> PayloadBuf {
     let mut buf = PayloadBuf::new();
-    header(&mut buf, tbl, op).expect("a table name fits a payload");
+    header(&mut buf, tbl, op, seq).expect("a table name fits a payload");
     push_bytes(&mut buf, b"\"overflow\":true}", MAX_PAYLOAD).expect("a table name fits a payload");
     buf
 }
@@ -337,10 +366,11 @@ pub fn row_budget(tbl: &str) -> usize {
 impl Packer {
     pub fn new(tbl: &str, op: Op) -> Self {
         let mut buf = PayloadBuf::new();
-        header(&mut buf, tbl, op).expect("a table name fits a payload");
+        header(&mut buf, tbl, op, None).expect("a table name fits a payload");
+        let seq_at = buf.len();
         push_bytes(&mut buf, b"\"rows\":[", MAX_PAYLOAD).expect("a table name fits a payload");
         let header_len = buf.len();
-        Packer { buf, header_len, rows: 0 }
+        Packer { buf, seq_at, header_len, rows: 0 }
     }
 
     /// The most bytes one row may take so that it fits a payload on its own (with `]}` and room
@@ -349,7 +379,7 @@ impl Packer {
         MAX_PAYLOAD - SEQ_RESERVE - self.header_len - 2
     }
 
-    /// Adds a row if it fits the current payload; `false` means take the payload first.
+    /// Adds a row if it fits the current payload; `false` means flush first.
     pub fn push(&mut self, row: &[u8]) -> bool {
         let separator = usize::from(self.rows > 0);
         if self.buf.len() + separator + row.len() + 2 + SEQ_RESERVE > MAX_PAYLOAD {
@@ -363,13 +393,20 @@ impl Packer {
         true
     }
 
-    /// Closes the current payload, hands it to `send`, and starts the next one.
-    pub fn flush(&mut self, send: &mut impl FnMut(Payload<'_>)) {
+    /// Closes the current payload, numbered by `seq()` if that gives a number, hands it to
+    /// `send`, and starts the next one.
+    pub fn flush(&mut self, seq: &mut impl FnMut() -> Option<u64>, send: &mut impl FnMut(Payload<'_>)) {
         if self.rows == 0 {
             return;
         }
-        self.buf.extend_from_slice(b"]}").expect("room kept by push");
-        send(Payload { text: &self.buf, rows: self.rows });
+        let mut out = PayloadBuf::new();
+        out.extend_from_slice(&self.buf[..self.seq_at]).expect("same capacity");
+        if let Some(seq) = seq() {
+            push_seq(&mut out, seq).expect("room kept by push");
+        }
+        out.extend_from_slice(&self.buf[self.seq_at..]).expect("room kept by push");
+        out.extend_from_slice(b"]}").expect("room kept by push");
+        send(Payload { text: &out, rows: self.rows });
         self.buf.truncate(self.header_len);
         self.rows = 0;
     }
@@ -506,17 +543,23 @@ mod tests {
         let mut payloads: Vec<(String, usize)> = Vec::new();
         let mut send = |p: Payload<'_>| payloads.push((String::from_utf8(p.text.to_vec()).unwrap(), p.rows));
         let rows: Vec<String> = (0..2000).map(|i| format!("{{\"id\":{i}}}")).collect();
+        let mut next = 0;
+        let mut seq = || {
+            next += 1;
+            Some(u64::MAX - 10 + next)
+        };
         for row in &rows {
             if !packer.push(row.as_bytes()) {
-                packer.flush(&mut send);
+                packer.flush(&mut seq, &mut send);
                 assert!(packer.push(row.as_bytes()));
             }
         }
-        packer.flush(&mut send);
+        packer.flush(&mut seq, &mut send);
         let mut ids = Vec::new();
-        for (text, count) in &payloads {
-            assert!(text.len() + SEQ_RESERVE <= MAX_PAYLOAD);
+        for (i, (text, count)) in payloads.iter().enumerate() {
+            assert!(text.len() <= MAX_PAYLOAD);
             let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["seq"].as_u64().unwrap(), u64::MAX - 9 + i as u64);
             assert_eq!(v["tbl"], "public.t");
             assert_eq!(v["op"], "insert");
             let rows = v["rows"].as_array().unwrap();
@@ -524,15 +567,17 @@ mod tests {
             ids.extend(rows.iter().map(|r| r["id"].as_i64().unwrap()));
         }
         assert_eq!(ids, (0..2000).collect::<Vec<_>>());
-        // Full payloads leave no room for another row.
+        // Full payloads leave no room for another row, even without a sequence number.
         let first = &payloads[0].0;
-        assert!(first.len() + SEQ_RESERVE + ",{\"id\":1000}".len() > MAX_PAYLOAD);
+        assert!(first.len() + ",{\"id\":1000}".len() > MAX_PAYLOAD);
     }
 
     #[test]
     fn overflow_payload_names_table_and_op() {
-        let p = overflow_payload("s.\"q\"", Op::Delete);
+        let p = overflow_payload("s.\"q\"", Op::Delete, None);
         assert_eq!(std::str::from_utf8(&p).unwrap(), r#"{"tbl":"s.\"q\"","op":"delete","overflow":true}"#);
+        let p = overflow_payload("t", Op::Insert, Some(42));
+        assert_eq!(std::str::from_utf8(&p).unwrap(), r#"{"tbl":"t","op":"insert","seq":42,"overflow":true}"#);
     }
 
     #[test]
@@ -544,7 +589,7 @@ mod tests {
         let mut packer = Packer::new(tbl, Op::Update);
         assert!(packer.push(row.as_bytes()));
         let mut len = 0;
-        packer.flush(&mut |p| len = p.text.len());
-        assert_eq!(len + SEQ_RESERVE, MAX_PAYLOAD);
+        packer.flush(&mut || Some(u64::MAX), &mut |p| len = p.text.len());
+        assert_eq!(len, MAX_PAYLOAD);
     }
 }

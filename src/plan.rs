@@ -14,7 +14,7 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::{pg_guard, warning};
 
 use crate::payload::{self, pair_prefix, ImageBuilder};
-use crate::xact::Target;
+use crate::notify::Target;
 
 /// How a column's value becomes JSON.
 pub enum Encoding {

@@ -1,10 +1,13 @@
 //! Counters of what pgwatch captured and sent, and of every fallback it took.
 //!
-//! They count this backend's work since it started (`pgwatch.stats()` reads them).
+//! With pgwatch preloaded they live in shared memory and count the whole cluster; without it,
+//! each backend counts its own work.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::prelude::*;
+
+use crate::queue;
 
 #[derive(Clone, Copy)]
 pub enum Counter {
@@ -14,24 +17,35 @@ pub enum Counter {
     RowsSent,
     Notifications,
     PayloadBytes,
+    /// Worker transactions that sent notifications.
+    Batches,
     /// Rows sent with key columns only because the extra columns did not fit a payload.
     PartialRows,
     /// `"overflow":true` notifications: rows that could not be listed at all.
     Overflows,
+    /// Transactions notified inline because the queue was full or had no slot for their database.
+    InlineFallbacks,
+    /// Delivery workers started again after one stopped.
+    WorkerRestarts,
     /// Rows of prepared (two-phase) transactions, which cannot notify.
     PreparedUnsent,
 }
 
-const COUNTERS: usize = Counter::PreparedUnsent as usize + 1;
+pub const COUNTERS: usize = Counter::PreparedUnsent as usize + 1;
 
-static VALUES: [AtomicU64; COUNTERS] = [const { AtomicU64::new(0) }; COUNTERS];
+/// This backend's counters, used when the shared segment is not there.
+static LOCAL: [AtomicU64; COUNTERS] = [const { AtomicU64::new(0) }; COUNTERS];
+
+fn counters() -> &'static [AtomicU64; COUNTERS] {
+    queue::shared().map_or(&LOCAL, |shared| &shared.counters)
+}
 
 pub fn add(counter: Counter, n: u64) {
-    VALUES[counter as usize].fetch_add(n, Ordering::Relaxed);
+    counters()[counter as usize].fetch_add(n, Ordering::Relaxed);
 }
 
 fn get(counter: Counter) -> i64 {
-    VALUES[counter as usize].load(Ordering::Relaxed) as i64
+    counters()[counter as usize].load(Ordering::Relaxed) as i64
 }
 
 #[pg_schema]
@@ -47,18 +61,30 @@ mod pgwatch {
             name!(rows_sent, i64),
             name!(notifications, i64),
             name!(payload_bytes, i64),
+            name!(batches, i64),
+            name!(rows_per_notification, f64),
             name!(partial_rows, i64),
             name!(overflows, i64),
+            name!(inline_fallbacks, i64),
+            name!(queue_high_water, i64),
+            name!(worker_restarts, i64),
             name!(prepared_unsent, i64),
         ),
     > {
+        let notifications = get(Counter::Notifications);
+        let high_water = queue::shared().map_or(0, |s| s.high_water.load(Ordering::Relaxed) as i64);
         TableIterator::once((
             get(Counter::RowsCaptured),
             get(Counter::RowsSent),
-            get(Counter::Notifications),
+            notifications,
             get(Counter::PayloadBytes),
+            get(Counter::Batches),
+            get(Counter::RowsSent) as f64 / notifications.max(1) as f64,
             get(Counter::PartialRows),
             get(Counter::Overflows),
+            get(Counter::InlineFallbacks),
+            high_water,
+            get(Counter::WorkerRestarts),
             get(Counter::PreparedUnsent),
         ))
     }

@@ -1,29 +1,24 @@
 //! The per-transaction capture buffer.
 //!
-//! Triggers record changes here; at pre-commit their net effect is sent, on abort it is dropped,
-//! and `ROLLBACK TO SAVEPOINT` drops what the rolled-back subtransactions recorded. Changes made at
-//! the top level are folded at once; changes inside a subtransaction wait in a tail, in order,
-//! until they can no longer be rolled back on their own.
+//! Triggers record changes here; on abort they are dropped, and `ROLLBACK TO SAVEPOINT` drops what
+//! the rolled-back subtransactions recorded. Changes made at the top level are folded at once;
+//! changes inside a subtransaction wait in a tail, in order, until they can no longer be rolled
+//! back on their own. At pre-commit the net effect is either queued for the database's delivery
+//! worker (published at commit) or, inline, sent as NOTIFYs of this transaction.
 
-use std::cell::RefCell;
-use std::ffi::{c_void, CString};
+use std::cell::{Cell, RefCell};
+use std::ffi::c_void;
 use std::rc::Rc;
 
 use pgrx::pg_sys::{self, SubTransactionId, SubXactEvent, XactEvent};
 use pgrx::{pg_guard, warning};
 
 use crate::coalesce::{Change, Folded};
-use crate::guc;
-use crate::notify;
-use crate::payload::{overflow_payload, Op, Packer, PayloadBuf};
+use crate::guc::{self, Delivery};
+use crate::notify::{self, Target};
+use crate::payload::Op;
+use crate::queue::{self, Reservation};
 use crate::stats::{self, Counter};
-
-/// Where a watch's notifications go: its channel and the table name subscribers see.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Target {
-    pub channel: CString,
-    pub tbl: String,
-}
 
 /// One watch's changes in this transaction.
 struct Buffer {
@@ -38,6 +33,10 @@ struct Buffer {
 impl Buffer {
     fn tracked(&self) -> usize {
         self.folded.len() + self.pending
+    }
+
+    fn has_news(&self) -> bool {
+        self.folded.net_rows().next().is_some() || self.overflow.contains(&true)
     }
 }
 
@@ -56,6 +55,8 @@ struct Xact {
 
 thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
+    /// This transaction's record in the delivery queue, between pre-commit and commit or abort.
+    static QUEUED: Cell<Option<Reservation>> = const { Cell::new(None) };
 }
 
 impl Xact {
@@ -119,34 +120,28 @@ pub fn record_overflow(target: &Rc<Target>, op: Op) {
     });
 }
 
-/// Order in which a watch's rows are sent: a row that takes a freed key (a delete, or an update
-/// that moved a key away) is always sent after the change that freed it.
-const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
-
-/// Sends the net effect of one watch's changes in as few payloads as fit.
-fn send(buffer: &Buffer) {
-    let Buffer { target, folded, overflow, .. } = buffer;
-    let mut row = PayloadBuf::new();
-    let mut deliver = |p: crate::payload::Payload<'_>| notify::send(&target.channel, p.text, p.rows);
-    for op in SEND_ORDER {
-        let mut packer = Packer::new(&target.tbl, op);
-        let mut overflowed = overflow[op.index()];
-        for net in folded.net_rows().filter(|net| net.op == op) {
-            match net.render(&mut row, packer.row_budget()) {
-                Ok(partial) => {
-                    stats::add(Counter::PartialRows, u64::from(partial));
-                    if !packer.push(&row) {
-                        packer.flush(&mut deliver);
-                        assert!(packer.push(&row), "a row within the budget fits an empty payload");
-                    }
-                }
-                Err(_) => overflowed = true,
-            }
+/// Reserves this transaction's record in the delivery queue when worker delivery applies;
+/// `false` means notify inline (the queue is full or has no slot: counted as a fallback).
+fn queue_for_worker(xact: &Xact) -> bool {
+    let shared = match guc::DELIVERY.get() {
+        Delivery::Inline => None,
+        Delivery::Auto | Delivery::Worker => queue::shared(),
+    };
+    let Some(shared) = shared else { return false };
+    let mut body = Vec::new();
+    for buffer in &xact.buffers {
+        queue::encode(&mut body, &buffer.target, buffer.overflow, buffer.folded.net_rows());
+    }
+    // SAFETY: reading the id of the database this backend is connected to.
+    let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    match shared.reserve(dboid, &body) {
+        Ok(reservation) => {
+            QUEUED.set(Some(reservation));
+            true
         }
-        packer.flush(&mut deliver);
-        if overflowed {
-            stats::add(Counter::Overflows, 1);
-            notify::send(&target.channel, &overflow_payload(&target.tbl, op), 0);
+        Err(_) => {
+            stats::add(Counter::InlineFallbacks, 1);
+            false
         }
     }
 }
@@ -161,7 +156,12 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         XactEvent::XACT_EVENT_PRE_COMMIT => {
             let mut xact = take();
             xact.fold_tail();
-            xact.buffers.iter().for_each(send);
+            xact.buffers.retain(Buffer::has_news);
+            if !xact.buffers.is_empty() && !queue_for_worker(&xact) {
+                for buffer in &xact.buffers {
+                    notify::send_changes(&buffer.target, &buffer.folded, buffer.overflow, &mut || None);
+                }
+            }
         }
         XactEvent::XACT_EVENT_PRE_PREPARE => {
             let mut xact = take();
@@ -172,8 +172,17 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
                 warning!("pgwatch: {rows} changed rows of this prepared transaction will not be notified");
             }
         }
-        XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT | XactEvent::XACT_EVENT_COMMIT => {
+        XactEvent::XACT_EVENT_COMMIT => {
             take();
+            if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
+                shared.publish(queued);
+            }
+        }
+        XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+            take();
+            if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
+                shared.cancel(queued);
+            }
         }
         _ => {}
     }

@@ -1,0 +1,617 @@
+//! The shared-memory delivery queue (needs `shared_preload_libraries = 'pgwatch'`).
+//!
+//! At pre-commit a transaction's net changes are encoded into one record and space is reserved
+//! for it in a byte ring; at commit the record is published and its database's delivery worker is
+//! woken; at abort it is dropped. The worker copies published records out, sends them in its own
+//! transaction, and only then marks them done, so a worker that dies loses nothing. Records are
+//! 16-byte aligned and never wrap: the end of the ring is skipped with a padding record.
+//!
+//! Beside the ring the segment holds one slot per database (its worker and backlog), the last
+//! sequence number of each channel, and the cluster-wide counters.
+
+use std::ffi::CString;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use pgrx::pg_sys;
+
+use crate::coalesce::Change;
+use crate::guc;
+use crate::notify::Target;
+use crate::payload::{Image, NetRow};
+use crate::stats::COUNTERS;
+
+/// Databases that can use worker delivery at once; others are notified inline.
+pub const MAX_DATABASES: usize = 64;
+/// Channels whose sequence numbers are kept in shared memory (and so survive worker restarts).
+pub const MAX_CHANNELS: usize = 4096;
+const ALIGN: usize = 16;
+
+const RESERVED: u32 = 1;
+const PUBLISHED: u32 = 2;
+const DONE: u32 = 3;
+const PADDING: u32 = 4;
+
+#[repr(C)]
+struct RecordHeader {
+    state: AtomicU32,
+    /// The whole record with header and padding, a multiple of ALIGN.
+    len: u32,
+    dboid: u32,
+    body_len: u32,
+}
+
+const HEADER: usize = size_of::<RecordHeader>();
+
+/// What a database's delivery worker is doing, as `pgwatch.workers` shows it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum WorkerState {
+    Stopped = 0,
+    Starting = 1,
+    Idle = 2,
+    Sending = 3,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Stopped => "stopped",
+            WorkerState::Starting => "starting",
+            WorkerState::Idle => "idle",
+            WorkerState::Sending => "sending",
+        }
+    }
+}
+
+/// One database using worker delivery.
+#[repr(C)]
+pub struct DbSlot {
+    /// 0 when the slot is free.
+    pub dboid: AtomicU32,
+    /// The worker's pid, 0 when none runs.
+    pub pid: AtomicI32,
+    /// The worker's latch, 0 when none runs.
+    latch: AtomicUsize,
+    state: AtomicU32,
+    /// Published records not yet delivered.
+    pub backlog: AtomicU64,
+    /// When the worker last committed notifications (TimestampTz; 0 = never).
+    pub last_send: AtomicI64,
+    /// DROP DATABASE is under way: no worker may start.
+    pub dropping: AtomicBool,
+}
+
+impl DbSlot {
+    pub fn state(&self) -> WorkerState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => WorkerState::Starting,
+            2 => WorkerState::Idle,
+            3 => WorkerState::Sending,
+            _ => WorkerState::Stopped,
+        }
+    }
+
+    pub fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u32, Ordering::Relaxed);
+    }
+
+    /// Called by the worker once it runs: from now on commits wake it directly.
+    pub fn attach_worker(&self) {
+        // SAFETY: MyProc and its latch live in shared memory for the whole life of this process.
+        let latch = unsafe { std::ptr::addr_of_mut!((*pg_sys::MyProc).procLatch) } as usize;
+        // SAFETY: reading this process's pid.
+        self.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+        self.latch.store(latch, Ordering::Release);
+        self.set_state(WorkerState::Idle);
+    }
+
+    /// Wakes the worker, if one runs.
+    pub fn wake(&self) {
+        set_latch(&self.latch);
+    }
+
+    pub fn detach_worker(&self) {
+        self.latch.store(0, Ordering::Release);
+        self.pid.store(0, Ordering::Relaxed);
+        self.set_state(WorkerState::Stopped);
+    }
+}
+
+#[repr(C)]
+struct ChannelSeq {
+    dboid: AtomicU32,
+    hash: AtomicU64,
+    seq: AtomicU64,
+}
+
+#[repr(C)]
+pub struct Shared {
+    lock: AtomicPtr<pg_sys::LWLock>,
+    capacity: u64,
+    /// Byte positions since start: the ring holds [tail, head).
+    head: AtomicU64,
+    tail: AtomicU64,
+    pub high_water: AtomicU64,
+    launcher_latch: AtomicUsize,
+    pub slots: [DbSlot; MAX_DATABASES],
+    channels: [ChannelSeq; MAX_CHANNELS],
+    pub counters: [AtomicU64; COUNTERS],
+}
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+static PREV_SHMEM_STARTUP: OnceLock<pg_sys::shmem_startup_hook_type> = OnceLock::new();
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static PREV_SHMEM_REQUEST: OnceLock<pg_sys::shmem_request_hook_type> = OnceLock::new();
+
+const NAME: &std::ffi::CStr = c"pgwatch";
+
+fn ring_bytes() -> usize {
+    (guc::QUEUE_SIZE_KB.get() as usize * 1024) / ALIGN * ALIGN
+}
+
+fn segment_size() -> usize {
+    size_of::<Shared>() + ring_bytes()
+}
+
+/// The shared segment, once this backend has it (only when pgwatch is preloaded).
+pub fn shared() -> Option<&'static Shared> {
+    // SAFETY: set once in the postmaster before any backend forks, to memory that lives until
+    // the postmaster exits; all fields are atomics or written before publication.
+    unsafe { SHARED.load(Ordering::Acquire).as_ref() }
+}
+
+/// Asks for the segment and its lock; called from `_PG_init` while preloading.
+pub fn init() {
+    // SAFETY: hooks are installed by the postmaster while it loads preloaded libraries, single-threaded.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        request();
+        // PG 15 moved shared memory requests into a hook that runs after every library is loaded.
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_SHMEM_REQUEST.get_or_init(|| pg_sys::shmem_request_hook);
+            pg_sys::shmem_request_hook = Some(on_shmem_request);
+        }
+        PREV_SHMEM_STARTUP.get_or_init(|| pg_sys::shmem_startup_hook);
+        pg_sys::shmem_startup_hook = Some(on_shmem_startup);
+    }
+}
+
+/// # Safety
+/// Only while shared memory is being requested.
+unsafe fn request() {
+    // SAFETY: as the caller promised.
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(segment_size());
+        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+    }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_shmem_request() {
+    // SAFETY: chained hook call, then our request, while shared memory is being sized.
+    unsafe {
+        if let Some(Some(prev)) = PREV_SHMEM_REQUEST.get() {
+            prev();
+        }
+        request();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_shmem_startup() {
+    // SAFETY: chained hook call; the segment is created (or found) under AddinShmemInitLock and
+    // zero-initialised, which is a valid state for every field (all atomics), before publication.
+    unsafe {
+        if let Some(Some(prev)) = PREV_SHMEM_STARTUP.get() {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let shared = pg_sys::ShmemInitStruct(NAME.as_ptr(), segment_size(), &mut found).cast::<Shared>();
+        assert!(shared.is_aligned(), "shared memory is not aligned");
+        if !found {
+            std::ptr::write_bytes(shared.cast::<u8>(), 0, segment_size());
+            (*shared).capacity = ring_bytes() as u64;
+            (*shared).lock.store(&raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock, Ordering::Relaxed);
+        }
+        SHARED.store(shared, Ordering::Release);
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// Holds the queue's lock until dropped.
+struct Locked<'a>(&'a Shared);
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // During an ERROR the transaction abort releases every LWLock itself.
+        if !std::thread::panicking() {
+            // SAFETY: acquired by Shared::lock.
+            unsafe { pg_sys::LWLockRelease(self.0.lock.load(Ordering::Relaxed)) };
+        }
+    }
+}
+
+/// A record reserved at pre-commit, to publish at commit or drop at abort.
+pub struct Reservation {
+    at: u64,
+    slot: usize,
+}
+
+/// Why a transaction could not be queued (it is then notified inline).
+#[derive(Debug)]
+pub enum NotQueued {
+    /// The ring has no room for the record.
+    Full,
+    /// Every database slot is taken, or this database is being dropped.
+    NoSlot,
+}
+
+impl Shared {
+    fn lock(&self, mode: pg_sys::LWLockMode::Type) -> Locked<'_> {
+        // SAFETY: the lock was set up with the segment.
+        unsafe { pg_sys::LWLockAcquire(self.lock.load(Ordering::Relaxed), mode) };
+        Locked(self)
+    }
+
+    /// The record starting at ring position `at`.
+    fn record(&self, at: u64) -> *mut u8 {
+        // SAFETY: the ring follows this struct in the same allocation, and record positions are
+        // ALIGN-aligned offsets inside it.
+        unsafe { std::ptr::from_ref(self).cast_mut().add(1).cast::<u8>().add((at % self.capacity) as usize) }
+    }
+
+    fn header(&self, at: u64) -> &RecordHeader {
+        // SAFETY: a header always fits before the end of the ring (records never wrap), and its
+        // fields are written before the head moves past it.
+        unsafe { &*self.record(at).cast::<RecordHeader>() }
+    }
+
+    /// Bytes in use, for the high-water mark.
+    fn used(&self) -> u64 {
+        self.head.load(Ordering::Relaxed) - self.tail.load(Ordering::Relaxed)
+    }
+
+    /// Frees the records at the tail that are done.
+    fn advance_tail(&self, _exclusive: &Locked<'_>) {
+        let head = self.head.load(Ordering::Relaxed);
+        let mut tail = self.tail.load(Ordering::Relaxed);
+        while tail < head {
+            let header = self.header(tail);
+            match header.state.load(Ordering::Acquire) {
+                DONE | PADDING => tail += u64::from(header.len),
+                _ => break,
+            }
+        }
+        self.tail.store(tail, Ordering::Relaxed);
+    }
+
+    /// The slot of `dboid`, taking a free one if it has none.
+    fn slot_of(&self, dboid: u32, _exclusive: &Locked<'_>) -> Option<usize> {
+        if let Some(i) = self.slots.iter().position(|s| s.dboid.load(Ordering::Relaxed) == dboid) {
+            return Some(i);
+        }
+        let free = self.slots.iter().position(|s| s.dboid.load(Ordering::Relaxed) == 0)?;
+        let slot = &self.slots[free];
+        slot.backlog.store(0, Ordering::Relaxed);
+        slot.last_send.store(0, Ordering::Relaxed);
+        slot.dropping.store(false, Ordering::Relaxed);
+        slot.dboid.store(dboid, Ordering::Relaxed);
+        Some(free)
+    }
+
+    pub fn find_slot(&self, dboid: u32) -> Option<&DbSlot> {
+        self.slots.iter().find(|s| s.dboid.load(Ordering::Relaxed) == dboid)
+    }
+
+    /// Reserves room for `body` and copies it in, unpublished.
+    pub fn reserve(&self, dboid: u32, body: &[u8]) -> Result<Reservation, NotQueued> {
+        let len = (HEADER + body.len()).div_ceil(ALIGN) * ALIGN;
+        let (at, slot) = {
+            let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let slot = self.slot_of(dboid, &exclusive).ok_or(NotQueued::NoSlot)?;
+            if self.slots[slot].dropping.load(Ordering::Relaxed) {
+                return Err(NotQueued::NoSlot);
+            }
+            self.advance_tail(&exclusive);
+            let head = self.head.load(Ordering::Relaxed);
+            let to_end = self.capacity - head % self.capacity;
+            let skip = if len as u64 > to_end { to_end } else { 0 };
+            if self.capacity - self.used() < skip + len as u64 {
+                return Err(NotQueued::Full);
+            }
+            if skip > 0 {
+                self.header(head).write(skip as u32, 0, 0, PADDING);
+            }
+            let at = head + skip;
+            self.header(at).write(len as u32, dboid, body.len() as u32, RESERVED);
+            self.head.store(at + len as u64, Ordering::Relaxed);
+            self.high_water.fetch_max(self.used(), Ordering::Relaxed);
+            (at, slot)
+        };
+        // SAFETY: the reserved record is this backend's alone until it is published or dropped,
+        // and it has room for the body after the header.
+        unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.record(at).add(HEADER), body.len()) };
+        Ok(Reservation { at, slot })
+    }
+
+    /// Hands a reserved record to its database's worker and wakes it (or the launcher). Cannot fail.
+    pub fn publish(&self, reservation: Reservation) {
+        self.header(reservation.at).state.store(PUBLISHED, Ordering::Release);
+        let slot = &self.slots[reservation.slot];
+        slot.backlog.fetch_add(1, Ordering::Relaxed);
+        slot.wake();
+        if slot.pid.load(Ordering::Relaxed) == 0 {
+            set_latch(&self.launcher_latch);
+        }
+    }
+
+    /// Drops a reserved record of a transaction that aborted. Cannot fail.
+    pub fn cancel(&self, reservation: Reservation) {
+        self.header(reservation.at).state.store(DONE, Ordering::Release);
+    }
+
+    /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`.
+    pub fn collect(&self, dboid: u32, max_bytes: usize) -> Vec<(u64, Vec<u8>)> {
+        let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
+        let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Relaxed));
+        let (mut records, mut bytes) = (Vec::new(), 0);
+        while at < head && bytes < max_bytes {
+            let header = self.header(at);
+            if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
+                let len = header.body_len as usize;
+                // SAFETY: a published record's body is complete and no longer written; the shared
+                // lock keeps the tail (and so the space) from moving.
+                let body = unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), len) };
+                records.push((at, body.to_vec()));
+                bytes += len;
+            }
+            at += u64::from(header.len);
+        }
+        records
+    }
+
+    /// Marks delivered records done and frees what it can.
+    pub fn finish(&self, slot: &DbSlot, delivered: &[u64]) {
+        for &at in delivered {
+            self.header(at).state.store(DONE, Ordering::Release);
+        }
+        slot.backlog.fetch_sub(delivered.len() as u64, Ordering::Relaxed);
+        let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        self.advance_tail(&exclusive);
+    }
+
+    /// Drops every record of `dboid` and frees its slot (its database is gone).
+    pub fn forget_database(&self, dboid: u32) {
+        let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Relaxed));
+        while at < head {
+            let header = self.header(at);
+            if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
+                header.state.store(DONE, Ordering::Release);
+            }
+            at += u64::from(header.len);
+        }
+        self.advance_tail(&exclusive);
+        for channel in self.channels.iter().filter(|c| c.dboid.load(Ordering::Relaxed) == dboid) {
+            channel.dboid.store(0, Ordering::Relaxed);
+        }
+        if let Some(slot) = self.find_slot(dboid) {
+            slot.dboid.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The last sequence number sent on `channel` of `dboid` (0 if none).
+    pub fn last_seq(&self, dboid: u32, channel: &[u8]) -> u64 {
+        let hash = channel_hash(channel);
+        self.channels
+            .iter()
+            .find(|c| c.dboid.load(Ordering::Relaxed) == dboid && c.hash.load(Ordering::Relaxed) == hash)
+            .map_or(0, |c| c.seq.load(Ordering::Relaxed))
+    }
+
+    /// Records the last sequence number sent on `channel` of `dboid`; `false` if the table is full.
+    pub fn store_seq(&self, dboid: u32, channel: &[u8], seq: u64) -> bool {
+        let hash = channel_hash(channel);
+        let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let entry = self
+            .channels
+            .iter()
+            .find(|c| c.dboid.load(Ordering::Relaxed) == dboid && c.hash.load(Ordering::Relaxed) == hash)
+            .or_else(|| self.channels.iter().find(|c| c.dboid.load(Ordering::Relaxed) == 0));
+        let Some(entry) = entry else { return false };
+        entry.hash.store(hash, Ordering::Relaxed);
+        entry.seq.store(seq, Ordering::Relaxed);
+        entry.dboid.store(dboid, Ordering::Relaxed);
+        true
+    }
+
+    /// Called by the launcher once it runs: commits needing a worker wake it.
+    pub fn attach_launcher(&self) {
+        // SAFETY: as in DbSlot::attach_worker.
+        let latch = unsafe { std::ptr::addr_of_mut!((*pg_sys::MyProc).procLatch) } as usize;
+        self.launcher_latch.store(latch, Ordering::Release);
+    }
+}
+
+impl RecordHeader {
+    /// Fills in a header of free ring space, owned by the holder of the exclusive lock.
+    fn write(&self, len: u32, dboid: u32, body_len: u32, state: u32) {
+        let header = std::ptr::from_ref(self).cast_mut();
+        // SAFETY: nobody reads this space before the head moves past it or the state is set;
+        // the plain fields are written before the state is stored with release ordering.
+        unsafe {
+            (*header).len = len;
+            (*header).dboid = dboid;
+            (*header).body_len = body_len;
+        }
+        self.state.store(state, Ordering::Release);
+    }
+}
+
+/// Wakes the process whose latch is stored in `latch`, if any.
+fn set_latch(latch: &AtomicUsize) {
+    let latch = latch.load(Ordering::Acquire) as *mut pg_sys::Latch;
+    if !latch.is_null() {
+        // SAFETY: a PGPROC latch in shared memory; setting it is safe at any time, even for a
+        // process that just exited.
+        unsafe { pg_sys::SetLatch(latch) };
+    }
+}
+
+/// FNV-1a: stable across processes, unlike std's randomly seeded hasher.
+fn channel_hash(channel: &[u8]) -> u64 {
+    channel.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// One watch's changes in a record.
+pub struct WatchChanges {
+    pub target: Target,
+    pub overflow: [bool; 3],
+    pub changes: Vec<Change>,
+}
+
+/// Appends one watch's net changes to a record body.
+pub fn encode<'a>(out: &mut Vec<u8>, target: &Target, overflow: [bool; 3], rows: impl Iterator<Item = NetRow<'a>>) {
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    fn image(out: &mut Vec<u8>, image: Option<&Image>) {
+        if let Some(image) = image {
+            let (data, key_len, partial) = image.parts();
+            out.push(1 + u8::from(partial));
+            out.extend_from_slice(&key_len.to_le_bytes());
+            bytes(out, data);
+        } else {
+            out.push(0);
+        }
+    }
+    bytes(out, target.channel.as_bytes());
+    bytes(out, target.tbl.as_bytes());
+    out.push(overflow.iter().enumerate().fold(0, |bits, (i, &o)| bits | u8::from(o) << i));
+    let count_at = out.len();
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut count = 0u32;
+    for row in rows {
+        image(out, row.before);
+        image(out, row.after);
+        count += 1;
+    }
+    out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+}
+
+/// Reads a record body written by [`encode`].
+pub fn decode(mut body: &[u8]) -> Vec<WatchChanges> {
+    fn take<'a>(body: &mut &'a [u8], n: usize) -> &'a [u8] {
+        let (head, tail) = body.split_at(n);
+        *body = tail;
+        head
+    }
+    fn u32_(body: &mut &[u8]) -> u32 {
+        u32::from_le_bytes(take(body, 4).try_into().expect("4 bytes"))
+    }
+    fn bytes<'a>(body: &mut &'a [u8]) -> &'a [u8] {
+        let len = u32_(body) as usize;
+        take(body, len)
+    }
+    fn image(body: &mut &[u8]) -> Option<Image> {
+        let tag = take(body, 1)[0];
+        if tag == 0 {
+            return None;
+        }
+        let key_len = u32_(body);
+        Some(Image::from_parts(bytes(body), key_len, tag == 2))
+    }
+    let mut watches = Vec::new();
+    while !body.is_empty() {
+        let channel = CString::new(bytes(&mut body)).expect("channels have no NUL");
+        let tbl = String::from_utf8_lossy(bytes(&mut body)).into_owned();
+        let bits = take(&mut body, 1)[0];
+        let overflow = [0, 1, 2].map(|i| bits & (1 << i) != 0);
+        let count = u32_(&mut body);
+        let changes =
+            (0..count).map(|_| Change { before: image(&mut body), after: image(&mut body) }).collect();
+        watches.push(WatchChanges { target: Target { channel, tbl }, overflow, changes });
+    }
+    watches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coalesce::Folded;
+    use crate::payload::{pair_prefix, ImageBuilder, Op, PayloadBuf};
+
+    fn img(id: i64, note: &str, partial: bool) -> Image {
+        let mut b = ImageBuilder::new(1000);
+        b.int_pair(&pair_prefix("id").unwrap(), id).unwrap();
+        b.end_key();
+        if !partial {
+            b.string_pair(&pair_prefix("note").unwrap(), note.as_bytes()).unwrap();
+        }
+        b.finish(partial)
+    }
+
+    fn rendered(folded: &Folded) -> Vec<String> {
+        folded
+            .net_rows()
+            .map(|row| {
+                let mut out = PayloadBuf::new();
+                row.render(&mut out, 1000).unwrap();
+                format!("{} {}", row.op.as_str(), String::from_utf8(out.to_vec()).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_round_trip_and_fold_across_transactions() {
+        let target = Target { channel: c"chan".into(), tbl: "public.t".into() };
+        let mut first = Folded::default();
+        first.apply(Change { before: None, after: Some(img(1, "a", false)) });
+        first.apply(Change { before: Some(img(2, "b", false)), after: Some(img(2, "c", false)) });
+        first.apply(Change { before: Some(img(3, "", true)), after: None });
+        let mut second = Folded::default();
+        second.apply(Change { before: Some(img(1, "a", false)), after: Some(img(1, "z", false)) });
+        second.apply(Change { before: Some(img(2, "c", false)), after: None });
+
+        let mut body = Vec::new();
+        encode(&mut body, &target, [false, true, false], first.net_rows());
+        encode(&mut body, &target, [false; 3], second.net_rows());
+        let decoded = decode(&body);
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[0].target, target);
+        assert_eq!(decoded[0].overflow, [false, true, false]);
+        assert_eq!(decoded[1].overflow, [false; 3]);
+
+        let mut worker = Folded::default();
+        decoded.into_iter().flat_map(|w| w.changes).for_each(|c| worker.apply(c));
+        assert_eq!(
+            rendered(&worker),
+            [r#"insert {"id":1,"note":"z"}"#, r#"delete {"id":2,"note":"b"}"#, r#"delete {"id":3,"partial":true}"#]
+        );
+    }
+
+    #[test]
+    fn op_order_of_decoded_changes_is_kept() {
+        let target = Target { channel: c"c".into(), tbl: "t".into() };
+        let mut folded = Folded::default();
+        folded.apply(Change { before: None, after: Some(img(5, "x", false)) });
+        let mut body = Vec::new();
+        encode(&mut body, &target, [false; 3], folded.net_rows());
+        let change = &decode(&body)[0].changes[0];
+        assert_eq!(change.op(), Some(Op::Insert));
+        assert_eq!(change.after.as_ref().unwrap().key(), img(5, "", false).key());
+    }
+
+    #[test]
+    fn channel_hash_is_stable() {
+        assert_eq!(channel_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_ne!(channel_hash(b"public.a"), channel_hash(b"public.b"));
+    }
+}

@@ -1,0 +1,337 @@
+//! Delivery workers (with pgwatch preloaded).
+//!
+//! NOTIFY is per database, so each database that receives changes gets its own worker. A launcher
+//! starts it when the first record of that database is published, and again whenever it stopped
+//! with records left. The worker copies its database's published records, folds them across
+//! transactions in commit order, sends them in its own transaction with `synchronous_commit` off,
+//! and only after that commit marks them done. It exits after `DROP EXTENSION`, and a
+//! `ProcessUtility` hook stops it before `DROP DATABASE` (which it would otherwise block).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{pg_guard, PgTryBuilder};
+
+use crate::coalesce::Folded;
+use crate::notify::{self, Target};
+use crate::queue::{self, DbSlot, Shared, WorkerState, MAX_DATABASES};
+use crate::stats::{self, Counter};
+
+/// Records one worker transaction sends at most.
+const BATCH_BYTES: usize = 1 << 20;
+/// How long DROP DATABASE waits for the database's worker to exit.
+const DROP_WAIT: Duration = Duration::from_secs(10);
+
+/// Registers the launcher; called from `_PG_init` while preloading.
+pub fn register_launcher() {
+    BackgroundWorkerBuilder::new("pgwatch launcher")
+        .set_type("pgwatch launcher")
+        .set_library("pgwatch")
+        .set_function("pgwatch_launcher_main")
+        .enable_shmem_access(None)
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let shared = queue::shared().expect("the launcher runs only with pgwatch preloaded");
+    shared.attach_launcher();
+    let mut workers: Vec<Option<DynamicBackgroundWorker>> = (0..MAX_DATABASES).map(|_| None).collect();
+    let mut started = [false; MAX_DATABASES];
+    loop {
+        for (i, slot) in shared.slots.iter().enumerate() {
+            let dboid = slot.dboid.load(Ordering::Relaxed);
+            let alive = workers[i].as_ref().is_some_and(|w| match w.pid() {
+                Ok(_) => true,
+                Err(status) => matches!(status, pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted),
+            });
+            if alive || dboid == 0 || slot.dropping.load(Ordering::Relaxed) {
+                continue;
+            }
+            workers[i] = None;
+            if slot.backlog.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            slot.set_state(WorkerState::Starting);
+            match start_worker(dboid) {
+                Some(worker) => {
+                    if std::mem::replace(&mut started[i], true) {
+                        stats::add(Counter::WorkerRestarts, 1);
+                    }
+                    workers[i] = Some(worker);
+                }
+                None => {
+                    slot.set_state(WorkerState::Stopped);
+                    log!("pgwatch: no background worker slot for database {dboid}; raise max_worker_processes");
+                }
+            }
+        }
+        // Woken by commits that find no worker, and by the postmaster when a worker starts or stops.
+        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+            break;
+        }
+    }
+}
+
+fn start_worker(dboid: u32) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(&format!("pgwatch delivery for database {dboid}"))
+        .set_type("pgwatch delivery")
+        .set_library("pgwatch")
+        .set_function("pgwatch_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(dboid)))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        // SAFETY: reading this process's pid.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .ok()
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let dboid = arg.value() as u32;
+    let shared = queue::shared().expect("workers run only with pgwatch preloaded");
+    let Some(slot) = shared.find_slot(dboid) else { return };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
+    // SAFETY: setting a GUC of this process's own session, outside any transaction.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+    slot.attach_worker();
+    let mut worker = Worker { shared, slot, dboid, seqs: HashMap::new() };
+    while worker.drain() && extension_installed() && !slot.dropping.load(Ordering::Relaxed) {
+        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
+            break;
+        }
+    }
+    slot.detach_worker();
+}
+
+fn extension_installed() -> bool {
+    // SAFETY: a syscache lookup inside a transaction.
+    BackgroundWorker::transaction(|| unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) }) != pg_sys::Oid::INVALID
+}
+
+struct Worker {
+    shared: &'static Shared,
+    slot: &'static DbSlot,
+    dboid: u32,
+    /// Last sequence number per channel, also for channels past the shared table's capacity.
+    seqs: HashMap<Vec<u8>, u64>,
+}
+
+impl Worker {
+    /// Sends everything published so far; `false` once asked to stop.
+    fn drain(&mut self) -> bool {
+        loop {
+            if BackgroundWorker::sigterm_received() || self.slot.dropping.load(Ordering::Relaxed) {
+                return false;
+            }
+            let records = self.shared.collect(self.dboid, BATCH_BYTES);
+            if records.is_empty() {
+                return true;
+            }
+            self.slot.set_state(WorkerState::Sending);
+            self.deliver(&records);
+            self.slot.set_state(WorkerState::Idle);
+        }
+    }
+
+    fn deliver(&mut self, records: &[(u64, Vec<u8>)]) {
+        let mut watches: Vec<(Target, Folded, [bool; 3])> = Vec::new();
+        for (_, body) in records {
+            for changes in queue::decode(body) {
+                let at = match watches.iter().position(|(target, ..)| *target == changes.target) {
+                    Some(at) => at,
+                    None => {
+                        watches.push((changes.target, Folded::default(), [false; 3]));
+                        watches.len() - 1
+                    }
+                };
+                let (_, folded, overflow) = &mut watches[at];
+                changes.changes.into_iter().for_each(|change| folded.apply(change));
+                for (seen, new) in overflow.iter_mut().zip(changes.overflow) {
+                    *seen |= new;
+                }
+            }
+        }
+        let (shared, dboid) = (self.shared, self.dboid);
+        let known = &self.seqs;
+        let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            watches
+                .iter()
+                .map(|(target, folded, overflow)| {
+                    let channel = target.channel.to_bytes();
+                    let mut seq = known.get(channel).copied().unwrap_or_else(|| shared.last_seq(dboid, channel));
+                    notify::send_changes(target, folded, *overflow, &mut || {
+                        seq += 1;
+                        Some(seq)
+                    });
+                    (channel.to_vec(), seq)
+                })
+                .collect::<Vec<_>>()
+        }));
+        // Committed: the notifications are on their way, so the records are done.
+        for (channel, seq) in sent {
+            self.shared.store_seq(self.dboid, &channel, seq);
+            self.seqs.insert(channel, seq);
+        }
+        stats::add(Counter::Batches, 1);
+        // SAFETY: reading the clock.
+        self.slot.last_send.store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
+        let delivered: Vec<u64> = records.iter().map(|(at, _)| *at).collect();
+        self.shared.finish(self.slot, &delivered);
+    }
+}
+
+static PREV_UTILITY: OnceLock<pg_sys::ProcessUtility_hook_type> = OnceLock::new();
+
+/// Installs the DROP DATABASE hook; called from `_PG_init` while preloading.
+pub fn install_drop_database_hook() {
+    // SAFETY: hooks are installed by the postmaster while it loads preloaded libraries.
+    unsafe {
+        PREV_UTILITY.get_or_init(|| pg_sys::ProcessUtility_hook);
+        pg_sys::ProcessUtility_hook = Some(on_utility);
+    }
+}
+
+// PG 14 added `readOnlyTree`; the hook is otherwise the same.
+#[cfg(feature = "pg13")]
+#[pg_guard]
+unsafe extern "C-unwind" fn on_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
+    stopping_worker_of_dropped_database(pstmt, || unsafe {
+        match PREV_UTILITY.get().copied().flatten() {
+            Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
+        }
+    });
+}
+
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn on_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
+    stopping_worker_of_dropped_database(pstmt, || unsafe {
+        match PREV_UTILITY.get().copied().flatten() {
+            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
+        }
+    });
+}
+
+/// Runs a utility statement; for DROP DATABASE, first stops that database's worker (so the drop
+/// is not refused for it), and afterwards forgets the database's queued records.
+fn stopping_worker_of_dropped_database(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
+    let dropped = dropped_database(pstmt);
+    let Some((dboid, slot)) = dropped.and_then(|d| queue::shared().and_then(|s| Some((d, s.find_slot(d)?)))) else {
+        return run();
+    };
+    slot.dropping.store(true, Ordering::Relaxed);
+    slot.wake();
+    let deadline = Instant::now() + DROP_WAIT;
+    while slot.pid.load(Ordering::Relaxed) != 0 && Instant::now() < deadline {
+        // SAFETY: sleeping 10 ms, then honouring a cancel request.
+        unsafe { pg_sys::pg_usleep(10_000) };
+        pgrx::check_for_interrupts!();
+    }
+    PgTryBuilder::new(AssertUnwindSafe(run))
+        .catch_others(|error| {
+            slot.dropping.store(false, Ordering::Relaxed);
+            error.rethrow()
+        })
+        .execute();
+    if let Some(shared) = queue::shared() {
+        shared.forget_database(dboid);
+    }
+}
+
+/// The database a DROP DATABASE statement drops, if it exists.
+fn dropped_database(pstmt: *mut pg_sys::PlannedStmt) -> Option<u32> {
+    // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
+    unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
+            return None;
+        }
+        let drop = stmt.cast::<pg_sys::DropdbStmt>();
+        let oid = pg_sys::get_database_oid((*drop).dbname, true);
+        (oid != pg_sys::Oid::INVALID).then(|| oid.to_u32())
+    }
+}
+
+#[pg_schema]
+mod pgwatch {
+    use super::*;
+
+    /// The delivery workers: one row per database that uses worker delivery.
+    #[pg_extern(volatile)]
+    fn worker_status() -> TableIterator<
+        'static,
+        (
+            name!(database, Option<String>),
+            name!(pid, Option<i32>),
+            name!(state, String),
+            name!(last_send, Option<pgrx::datetime::TimestampWithTimeZone>),
+            name!(backlog, i64),
+        ),
+    > {
+        let Some(shared) = queue::shared() else { return TableIterator::new(Vec::new()) };
+        let rows: Vec<_> = shared
+            .slots
+            .iter()
+            .filter(|slot| slot.dboid.load(Ordering::Relaxed) != 0)
+            .map(|slot| {
+                let dboid = pg_sys::Oid::from(slot.dboid.load(Ordering::Relaxed));
+                // SAFETY: a syscache lookup; NULL for a database dropped meanwhile.
+                let name = unsafe { pg_sys::get_database_name(dboid) };
+                let name = (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into());
+                let pid = slot.pid.load(Ordering::Relaxed);
+                let last_send = slot.last_send.load(Ordering::Relaxed);
+                (
+                    name,
+                    (pid != 0).then_some(pid),
+                    slot.state().as_str().to_string(),
+                    (last_send != 0).then(|| last_send.try_into().ok()).flatten(),
+                    slot.backlog.load(Ordering::Relaxed) as i64,
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+}
