@@ -1,409 +1,403 @@
 //! End-to-end tests: a real server, real autocommit client connections that LISTEN, and exact
-//! payloads. Each test owns its tables (and so its channels), so tests run in parallel.
+//! payloads. Payload scenarios run in both delivery modes; tests run one at a time (see `serial`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
-/// A connection to the test database, booting the test server on first use.
-fn connect() -> Client {
-    pgrx_tests::run_test("watch_table_returns_the_watch", None, crate::pg_test::postgresql_conf_options()).unwrap();
-    pgrx_tests::client().unwrap().0
-}
+#[path = "support.rs"]
+mod support;
+use support::{connect, connect_to, failure, seq_of, serial, stat, watched, Listener, Replica, MODES};
 
-/// A connection to another database of the test server.
-fn connect_to(via: &mut Client, dbname: &str) -> Client {
-    let row = via.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
-    let (port, user): (i32, String) = (row.get(0), row.get(1));
-    postgres::Config::new().host("localhost").port(port as u16).user(&user).dbname(dbname).connect(NoTls).unwrap()
-}
-
-/// A writer that ran `setup` and a listener already listening on `channels`.
-fn watched(setup: &str, channels: &[&str]) -> (Client, Client) {
-    let mut writer = connect();
-    writer.batch_execute(setup).unwrap();
-    (writer, listen(channels))
-}
-
-fn listen(channels: &[&str]) -> Client {
-    let mut client = connect();
-    for channel in channels {
-        client.batch_execute(&format!("LISTEN \"{channel}\"")).unwrap();
-    }
-    client
-}
-
-/// Notifications as `(channel, payload)`, waiting up to `wait` for each.
-fn receive(listener: &mut Client, count: usize, wait: Duration) -> Vec<(String, String)> {
-    let mut notifications = listener.notifications();
-    let mut iter = notifications.timeout_iter(wait);
-    let mut got = Vec::new();
-    while got.len() < count {
-        match iter.next().unwrap() {
-            Some(n) => got.push((n.channel().to_string(), n.payload().to_string())),
-            None => break,
-        }
-    }
-    got
-}
-
-/// Asserts that exactly these payloads arrive, in this order, and nothing more.
-fn expect(listener: &mut Client, expected: &[&str]) {
-    let got: Vec<String> =
-        receive(listener, expected.len(), Duration::from_secs(10)).into_iter().map(|(_, p)| p).collect();
-    assert_eq!(got, expected);
-    expect_silence(listener);
-}
-
-fn expect_silence(listener: &mut Client) {
-    let extra = receive(listener, 1, Duration::from_millis(300));
-    assert!(extra.is_empty(), "unexpected notification: {extra:?}");
-}
-
-/// The SQLSTATE and message of a statement that must fail.
-fn failure(client: &mut Client, sql: &str) -> (String, String) {
-    let error = client.batch_execute(sql).expect_err(sql);
-    let db = error.as_db_error().expect("a server error");
-    (db.code().code().to_string(), db.message().to_string())
-}
-
-fn stat(client: &mut Client, counter: &str) -> i64 {
-    client.query_one(&format!("SELECT {counter} FROM pgwatch.stats()"), &[]).unwrap().get(0)
-}
+pub const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'", "max_worker_processes = 16"];
 
 #[test]
 fn insert_update_delete_send_exact_payloads() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_basic (id int PRIMARY KEY, role_id int, name text);
-             SELECT watch_table('e2e_basic', '*', '{role_id}')",
-        &["public.e2e_basic"],
-    );
-    writer.batch_execute("INSERT INTO e2e_basic VALUES (1, 7, 'ann'), (2, 7, 'bob')").unwrap();
-    expect(
-        &mut listener,
-        &[r#"{"tbl":"public.e2e_basic","op":"insert","rows":[{"id":1,"role_id":7},{"id":2,"role_id":7}]}"#],
-    );
-    writer.batch_execute("UPDATE e2e_basic SET role_id = 8 WHERE id = 1").unwrap();
-    expect(
-        &mut listener,
-        &[r#"{"tbl":"public.e2e_basic","op":"update","rows":[{"id":1,"role_id":8,"old":{"role_id":7}}]}"#],
-    );
-    writer.batch_execute("UPDATE e2e_basic SET name = 'bea' WHERE id = 2").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_basic","op":"update","rows":[{"id":2,"role_id":7}]}"#]);
-    writer.batch_execute("DELETE FROM e2e_basic WHERE id = 1").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_basic","op":"delete","rows":[{"id":1,"role_id":8}]}"#]);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_basic (id int PRIMARY KEY, role_id int, name text);
+                 SELECT watch_table('e2e_basic', '*', '{role_id}')",
+            &["public.e2e_basic"],
+        );
+        writer.batch_execute("INSERT INTO e2e_basic VALUES (1, 7, 'ann'), (2, 7, 'bob')").unwrap();
+        listener.expect(&[
+            r#"{"tbl":"public.e2e_basic","op":"insert","rows":[{"id":1,"role_id":7},{"id":2,"role_id":7}]}"#,
+        ]);
+        writer.batch_execute("UPDATE e2e_basic SET role_id = 8 WHERE id = 1").unwrap();
+        listener
+            .expect(&[r#"{"tbl":"public.e2e_basic","op":"update","rows":[{"id":1,"role_id":8,"old":{"role_id":7}}]}"#]);
+        writer.batch_execute("UPDATE e2e_basic SET name = 'bea' WHERE id = 2").unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_basic","op":"update","rows":[{"id":2,"role_id":7}]}"#]);
+        writer.batch_execute("DELETE FROM e2e_basic WHERE id = 1").unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_basic","op":"delete","rows":[{"id":1,"role_id":8}]}"#]);
+    }
 }
 
 #[test]
 fn only_watched_events_are_sent() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_events (id int PRIMARY KEY, n int); SELECT watch_table('e2e_events', 'update')",
-        &["public.e2e_events"],
-    );
-    writer
-        .batch_execute(
-            "INSERT INTO e2e_events VALUES (1, 0), (2, 0); UPDATE e2e_events SET n = 1 WHERE id = 2;
-             DELETE FROM e2e_events WHERE id = 1",
-        )
-        .unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_events","op":"update","rows":[{"id":2}]}"#]);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_events (id int PRIMARY KEY, n int); SELECT watch_table('e2e_events', 'update')",
+            &["public.e2e_events"],
+        );
+        writer
+            .batch_execute(
+                "INSERT INTO e2e_events VALUES (1, 0), (2, 0); UPDATE e2e_events SET n = 1 WHERE id = 2;
+                 DELETE FROM e2e_events WHERE id = 1",
+            )
+            .unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_events","op":"update","rows":[{"id":2}]}"#]);
+    }
 }
 
 #[test]
 fn composite_keys_and_key_changes() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_members (org_id int, user_id int, role text, PRIMARY KEY (user_id, org_id));
-             SELECT watch_table('e2e_members', '*', '{role}')",
-        &["public.e2e_members"],
-    );
-    writer.batch_execute("INSERT INTO e2e_members VALUES (10, 1, 'admin')").unwrap();
-    writer.batch_execute("UPDATE e2e_members SET org_id = 11 WHERE user_id = 1").unwrap();
-    writer.batch_execute("DELETE FROM e2e_members").unwrap();
-    expect(
-        &mut listener,
-        &[
-            r#"{"tbl":"public.e2e_members","op":"insert","rows":[{"user_id":1,"org_id":10,"role":"admin"}]}"#,
-            r#"{"tbl":"public.e2e_members","op":"update","rows":[{"user_id":1,"org_id":11,"role":"admin","old":{"user_id":1,"org_id":10}}]}"#,
-            r#"{"tbl":"public.e2e_members","op":"delete","rows":[{"user_id":1,"org_id":11,"role":"admin"}]}"#,
-        ],
-    );
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_members (org_id int, user_id int, role text, PRIMARY KEY (user_id, org_id));
+                 SELECT watch_table('e2e_members', '*', '{role}')",
+            &["public.e2e_members"],
+        );
+        writer.batch_execute("INSERT INTO e2e_members VALUES (10, 1, 'admin')").unwrap();
+        writer.batch_execute("UPDATE e2e_members SET org_id = 11 WHERE user_id = 1").unwrap();
+        writer.batch_execute("DELETE FROM e2e_members").unwrap();
+        listener.expect(
+            &[
+                r#"{"tbl":"public.e2e_members","op":"insert","rows":[{"user_id":1,"org_id":10,"role":"admin"}]}"#,
+                r#"{"tbl":"public.e2e_members","op":"update","rows":[{"user_id":1,"org_id":11,"role":"admin","old":{"user_id":1,"org_id":10}}]}"#,
+                r#"{"tbl":"public.e2e_members","op":"delete","rows":[{"user_id":1,"org_id":11,"role":"admin"}]}"#,
+            ],
+        );
+    }
 }
 
 #[test]
 fn values_are_typed_json() {
-    let (mut writer, mut listener) = watched(
-        "SET TimeZone = 'UTC';
-             CREATE TYPE e2e_mood AS ENUM ('happy', 'sad');
-             CREATE TABLE e2e_types (id bigint PRIMARY KEY, small smallint, price numeric, ratio float8, ok boolean,
-                 label text, code char(3), at timestamptz, mood e2e_mood, doc jsonb, missing int, nan float8);
-             SELECT watch_table('e2e_types', 'insert',
-                 '{small,price,ratio,ok,label,code,at,mood,doc,missing,nan}')",
-        &["public.e2e_types"],
-    );
-    writer
-        .batch_execute(
-            r#"INSERT INTO e2e_types VALUES (-9000000000, -3, 1.50, 2.5e-7, true, E'say "hi"\n\\', 'ab',
-                  '2024-01-02 03:04:05+00', 'sad', '{"a": [1]}', NULL, 'NaN')"#,
-        )
-        .unwrap();
-    expect(
-        &mut listener,
-        &[concat!(
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "SET TimeZone = 'UTC';
+                 CREATE TYPE e2e_mood AS ENUM ('happy', 'sad');
+                 CREATE TABLE e2e_types (id bigint PRIMARY KEY, small smallint, price numeric, ratio float8, ok boolean,
+                     label text, code char(3), at timestamptz, mood e2e_mood, doc jsonb, missing int, nan float8);
+                 SELECT watch_table('e2e_types', 'insert',
+                     '{small,price,ratio,ok,label,code,at,mood,doc,missing,nan}')",
+            &["public.e2e_types"],
+        );
+        writer
+            .batch_execute(
+                r#"INSERT INTO e2e_types VALUES (-9000000000, -3, 1.50, 2.5e-7, true, E'say "hi"\n\\', 'ab',
+                      '2024-01-02 03:04:05+00', 'sad', '{"a": [1]}', NULL, 'NaN')"#,
+            )
+            .unwrap();
+        listener.expect(&[concat!(
             r#"{"tbl":"public.e2e_types","op":"insert","rows":[{"id":-9000000000,"small":-3,"price":1.50,"#,
             r#""ratio":2.5e-07,"ok":true,"label":"say \"hi\"\n\\","code":"ab ","at":"2024-01-02 03:04:05+00","#,
             r#""mood":"sad","doc":"{\"a\": [1]}","missing":null,"nan":"NaN"}]}"#
-        )],
-    );
+        )]);
+    }
 }
 
 #[test]
 fn a_transaction_folds_to_net_changes_deletes_first() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_fold (id int PRIMARY KEY, role_id int);
-             INSERT INTO e2e_fold VALUES (2, 1), (4, 1), (5, 1);
-             SELECT watch_table('e2e_fold', '*', '{role_id}')",
-        &["public.e2e_fold"],
-    );
-    writer
-        .batch_execute(
-            "BEGIN;
-             INSERT INTO e2e_fold VALUES (1, 1);
-             UPDATE e2e_fold SET role_id = 2 WHERE id = 1;
-             UPDATE e2e_fold SET role_id = 2 WHERE id = 2;
-             UPDATE e2e_fold SET role_id = 3 WHERE id = 2;
-             INSERT INTO e2e_fold VALUES (3, 1);
-             DELETE FROM e2e_fold WHERE id = 3;
-             UPDATE e2e_fold SET role_id = 9 WHERE id = 4;
-             DELETE FROM e2e_fold WHERE id = 4;
-             UPDATE e2e_fold SET role_id = 7 WHERE id = 5;
-             UPDATE e2e_fold SET role_id = 1 WHERE id = 5;
-             COMMIT",
-        )
-        .unwrap();
-    expect(
-        &mut listener,
-        &[
-            r#"{"tbl":"public.e2e_fold","op":"delete","rows":[{"id":4,"role_id":1}]}"#,
-            r#"{"tbl":"public.e2e_fold","op":"update","rows":[{"id":2,"role_id":3,"old":{"role_id":1}},{"id":5,"role_id":1}]}"#,
-            r#"{"tbl":"public.e2e_fold","op":"insert","rows":[{"id":1,"role_id":2}]}"#,
-        ],
-    );
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_fold (id int PRIMARY KEY, role_id int);
+                 INSERT INTO e2e_fold VALUES (2, 1), (4, 1), (5, 1);
+                 SELECT watch_table('e2e_fold', '*', '{role_id}')",
+            &["public.e2e_fold"],
+        );
+        writer
+            .batch_execute(
+                "BEGIN;
+                 INSERT INTO e2e_fold VALUES (1, 1);
+                 UPDATE e2e_fold SET role_id = 2 WHERE id = 1;
+                 UPDATE e2e_fold SET role_id = 2 WHERE id = 2;
+                 UPDATE e2e_fold SET role_id = 3 WHERE id = 2;
+                 INSERT INTO e2e_fold VALUES (3, 1);
+                 DELETE FROM e2e_fold WHERE id = 3;
+                 UPDATE e2e_fold SET role_id = 9 WHERE id = 4;
+                 DELETE FROM e2e_fold WHERE id = 4;
+                 UPDATE e2e_fold SET role_id = 7 WHERE id = 5;
+                 UPDATE e2e_fold SET role_id = 1 WHERE id = 5;
+                 COMMIT",
+            )
+            .unwrap();
+        listener.expect(
+            &[
+                r#"{"tbl":"public.e2e_fold","op":"delete","rows":[{"id":4,"role_id":1}]}"#,
+                r#"{"tbl":"public.e2e_fold","op":"update","rows":[{"id":2,"role_id":3,"old":{"role_id":1}},{"id":5,"role_id":1}]}"#,
+                r#"{"tbl":"public.e2e_fold","op":"insert","rows":[{"id":1,"role_id":2}]}"#,
+            ],
+        );
+    }
 }
 
 #[test]
 fn rolled_back_transactions_send_nothing() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_rollback (id int PRIMARY KEY); SELECT watch_table('e2e_rollback')",
-        &["public.e2e_rollback"],
-    );
-    writer.batch_execute("BEGIN; INSERT INTO e2e_rollback VALUES (1); ROLLBACK").unwrap();
-    assert!(writer.batch_execute("BEGIN; INSERT INTO e2e_rollback VALUES (2); SELECT 1/0; COMMIT").is_err());
-    writer.batch_execute("ROLLBACK; INSERT INTO e2e_rollback VALUES (3)").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_rollback","op":"insert","rows":[{"id":3}]}"#]);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_rollback (id int PRIMARY KEY); SELECT watch_table('e2e_rollback')",
+            &["public.e2e_rollback"],
+        );
+        writer.batch_execute("BEGIN; INSERT INTO e2e_rollback VALUES (1); ROLLBACK").unwrap();
+        assert!(writer.batch_execute("BEGIN; INSERT INTO e2e_rollback VALUES (2); SELECT 1/0; COMMIT").is_err());
+        writer.batch_execute("ROLLBACK; INSERT INTO e2e_rollback VALUES (3)").unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_rollback","op":"insert","rows":[{"id":3}]}"#]);
+    }
 }
 
 #[test]
 fn rollback_to_savepoint_drops_that_part() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_savepoint (id int PRIMARY KEY, v int); INSERT INTO e2e_savepoint VALUES (0, 0);
-             SELECT watch_table('e2e_savepoint', '*', '{v}')",
-        &["public.e2e_savepoint"],
-    );
-    writer
-        .batch_execute(
-            "BEGIN;
-             INSERT INTO e2e_savepoint VALUES (1, 1);
-             SAVEPOINT a;
-             INSERT INTO e2e_savepoint VALUES (2, 2);
-             UPDATE e2e_savepoint SET v = 10 WHERE id = 1;
-             SAVEPOINT b;
-             DELETE FROM e2e_savepoint WHERE id = 0;
-             RELEASE b;
-             ROLLBACK TO a;
-             SAVEPOINT c;
-             INSERT INTO e2e_savepoint VALUES (3, 3);
-             RELEASE c;
-             UPDATE e2e_savepoint SET v = 5 WHERE id = 0;
-             COMMIT",
-        )
-        .unwrap();
-    expect(
-        &mut listener,
-        &[
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_savepoint (id int PRIMARY KEY, v int); INSERT INTO e2e_savepoint VALUES (0, 0);
+                 SELECT watch_table('e2e_savepoint', '*', '{v}')",
+            &["public.e2e_savepoint"],
+        );
+        writer
+            .batch_execute(
+                "BEGIN;
+                 INSERT INTO e2e_savepoint VALUES (1, 1);
+                 SAVEPOINT a;
+                 INSERT INTO e2e_savepoint VALUES (2, 2);
+                 UPDATE e2e_savepoint SET v = 10 WHERE id = 1;
+                 SAVEPOINT b;
+                 DELETE FROM e2e_savepoint WHERE id = 0;
+                 RELEASE b;
+                 ROLLBACK TO a;
+                 SAVEPOINT c;
+                 INSERT INTO e2e_savepoint VALUES (3, 3);
+                 RELEASE c;
+                 UPDATE e2e_savepoint SET v = 5 WHERE id = 0;
+                 COMMIT",
+            )
+            .unwrap();
+        listener.expect(&[
             r#"{"tbl":"public.e2e_savepoint","op":"update","rows":[{"id":0,"v":5,"old":{"v":0}}]}"#,
             r#"{"tbl":"public.e2e_savepoint","op":"insert","rows":[{"id":1,"v":1},{"id":3,"v":3}]}"#,
-        ],
-    );
-    // PL/pgSQL exception blocks are subtransactions too.
-    writer
-        .batch_execute(
-            "DO $$ BEGIN
-                 BEGIN INSERT INTO e2e_savepoint VALUES (4, 4); RAISE EXCEPTION 'undo'; EXCEPTION WHEN others THEN END;
-                 INSERT INTO e2e_savepoint VALUES (5, 5);
-             END $$",
-        )
-        .unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_savepoint","op":"insert","rows":[{"id":5,"v":5}]}"#]);
+        ]);
+        // PL/pgSQL exception blocks are subtransactions too.
+        writer
+            .batch_execute(
+                "DO $$ BEGIN
+                     BEGIN INSERT INTO e2e_savepoint VALUES (4, 4); RAISE EXCEPTION 'undo'; EXCEPTION WHEN others THEN END;
+                     INSERT INTO e2e_savepoint VALUES (5, 5);
+                 END $$",
+            )
+            .unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_savepoint","op":"insert","rows":[{"id":5,"v":5}]}"#]);
+    }
 }
 
 #[test]
 fn oversized_rows_are_sent_partial_or_as_overflow() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_big (id text PRIMARY KEY, body text);
-             SELECT watch_table('e2e_big', '*', '{body}')",
-        &["public.e2e_big"],
-    );
-    let (partial, overflows) = (stat(&mut writer, "partial_rows"), stat(&mut writer, "overflows"));
-    writer
-        .batch_execute(
-            "INSERT INTO e2e_big VALUES ('small', repeat('x', 9000)), ('fine', 'ok'), (repeat('k', 8100), 'x')",
-        )
-        .unwrap();
-    expect(
-        &mut listener,
-        &[
-            r#"{"tbl":"public.e2e_big","op":"insert","rows":[{"id":"small","partial":true},{"id":"fine","body":"ok"}]}"#,
-            r#"{"tbl":"public.e2e_big","op":"insert","overflow":true}"#,
-        ],
-    );
-    assert_eq!(stat(&mut writer, "partial_rows"), partial + 1);
-    assert_eq!(stat(&mut writer, "overflows"), overflows + 1);
-    // The old value is dropped, not the write, when an update's row outgrows the payload.
-    writer.batch_execute("UPDATE e2e_big SET body = repeat('y', 4000) WHERE id = 'fine'").unwrap();
-    writer.batch_execute("UPDATE e2e_big SET body = repeat('z', 4000) WHERE id = 'fine'").unwrap();
-    let got = receive(&mut listener, 2, Duration::from_secs(10));
-    assert_eq!(got.len(), 2);
-    assert!(got[0].1.ends_with(r#""old":{"body":"ok"}}]}"#), "{}", got[0].1);
-    assert_eq!(got[1].1, r#"{"tbl":"public.e2e_big","op":"update","rows":[{"id":"fine","partial":true}]}"#);
-    expect_silence(&mut listener);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_big (id text PRIMARY KEY, body text);
+                 SELECT watch_table('e2e_big', '*', '{body}')",
+            &["public.e2e_big"],
+        );
+        let (partial, overflows) = (stat(&mut writer, "partial_rows"), stat(&mut writer, "overflows"));
+        writer
+            .batch_execute(
+                "INSERT INTO e2e_big VALUES ('small', repeat('x', 9000)), ('fine', 'ok'), (repeat('k', 8100), 'x')",
+            )
+            .unwrap();
+        listener.expect(
+            &[
+                r#"{"tbl":"public.e2e_big","op":"insert","rows":[{"id":"small","partial":true},{"id":"fine","body":"ok"}]}"#,
+                r#"{"tbl":"public.e2e_big","op":"insert","overflow":true}"#,
+            ],
+        );
+        assert_eq!(stat(&mut writer, "partial_rows"), partial + 1);
+        assert_eq!(stat(&mut writer, "overflows"), overflows + 1);
+        // The old value is dropped, not the write, when an update's row outgrows the payload.
+        writer.batch_execute("UPDATE e2e_big SET body = repeat('y', 4000) WHERE id = 'fine'").unwrap();
+        writer.batch_execute("UPDATE e2e_big SET body = repeat('z', 4000) WHERE id = 'fine'").unwrap();
+        let got = listener.receive(2, Duration::from_secs(10));
+        assert_eq!(got.len(), 2);
+        assert!(got[0].1.ends_with(r#""old":{"body":"ok"}}]}"#), "{}", got[0].1);
+        assert_eq!(got[1].1, r#"{"tbl":"public.e2e_big","op":"update","rows":[{"id":"fine","partial":true}]}"#);
+        listener.expect_silence();
+    }
 }
 
 #[test]
 fn a_10000_row_statement_delivers_every_key_once_in_full_payloads() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_bulk (id int PRIMARY KEY, role_id int);
-             SELECT watch_table('e2e_bulk', 'insert', '{role_id}')",
-        &["public.e2e_bulk"],
-    );
-    let sent_before = stat(&mut writer, "notifications");
-    writer.batch_execute("INSERT INTO e2e_bulk SELECT g, g % 7 FROM generate_series(1, 10000) g").unwrap();
-    let sent = (stat(&mut writer, "notifications") - sent_before) as usize;
-    let got = receive(&mut listener, sent, Duration::from_secs(10));
-    assert_eq!(got.len(), sent);
-    expect_silence(&mut listener);
-    let mut ids = Vec::new();
-    for (i, (_, payload)) in got.iter().enumerate() {
-        assert!(payload.len() < 8000, "payload of {} bytes", payload.len());
-        if i + 1 < got.len() {
-            assert!(payload.len() > 7900, "payload {i} is not full: {} bytes", payload.len());
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_bulk (id int PRIMARY KEY, role_id int);
+                 SELECT watch_table('e2e_bulk', 'insert', '{role_id}')",
+            &["public.e2e_bulk"],
+        );
+        let sent_before = stat(&mut writer, "notifications");
+        writer.batch_execute("INSERT INTO e2e_bulk SELECT g, g % 7 FROM generate_series(1, 10000) g").unwrap();
+        let (mut ids, mut sizes) = (Vec::new(), Vec::new());
+        while ids.len() < 10000 {
+            let Some((_, payload)) = listener.receive(1, Duration::from_secs(10)).pop() else {
+                panic!("{mode}: only {} of 10000 rows arrived", ids.len());
+            };
+            let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            for row in v["rows"].as_array().unwrap() {
+                let id = row["id"].as_i64().unwrap();
+                assert_eq!(row["role_id"].as_i64().unwrap(), id % 7);
+                ids.push(id);
+            }
+            sizes.push(payload.len());
         }
-        let v: serde_json::Value = serde_json::from_str(payload).unwrap();
-        for row in v["rows"].as_array().unwrap() {
-            let id = row["id"].as_i64().unwrap();
-            assert_eq!(row["role_id"].as_i64().unwrap(), id % 7);
-            ids.push(id);
-        }
+        listener.expect_silence();
+        assert_eq!(stat(&mut writer, "notifications") - sent_before, sizes.len() as i64);
+        let (last, full) = sizes.split_last().unwrap();
+        assert!(*last < 8000);
+        assert!(full.iter().all(|&len| len > 7900 && len < 8000), "{mode}: payloads not full: {sizes:?}");
+        assert_eq!(ids, (1..=10000).collect::<Vec<_>>(), "every key once, in change order");
     }
-    assert_eq!(ids, (1..=10000).collect::<Vec<_>>(), "every key once, in change order");
 }
 
 #[test]
 fn past_the_row_limit_subscribers_are_told_to_refetch() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_limit (id int PRIMARY KEY); SELECT watch_table('e2e_limit', 'insert')",
-        &["public.e2e_limit"],
-    );
-    writer
-        .batch_execute("SET pgwatch.max_rows_per_xact = 1000; INSERT INTO e2e_limit SELECT generate_series(1, 5000)")
-        .unwrap();
-    let got = receive(&mut listener, 100, Duration::from_secs(5));
-    let (last, rows) = got.split_last().unwrap();
-    assert_eq!(last.1, r#"{"tbl":"public.e2e_limit","op":"insert","overflow":true}"#);
-    let ids: BTreeSet<i64> = rows
-        .iter()
-        .flat_map(|(_, p)| serde_json::from_str::<serde_json::Value>(p).unwrap()["rows"].as_array().unwrap().clone())
-        .map(|row| row["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(ids, (1..=1000).collect());
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_limit (id int PRIMARY KEY); SELECT watch_table('e2e_limit', 'insert')",
+            &["public.e2e_limit"],
+        );
+        writer
+            .batch_execute(
+                "SET pgwatch.max_rows_per_xact = 1000; INSERT INTO e2e_limit SELECT generate_series(1, 5000)",
+            )
+            .unwrap();
+        let mut ids = BTreeSet::new();
+        loop {
+            let Some((_, payload)) = listener.receive(1, Duration::from_secs(10)).pop() else {
+                panic!("{mode}: no overflow notice after {} rows", ids.len());
+            };
+            if payload == r#"{"tbl":"public.e2e_limit","op":"insert","overflow":true}"# {
+                break;
+            }
+            let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            ids.extend(v["rows"].as_array().unwrap().iter().map(|row| row["id"].as_i64().unwrap()));
+        }
+        listener.expect_silence();
+        assert_eq!(ids, (1..=1000).collect());
+    }
 }
 
 #[test]
 fn unwatch_stops_only_that_watch() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_unwatch (id int PRIMARY KEY);
-             SELECT watch_table('e2e_unwatch', 'insert', label => 'e2e_unwatch_a');
-             SELECT watch_table('e2e_unwatch', 'insert', label => 'e2e_unwatch_b')",
-        &["e2e_unwatch_a", "e2e_unwatch_b"],
-    );
-    writer.batch_execute("INSERT INTO e2e_unwatch VALUES (1)").unwrap();
-    let mut got = receive(&mut listener, 2, Duration::from_secs(10));
-    got.sort();
-    let payload = r#"{"tbl":"public.e2e_unwatch","op":"insert","rows":[{"id":1}]}"#;
-    assert_eq!(got, [("e2e_unwatch_a".into(), payload.into()), ("e2e_unwatch_b".into(), payload.into())]);
-    let removed: i32 = writer.query_one("SELECT unwatch_table('e2e_unwatch', 'e2e_unwatch_a')", &[]).unwrap().get(0);
-    assert_eq!(removed, 1);
-    writer.batch_execute("INSERT INTO e2e_unwatch VALUES (2)").unwrap();
-    let got = receive(&mut listener, 1, Duration::from_secs(10));
-    assert_eq!(
-        got,
-        [("e2e_unwatch_b".into(), r#"{"tbl":"public.e2e_unwatch","op":"insert","rows":[{"id":2}]}"#.into())]
-    );
-    expect_silence(&mut listener);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_unwatch (id int PRIMARY KEY);
+                 SELECT watch_table('e2e_unwatch', 'insert', label => 'e2e_unwatch_a');
+                 SELECT watch_table('e2e_unwatch', 'insert', label => 'e2e_unwatch_b')",
+            &["e2e_unwatch_a", "e2e_unwatch_b"],
+        );
+        writer.batch_execute("INSERT INTO e2e_unwatch VALUES (1)").unwrap();
+        let mut got = listener.receive(2, Duration::from_secs(10));
+        got.sort();
+        let payload = r#"{"tbl":"public.e2e_unwatch","op":"insert","rows":[{"id":1}]}"#;
+        assert_eq!(got, [("e2e_unwatch_a".into(), payload.into()), ("e2e_unwatch_b".into(), payload.into())]);
+        let removed: i32 =
+            writer.query_one("SELECT unwatch_table('e2e_unwatch', 'e2e_unwatch_a')", &[]).unwrap().get(0);
+        assert_eq!(removed, 1);
+        writer.batch_execute("INSERT INTO e2e_unwatch VALUES (2)").unwrap();
+        let got = listener.receive(1, Duration::from_secs(10));
+        assert_eq!(
+            got,
+            [("e2e_unwatch_b".into(), r#"{"tbl":"public.e2e_unwatch","op":"insert","rows":[{"id":2}]}"#.into())]
+        );
+        listener.expect_silence();
+    }
 }
 
 #[test]
 fn drop_table_removes_the_watch_and_others_keep_working() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_dropped (id int PRIMARY KEY); CREATE TABLE e2e_kept (id int PRIMARY KEY);
-             SELECT watch_table('e2e_dropped'); SELECT watch_table('e2e_kept')",
-        &["public.e2e_dropped", "public.e2e_kept"],
-    );
-    writer.batch_execute("DROP TABLE e2e_dropped").unwrap();
-    let left: i64 = writer
-        .query_one(
-            "SELECT count(*) FROM pgwatch.watches WHERE channel IN ('public.e2e_dropped', 'public.e2e_kept')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 1);
-    writer.batch_execute("CREATE TABLE e2e_dropped (id int PRIMARY KEY); INSERT INTO e2e_dropped VALUES (1)").unwrap();
-    writer.batch_execute("INSERT INTO e2e_kept VALUES (1)").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_kept","op":"insert","rows":[{"id":1}]}"#]);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_dropped (id int PRIMARY KEY); CREATE TABLE e2e_kept (id int PRIMARY KEY);
+                 SELECT watch_table('e2e_dropped'); SELECT watch_table('e2e_kept')",
+            &["public.e2e_dropped", "public.e2e_kept"],
+        );
+        writer.batch_execute("DROP TABLE e2e_dropped").unwrap();
+        let left: i64 = writer
+            .query_one(
+                "SELECT count(*) FROM pgwatch.watches WHERE channel IN ('public.e2e_dropped', 'public.e2e_kept')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 1);
+        writer
+            .batch_execute("CREATE TABLE e2e_dropped (id int PRIMARY KEY); INSERT INTO e2e_dropped VALUES (1)")
+            .unwrap();
+        writer.batch_execute("INSERT INTO e2e_kept VALUES (1)").unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_kept","op":"insert","rows":[{"id":1}]}"#]);
+    }
 }
 
 #[test]
 fn replica_role_sends_nothing() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_replica (id int PRIMARY KEY); SELECT watch_table('e2e_replica')",
-        &["public.e2e_replica"],
-    );
-    writer
-        .batch_execute(
-            "SET session_replication_role = replica; INSERT INTO e2e_replica VALUES (1);
-             RESET session_replication_role; INSERT INTO e2e_replica VALUES (2)",
-        )
-        .unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_replica","op":"insert","rows":[{"id":2}]}"#]);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_replica (id int PRIMARY KEY); SELECT watch_table('e2e_replica')",
+            &["public.e2e_replica"],
+        );
+        writer
+            .batch_execute(
+                "SET session_replication_role = replica; INSERT INTO e2e_replica VALUES (1);
+                 RESET session_replication_role; INSERT INTO e2e_replica VALUES (2)",
+            )
+            .unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_replica","op":"insert","rows":[{"id":2}]}"#]);
+    }
 }
 
 #[test]
 fn partition_rows_arrive_under_the_parent_name() {
-    let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_parts (id int PRIMARY KEY) PARTITION BY RANGE (id);
-             CREATE TABLE e2e_parts_low PARTITION OF e2e_parts FOR VALUES FROM (0) TO (100);
-             SELECT watch_table('e2e_parts');
-             CREATE TABLE e2e_parts_high PARTITION OF e2e_parts FOR VALUES FROM (100) TO (200)",
-        &["public.e2e_parts"],
-    );
-    writer.batch_execute("INSERT INTO e2e_parts VALUES (1), (150)").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_parts","op":"insert","rows":[{"id":1},{"id":150}]}"#]);
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_parts (id int PRIMARY KEY) PARTITION BY RANGE (id);
+                 CREATE TABLE e2e_parts_low PARTITION OF e2e_parts FOR VALUES FROM (0) TO (100);
+                 SELECT watch_table('e2e_parts');
+                 CREATE TABLE e2e_parts_high PARTITION OF e2e_parts FOR VALUES FROM (100) TO (200)",
+            &["public.e2e_parts"],
+        );
+        writer.batch_execute("INSERT INTO e2e_parts VALUES (1), (150)").unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_parts","op":"insert","rows":[{"id":1},{"id":150}]}"#]);
+    }
 }
 
 #[test]
 fn bad_input_fails_with_its_sqlstate_and_changes_nothing() {
+    let _serial = serial();
     let mut client = connect();
     client
         .batch_execute(
@@ -454,6 +448,7 @@ fn bad_input_fails_with_its_sqlstate_and_changes_nothing() {
 
 #[test]
 fn drop_extension_removes_every_trigger() {
+    let _serial = serial();
     let mut admin = connect();
     admin.batch_execute("DROP DATABASE IF EXISTS e2e_dropext").unwrap();
     admin.batch_execute("CREATE DATABASE e2e_dropext").unwrap();
@@ -479,43 +474,286 @@ fn drop_extension_removes_every_trigger() {
 
 #[test]
 fn stats_count_captured_and_sent_rows() {
-    let (mut writer, mut listener) =
-        watched("CREATE TABLE e2e_stats (id int PRIMARY KEY); SELECT watch_table('e2e_stats')", &["public.e2e_stats"]);
-    let read = |c: &mut Client| -> Vec<i64> {
-        let row = c
-            .query_one("SELECT rows_captured, rows_sent, notifications, payload_bytes FROM pgwatch.stats()", &[])
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_stats (id int PRIMARY KEY); SELECT watch_table('e2e_stats')",
+            &["public.e2e_stats"],
+        );
+        let read = |c: &mut Client| -> Vec<i64> {
+            let row = c
+                .query_one("SELECT rows_captured, rows_sent, notifications, payload_bytes FROM pgwatch.stats()", &[])
+                .unwrap();
+            (0..4).map(|i| row.get(i)).collect()
+        };
+        let before = read(&mut writer);
+        writer
+            .batch_execute("BEGIN; INSERT INTO e2e_stats VALUES (1), (2); DELETE FROM e2e_stats WHERE id = 2; COMMIT")
             .unwrap();
-        (0..4).map(|i| row.get(i)).collect()
-    };
-    let before = read(&mut writer);
-    writer
-        .batch_execute("BEGIN; INSERT INTO e2e_stats VALUES (1), (2); DELETE FROM e2e_stats WHERE id = 2; COMMIT")
-        .unwrap();
-    let payload = r#"{"tbl":"public.e2e_stats","op":"insert","rows":[{"id":1}]}"#;
-    expect(&mut listener, &[payload]);
-    let after = read(&mut writer);
-    let delta: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    assert_eq!(delta, [3, 1, 1, payload.len() as i64], "captured, sent, notifications, bytes");
+        let (_, raw) = listener.receive_raw(1, Duration::from_secs(10)).pop().expect("a notification");
+        listener.expect_silence();
+        assert_eq!(without_seq(&raw), r#"{"tbl":"public.e2e_stats","op":"insert","rows":[{"id":1}]}"#);
+        let after = read(&mut writer);
+        let delta: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert_eq!(delta, [3, 1, 1, raw.len() as i64], "{mode}: captured, sent, notifications, bytes");
+    }
 }
 
 #[test]
 fn ddl_on_watched_columns_never_fails_a_write() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_ddl (id int PRIMARY KEY, role_id int, name text);
+                 SELECT watch_table('e2e_ddl', '*', '{role_id}')",
+            &["public.e2e_ddl"],
+        );
+        // A type change is followed: the plan is rebuilt from the new descriptor.
+        writer
+            .batch_execute(
+                "ALTER TABLE e2e_ddl ALTER COLUMN role_id TYPE text; INSERT INTO e2e_ddl VALUES (1, 'x', 'a')",
+            )
+            .unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":1,"role_id":"x"}]}"#]);
+        // A renamed or dropped watched column: writes succeed, subscribers are told to refetch.
+        writer
+            .batch_execute("ALTER TABLE e2e_ddl RENAME COLUMN role_id TO role; UPDATE e2e_ddl SET name = 'b'")
+            .unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_ddl","op":"update","overflow":true}"#]);
+        writer.batch_execute("ALTER TABLE e2e_ddl DROP COLUMN role; DELETE FROM e2e_ddl").unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_ddl","op":"delete","overflow":true}"#]);
+        // Watching again picks up the new shape.
+        writer
+            .batch_execute("SELECT watch_table('e2e_ddl', '*', '{name}'); INSERT INTO e2e_ddl VALUES (2, 'c')")
+            .unwrap();
+        listener.expect(&[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":2,"name":"c"}]}"#]);
+    }
+}
+
+fn without_seq(payload: &str) -> String {
+    match seq_of(payload) {
+        Some((start, _, end)) => format!("{}{}", &payload[..start], &payload[end..]),
+        None => payload.to_string(),
+    }
+}
+
+#[test]
+fn the_delivery_setting_chooses_who_sends() {
+    let _serial = serial();
     let (mut writer, mut listener) = watched(
-        "CREATE TABLE e2e_ddl (id int PRIMARY KEY, role_id int, name text);
-             SELECT watch_table('e2e_ddl', '*', '{role_id}')",
-        &["public.e2e_ddl"],
+        "worker",
+        "CREATE TABLE e2e_delivery (id int PRIMARY KEY); SELECT watch_table('e2e_delivery', 'insert')",
+        &["public.e2e_delivery"],
     );
-    // A type change is followed: the plan is rebuilt from the new descriptor.
+    writer.batch_execute("INSERT INTO e2e_delivery VALUES (1)").unwrap();
     writer
-        .batch_execute("ALTER TABLE e2e_ddl ALTER COLUMN role_id TYPE text; INSERT INTO e2e_ddl VALUES (1, 'x', 'a')")
+        .batch_execute("BEGIN; SET LOCAL pgwatch.delivery = inline; INSERT INTO e2e_delivery VALUES (2); COMMIT")
         .unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":1,"role_id":"x"}]}"#]);
-    // A renamed or dropped watched column: writes succeed, subscribers are told to refetch.
-    writer.batch_execute("ALTER TABLE e2e_ddl RENAME COLUMN role_id TO role; UPDATE e2e_ddl SET name = 'b'").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"update","overflow":true}"#]);
-    writer.batch_execute("ALTER TABLE e2e_ddl DROP COLUMN role; DELETE FROM e2e_ddl").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"delete","overflow":true}"#]);
-    // Watching again picks up the new shape.
-    writer.batch_execute("SELECT watch_table('e2e_ddl', '*', '{name}'); INSERT INTO e2e_ddl VALUES (2, 'c')").unwrap();
-    expect(&mut listener, &[r#"{"tbl":"public.e2e_ddl","op":"insert","rows":[{"id":2,"name":"c"}]}"#]);
+    writer.batch_execute("SET pgwatch.delivery = inline; INSERT INTO e2e_delivery VALUES (3)").unwrap();
+    writer.batch_execute("RESET pgwatch.delivery; INSERT INTO e2e_delivery VALUES (4)").unwrap();
+    let mut got = listener.receive_raw(4, Duration::from_secs(10));
+    listener.expect_silence();
+    got.sort_by_key(|(_, p)| without_seq(p));
+    let numbered: Vec<bool> = got.iter().map(|(_, p)| seq_of(p).is_some()).collect();
+    assert_eq!(numbered, [true, false, false, true], "{got:?}");
+}
+
+/// `threads` writers run `transactions` transactions each on their own keys of `e2e_load`: inserts,
+/// updates and deletes, some several to a transaction, some rolled back (those write role_id -1).
+/// `during` runs beside them. The listener's replica must end equal to the table.
+fn load(threads: i64, transactions: i64, during: impl FnOnce() + Send) {
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE e2e_load (id bigint PRIMARY KEY, role_id int); SELECT watch_table('e2e_load', '*', '{role_id}')",
+        &["public.e2e_load"],
+    );
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            scope.spawn(move || {
+                let mut db = connect();
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1);
+                let mut next = || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                let (mut live, mut fresh) = (Vec::<i64>::new(), t * 1_000_000);
+                for _ in 0..transactions {
+                    let rollback = next() % 10 == 0;
+                    let role = if rollback { -1 } else { (next() % 50) as i32 };
+                    let mut sql = String::from("BEGIN;");
+                    let mut staged = live.clone();
+                    for _ in 0..1 + next() % 3 {
+                        let pick = next() as usize;
+                        match (next() % 10, staged.is_empty()) {
+                            (0..=3, _) | (_, true) => {
+                                fresh += 1;
+                                staged.push(fresh);
+                                sql += &format!("INSERT INTO e2e_load VALUES ({fresh}, {role});");
+                            }
+                            (4..=7, false) => {
+                                let id = staged[pick % staged.len()];
+                                sql += &format!("UPDATE e2e_load SET role_id = {role} WHERE id = {id};");
+                            }
+                            _ => {
+                                let id = staged.swap_remove(pick % staged.len());
+                                sql += &format!("DELETE FROM e2e_load WHERE id = {id};");
+                            }
+                        }
+                    }
+                    sql += if rollback { "ROLLBACK" } else { "COMMIT" };
+                    db.batch_execute(&sql).unwrap();
+                    if !rollback {
+                        live = staged;
+                    }
+                }
+            });
+        }
+        scope.spawn(during);
+    });
+    let expected: std::collections::HashMap<i64, i32> = writer
+        .query("SELECT id, role_id FROM e2e_load", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut replica = Replica::default();
+    let matches = |replica: &Replica| {
+        replica.rows.len() == expected.len()
+            && replica.rows.iter().all(|(id, row)| expected.get(id).map(|&r| i64::from(r)) == row["role_id"].as_i64())
+    };
+    while !matches(&replica) {
+        let got = listener.receive(1000, Duration::from_secs(10));
+        assert!(!got.is_empty(), "stalled with {} of {} rows replicated", replica.rows.len(), expected.len());
+        for (_, payload) in got {
+            assert!(!payload.contains(r#""role_id":-1"#), "a rolled-back change was sent: {payload}");
+            replica.apply(&payload);
+        }
+    }
+    listener.expect_silence();
+}
+
+#[test]
+fn sixteen_concurrent_writers_lose_nothing_and_send_nothing_rolled_back() {
+    let _serial = serial();
+    let mut admin = connect();
+    let batches = stat(&mut admin, "batches");
+    load(16, 500, || {});
+    assert!(stat(&mut admin, "batches") > batches);
+}
+
+#[test]
+fn a_terminated_worker_is_restarted_and_loses_nothing() {
+    let _serial = serial();
+    let mut admin = connect();
+    let restarts = stat(&mut admin, "worker_restarts");
+    let terminated = std::sync::Mutex::new(0);
+    load(4, 400, || {
+        let mut db = connect();
+        for _ in 0..500 {
+            let pid: Option<i32> = db
+                .query_one("SELECT pid FROM pgwatch.workers WHERE database = current_database()", &[])
+                .ok()
+                .and_then(|row| row.get(0));
+            if let Some(pid) = pid {
+                db.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+                *terminated.lock().unwrap() = pid;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let old = *terminated.lock().unwrap();
+    assert_ne!(old, 0, "no worker to terminate");
+    let new: i32 =
+        admin.query_one("SELECT pid FROM pgwatch.workers WHERE database = current_database()", &[]).unwrap().get(0);
+    assert_ne!(new, old);
+    assert!(stat(&mut admin, "worker_restarts") > restarts);
+}
+
+#[test]
+fn a_transaction_too_big_for_the_queue_is_sent_inline() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE e2e_huge (id int PRIMARY KEY, body text); SELECT watch_table('e2e_huge', 'insert', '{body}')",
+        &["public.e2e_huge"],
+    );
+    let fallbacks = stat(&mut writer, "inline_fallbacks");
+    // 2600 rows of 7 kB: more than the 16 MB queue holds.
+    writer.batch_execute("INSERT INTO e2e_huge SELECT g, repeat('b', 7000) FROM generate_series(1, 2600) g").unwrap();
+    let got = listener.receive_raw(2600, Duration::from_secs(10));
+    listener.expect_silence();
+    assert_eq!(got.len(), 2600, "one row per payload");
+    assert!(got.iter().all(|(_, p)| seq_of(p).is_none()), "sent inline, without seq");
+    assert_eq!(stat(&mut writer, "inline_fallbacks"), fallbacks + 1);
+}
+
+#[test]
+fn the_workers_view_shows_the_database_worker() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE e2e_view (id int PRIMARY KEY); SELECT watch_table('e2e_view')",
+        &["public.e2e_view"],
+    );
+    writer.batch_execute("INSERT INTO e2e_view VALUES (1)").unwrap();
+    listener.expect(&[r#"{"tbl":"public.e2e_view","op":"insert","rows":[{"id":1}]}"#]);
+    let row = writer
+        .query_one(
+            "SELECT pid, state, last_send > now() - interval '1 minute', backlog FROM pgwatch.workers
+              WHERE database = current_database()",
+            &[],
+        )
+        .unwrap();
+    let (pid, state, recent, backlog): (Option<i32>, String, bool, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert!(pid.is_some());
+    assert!(state == "idle" || state == "sending", "{state}");
+    assert!(recent);
+    assert_eq!(backlog, 0);
+}
+
+#[test]
+fn each_database_gets_its_own_notifications_and_can_be_dropped() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut dbs = Vec::new();
+    for name in ["e2e_db_one", "e2e_db_two"] {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let mut db = connect_to(&mut admin, name);
+        db.batch_execute(
+            "CREATE EXTENSION pgwatch; CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', 'insert')",
+        )
+        .unwrap();
+        let listener = Listener::new(connect_to(&mut admin, name), &["public.t"]);
+        dbs.push((db, listener));
+    }
+    for (i, (db, _)) in dbs.iter_mut().enumerate() {
+        db.batch_execute(&format!("INSERT INTO t VALUES ({})", i + 1)).unwrap();
+    }
+    for (i, (_, listener)) in dbs.iter_mut().enumerate() {
+        let got = listener.receive_raw(1, Duration::from_secs(10));
+        assert_eq!(got[0].1, format!(r#"{{"tbl":"public.t","op":"insert","seq":1,"rows":[{{"id":{}}}]}}"#, i + 1));
+        listener.expect_silence();
+    }
+    let (one, two) = (dbs.remove(0), dbs.remove(0));
+    drop(one);
+    // The worker of e2e_db_one is connected to it: DROP DATABASE stops it rather than failing.
+    admin.batch_execute("DROP DATABASE e2e_db_one").unwrap();
+    let listed: i64 =
+        admin.query_one("SELECT count(*) FROM pgwatch.workers WHERE database LIKE 'e2e_db_%'", &[]).unwrap().get(0);
+    assert_eq!(listed, 1);
+    let (mut db, mut listener) = two;
+    db.batch_execute("INSERT INTO t VALUES (3)").unwrap();
+    assert_eq!(
+        listener.receive_raw(1, Duration::from_secs(10))[0].1,
+        r#"{"tbl":"public.t","op":"insert","seq":2,"rows":[{"id":3}]}"#
+    );
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE e2e_db_two").unwrap();
 }

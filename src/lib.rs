@@ -46,7 +46,7 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pgwatch'"]
+        crate::e2e::CONF.to_vec()
     }
 }
 

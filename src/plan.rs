@@ -13,8 +13,8 @@ use std::rc::Rc;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::{pg_guard, warning};
 
-use crate::payload::{self, pair_prefix, ImageBuilder};
 use crate::notify::Target;
+use crate::payload::{self, pair_prefix, ImageBuilder};
 
 /// How a column's value becomes JSON.
 pub enum Encoding {

@@ -535,8 +535,7 @@ pub fn decode(mut body: &[u8]) -> Vec<WatchChanges> {
         let bits = take(&mut body, 1)[0];
         let overflow = [0, 1, 2].map(|i| bits & (1 << i) != 0);
         let count = u32_(&mut body);
-        let changes =
-            (0..count).map(|_| Change { before: image(&mut body), after: image(&mut body) }).collect();
+        let changes = (0..count).map(|_| Change { before: image(&mut body), after: image(&mut body) }).collect();
         watches.push(WatchChanges { target: Target { channel, tbl }, overflow, changes });
     }
     watches

@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
+};
 use pgrx::prelude::*;
 use pgrx::{pg_guard, PgTryBuilder};
 
@@ -126,7 +128,8 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
 
 fn extension_installed() -> bool {
     // SAFETY: a syscache lookup inside a transaction.
-    BackgroundWorker::transaction(|| unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) }) != pg_sys::Oid::INVALID
+    BackgroundWorker::transaction(|| unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) })
+        != pg_sys::Oid::INVALID
 }
 
 struct Worker {
@@ -320,7 +323,8 @@ mod pgwatch {
                 let dboid = pg_sys::Oid::from(slot.dboid.load(Ordering::Relaxed));
                 // SAFETY: a syscache lookup; NULL for a database dropped meanwhile.
                 let name = unsafe { pg_sys::get_database_name(dboid) };
-                let name = (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into());
+                let name =
+                    (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into());
                 let pid = slot.pid.load(Ordering::Relaxed);
                 let last_send = slot.last_send.load(Ordering::Relaxed);
                 (

@@ -1,0 +1,165 @@
+//! Helpers for the end-to-end suites: connections, listeners that check sequence numbers, and
+//! failures with their SQLSTATE. The including module provides `CONF`, its server's settings.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+
+/// Both ways of delivering: by the writing transaction, and by the database's worker.
+pub const MODES: [&str; 2] = ["inline", "worker"];
+
+/// Counters are cluster-wide and several tests assert exact changes of them: tests run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A connection to the test database, booting the test server on first use.
+pub fn connect() -> Client {
+    pgrx_tests::run_test("watch_table_returns_the_watch", None, super::CONF.to_vec()).unwrap();
+    pgrx_tests::client().unwrap().0
+}
+
+/// A connection to another database of the test server.
+pub fn connect_to(via: &mut Client, dbname: &str) -> Client {
+    let row = via.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
+    let (port, user): (i32, String) = (row.get(0), row.get(1));
+    postgres::Config::new().host("localhost").port(port as u16).user(&user).dbname(dbname).connect(NoTls).unwrap()
+}
+
+/// A writer delivering in `mode` that ran `setup`, and a listener already listening on `channels`.
+/// The tables and types `setup` creates are dropped first, so a test can run it once per mode.
+pub fn watched(mode: &str, setup: &str, channels: &[&str]) -> (Client, Listener) {
+    let mut writer = connect();
+    writer.batch_execute(&format!("SET pgwatch.delivery = {mode}")).unwrap();
+    for kind in ["TABLE", "TYPE"] {
+        for created in setup.split(&format!("CREATE {kind} ")).skip(1) {
+            let name = created.split(|c: char| c.is_whitespace() || c == '(').next().unwrap();
+            writer.batch_execute(&format!("DROP {kind} IF EXISTS {name} CASCADE")).unwrap();
+        }
+    }
+    writer.batch_execute(setup).unwrap();
+    (writer, Listener::new(connect(), channels))
+}
+
+/// A connection that LISTENs, and checks that numbered payloads count up by one per channel.
+pub struct Listener {
+    pub client: Client,
+    last_seq: HashMap<String, u64>,
+}
+
+impl Listener {
+    pub fn new(mut client: Client, channels: &[&str]) -> Listener {
+        for channel in channels {
+            client.batch_execute(&format!("LISTEN \"{channel}\"")).unwrap();
+        }
+        Listener { client, last_seq: HashMap::new() }
+    }
+
+    /// Notifications as `(channel, payload)` as received, waiting up to `wait` for each.
+    pub fn receive_raw(&mut self, count: usize, wait: Duration) -> Vec<(String, String)> {
+        let mut notifications = self.client.notifications();
+        let mut iter = notifications.timeout_iter(wait);
+        let mut got = Vec::new();
+        while got.len() < count {
+            match iter.next().unwrap() {
+                Some(n) => got.push((n.channel().to_string(), n.payload().to_string())),
+                None => break,
+            }
+        }
+        got
+    }
+
+    /// Like `receive_raw`, with `"seq":N,` checked (one more than the channel's last) and removed.
+    pub fn receive(&mut self, count: usize, wait: Duration) -> Vec<(String, String)> {
+        let got = self.receive_raw(count, wait);
+        got.into_iter().map(|(channel, payload)| (channel.clone(), self.check_seq(&channel, &payload))).collect()
+    }
+
+    fn check_seq(&mut self, channel: &str, payload: &str) -> String {
+        let Some((start, seq, end)) = seq_of(payload) else { return payload.to_string() };
+        if let Some(last) = self.last_seq.insert(channel.to_string(), seq) {
+            assert_eq!(seq, last + 1, "seq gap on {channel}: {payload}");
+        }
+        format!("{}{}", &payload[..start], &payload[end..])
+    }
+
+    /// Asserts that exactly these payloads (without seq) arrive, in this order, and nothing more.
+    pub fn expect(&mut self, expected: &[&str]) {
+        let got: Vec<String> =
+            self.receive(expected.len(), Duration::from_secs(10)).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, expected);
+        self.expect_silence();
+    }
+
+    pub fn expect_silence(&mut self) {
+        let extra = self.receive_raw(1, Duration::from_millis(300));
+        assert!(extra.is_empty(), "unexpected notification: {extra:?}");
+    }
+}
+
+/// Where `"seq":N,` stands in a payload's header, and N.
+pub fn seq_of(payload: &str) -> Option<(usize, u64, usize)> {
+    let op = payload.find(",\"op\":\"")? + 7;
+    let start = op + payload[op..].find('"')? + 2;
+    let digits = payload[start..].strip_prefix("\"seq\":")?;
+    let len = digits.find(',')?;
+    let seq = digits[..len].parse().ok()?;
+    Some((start, seq, start + "\"seq\":".len() + len + 1))
+}
+
+/// The SQLSTATE and message of a statement that must fail.
+pub fn failure(client: &mut Client, sql: &str) -> (String, String) {
+    let error = client.batch_execute(sql).expect_err(sql);
+    let db = error.as_db_error().expect("a server error");
+    (db.code().code().to_string(), db.message().to_string())
+}
+
+pub fn stat(client: &mut Client, counter: &str) -> i64 {
+    client.query_one(&format!("SELECT {counter} FROM pgwatch.stats()"), &[]).unwrap().get(0)
+}
+
+/// Rebuilds a table's rows (key → payload row) from its notifications, failing on any
+/// notification that does not fit what came before: a duplicate, a lost change, a stray row.
+#[derive(Default)]
+pub struct Replica {
+    pub rows: HashMap<i64, serde_json::Value>,
+}
+
+impl Replica {
+    pub fn apply(&mut self, payload: &str) {
+        let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert!(v.get("overflow").is_none(), "unexpected overflow: {payload}");
+        let op = v["op"].as_str().unwrap();
+        for row in v["rows"].as_array().unwrap() {
+            let mut row = row.clone();
+            let id = row["id"].as_i64().unwrap();
+            let old_id = row.get("old").and_then(|old| old.get("id")).and_then(serde_json::Value::as_i64);
+            row.as_object_mut().unwrap().remove("old");
+            match op {
+                "insert" => assert!(self.rows.insert(id, row).is_none(), "insert of existing row {id}: {payload}"),
+                "update" => {
+                    let was = old_id.unwrap_or(id);
+                    assert!(self.rows.remove(&was).is_some(), "update of missing row {was}: {payload}");
+                    self.rows.insert(id, row);
+                }
+                "delete" => assert!(self.rows.remove(&id).is_some(), "delete of missing row {id}: {payload}"),
+                other => panic!("unknown op {other}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn seq_is_found_only_in_the_header() {
+    let payload = r#"{"tbl":"t","op":"update","seq":17,"rows":[{"id":1}]}"#;
+    let (start, seq, end) = seq_of(payload).unwrap();
+    assert_eq!(
+        (seq, format!("{}{}", &payload[..start], &payload[end..])),
+        (17, r#"{"tbl":"t","op":"update","rows":[{"id":1}]}"#.into())
+    );
+    assert_eq!(seq_of(r#"{"tbl":"t","op":"insert","rows":[{"seq":1}]}"#), None);
+}
