@@ -465,7 +465,23 @@ fn drop_extension_removes_every_trigger() {
         db.query_one("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgwatch%'", &[]).unwrap().get(0)
     };
     assert_eq!(triggers(&mut db), 4);
+    // A write starts the database's worker; after DROP EXTENSION it exits by itself.
+    db.batch_execute("INSERT INTO u VALUES (0)").unwrap();
+    let worker_pid = |admin: &mut Client| -> Option<i32> {
+        admin
+            .query_opt("SELECT pid FROM pgwatch.workers WHERE database = 'e2e_dropext'", &[])
+            .unwrap()
+            .and_then(|row| row.get(0))
+    };
+    let waited = |admin: &mut Client, running: bool| {
+        (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            worker_pid(admin).is_some() == running
+        })
+    };
+    assert!(waited(&mut admin, true), "no worker started");
     db.batch_execute("DROP EXTENSION pgwatch").unwrap();
+    assert!(waited(&mut admin, false), "the worker did not exit within 5 s of DROP EXTENSION");
     assert_eq!(triggers(&mut db), 0);
     db.batch_execute("INSERT INTO t VALUES (1); INSERT INTO u VALUES (1)").unwrap();
     drop(db);

@@ -1,8 +1,11 @@
 //! Counters of what pgwatch captured and sent, and of every fallback it took.
 //!
 //! With pgwatch preloaded they live in shared memory and count the whole cluster; without it,
-//! each backend counts its own work.
+//! each backend counts its own work. Either way a backend first counts in plain local cells and
+//! adds them to the totals when a transaction ends, so the per-row path touches no shared cache
+//! line.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::prelude::*;
@@ -33,19 +36,40 @@ pub enum Counter {
 
 pub const COUNTERS: usize = Counter::PreparedUnsent as usize + 1;
 
-/// This backend's counters, used when the shared segment is not there.
+/// This backend's totals, used when the shared segment is not there.
 static LOCAL: [AtomicU64; COUNTERS] = [const { AtomicU64::new(0) }; COUNTERS];
 
-fn counters() -> &'static [AtomicU64; COUNTERS] {
+thread_local! {
+    /// Counted since the last flush.
+    static PENDING: [Cell<u64>; COUNTERS] = const { [const { Cell::new(0) }; COUNTERS] };
+}
+
+fn totals() -> &'static [AtomicU64; COUNTERS] {
     queue::shared().map_or(&LOCAL, |shared| &shared.counters)
 }
 
 pub fn add(counter: Counter, n: u64) {
-    counters()[counter as usize].fetch_add(n, Ordering::Relaxed);
+    PENDING.with(|pending| {
+        let cell = &pending[counter as usize];
+        cell.set(cell.get() + n);
+    });
+}
+
+/// Adds what this backend counted to the totals; called when a transaction ends.
+pub fn flush() {
+    let totals = totals();
+    PENDING.with(|pending| {
+        for (total, cell) in totals.iter().zip(pending) {
+            let n = cell.replace(0);
+            if n > 0 {
+                total.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    });
 }
 
 fn get(counter: Counter) -> i64 {
-    counters()[counter as usize].load(Ordering::Relaxed) as i64
+    totals()[counter as usize].load(Ordering::Relaxed) as i64
 }
 
 #[pg_schema]
@@ -71,6 +95,7 @@ mod pgwatch {
             name!(prepared_unsent, i64),
         ),
     > {
+        flush();
         let notifications = get(Counter::Notifications);
         let high_water = queue::shared().map_or(0, |s| s.high_water.load(Ordering::Relaxed) as i64);
         TableIterator::once((

@@ -49,6 +49,7 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     shared.attach_launcher();
     let mut workers: Vec<Option<DynamicBackgroundWorker>> = (0..MAX_DATABASES).map(|_| None).collect();
     let mut started = [false; MAX_DATABASES];
+    let mut warned = [false; MAX_DATABASES];
     loop {
         for (i, slot) in shared.slots.iter().enumerate() {
             let dboid = slot.dboid.load(Ordering::Relaxed);
@@ -68,12 +69,17 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
                 Some(worker) => {
                     if std::mem::replace(&mut started[i], true) {
                         stats::add(Counter::WorkerRestarts, 1);
+                        // The launcher runs no transactions, whose end would flush the count.
+                        stats::flush();
                     }
                     workers[i] = Some(worker);
+                    warned[i] = false;
                 }
                 None => {
                     slot.set_state(WorkerState::Stopped);
-                    log!("pgwatch: no background worker slot for database {dboid}; raise max_worker_processes");
+                    if !std::mem::replace(&mut warned[i], true) {
+                        warning!("pgwatch: no background worker slot for database {dboid}; raise max_worker_processes");
+                    }
                 }
             }
         }
@@ -197,6 +203,7 @@ impl Worker {
             self.seqs.insert(channel, seq);
         }
         stats::add(Counter::Batches, 1);
+        stats::flush();
         // SAFETY: reading the clock.
         self.slot.last_send.store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
         let delivered: Vec<u64> = records.iter().map(|(at, _)| *at).collect();
@@ -228,7 +235,7 @@ unsafe extern "C-unwind" fn on_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
-    stopping_worker_of_dropped_database(pstmt, || unsafe {
+    around_utility(pstmt, || unsafe {
         match PREV_UTILITY.get().copied().flatten() {
             Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
             None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
@@ -250,7 +257,7 @@ unsafe extern "C-unwind" fn on_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
-    stopping_worker_of_dropped_database(pstmt, || unsafe {
+    around_utility(pstmt, || unsafe {
         match PREV_UTILITY.get().copied().flatten() {
             Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
             None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
@@ -258,10 +265,19 @@ unsafe extern "C-unwind" fn on_utility(
     });
 }
 
-/// Runs a utility statement; for DROP DATABASE, first stops that database's worker (so the drop
-/// is not refused for it), and afterwards forgets the database's queued records.
-fn stopping_worker_of_dropped_database(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
-    let dropped = dropped_database(pstmt);
+/// Runs a utility statement. DROP DATABASE first stops that database's worker (so the drop is not
+/// refused for it) and afterwards forgets the database's queued records; DROP EXTENSION has the
+/// worker check, once committed, whether pgwatch is still there.
+fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
+    // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: a DropStmt node, checked by its tag.
+    if unsafe { pgrx::is_a(stmt, pg_sys::NodeTag::T_DropStmt) }
+        && unsafe { (*stmt.cast::<pg_sys::DropStmt>()).removeType } == pg_sys::ObjectType::OBJECT_EXTENSION
+    {
+        crate::xact::wake_worker_at_commit();
+    }
+    let dropped = dropped_database(stmt);
     let Some((dboid, slot)) = dropped.and_then(|d| queue::shared().and_then(|s| Some((d, s.find_slot(d)?)))) else {
         return run();
     };
@@ -285,10 +301,9 @@ fn stopping_worker_of_dropped_database(pstmt: *mut pg_sys::PlannedStmt, run: imp
 }
 
 /// The database a DROP DATABASE statement drops, if it exists.
-fn dropped_database(pstmt: *mut pg_sys::PlannedStmt) -> Option<u32> {
-    // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
+fn dropped_database(stmt: *mut pg_sys::Node) -> Option<u32> {
+    // SAFETY: a valid parse node, cast only after checking its tag.
     unsafe {
-        let stmt = (*pstmt).utilityStmt;
         if !pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
             return None;
         }

@@ -57,6 +57,9 @@ thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
     /// This transaction's record in the delivery queue, between pre-commit and commit or abort.
     static QUEUED: Cell<Option<Reservation>> = const { Cell::new(None) };
+    /// This transaction ran DROP EXTENSION: once it commits, the database's worker checks
+    /// whether pgwatch is still installed.
+    static WAKE_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Xact {
@@ -120,6 +123,11 @@ pub fn record_overflow(target: &Rc<Target>, op: Op) {
     });
 }
 
+/// Asks for the database's worker to be woken when this transaction commits.
+pub fn wake_worker_at_commit() {
+    WAKE_WORKER.set(true);
+}
+
 /// Reserves this transaction's record in the delivery queue when worker delivery applies;
 /// `false` means notify inline (the queue is full or has no slot: counted as a fallback).
 fn queue_for_worker(xact: &Xact) -> bool {
@@ -174,15 +182,25 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         }
         XactEvent::XACT_EVENT_COMMIT => {
             take();
-            if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
-                shared.publish(queued);
+            if let Some(shared) = queue::shared() {
+                if let Some(queued) = QUEUED.take() {
+                    shared.publish(queued);
+                }
+                if WAKE_WORKER.take() {
+                    // SAFETY: reading the id of the database this backend is connected to.
+                    let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+                    shared.find_slot(dboid).inspect(|slot| slot.wake());
+                }
             }
+            stats::flush();
         }
         XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             take();
+            WAKE_WORKER.set(false);
             if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
                 shared.cancel(queued);
             }
+            stats::flush();
         }
         _ => {}
     }
