@@ -21,7 +21,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("listen") if args.len() >= 4 => listen(&args[1], &args[2], &args[3..]),
-        Some("latency") if args.len() == 6 => latency(&args[1], &args[2], &args[3], args[4].parse().unwrap(), args[5].parse().unwrap()),
+        Some("latency") if args.len() == 6 => {
+            latency(&args[1], &args[2], &args[3], args[4].parse().unwrap(), args[5].parse().unwrap())
+        }
         Some("report") if args.len() == 5 => report(&args[1], &args[2], &args[3], &args[4]),
         _ => {
             eprintln!("usage: bench_client listen CONNINFO STATS_FILE CHANNEL... | latency CONNINFO TABLE CHANNEL RATE SECONDS | report RAW_TSV MACHINE SECONDS ROUNDS");
@@ -66,8 +68,10 @@ fn listen(conninfo: &str, stats_file: &str, channels: &[String]) {
                 break;
             }
         }
-        let text: String =
-            totals.iter().map(|(channel, (count, bytes, rows))| format!("{channel} {count} {bytes} {rows}\n")).collect();
+        let text: String = totals
+            .iter()
+            .map(|(channel, (count, bytes, rows))| format!("{channel} {count} {bytes} {rows}\n"))
+            .collect();
         let partial = format!("{stats_file}.tmp");
         std::fs::write(&partial, text).expect("write stats");
         std::fs::rename(&partial, stats_file).expect("write stats");
@@ -92,7 +96,8 @@ fn latency(conninfo: &str, table: &str, channel: &str, rate: f64, seconds: f64) 
         }
     });
     let mut writer = Client::connect(conninfo, NoTls).expect("connect");
-    let insert = writer.prepare(&format!("INSERT INTO {table} (role_id, name) VALUES (1, 'latency') RETURNING id")).unwrap();
+    let insert =
+        writer.prepare(&format!("INSERT INTO {table} (role_id, name) VALUES (1, 'latency') RETURNING id")).unwrap();
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut committed: HashMap<i64, Instant> = HashMap::new();
@@ -114,8 +119,20 @@ fn latency(conninfo: &str, table: &str, channel: &str, rate: f64, seconds: f64) 
         }
     }
     latencies.sort_unstable();
-    let pick = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0);
-    println!("{} {} {} {} {}", pick(0.50), pick(0.99), latencies.last().copied().unwrap_or(0), latencies.len(), committed.len());
+    let pick = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{} {} {} {} {}",
+        pick(0.50),
+        pick(0.99),
+        latencies.last().copied().unwrap_or(0),
+        latencies.len(),
+        committed.len()
+    );
 }
 
 /// One workload, client count and variant, summed over the rounds.
@@ -190,7 +207,9 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
         );
     }
     let rate = latencies.first().map_or("?".to_string(), |l| l[1].clone());
-    println!("\n## Delivery latency, commit → listener, at {rate} transactions/s (half of `none`'s W1 rate at 1 client)\n");
+    println!(
+        "\n## Delivery latency, commit → listener, at {rate} transactions/s (half of `none`'s W1 rate at 1 client)\n"
+    );
     println!("| variant | p50 ms | p99 ms | max ms | received / sent |");
     println!("|---|---:|---:|---:|---:|");
     let ms = |us: &str| us.parse::<f64>().unwrap_or(0.0) / 1000.0;
@@ -204,11 +223,15 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
     let vs_none = worker_w1 / tps_of("W1", 32, "none");
     let vs_ecto = worker_w1 / tps_of("W1", 32, "ectowatch");
     println!("- W1, 32 clients: pgwatch-worker = {vs_none:.2} × none (target ≥ 0.90: {}) and {vs_ecto:.1} × ectowatch (target ≥ 5: {})", check(vs_none >= 0.9), check(vs_ecto >= 5.0));
-    let overhead = |v: &str| (mean(&get("W3", 1, v).unwrap().latency_ms) - mean(&get("W3", 1, "none").unwrap().latency_ms)) * 10.0;
+    let overhead =
+        |v: &str| (mean(&get("W3", 1, v).unwrap().latency_ms) - mean(&get("W3", 1, "none").unwrap().latency_ms)) * 10.0;
     let tcn = overhead("tcn");
     for v in ["pgwatch-inline", "pgwatch-worker"] {
         let o = overhead(v);
-        println!("- W3, 1 client: {v} {o:.2} µs/row, tcn {tcn:.2} µs/row (target ≤ tcn and ≤ 0.5: {})", check(o <= tcn && o <= 0.5));
+        println!(
+            "- W3, 1 client: {v} {o:.2} µs/row, tcn {tcn:.2} µs/row (target ≤ tcn and ≤ 0.5: {})",
+            check(o <= tcn && o <= 0.5)
+        );
     }
     for (v, target) in [("pgwatch-worker", 5.0), ("pgwatch-inline", 2.0)] {
         if let Some(l) = latencies.iter().find(|l| l[0] == v) {

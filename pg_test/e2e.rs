@@ -773,3 +773,32 @@ fn each_database_gets_its_own_notifications_and_can_be_dropped() {
     drop((db, listener));
     admin.batch_execute("DROP DATABASE e2e_db_two").unwrap();
 }
+
+#[test]
+fn mute_silences_a_transaction_or_a_session() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_mute (id int PRIMARY KEY); SELECT watch_table('e2e_mute', 'insert')",
+            &["public.e2e_mute"],
+        );
+        writer
+            .batch_execute(
+                "BEGIN; SET LOCAL pgwatch.mute = on; INSERT INTO e2e_mute VALUES (1); COMMIT;
+                 INSERT INTO e2e_mute VALUES (2);
+                 SET pgwatch.mute = on; INSERT INTO e2e_mute VALUES (3);
+                 RESET pgwatch.mute; INSERT INTO e2e_mute VALUES (4)",
+            )
+            .unwrap();
+        // In worker delivery both rows may arrive in one notification.
+        let mut ids = Vec::new();
+        while ids.len() < 2 {
+            let Some((_, payload)) = listener.receive(1, Duration::from_secs(10)).pop() else { break };
+            let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            ids.extend(v["rows"].as_array().unwrap().iter().map(|row| row["id"].as_i64().unwrap()));
+        }
+        listener.expect_silence();
+        assert_eq!(ids, [2, 4], "{mode}");
+    }
+}

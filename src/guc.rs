@@ -6,6 +6,9 @@ use pgrx::PostgresGucEnum;
 /// Row changes one transaction may track per watch before the rest are reported as an overflow.
 pub static MAX_ROWS_PER_XACT: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 
+/// Silences this session's (or with SET LOCAL, this transaction's) changes, e.g. for bulk jobs.
+pub static MUTE: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// Who sends a transaction's notifications.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Delivery {
@@ -22,6 +25,9 @@ pub enum Delivery {
 
 pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery::Auto);
 
+/// How long a worker waits before its next batch after a batch of several transactions, in ms.
+pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
+
 /// Size of the shared-memory queue, in kB.
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
@@ -36,6 +42,14 @@ pub fn register() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"pgwatch.mute",
+        c"Records no changes: the current session's (or, with SET LOCAL, transaction's) writes send nothing.",
+        c"For bulk jobs and migrations; unlike session_replication_role it needs no special privilege and silences only pgwatch.",
+        &MUTE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_enum_guc(
         c"pgwatch.delivery",
         c"Who sends notifications: auto, worker or inline.",
@@ -43,6 +57,16 @@ pub fn register() {
         &DELIVERY,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgwatch.busy_batch_delay",
+        c"Under load, how long a delivery worker lets changes gather before its next batch.",
+        c"Applies only after a batch that carried several transactions, so a lone change is sent at once; 0 disables.",
+        &BUSY_BATCH_DELAY_MS,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"pgwatch.queue_size",

@@ -7,12 +7,15 @@ use pgrx::prelude::*;
 
 use crate::coalesce::Change;
 use crate::payload::Op;
-use crate::{plan, xact};
+use crate::{guc, plan, xact};
 
 #[pg_trigger(
     sql = "CREATE FUNCTION pgwatch.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
 )]
 fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    if guc::MUTE.get() {
+        return Ok(None);
+    }
     let data = trigger.trigger_data();
     if data.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0 {
         error!("pgwatch.capture() must be fired FOR EACH ROW, as watch_table() creates it");

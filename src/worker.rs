@@ -20,6 +20,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_guard, PgTryBuilder};
 
 use crate::coalesce::Folded;
+use crate::guc;
 use crate::notify::{self, Target};
 use crate::queue::{self, DbSlot, Shared, WorkerState, MAX_DATABASES};
 use crate::stats::{self, Counter};
@@ -147,9 +148,16 @@ struct Worker {
 }
 
 impl Worker {
-    /// Sends everything published so far; `false` once asked to stop.
+    /// Sends everything published so far; `false` once asked to stop. After a batch of several
+    /// transactions (the database is busy) it lets the next batch gather for
+    /// `pgwatch.busy_batch_delay`: fewer, fuller notifications cost the writers less CPU. A lone
+    /// change is sent as soon as the worker wakes.
     fn drain(&mut self) -> bool {
         loop {
+            if BackgroundWorker::sighup_received() {
+                // SAFETY: reloading the configuration file, outside any transaction.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            }
             if BackgroundWorker::sigterm_received() || self.slot.dropping.load(Ordering::Relaxed) {
                 return false;
             }
@@ -160,6 +168,11 @@ impl Worker {
             self.slot.set_state(WorkerState::Sending);
             self.deliver(&records);
             self.slot.set_state(WorkerState::Idle);
+            let delay_ms = guc::BUSY_BATCH_DELAY_MS.get();
+            if records.len() > 1 && delay_ms > 0 {
+                // SAFETY: a plain sleep; signals are looked at right after.
+                unsafe { pg_sys::pg_usleep(i64::from(delay_ms) * 1000) };
+            }
         }
     }
 

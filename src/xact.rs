@@ -136,7 +136,8 @@ fn queue_for_worker(xact: &Xact) -> bool {
         Delivery::Auto | Delivery::Worker => queue::shared(),
     };
     let Some(shared) = shared else { return false };
-    let mut body = Vec::new();
+    // Most transactions' records fit this without growing.
+    let mut body = Vec::with_capacity(1024);
     for buffer in &xact.buffers {
         queue::encode(&mut body, &buffer.target, buffer.overflow, buffer.folded.net_rows());
     }
