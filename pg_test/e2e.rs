@@ -251,19 +251,9 @@ fn a_10000_row_statement_delivers_every_key_once_in_full_payloads() {
         );
         let sent_before = stat(&mut writer, "notifications");
         writer.batch_execute("INSERT INTO e2e_bulk SELECT g, g % 7 FROM generate_series(1, 10000) g").unwrap();
-        let (mut ids, mut sizes) = (Vec::new(), Vec::new());
-        while ids.len() < 10000 {
-            let Some((_, payload)) = listener.receive(1, Duration::from_secs(10)).pop() else {
-                panic!("{mode}: only {} of 10000 rows arrived", ids.len());
-            };
-            let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
-            for row in v["rows"].as_array().unwrap() {
-                let id = row["id"].as_i64().unwrap();
-                assert_eq!(row["role_id"].as_i64().unwrap(), id % 7);
-                ids.push(id);
-            }
-            sizes.push(payload.len());
-        }
+        let (rows, sizes) = listener.receive_rows(10000);
+        let ids: Vec<i64> = rows.iter().map(|row| row["id"].as_i64().unwrap()).collect();
+        assert!(rows.iter().all(|row| row["role_id"].as_i64().unwrap() == row["id"].as_i64().unwrap() % 7));
         listener.expect_silence();
         assert_eq!(stat(&mut writer, "notifications") - sent_before, sizes.len() as i64);
         let (last, full) = sizes.split_last().unwrap();
@@ -792,12 +782,7 @@ fn mute_silences_a_transaction_or_a_session() {
             )
             .unwrap();
         // In worker delivery both rows may arrive in one notification.
-        let mut ids = Vec::new();
-        while ids.len() < 2 {
-            let Some((_, payload)) = listener.receive(1, Duration::from_secs(10)).pop() else { break };
-            let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
-            ids.extend(v["rows"].as_array().unwrap().iter().map(|row| row["id"].as_i64().unwrap()));
-        }
+        let ids: Vec<i64> = listener.receive_rows(2).0.iter().map(|row| row["id"].as_i64().unwrap()).collect();
         listener.expect_silence();
         assert_eq!(ids, [2, 4], "{mode}");
     }

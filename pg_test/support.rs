@@ -87,6 +87,20 @@ impl Listener {
         format!("{}{}", &payload[..start], &payload[end..])
     }
 
+    /// Receives payloads until `count` rows have arrived: the rows, and each payload's length.
+    pub fn receive_rows(&mut self, count: usize) -> (Vec<serde_json::Value>, Vec<usize>) {
+        let (mut rows, mut sizes) = (Vec::new(), Vec::new());
+        while rows.len() < count {
+            let Some((_, payload)) = self.receive(1, Duration::from_secs(10)).pop() else {
+                panic!("only {} of {count} rows arrived", rows.len());
+            };
+            let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            rows.extend(v["rows"].as_array().unwrap().iter().cloned());
+            sizes.push(payload.len());
+        }
+        (rows, sizes)
+    }
+
     /// Asserts that exactly these payloads (without seq) arrive, in this order, and nothing more.
     pub fn expect(&mut self, expected: &[&str]) {
         let got: Vec<String> =
