@@ -68,6 +68,10 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+}
+
+/// Settings fixed at server start; PostgreSQL accepts them only while preloading.
+pub fn register_preloaded() {
     GucRegistry::define_int_guc(
         c"pgwatch.queue_size",
         c"Size of the shared-memory queue that holds committed changes for the delivery workers.",

@@ -29,6 +29,7 @@ pub extern "C-unwind" fn _PG_init() {
     plan::register_invalidation();
     // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        guc::register_preloaded();
         queue::init();
         worker::register_launcher();
         worker::install_drop_database_hook();
