@@ -5,8 +5,7 @@
 //! update with the earliest old values, insert + delete to nothing, and a delete followed by an
 //! insert of the same key to an update. Pure Rust, unit-tested with plain `#[test]`s.
 
-use std::collections::HashMap;
-
+use crate::fxhash::FxHashMap;
 use crate::payload::{Image, NetRow, Op};
 
 /// One row change as a trigger saw it, or the folded net change of several.
@@ -42,7 +41,7 @@ impl Change {
 pub struct Folded {
     rows: Vec<Change>,
     /// Current key → row. A deleted row stays reachable by its key so that a re-insert revives it.
-    by_key: HashMap<Box<[u8]>, usize>,
+    by_key: FxHashMap<Box<[u8]>, usize>,
 }
 
 impl Folded {

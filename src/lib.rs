@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 mod api;
 mod coalesce;
 mod events;
+mod fxhash;
 mod guc;
 mod notify;
 mod payload;

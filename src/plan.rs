@@ -6,7 +6,6 @@
 //! so the per-row path does no catalog lookups.
 
 use std::cell::{RefCell, UnsafeCell};
-use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::rc::Rc;
 
@@ -14,6 +13,7 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::{pg_guard, warning};
 
 use crate::notify::Target;
+use crate::fxhash::FxHashMap;
 use crate::payload::{self, pair_prefix, ImageBuilder};
 
 /// How a column's value becomes JSON.
@@ -53,7 +53,7 @@ pub struct Plan {
 }
 
 thread_local! {
-    static PLANS: RefCell<HashMap<Oid, Rc<Plan>>> = RefCell::default();
+    static PLANS: RefCell<FxHashMap<Oid, Rc<Plan>>> = RefCell::default();
 }
 
 /// The plan of the trigger being fired, built on its first row in this backend.
