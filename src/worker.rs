@@ -61,7 +61,10 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             if alive || dboid == 0 || slot.dropping.load(Ordering::Relaxed) {
                 continue;
             }
-            workers[i] = None;
+            if workers[i].take().is_some() {
+                // A worker that died on an error did not detach itself.
+                slot.detach_worker();
+            }
             if slot.backlog.load(Ordering::Relaxed) == 0 {
                 continue;
             }
