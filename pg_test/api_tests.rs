@@ -116,8 +116,8 @@ mod tests {
              SELECT watch_table('events')",
         )
         .unwrap();
-        assert_eq!(triggers("events"), 1);
-        assert_eq!(triggers("events_2024"), 1, "cloned onto the partition");
+        assert_eq!(triggers("events"), 3, "one per row event");
+        assert_eq!(triggers("events_2024"), 3, "cloned onto the partition");
         assert_eq!(
             Spi::get_one::<Vec<String>>("SELECT key_columns FROM pgwatch.watches").unwrap().unwrap(),
             ["id", "at"]
@@ -256,5 +256,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(count("SELECT count(*) FROM pgwatch.watches"), 0);
+    }
+
+    #[pg_test]
+    fn options_are_stored_and_shape_the_triggers() {
+        users();
+        let row = Spi::get_three::<Vec<String>, String, Vec<String>>(
+            "SELECT events, condition, trigger_columns FROM watch_table('users', 'update, delete, truncate',
+                    trigger_columns => '{org,role_id}', condition => 'OLD.org IS NOT NULL', fire_on_replica => true)",
+        )
+        .unwrap();
+        assert_eq!(
+            row,
+            (
+                Some(vec!["update".into(), "delete".into(), "truncate".into()]),
+                Some("OLD.org IS NOT NULL".into()),
+                Some(vec!["org".into(), "role_id".into()])
+            )
+        );
+        let id = count("SELECT id FROM pgwatch.watches");
+        // Per trigger: events (tgtype bits), UPDATE OF columns, WHEN or not, fires on replicas.
+        let shape = |name: &str| {
+            Spi::get_one::<String>(&format!(
+                "SELECT (tgtype & (1 | 4 | 8 | 16 | 32))::text || ' ' || tgattr::text || ' ' || (tgqual IS NOT NULL)::text
+                        || ' ' || tgenabled::text
+                   FROM pg_trigger WHERE tgname = '{name}'"
+            ))
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(shape(&format!("pgwatch_{id}_update")), "17 4 2 true A", "row, UPDATE OF org and role_id");
+        assert_eq!(shape(&format!("pgwatch_{id}_delete")), "9  true A", "row, delete");
+        assert_eq!(shape(&format!("pgwatch_{id}_truncate")), "32  false A", "statement, truncate");
+        assert_eq!(triggers("users"), 3);
+        let payload = Spi::get_one::<String>("SELECT payload FROM watch_table('users', payload => 'KEYS')").unwrap();
+        assert_eq!(payload.as_deref(), Some("keys"));
+        assert_eq!(triggers("users"), 3, "replaced: insert, update and delete");
     }
 }

@@ -109,20 +109,35 @@ impl Listener {
         self.expect_silence();
     }
 
+    /// Asserts that exactly these `(channel, payload)` notifications (without seq) arrive, in any
+    /// order across channels, and nothing more.
+    pub fn expect_on(&mut self, expected: &[(&str, &str)]) {
+        let mut got = self.receive(expected.len(), Duration::from_secs(10));
+        let mut expected: Vec<(String, String)> =
+            expected.iter().map(|(c, p)| (c.to_string(), p.to_string())).collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+        self.expect_silence();
+    }
+
     pub fn expect_silence(&mut self) {
         let extra = self.receive_raw(1, Duration::from_millis(300));
         assert!(extra.is_empty(), "unexpected notification: {extra:?}");
     }
 }
 
-/// Where `"seq":N,` stands in a payload's header, and N.
+/// Where `"seq":N` stands in a payload's header (with the comma that separates it from the
+/// next field), and N.
 pub fn seq_of(payload: &str) -> Option<(usize, u64, usize)> {
     let op = payload.find(",\"op\":\"")? + 7;
-    let start = op + payload[op..].find('"')? + 2;
-    let digits = payload[start..].strip_prefix("\"seq\":")?;
-    let len = digits.find(',')?;
+    let op_end = op + payload[op..].find('"')? + 1;
+    let digits = payload[op_end..].strip_prefix(",\"seq\":")?;
+    let len = digits.find(|c: char| !c.is_ascii_digit())?;
     let seq = digits[..len].parse().ok()?;
-    Some((start, seq, start + "\"seq\":".len() + len + 1))
+    let end = op_end + ",\"seq\":".len() + len;
+    // `{…,"op":"x","seq":N,"rows":…}` loses `"seq":N,`; `{…,"op":"x","seq":N}` loses `,"seq":N`.
+    Some(if payload[end..].starts_with(',') { (op_end + 1, seq, end + 1) } else { (op_end, seq, end) })
 }
 
 /// The SQLSTATE and message of a statement that must fail.
@@ -176,4 +191,7 @@ fn seq_is_found_only_in_the_header() {
         (17, r#"{"tbl":"t","op":"update","rows":[{"id":1}]}"#.into())
     );
     assert_eq!(seq_of(r#"{"tbl":"t","op":"insert","rows":[{"seq":1}]}"#), None);
+    let truncate = r#"{"tbl":"t","op":"truncate","seq":3}"#;
+    let (start, seq, end) = seq_of(truncate).unwrap();
+    assert_eq!((seq, format!("{}{}", &truncate[..start], &truncate[end..])), (3, r#"{"tbl":"t","op":"truncate"}"#.into()));
 }

@@ -1,12 +1,15 @@
-//! `watch_table` and `unwatch_table`: validate the request, then keep `pgwatch.watches` and the
-//! tables' triggers in step. This is the only place pgwatch uses SPI; it never runs per row.
+//! `watch_table` and `unwatch_table`: check every argument and turn them into a [`Watch`], which
+//! the catalog module stores and installs. Bad input fails here, before anything is changed.
+
+use std::ffi::CString;
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::spi::{quote_identifier, quote_literal};
-use pgrx::{datum::DatumWithOid, function_name, PgRelation, PgSqlErrorCode};
+use pgrx::{function_name, PgList, PgRelation, PgSqlErrorCode};
 
-use crate::events::{Events, EventsError, ACCEPTED};
+use crate::catalog::{self, PayloadMode, Shape, TableName, Watch};
+use crate::events::{Event, Events, EventsError, ACCEPTED};
+use crate::payload::Op;
 
 /// Most extra columns one watch may list.
 pub const MAX_EXTRA_COLUMNS: usize = 64;
@@ -14,18 +17,13 @@ pub const MAX_EXTRA_COLUMNS: usize = 64;
 pub const MAX_CHANNEL_BYTES: usize = 63;
 
 /// Raises an ERROR with a SQLSTATE, a message and a hint.
-fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
+pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
     ErrorReport::new(code, message, function_name!()).set_hint(hint).report(PgLogLevel::ERROR);
     unreachable!("an ERROR does not return")
 }
 
-/// A table as subscribers see it: `schema.table`.
-fn display_name(rel: &PgRelation) -> String {
-    format!("{}.{}", rel.namespace(), rel.name())
-}
-
 /// The table, checked to be watchable by the current user.
-fn watchable(tbl: Option<PgRelation>) -> PgRelation {
+pub fn watchable(tbl: Option<PgRelation>) -> PgRelation {
     let Some(rel) = tbl else {
         fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "tbl must not be NULL".into(), "pass a table name");
     };
@@ -43,7 +41,7 @@ fn watchable(tbl: Option<PgRelation>) -> PgRelation {
         };
         fail(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            format!("\"{}\" is not a table", display_name(&rel)),
+            format!("\"{}\" is not a table", TableName::of(&rel).display),
             &format!("it is {kind}; pgwatch watches ordinary and partitioned tables"),
         );
     }
@@ -52,111 +50,72 @@ fn watchable(tbl: Option<PgRelation>) -> PgRelation {
     if allowed != pg_sys::AclResult::ACLCHECK_OK {
         fail(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to watch table {}", display_name(&rel)),
+            format!("permission denied to watch table {}", TableName::of(&rel).display),
             "watching needs what CREATE TRIGGER needs: ownership or the TRIGGER privilege on the table",
         );
     }
     rel
 }
 
-/// Runs `f` as the extension's owner, so that callers need no rights on pgwatch's own objects.
-/// The caller's own right to watch the table is checked before.
-fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgwatch'")
-        .ok()
-        .flatten()
-        .expect("pgwatch is installed");
-    let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
-    // SAFETY: the same switch PostgreSQL makes for SECURITY DEFINER functions; an ERROR in `f`
-    // aborts the (sub)transaction, which restores the user.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
-    let result = f();
-    // SAFETY: restores what was saved above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    result
-}
-
-fn run(query: &str, args: &[DatumWithOid<'_>]) {
-    Spi::run_with_args(query, args).unwrap_or_else(|e| error!("pgwatch: {e}"));
-}
-
-fn column_names(query: &str, rel: &PgRelation) -> Vec<String> {
-    Spi::connect(|client| {
-        client
-            .select(query, None, &[rel.oid().into()])?
-            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .unwrap_or_else(|e| error!("pgwatch: {e}"))
-}
-
 fn primary_key(rel: &PgRelation) -> Vec<String> {
-    let keys = column_names(
-        "SELECT a.attname::text
-           FROM pg_catalog.pg_index i,
-                unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n),
-                pg_catalog.pg_attribute a
-          WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum
-          ORDER BY k.n",
-        rel,
-    );
+    let keys = catalog::primary_key(rel.oid());
     if keys.is_empty() {
         fail(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("table {} has no primary key", display_name(rel)),
+            format!("table {} has no primary key", TableName::of(rel).display),
             "pgwatch identifies rows by their primary key: add one with ALTER TABLE ... ADD PRIMARY KEY",
         );
     }
     keys
 }
 
-fn extra_columns(rel: &PgRelation, keys: &[String], requested: Option<Vec<Option<String>>>) -> Vec<String> {
-    let requested = requested.unwrap_or_default();
-    if requested.len() > MAX_EXTRA_COLUMNS {
-        fail(
-            PgSqlErrorCode::ERRCODE_TOO_MANY_COLUMNS,
-            format!("a watch can list at most {MAX_EXTRA_COLUMNS} extra columns, not {}", requested.len()),
-            "list only the columns subscribers filter on",
-        );
-    }
-    let existing = column_names(
-        "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
-        rel,
-    );
-    let mut extras: Vec<String> = Vec::with_capacity(requested.len());
-    for column in requested {
+/// A list of column names of `rel`: each exists, is given once, and is not NULL.
+fn column_list(rel: &PgRelation, argument: &str, requested: Option<Vec<Option<String>>>) -> Vec<String> {
+    let existing = catalog::column_names(rel);
+    let mut columns: Vec<String> = Vec::new();
+    for column in requested.unwrap_or_default() {
         let Some(column) = column else {
             fail(
                 PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-                "extra_columns must not contain NULL".into(),
+                format!("{argument} must not contain NULL"),
                 "list column names",
             );
         };
         if !existing.contains(&column) {
             fail(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                format!("column \"{column}\" of relation {} does not exist", display_name(rel)),
-                "extra_columns lists columns of the watched table, by their exact names",
+                format!("column \"{column}\" of relation {} does not exist", TableName::of(rel).display),
+                &format!("{argument} lists columns of the watched table, by their exact names"),
             );
         }
-        if keys.contains(&column) {
+        if columns.contains(&column) {
             fail(
                 PgSqlErrorCode::ERRCODE_DUPLICATE_COLUMN,
-                format!("column \"{column}\" is part of the primary key of {}", display_name(rel)),
-                "key columns are always sent: leave them out of extra_columns",
-            );
-        }
-        if extras.contains(&column) {
-            fail(
-                PgSqlErrorCode::ERRCODE_DUPLICATE_COLUMN,
-                format!("column \"{column}\" is listed twice in extra_columns"),
+                format!("column \"{column}\" is listed twice in {argument}"),
                 "list each column once",
             );
         }
-        extras.push(column);
+        columns.push(column);
+    }
+    columns
+}
+
+fn parse_extra_columns(rel: &PgRelation, keys: &[String], requested: Option<Vec<Option<String>>>) -> Vec<String> {
+    let count = requested.as_ref().map_or(0, Vec::len);
+    if count > MAX_EXTRA_COLUMNS {
+        fail(
+            PgSqlErrorCode::ERRCODE_TOO_MANY_COLUMNS,
+            format!("a watch can list at most {MAX_EXTRA_COLUMNS} extra columns, not {count}"),
+            "list only the columns subscribers filter on",
+        );
+    }
+    let extras = column_list(rel, "extra_columns", requested);
+    if let Some(key) = extras.iter().find(|column| keys.contains(column)) {
+        fail(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_COLUMN,
+            format!("column \"{key}\" is part of the primary key of {}", TableName::of(rel).display),
+            "key columns are always sent: leave them out of extra_columns",
+        );
     }
     extras
 }
@@ -174,6 +133,12 @@ fn parse_events(events: Option<&str>) -> Events {
     })
 }
 
+/// The channel: the label if given, else `schema.table`; `None` when it is too long.
+pub fn channel_name(display: &str, label: Option<&str>) -> Option<String> {
+    let channel = label.unwrap_or(display);
+    (channel.len() <= MAX_CHANNEL_BYTES).then(|| channel.to_string())
+}
+
 fn channel(rel: &PgRelation, label: Option<&str>) -> String {
     if label == Some("") {
         fail(
@@ -182,23 +147,172 @@ fn channel(rel: &PgRelation, label: Option<&str>) -> String {
             "pass NULL to use the table name as the channel",
         );
     }
-    let channel = label.map_or_else(|| display_name(rel), str::to_string);
-    if channel.len() > MAX_CHANNEL_BYTES {
+    let display = TableName::of(rel).display;
+    channel_name(&display, label).unwrap_or_else(|| {
         fail(
             PgSqlErrorCode::ERRCODE_NAME_TOO_LONG,
-            format!("channel name \"{channel}\" is longer than {MAX_CHANNEL_BYTES} bytes"),
+            format!("channel name \"{}\" is longer than {MAX_CHANNEL_BYTES} bytes", label.unwrap_or(&display)),
             "pass a shorter label: watch_table(..., label => 'short_name'); the label is the channel",
+        )
+    })
+}
+
+fn parse_trigger_columns(rel: &PgRelation, events: Events, requested: Option<Vec<Option<String>>>) -> Vec<String> {
+    let columns = column_list(rel, "trigger_columns", requested);
+    if !columns.is_empty() && !events.has(Event::Row(Op::Update)) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "trigger_columns applies to updates, and this watch reports no updates".into(),
+            "add 'update' to events, or leave trigger_columns out",
         );
     }
-    channel
+    columns
 }
 
-fn trigger_name(id: i64) -> String {
-    format!("pgwatch_{id}")
+/// A WHEN condition: one SQL expression. Checked with PostgreSQL's own parser, so that it cannot
+/// reach past the WHEN clause it is put in; CREATE TRIGGER then checks what it refers to.
+fn parse_condition(events: Events, condition: Option<&str>) -> Option<String> {
+    let condition = condition?;
+    if condition.trim().is_empty() {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "condition must not be empty".into(),
+            "pass NULL to report every change",
+        );
+    }
+    if !events.iter().any(|event| matches!(event, Event::Row(_))) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "a condition applies to row events, and this watch reports only truncate".into(),
+            "leave condition out",
+        );
+    }
+    let Ok(select) = CString::new(format!("SELECT {condition}\n")) else {
+        fail(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, "condition contains a NUL byte".into(), "");
+    };
+    // SAFETY: parsing builds nodes in the current memory context; a syntax error is raised as an
+    // ERROR with the parser's message.
+    let parsed = unsafe { PgList::<pg_sys::RawStmt>::from_pg(raw_parse(select.as_ptr())) };
+    // SAFETY: the parser returns RawStmts holding valid nodes, checked by tag before each cast.
+    let one_expression = parsed.len() == 1
+        && unsafe { parsed.get_ptr(0).is_some_and(|raw| is_single_expression((*raw).stmt)) };
+    if !one_expression {
+        fail(
+            PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+            format!("condition is not a single SQL expression: {condition}"),
+            "pass a boolean expression over NEW and OLD, e.g. NEW.status = 'active'",
+        );
+    }
+    Some(condition.to_string())
 }
 
-fn drop_trigger(id: i64, table: &str) {
-    run(&format!("DROP TRIGGER IF EXISTS {} ON {table}", quote_identifier(trigger_name(id))), &[]);
+/// # Safety
+/// `sql` must be a NUL-terminated string.
+unsafe fn raw_parse(sql: *const std::ffi::c_char) -> *mut pg_sys::List {
+    // PG 14 added the parse mode argument.
+    #[cfg(feature = "pg13")]
+    // SAFETY: as the caller promised.
+    return unsafe { pg_sys::raw_parser(sql) };
+    #[cfg(not(feature = "pg13"))]
+    // SAFETY: as the caller promised.
+    return unsafe { pg_sys::raw_parser(sql, pg_sys::RawParseMode::RAW_PARSE_DEFAULT) };
+}
+
+/// Whether `stmt` is `SELECT <expression>` and nothing else.
+///
+/// # Safety
+/// `stmt` must be a valid parse node.
+unsafe fn is_single_expression(stmt: *mut pg_sys::Node) -> bool {
+    // SAFETY: checked to be a SelectStmt before the cast.
+    unsafe {
+        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_SelectStmt) {
+            return false;
+        }
+        let select = &*stmt.cast::<pg_sys::SelectStmt>();
+        let targets = PgList::<pg_sys::ResTarget>::from_pg(select.targetList);
+        let clauses = [
+            select.distinctClause,
+            select.fromClause,
+            select.groupClause,
+            select.windowClause,
+            select.valuesLists,
+            select.sortClause,
+            select.lockingClause,
+        ];
+        let expressions = [select.whereClause, select.havingClause, select.limitOffset, select.limitCount];
+        select.op == pg_sys::SetOperation::SETOP_NONE
+            && select.intoClause.is_null()
+            && select.withClause.is_null()
+            && clauses.iter().all(|list| list.is_null())
+            && expressions.iter().all(|node| node.is_null())
+            && targets.len() == 1
+            && targets.get_ptr(0).is_some_and(|target| (*target).name.is_null() && (*target).indirection.is_null())
+    }
+}
+
+fn parse_payload(payload: Option<&str>, extras: &[String]) -> PayloadMode {
+    let Some(payload) = payload else {
+        fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "payload must not be NULL".into(), "pass 'full' or 'keys'");
+    };
+    let mode = match payload.to_ascii_lowercase().as_str() {
+        "full" => PayloadMode::Full,
+        "keys" => PayloadMode::Keys,
+        _ => fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("unknown payload \"{payload}\""),
+            "payload accepts 'full' (key and extra columns) or 'keys' (key columns only)",
+        ),
+    };
+    if mode == PayloadMode::Keys && !extras.is_empty() {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "payload 'keys' sends key columns only, but extra_columns lists some".into(),
+            "leave extra_columns out, or use payload 'full'",
+        );
+    }
+    mode
+}
+
+/// Checks the arguments of `watch_table` and makes the watch they describe.
+#[allow(clippy::too_many_arguments)]
+fn watch(
+    tbl: Option<PgRelation>,
+    events: Option<&str>,
+    extra_columns: Option<Vec<Option<String>>>,
+    label: Option<&str>,
+    trigger_columns: Option<Vec<Option<String>>>,
+    condition: Option<&str>,
+    payload: Option<&str>,
+    fire_on_replica: Option<bool>,
+) -> (PgRelation, Watch) {
+    let rel = watchable(tbl);
+    let events = parse_events(events);
+    let keys = primary_key(&rel);
+    let extras = parse_extra_columns(&rel, &keys, extra_columns);
+    let channel = channel(&rel, label);
+    let trigger_columns = parse_trigger_columns(&rel, events, trigger_columns);
+    let condition = parse_condition(events, condition);
+    let payload = parse_payload(payload, &extras);
+    let Some(fire_on_replica) = fire_on_replica else {
+        fail(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "fire_on_replica must not be NULL".into(),
+            "pass true or false",
+        );
+    };
+    let watch = Watch {
+        tbl: rel.oid(),
+        label: label.map(str::to_string),
+        channel,
+        events,
+        keys,
+        extras,
+        trigger_columns,
+        condition,
+        payload,
+        fire_on_replica,
+    };
+    (rel, watch)
 }
 
 #[pg_schema]
@@ -209,69 +323,34 @@ mod pgwatch {
     /// `watch_table()`, which returns the catalog row.
     #[pg_extern(volatile)]
     #[search_path(pg_catalog, pg_temp)]
+    #[allow(clippy::too_many_arguments)]
+    fn define_watch(
+        tbl: Option<PgRelation>,
+        events: Option<&str>,
+        extra_columns: Option<Vec<Option<String>>>,
+        label: Option<&str>,
+        trigger_columns: Option<Vec<Option<String>>>,
+        condition: Option<&str>,
+        payload: Option<&str>,
+        fire_on_replica: Option<bool>,
+    ) -> i64 {
+        let (rel, watch) =
+            watch(tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica);
+        catalog::save(rel, &watch, Shape::Current)
+    }
+
+    /// 0.1.0's `watch_table()` calls this. It is kept, without SQL of its own, so that a database
+    /// still on 0.1.0's SQL keeps working with this library until `ALTER EXTENSION pgwatch UPDATE`.
+    #[pg_extern(volatile, sql = false)]
+    #[search_path(pg_catalog, pg_temp)]
     fn apply_watch(
         tbl: Option<PgRelation>,
         events: Option<&str>,
         extra_columns: Option<Vec<Option<String>>>,
         label: Option<&str>,
     ) -> i64 {
-        let rel = watchable(tbl);
-        let events = parse_events(events);
-        let keys = primary_key(&rel);
-        let extras = super::extra_columns(&rel, &keys, extra_columns);
-        let channel = channel(&rel, label);
-        let table = format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name()));
-        let event_words: Vec<String> = events.ops().map(|op| op.as_str().to_string()).collect();
-        as_extension_owner(|| {
-            run(&format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"), &[]);
-            let fields: [DatumWithOid; 6] = [
-                rel.oid().into(),
-                label.into(),
-                channel.as_str().into(),
-                event_words.clone().into(),
-                extras.clone().into(),
-                keys.clone().into(),
-            ];
-            let replaced = Spi::get_one_with_args::<i64>(
-                "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6
-                  WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
-                &fields,
-            )
-            .ok()
-            .flatten();
-            if let Some(id) = replaced {
-                drop_trigger(id, &table);
-            }
-            let id = match replaced {
-                Some(id) => id,
-                None => Spi::get_one_with_args::<i64>(
-                    "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns)
-                     VALUES ($1::regclass, $2, $3, $4, $5, $6) RETURNING id",
-                    &fields,
-                )
-                .ok()
-                .flatten()
-                .expect("INSERT ... RETURNING returns the id"),
-            };
-            let trigger = quote_identifier(trigger_name(id));
-            let args: Vec<String> = [channel.clone(), display_name(&rel), keys.len().to_string()]
-                .into_iter()
-                .chain(keys.iter().cloned())
-                .chain(extras.iter().cloned())
-                .map(quote_literal)
-                .collect();
-            run(
-                &format!(
-                    "CREATE TRIGGER {trigger} AFTER {} ON {table} FOR EACH ROW EXECUTE FUNCTION pgwatch.capture({})",
-                    events.trigger_clause(),
-                    args.join(", ")
-                ),
-                &[],
-            );
-            // Dropped with the extension, and dumped with that dependency.
-            run(&format!("ALTER TRIGGER {trigger} ON {table} DEPENDS ON EXTENSION pgwatch"), &[]);
-            id
-        })
+        let (rel, watch) = watch(tbl, events, extra_columns, label, None, None, Some("full"), Some(false));
+        catalog::save(rel, &watch, Shape::V0_1)
     }
 }
 
@@ -281,23 +360,5 @@ mod pgwatch {
 #[search_path(pg_catalog, pg_temp)]
 fn unwatch_table(tbl: Option<PgRelation>, label: default!(Option<&str>, "NULL")) -> i32 {
     let rel = watchable(tbl);
-    let table = format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name()));
-    as_extension_owner(|| {
-        let ids: Vec<i64> = Spi::connect_mut(|client| {
-            client
-                .update(
-                    "DELETE FROM pgwatch.watches WHERE tbl = $1::regclass AND ($2::text IS NULL OR label = $2)
-                     RETURNING id",
-                    None,
-                    &[rel.oid().into(), label.into()],
-                )?
-                .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .unwrap_or_else(|e| error!("pgwatch: {e}"));
-        for &id in &ids {
-            drop_trigger(id, &table);
-        }
-        ids.len() as i32
-    })
+    catalog::remove(&rel, label)
 }

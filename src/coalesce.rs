@@ -3,7 +3,9 @@
 //! A row is tracked by two images: before the first change (`None` if it did not exist) and after
 //! the latest (`None` if it is gone). The net op follows from which exist, so n updates fold to one
 //! update with the earliest old values, insert + delete to nothing, and a delete followed by an
-//! insert of the same key to an update. Pure Rust, unit-tested with plain `#[test]`s.
+//! insert of the same key to an update. A TRUNCATE makes every earlier change moot: subscribers
+//! are told the table was emptied, then get what followed. Pure Rust, unit-tested with plain
+//! `#[test]`s.
 
 use crate::fxhash::FxHashMap;
 use crate::payload::{Image, NetRow, Op};
@@ -42,9 +44,36 @@ pub struct Folded {
     rows: Vec<Change>,
     /// Current key → row. A deleted row stays reachable by its key so that a re-insert revives it.
     by_key: FxHashMap<Box<[u8]>, usize>,
+    /// Per op: some rows could not be listed (too big, or past the per-transaction limit).
+    overflow: [bool; 3],
+    /// The table was truncated before the changes held here.
+    truncated: bool,
 }
 
 impl Folded {
+    /// Notes that some `op` rows could not be listed: subscribers are told to refetch.
+    pub fn mark_overflow(&mut self, op: Op) {
+        self.overflow[op.index()] = true;
+    }
+
+    pub fn overflowed(&self, op: Op) -> bool {
+        self.overflow[op.index()]
+    }
+
+    /// The table was emptied: what came before no longer matters.
+    pub fn truncate(&mut self) {
+        *self = Folded { truncated: true, ..Folded::default() };
+    }
+
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// Whether anything is left to send.
+    pub fn has_news(&self) -> bool {
+        self.truncated || self.overflow.contains(&true) || self.net_rows().next().is_some()
+    }
+
     /// How many rows are tracked (the memory bound counts these).
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -173,6 +202,20 @@ mod tests {
             fold(vec![upd((1, "a"), (2, "a")), ins(1, "n")]),
             [r#"update {"id":2,"role":"a","old":{"id":1}}"#, r#"insert {"id":1,"role":"n"}"#]
         );
+    }
+
+    #[test]
+    fn truncate_drops_what_came_before_and_keeps_what_follows() {
+        let mut folded = Folded::default();
+        folded.apply(ins(1, "a"));
+        folded.mark_overflow(Op::Update);
+        assert!(!folded.truncated());
+        folded.truncate();
+        assert!(folded.truncated() && folded.has_news() && !folded.overflowed(Op::Update));
+        assert_eq!(folded.net_rows().count(), 0);
+        folded.apply(ins(1, "b"));
+        assert_eq!(folded.net_rows().map(|row| row.op).collect::<Vec<_>>(), [Op::Insert]);
+        assert!(!Folded::default().has_news());
     }
 
     #[test]

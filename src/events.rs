@@ -1,50 +1,78 @@
-//! The `events` argument of `watch_table`: which row operations a watch reports.
+//! The `events` argument of `watch_table`: which changes a watch reports.
 
 use crate::payload::Op;
 
-/// A non-empty set of operations.
+/// A non-empty set of events: row operations, and TRUNCATE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Events([bool; 3]);
+pub struct Events {
+    rows: [bool; 3],
+    truncate: bool,
+}
 
-/// A word of the `events` argument that names no operation.
+/// A word of the `events` argument that names no event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum EventsError {
     Unknown(String),
     Empty,
 }
 
-pub const ACCEPTED: &str = "insert, update, delete (or inserted, updated, deleted), * or all";
+pub const ACCEPTED: &str =
+    "insert, update, delete, truncate (or inserted, updated, deleted, truncated), and * or all for the three row events";
+
+/// One kind of trigger a watch installs: a row trigger per operation, a statement trigger for TRUNCATE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Row(Op),
+    Truncate,
+}
+
+impl Event {
+    pub const ALL: [Event; 4] = [Event::Row(Op::Insert), Event::Row(Op::Update), Event::Row(Op::Delete), Event::Truncate];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Row(op) => op.as_str(),
+            Event::Truncate => "truncate",
+        }
+    }
+}
 
 impl Events {
-    /// Parses `'update'`, `'insert, update'`, `'{insert,update}'`, `'*'`, `'all'` and the past
-    /// tenses `inserted`/`updated`/`deleted`, case-insensitively.
+    /// Parses `'update'`, `'insert, update'`, `'{insert,update}'`, `'*'`, `'all'`, `'truncate'` and
+    /// the past tenses, case-insensitively. `*` and `all` mean the three row events: TRUNCATE is
+    /// reported only when asked for, so subscribers never meet an op they were not told about.
     pub fn parse(text: &str) -> Result<Events, EventsError> {
         let text = text.trim();
         let list = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(text);
-        let mut set = [false; 3];
+        let mut events = Events { rows: [false; 3], truncate: false };
         for word in list.split(|c: char| c == ',' || c.is_whitespace()).filter(|w| !w.is_empty()) {
             let word = word.trim_matches('"');
             match word.to_ascii_lowercase().as_str() {
-                "*" | "all" => set = [true; 3],
-                "insert" | "inserted" => set[Op::Insert.index()] = true,
-                "update" | "updated" => set[Op::Update.index()] = true,
-                "delete" | "deleted" => set[Op::Delete.index()] = true,
+                "*" | "all" => events.rows = [true; 3],
+                "insert" | "inserted" => events.rows[Op::Insert.index()] = true,
+                "update" | "updated" => events.rows[Op::Update.index()] = true,
+                "delete" | "deleted" => events.rows[Op::Delete.index()] = true,
+                "truncate" | "truncated" => events.truncate = true,
                 _ => return Err(EventsError::Unknown(word.to_string())),
             }
         }
-        if set == [false; 3] {
+        if events.rows == [false; 3] && !events.truncate {
             return Err(EventsError::Empty);
         }
-        Ok(Events(set))
+        Ok(events)
     }
 
-    pub fn ops(self) -> impl Iterator<Item = Op> {
-        Op::ALL.into_iter().filter(move |op| self.0[op.index()])
+    /// The events in their normal order: insert, update, delete, truncate.
+    pub fn iter(self) -> impl Iterator<Item = Event> {
+        let rows = Op::ALL.into_iter().filter(move |op| self.rows[op.index()]).map(Event::Row);
+        rows.chain(self.truncate.then_some(Event::Truncate))
     }
 
-    /// The event clause of `CREATE TRIGGER`, e.g. `INSERT OR UPDATE`.
-    pub fn trigger_clause(self) -> String {
-        self.ops().map(|op| op.as_str().to_ascii_uppercase()).collect::<Vec<_>>().join(" OR ")
+    pub fn has(self, event: Event) -> bool {
+        match event {
+            Event::Row(op) => self.rows[op.index()],
+            Event::Truncate => self.truncate,
+        }
     }
 }
 
@@ -53,7 +81,7 @@ mod tests {
     use super::*;
 
     fn words(text: &str) -> Vec<&'static str> {
-        Events::parse(text).unwrap().ops().map(Op::as_str).collect()
+        Events::parse(text).unwrap().iter().map(Event::as_str).collect()
     }
 
     #[test]
@@ -61,6 +89,7 @@ mod tests {
         assert_eq!(words("update"), ["update"]);
         assert_eq!(words("Deleted"), ["delete"]);
         assert_eq!(words(" inserted "), ["insert"]);
+        assert_eq!(words("TRUNCATED"), ["truncate"]);
     }
 
     #[test]
@@ -70,19 +99,21 @@ mod tests {
         assert_eq!(words("{\"delete\"}"), ["delete"]);
         assert_eq!(words("*"), ["insert", "update", "delete"]);
         assert_eq!(words("ALL"), ["insert", "update", "delete"]);
+        assert_eq!(words("truncate, *"), ["insert", "update", "delete", "truncate"]);
         assert_eq!(words("insert insert"), ["insert"]);
     }
 
     #[test]
     fn unknown_and_empty_are_errors() {
         assert_eq!(Events::parse("insert, upsert"), Err(EventsError::Unknown("upsert".into())));
-        assert_eq!(Events::parse("truncate"), Err(EventsError::Unknown("truncate".into())));
         assert_eq!(Events::parse(" , "), Err(EventsError::Empty));
         assert_eq!(Events::parse("{}"), Err(EventsError::Empty));
     }
 
     #[test]
-    fn trigger_clause() {
-        assert_eq!(Events::parse("delete,insert").unwrap().trigger_clause(), "INSERT OR DELETE");
+    fn membership() {
+        let events = Events::parse("delete, truncate").unwrap();
+        assert!(events.has(Event::Row(Op::Delete)) && events.has(Event::Truncate));
+        assert!(!events.has(Event::Row(Op::Update)));
     }
 }

@@ -5,6 +5,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod catalog;
 mod coalesce;
 mod events;
 mod fxhash;
@@ -21,6 +22,7 @@ mod xact;
 ::pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", bootstrap);
+pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl");
 pgrx::extension_sql_file!("../sql/api.sql", finalize);
 
 #[pg_guard]

@@ -6,7 +6,7 @@ use std::ffi::{c_char, CStr, CString};
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 
 use crate::coalesce::Folded;
-use crate::payload::{overflow_payload, Op, Packer, Payload, PayloadBuf, MAX_PAYLOAD};
+use crate::payload::{overflow_payload, truncate_payload, Op, Packer, Payload, PayloadBuf, MAX_PAYLOAD};
 use crate::stats::{self, Counter};
 
 /// Where a watch's notifications go: its channel and the table name subscribers see.
@@ -38,15 +38,18 @@ fn send(channel: &CStr, payload: &[u8], rows: usize) {
 /// that moved a key away) is always sent after the change that freed it.
 const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 
-/// Sends the net effect of one watch's changes in as few payloads as fit, each numbered by
-/// `seq()` when that gives a number (worker delivery), then an overflow notice for each op whose
-/// rows could not all be listed.
-pub fn send_changes(target: &Target, folded: &Folded, overflow: [bool; 3], seq: &mut impl FnMut() -> Option<u64>) {
+/// Sends the net effect of one watch's changes: first a truncate notice if the table was
+/// truncated, then the rows in as few payloads as fit, each numbered by `seq()` when that gives a
+/// number (worker delivery), and an overflow notice for each op whose rows could not all be listed.
+pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> Option<u64>) {
+    if folded.truncated() {
+        send(&target.channel, &truncate_payload(&target.tbl, seq()), 0);
+    }
     let mut row = PayloadBuf::new();
     let mut deliver = |p: Payload<'_>| send(&target.channel, p.text, p.rows);
     for op in SEND_ORDER {
         let mut packer = Packer::new(&target.tbl, op);
-        let mut overflowed = overflow[op.index()];
+        let mut overflowed = folded.overflowed(op);
         for net in folded.net_rows().filter(|net| net.op == op) {
             match net.render(&mut row, packer.row_budget()) {
                 Ok(partial) => {

@@ -320,11 +320,11 @@ pub struct Payload<'a> {
 }
 
 /// Writes `{"tbl":…,"op":"…",` and, for worker delivery, `"seq":N,`.
-fn header(buf: &mut PayloadBuf, tbl: &str, op: Op, seq: Option<u64>) -> Result<(), Full> {
+fn header(buf: &mut PayloadBuf, tbl: &str, op: &str, seq: Option<u64>) -> Result<(), Full> {
     push_bytes(buf, b"{\"tbl\":", MAX_PAYLOAD)?;
     push_json_string(buf, tbl.as_bytes(), MAX_PAYLOAD)?;
     push_bytes(buf, b",\"op\":\"", MAX_PAYLOAD)?;
-    push_bytes(buf, op.as_str().as_bytes(), MAX_PAYLOAD)?;
+    push_bytes(buf, op.as_bytes(), MAX_PAYLOAD)?;
     push_bytes(buf, b"\",", MAX_PAYLOAD)?;
     if let Some(seq) = seq {
         push_seq(buf, seq)?;
@@ -353,12 +353,24 @@ fn format_u64(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-/// The payload that tells subscribers of `tbl` to refetch: some `op` rows could not be listed.
-pub fn overflow_payload(tbl: &str, op: Op, seq: Option<u64>) -> PayloadBuf {
+/// A payload that lists no rows: the header, then `fields` (each with its leading comma) and `}`.
+fn notice(tbl: &str, op: &str, seq: Option<u64>, fields: &[u8]) -> PayloadBuf {
     let mut buf = PayloadBuf::new();
     header(&mut buf, tbl, op, seq).expect("a table name fits a payload");
-    push_bytes(&mut buf, b"\"overflow\":true}", MAX_PAYLOAD).expect("a table name fits a payload");
+    buf.pop();
+    push_bytes(&mut buf, fields, MAX_PAYLOAD).expect("a table name fits a payload");
+    push_bytes(&mut buf, b"}", MAX_PAYLOAD).expect("a table name fits a payload");
     buf
+}
+
+/// The payload that tells subscribers of `tbl` to refetch: some `op` rows could not be listed.
+pub fn overflow_payload(tbl: &str, op: Op, seq: Option<u64>) -> PayloadBuf {
+    notice(tbl, op.as_str(), seq, b",\"overflow\":true")
+}
+
+/// The payload that tells subscribers of `tbl` that it was truncated.
+pub fn truncate_payload(tbl: &str, seq: Option<u64>) -> PayloadBuf {
+    notice(tbl, "truncate", seq, b"")
 }
 
 /// The most bytes a rendered row may take in payloads of `tbl`.
@@ -369,7 +381,7 @@ pub fn row_budget(tbl: &str) -> usize {
 impl Packer {
     pub fn new(tbl: &str, op: Op) -> Self {
         let mut buf = PayloadBuf::new();
-        header(&mut buf, tbl, op, None).expect("a table name fits a payload");
+        header(&mut buf, tbl, op.as_str(), None).expect("a table name fits a payload");
         let seq_at = buf.len();
         push_bytes(&mut buf, b"\"rows\":[", MAX_PAYLOAD).expect("a table name fits a payload");
         let header_len = buf.len();
@@ -581,6 +593,12 @@ mod tests {
         assert_eq!(std::str::from_utf8(&p).unwrap(), r#"{"tbl":"s.\"q\"","op":"delete","overflow":true}"#);
         let p = overflow_payload("t", Op::Insert, Some(42));
         assert_eq!(std::str::from_utf8(&p).unwrap(), r#"{"tbl":"t","op":"insert","seq":42,"overflow":true}"#);
+    }
+
+    #[test]
+    fn truncate_payload_names_the_table() {
+        assert_eq!(&truncate_payload("public.t", None)[..], br#"{"tbl":"public.t","op":"truncate"}"#);
+        assert_eq!(&truncate_payload("t", Some(7))[..], br#"{"tbl":"t","op":"truncate","seq":7}"#);
     }
 
     #[test]

@@ -16,10 +16,10 @@ use std::sync::OnceLock;
 
 use pgrx::pg_sys;
 
-use crate::coalesce::Change;
+use crate::coalesce::{Change, Folded};
 use crate::guc;
 use crate::notify::Target;
-use crate::payload::{Image, NetRow};
+use crate::payload::{Image, Op};
 use crate::stats::COUNTERS;
 
 /// Databases that can use worker delivery at once; others are notified inline.
@@ -469,15 +469,32 @@ fn channel_hash(channel: &[u8]) -> u64 {
     channel.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// One watch's changes in a record.
+/// One watch's changes in a record (which also names the watch's [`Target`]).
 pub struct WatchChanges {
-    pub target: Target,
+    /// The table was truncated before these changes.
+    pub truncated: bool,
     pub overflow: [bool; 3],
     pub changes: Vec<Change>,
 }
 
+impl WatchChanges {
+    /// Folds these changes, which came after what `folded` holds, into it.
+    pub fn fold_into(self, folded: &mut Folded) {
+        if self.truncated {
+            folded.truncate();
+        }
+        self.changes.into_iter().for_each(|change| folded.apply(change));
+        for op in Op::ALL.into_iter().filter(|op| self.overflow[op.index()]) {
+            folded.mark_overflow(op);
+        }
+    }
+}
+
+/// Bit of the flags byte that says the table was truncated; bits 0–2 are the per-op overflows.
+const TRUNCATED: u8 = 1 << 3;
+
 /// Appends one watch's net changes to a record body.
-pub fn encode<'a>(out: &mut Vec<u8>, target: &Target, overflow: [bool; 3], rows: impl Iterator<Item = NetRow<'a>>) {
+pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
     fn bytes(out: &mut Vec<u8>, b: &[u8]) {
         out.extend_from_slice(&(b.len() as u32).to_le_bytes());
         out.extend_from_slice(b);
@@ -494,11 +511,12 @@ pub fn encode<'a>(out: &mut Vec<u8>, target: &Target, overflow: [bool; 3], rows:
     }
     bytes(out, target.channel.as_bytes());
     bytes(out, target.tbl.as_bytes());
-    out.push(overflow.iter().enumerate().fold(0, |bits, (i, &o)| bits | u8::from(o) << i));
+    let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
+    out.push(overflow | if folded.truncated() { TRUNCATED } else { 0 });
     let count_at = out.len();
     out.extend_from_slice(&0u32.to_le_bytes());
     let mut count = 0u32;
-    for row in rows {
+    for row in folded.net_rows() {
         image(out, row.before);
         image(out, row.after);
         count += 1;
@@ -507,7 +525,7 @@ pub fn encode<'a>(out: &mut Vec<u8>, target: &Target, overflow: [bool; 3], rows:
 }
 
 /// Reads a record body written by [`encode`].
-pub fn decode(mut body: &[u8]) -> Vec<WatchChanges> {
+pub fn decode(mut body: &[u8]) -> Vec<(Target, WatchChanges)> {
     fn take<'a>(body: &mut &'a [u8], n: usize) -> &'a [u8] {
         let (head, tail) = body.split_at(n);
         *body = tail;
@@ -536,7 +554,8 @@ pub fn decode(mut body: &[u8]) -> Vec<WatchChanges> {
         let overflow = [0, 1, 2].map(|i| bits & (1 << i) != 0);
         let count = u32_(&mut body);
         let changes = (0..count).map(|_| Change { before: image(&mut body), after: image(&mut body) }).collect();
-        watches.push(WatchChanges { target: Target { channel, tbl }, overflow, changes });
+        let truncated = bits & TRUNCATED != 0;
+        watches.push((Target { channel, tbl }, WatchChanges { truncated, overflow, changes }));
     }
     watches
 }
@@ -544,8 +563,7 @@ pub fn decode(mut body: &[u8]) -> Vec<WatchChanges> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coalesce::Folded;
-    use crate::payload::{pair_prefix, ImageBuilder, Op, PayloadBuf};
+    use crate::payload::{pair_prefix, ImageBuilder, PayloadBuf};
 
     fn img(id: i64, note: &str, partial: bool) -> Image {
         let mut b = ImageBuilder::new(1000);
@@ -579,17 +597,20 @@ mod tests {
         second.apply(Change { before: Some(img(1, "a", false)), after: Some(img(1, "z", false)) });
         second.apply(Change { before: Some(img(2, "c", false)), after: None });
 
+        first.mark_overflow(Op::Update);
         let mut body = Vec::new();
-        encode(&mut body, &target, [false, true, false], first.net_rows());
-        encode(&mut body, &target, [false; 3], second.net_rows());
+        encode(&mut body, &target, &first);
+        encode(&mut body, &target, &second);
         let decoded = decode(&body);
         assert_eq!(decoded.len(), 2);
-        assert_eq!(decoded[0].target, target);
-        assert_eq!(decoded[0].overflow, [false, true, false]);
-        assert_eq!(decoded[1].overflow, [false; 3]);
+        assert!(decoded.iter().all(|(t, _)| *t == target));
+        assert_eq!(decoded[0].1.overflow, [false, true, false]);
+        assert_eq!(decoded[1].1.overflow, [false; 3]);
+        assert!(!decoded[0].1.truncated && !decoded[1].1.truncated);
 
         let mut worker = Folded::default();
-        decoded.into_iter().flat_map(|w| w.changes).for_each(|c| worker.apply(c));
+        decoded.into_iter().for_each(|(_, w)| w.fold_into(&mut worker));
+        assert!(worker.overflowed(Op::Update));
         assert_eq!(
             rendered(&worker),
             [r#"insert {"id":1,"note":"z"}"#, r#"delete {"id":2,"note":"b"}"#, r#"delete {"id":3,"partial":true}"#]
@@ -602,10 +623,28 @@ mod tests {
         let mut folded = Folded::default();
         folded.apply(Change { before: None, after: Some(img(5, "x", false)) });
         let mut body = Vec::new();
-        encode(&mut body, &target, [false; 3], folded.net_rows());
-        let change = &decode(&body)[0].changes[0];
+        encode(&mut body, &target, &folded);
+        let change = &decode(&body)[0].1.changes[0];
         assert_eq!(change.op(), Some(Op::Insert));
         assert_eq!(change.after.as_ref().unwrap().key(), img(5, "", false).key());
+    }
+
+    #[test]
+    fn a_truncate_clears_earlier_transactions_but_not_its_own_later_rows() {
+        let target = Target { channel: c"c".into(), tbl: "t".into() };
+        let mut earlier = Folded::default();
+        earlier.apply(Change { before: None, after: Some(img(1, "a", false)) });
+        earlier.mark_overflow(Op::Delete);
+        let mut truncating = Folded::default();
+        truncating.truncate();
+        truncating.apply(Change { before: None, after: Some(img(2, "b", false)) });
+        let mut body = Vec::new();
+        encode(&mut body, &target, &earlier);
+        encode(&mut body, &target, &truncating);
+        let mut worker = Folded::default();
+        decode(&body).into_iter().for_each(|(_, w)| w.fold_into(&mut worker));
+        assert!(worker.truncated() && !worker.overflowed(Op::Delete));
+        assert_eq!(rendered(&worker), [r#"insert {"id":2,"note":"b"}"#]);
     }
 
     #[test]

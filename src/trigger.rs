@@ -1,5 +1,6 @@
-//! The row trigger each watch installs: encodes the changed row's watched columns and records
-//! them for this transaction. No SPI, no catalog lookups and nothing that can fail a user's write.
+//! The trigger each watch installs: encodes the changed row's watched columns (or notes a
+//! TRUNCATE) and records them for this transaction. No SPI, no catalog lookups and nothing that can
+//! fail a user's write.
 
 use std::convert::Infallible;
 
@@ -17,17 +18,22 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
         return Ok(None);
     }
     let data = trigger.trigger_data();
-    if data.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0 {
-        error!("pgwatch.capture() must be fired FOR EACH ROW, as watch_table() creates it");
+    let event = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let is_row = data.tg_event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    if is_row == (event == pg_sys::TRIGGER_EVENT_TRUNCATE) {
+        error!("pgwatch.capture() must be fired FOR EACH ROW, or FOR EACH STATEMENT on TRUNCATE, as watch_table() creates it");
     }
-    let op = match data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK {
+    // SAFETY: this is a firing trigger of pgwatch.capture.
+    let plan = unsafe { plan::for_trigger(data) };
+    let op = match event {
         pg_sys::TRIGGER_EVENT_INSERT => Op::Insert,
         pg_sys::TRIGGER_EVENT_UPDATE => Op::Update,
         pg_sys::TRIGGER_EVENT_DELETE => Op::Delete,
-        _ => return Ok(None),
+        _ => {
+            xact::record_truncate(&plan.target);
+            return Ok(None);
+        }
     };
-    // SAFETY: this is a firing row trigger of pgwatch.capture.
-    let plan = unsafe { plan::for_trigger(data) };
     let Some(columns) = &plan.columns else {
         xact::record_overflow(&plan.target, op);
         return Ok(None);

@@ -180,21 +180,17 @@ impl Worker {
     }
 
     fn deliver(&mut self, records: &[(u64, Vec<u8>)]) {
-        let mut watches: Vec<(Target, Folded, [bool; 3])> = Vec::new();
+        let mut watches: Vec<(Target, Folded)> = Vec::new();
         for (_, body) in records {
-            for changes in queue::decode(body) {
-                let at = match watches.iter().position(|(target, ..)| *target == changes.target) {
+            for (target, changes) in queue::decode(body) {
+                let at = match watches.iter().position(|(known, _)| *known == target) {
                     Some(at) => at,
                     None => {
-                        watches.push((changes.target, Folded::default(), [false; 3]));
+                        watches.push((target, Folded::default()));
                         watches.len() - 1
                     }
                 };
-                let (_, folded, overflow) = &mut watches[at];
-                changes.changes.into_iter().for_each(|change| folded.apply(change));
-                for (seen, new) in overflow.iter_mut().zip(changes.overflow) {
-                    *seen |= new;
-                }
+                changes.fold_into(&mut watches[at].1);
             }
         }
         let (shared, dboid) = (self.shared, self.dboid);
@@ -202,10 +198,10 @@ impl Worker {
         let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| {
             watches
                 .iter()
-                .map(|(target, folded, overflow)| {
+                .map(|(target, folded)| {
                     let channel = target.channel.to_bytes();
                     let mut seq = known.get(channel).copied().unwrap_or_else(|| shared.last_seq(dboid, channel));
-                    notify::send_changes(target, folded, *overflow, &mut || {
+                    notify::send_changes(target, folded, &mut || {
                         seq += 1;
                         Some(seq)
                     });

@@ -26,8 +26,6 @@ struct Buffer {
     folded: Folded,
     /// Changes of this watch still in the tail.
     pending: usize,
-    /// Per op: some rows could not be listed (too big, or past the per-transaction limit).
-    overflow: [bool; 3],
 }
 
 impl Buffer {
@@ -35,16 +33,28 @@ impl Buffer {
         self.folded.len() + self.pending
     }
 
-    fn has_news(&self) -> bool {
-        self.folded.net_rows().next().is_some() || self.overflow.contains(&true)
+    fn apply(&mut self, event: Recorded) {
+        match event {
+            Recorded::Row(change) => self.folded.apply(change),
+            Recorded::Overflow(op) => self.folded.mark_overflow(op),
+            Recorded::Truncate => self.folded.truncate(),
+        }
     }
+}
+
+/// What a trigger recorded.
+enum Recorded {
+    Row(Change),
+    /// A row change that cannot be listed: subscribers are told to refetch.
+    Overflow(Op),
+    Truncate,
 }
 
 /// A change recorded inside a subtransaction.
 struct Pending {
     buffer: usize,
     subxact: SubTransactionId,
-    change: Change,
+    event: Recorded,
 }
 
 #[derive(Default)]
@@ -67,20 +77,37 @@ impl Xact {
         if let Some(i) = self.buffers.iter().position(|b| Rc::ptr_eq(&b.target, target) || b.target == *target) {
             return i;
         }
-        self.buffers.push(Buffer {
-            target: target.clone(),
-            folded: Folded::default(),
-            pending: 0,
-            overflow: [false; 3],
-        });
+        self.buffers.push(Buffer { target: target.clone(), folded: Folded::default(), pending: 0 });
         self.buffers.len() - 1
     }
 
     fn fold_tail(&mut self) {
         for pending in self.tail.drain(..) {
             let buffer = &mut self.buffers[pending.buffer];
-            buffer.folded.apply(pending.change);
+            buffer.apply(pending.event);
             buffer.pending -= 1;
+        }
+    }
+
+    /// Folds `event` at once at the top level; inside a subtransaction it waits in the tail (a
+    /// run of overflows of one op takes one entry, so rows past the limit cost no memory).
+    fn push(&mut self, buffer: usize, event: Recorded) {
+        // SAFETY: plain reads of the current transaction's state.
+        let (level, subxact) =
+            unsafe { (pg_sys::GetCurrentTransactionNestLevel(), pg_sys::GetCurrentSubTransactionId()) };
+        if level <= 1 {
+            self.fold_tail();
+            self.buffers[buffer].apply(event);
+            return;
+        }
+        let repeated = self.tail.last().is_some_and(|p| {
+            p.buffer == buffer
+                && p.subxact == subxact
+                && matches!((&p.event, &event), (Recorded::Overflow(a), Recorded::Overflow(b)) if a == b)
+        });
+        if !repeated {
+            self.buffers[buffer].pending += 1;
+            self.tail.push(Pending { buffer, subxact, event });
         }
     }
 
@@ -98,19 +125,18 @@ impl Xact {
 pub fn record(target: &Rc<Target>, op: Op, change: Change) {
     stats::add(Counter::RowsCaptured, 1);
     let limit = guc::MAX_ROWS_PER_XACT.get() as usize;
-    // SAFETY: plain reads of the current transaction's state.
-    let (level, subxact) = unsafe { (pg_sys::GetCurrentTransactionNestLevel(), pg_sys::GetCurrentSubTransactionId()) };
     XACT.with_borrow_mut(|x| {
         let b = x.buffer(target);
-        if x.buffers[b].tracked() >= limit {
-            x.buffers[b].overflow[op.index()] = true;
-        } else if level <= 1 {
-            x.fold_tail();
-            x.buffers[b].folded.apply(change);
-        } else {
-            x.buffers[b].pending += 1;
-            x.tail.push(Pending { buffer: b, subxact, change });
-        }
+        let event = if x.buffers[b].tracked() >= limit { Recorded::Overflow(op) } else { Recorded::Row(change) };
+        x.push(b, event);
+    });
+}
+
+/// Records that `target`'s table was truncated.
+pub fn record_truncate(target: &Rc<Target>) {
+    XACT.with_borrow_mut(|x| {
+        let b = x.buffer(target);
+        x.push(b, Recorded::Truncate);
     });
 }
 
@@ -119,7 +145,7 @@ pub fn record_overflow(target: &Rc<Target>, op: Op) {
     stats::add(Counter::RowsCaptured, 1);
     XACT.with_borrow_mut(|x| {
         let b = x.buffer(target);
-        x.buffers[b].overflow[op.index()] = true;
+        x.push(b, Recorded::Overflow(op));
     });
 }
 
@@ -139,7 +165,7 @@ fn queue_for_worker(xact: &Xact) -> bool {
     // Most transactions' records fit this without growing.
     let mut body = Vec::with_capacity(1024);
     for buffer in &xact.buffers {
-        queue::encode(&mut body, &buffer.target, buffer.overflow, buffer.folded.net_rows());
+        queue::encode(&mut body, &buffer.target, &buffer.folded);
     }
     // SAFETY: reading the id of the database this backend is connected to.
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
@@ -165,10 +191,10 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         XactEvent::XACT_EVENT_PRE_COMMIT => {
             let mut xact = take();
             xact.fold_tail();
-            xact.buffers.retain(Buffer::has_news);
+            xact.buffers.retain(|buffer| buffer.folded.has_news());
             if !xact.buffers.is_empty() && !queue_for_worker(&xact) {
                 for buffer in &xact.buffers {
-                    notify::send_changes(&buffer.target, &buffer.folded, buffer.overflow, &mut || None);
+                    notify::send_changes(&buffer.target, &buffer.folded, &mut || None);
                 }
             }
         }
@@ -176,9 +202,12 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let mut xact = take();
             xact.fold_tail();
             let rows: usize = xact.buffers.iter().map(|b| b.folded.net_rows().count()).sum();
-            if rows > 0 {
-                stats::add(Counter::PreparedUnsent, rows as u64);
-                warning!("pgwatch: {rows} changed rows of this prepared transaction will not be notified");
+            let truncates = xact.buffers.iter().filter(|b| b.folded.truncated()).count();
+            if rows + truncates > 0 {
+                stats::add(Counter::PreparedUnsent, (rows + truncates) as u64);
+                warning!(
+                    "pgwatch: {rows} changed rows and {truncates} truncated tables of this prepared transaction will not be notified"
+                );
             }
         }
         XactEvent::XACT_EVENT_COMMIT => {

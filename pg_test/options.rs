@@ -1,0 +1,484 @@
+//! End-to-end tests of the watch options and of operations on watched tables: trigger columns,
+//! conditions, TRUNCATE, partitions, replicas, key-only payloads, DDL, upgrades, dump and restore.
+
+use std::time::Duration;
+
+use postgres::Client;
+
+use super::support::{connect, connect_to, failure, serial, watched, Listener, MODES};
+
+/// A fresh database `name` with pgwatch installed (at `version`, if given), and a connection to it.
+fn database(admin: &mut Client, name: &str, version: Option<&str>) -> Client {
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut db = connect_to(admin, name);
+    let version = version.map(|v| format!(" VERSION '{v}'")).unwrap_or_default();
+    db.batch_execute(&format!("CREATE EXTENSION pgwatch{version}")).unwrap();
+    db
+}
+
+/// The id of the watch on `channel`.
+fn watch_id(client: &mut Client, channel: &str) -> i64 {
+    client.query_one("SELECT id FROM pgwatch.watches WHERE channel = $1", &[&channel]).unwrap().get(0)
+}
+
+#[test]
+fn trigger_columns_send_only_updates_that_change_them() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_tc (id int PRIMARY KEY, role_id int, name text, doc json);
+             INSERT INTO o_tc VALUES (1, 1, 'a', '{}');
+             SELECT watch_table('o_tc', 'update', '{role_id}', trigger_columns => '{role_id,doc}')",
+            &["public.o_tc"],
+        );
+        // Not a trigger column; a trigger column set to its own value; json, which has no
+        // equality operator, set to the same text.
+        writer
+            .batch_execute(
+                "UPDATE o_tc SET name = 'b'; UPDATE o_tc SET role_id = role_id; UPDATE o_tc SET doc = '{}', name = 'c'",
+            )
+            .unwrap();
+        listener.expect_silence();
+        writer.batch_execute("UPDATE o_tc SET role_id = 2, name = 'd'").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_tc","op":"update","rows":[{"id":1,"role_id":2,"old":{"role_id":1}}]}"#]);
+        writer.batch_execute(r#"UPDATE o_tc SET doc = '{"a":1}'"#).unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_tc","op":"update","rows":[{"id":1,"role_id":2}]}"#]);
+    }
+}
+
+#[test]
+fn a_condition_filters_rows() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_cond (id int PRIMARY KEY, status text, note text);
+             SELECT watch_table('o_cond', 'insert, update', condition => $$NEW.status = 'active' -- live rows only$$);
+             SELECT watch_table('o_cond', 'update', label => 'o_cond_status', trigger_columns => '{status}',
+                                condition => $$OLD.status IS NOT NULL$$)",
+            &["public.o_cond", "o_cond_status"],
+        );
+        writer.batch_execute("INSERT INTO o_cond VALUES (1, 'draft'), (2, 'active')").unwrap();
+        listener.expect_on(&[("public.o_cond", r#"{"tbl":"public.o_cond","op":"insert","rows":[{"id":2}]}"#)]);
+        // Only the first watch: the second fires on changes of status.
+        writer.batch_execute("UPDATE o_cond SET note = 'n' WHERE id = 2").unwrap();
+        listener.expect_on(&[("public.o_cond", r#"{"tbl":"public.o_cond","op":"update","rows":[{"id":2}]}"#)]);
+        writer.batch_execute("UPDATE o_cond SET status = 'gone' WHERE id = 2").unwrap();
+        listener.expect_on(&[("o_cond_status", r#"{"tbl":"public.o_cond","op":"update","rows":[{"id":2}]}"#)]);
+        writer.batch_execute("UPDATE o_cond SET status = 'active' WHERE id = 1").unwrap();
+        let payload = r#"{"tbl":"public.o_cond","op":"update","rows":[{"id":1}]}"#;
+        listener.expect_on(&[("public.o_cond", payload), ("o_cond_status", payload)]);
+    }
+}
+
+#[test]
+fn truncate_is_reported_after_what_it_makes_moot_is_dropped() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_trunc (id int PRIMARY KEY);
+             SELECT watch_table('o_trunc', 'insert, delete, truncate');
+             SELECT watch_table('o_trunc', 'insert', label => 'o_trunc_rows');
+             CREATE TABLE o_trunc_parts (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE o_trunc_parts_1 PARTITION OF o_trunc_parts FOR VALUES FROM (0) TO (10);
+             SELECT watch_table('o_trunc_parts', 'truncate')",
+            &["public.o_trunc", "o_trunc_rows", "public.o_trunc_parts"],
+        );
+        let truncate = r#"{"tbl":"public.o_trunc","op":"truncate"}"#;
+        let insert = |id: i32| format!(r#"{{"tbl":"public.o_trunc","op":"insert","rows":[{{"id":{id}}}]}}"#);
+        writer.batch_execute("BEGIN; INSERT INTO o_trunc VALUES (1); TRUNCATE o_trunc; INSERT INTO o_trunc VALUES (2); COMMIT").unwrap();
+        // The insert of 1 is gone with the truncate; the watch without 'truncate' hears of 2 only.
+        listener.expect_on(&[
+            ("public.o_trunc", truncate),
+            ("public.o_trunc", &insert(2)),
+            ("o_trunc_rows", r#"{"tbl":"public.o_trunc","op":"insert","rows":[{"id":1},{"id":2}]}"#),
+        ]);
+        writer.batch_execute("BEGIN; INSERT INTO o_trunc VALUES (3); SAVEPOINT s; TRUNCATE o_trunc; ROLLBACK TO s; COMMIT").unwrap();
+        listener.expect_on(&[("public.o_trunc", &insert(3)), ("o_trunc_rows", &insert(3))]);
+        writer.batch_execute("TRUNCATE o_trunc").unwrap();
+        listener.expect_on(&[("public.o_trunc", truncate)]);
+        writer.batch_execute("INSERT INTO o_trunc_parts VALUES (1); TRUNCATE o_trunc_parts").unwrap();
+        listener.expect_on(&[("public.o_trunc_parts", r#"{"tbl":"public.o_trunc_parts","op":"truncate"}"#)]);
+    }
+}
+
+#[test]
+fn partitions_attached_later_report_under_the_parent_and_detached_ones_stop() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_parts (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+             CREATE TABLE o_parts_1 PARTITION OF o_parts FOR VALUES FROM (0) TO (10);
+             SELECT watch_table('o_parts', '*', '{v}');
+             CREATE TABLE o_parts_2 (v text, id int NOT NULL);
+             ALTER TABLE o_parts ATTACH PARTITION o_parts_2 FOR VALUES FROM (10) TO (20)",
+            &["public.o_parts"],
+        );
+        // o_parts_2's columns stand in another order: rows are still read by name.
+        writer.batch_execute("INSERT INTO o_parts VALUES (1, 'a'), (11, 'b')").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_parts","op":"insert","rows":[{"id":1,"v":"a"},{"id":11,"v":"b"}]}"#]);
+        writer.batch_execute("ALTER TABLE o_parts DETACH PARTITION o_parts_2; INSERT INTO o_parts_2 VALUES ('c', 12)").unwrap();
+        writer.batch_execute("UPDATE o_parts SET v = 'z'").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_parts","op":"update","rows":[{"id":1,"v":"z","old":{"v":"a"}}]}"#]);
+    }
+}
+
+#[test]
+fn keys_payload_sends_key_columns_only() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_keys (id int PRIMARY KEY, secret text);
+             SELECT watch_table('o_keys', payload => 'keys')",
+            &["public.o_keys"],
+        );
+        for sql in ["INSERT INTO o_keys VALUES (1, 's')", "UPDATE o_keys SET secret = 't'", "UPDATE o_keys SET id = 2"] {
+            writer.batch_execute(sql).unwrap();
+        }
+        listener.expect(&[
+            r#"{"tbl":"public.o_keys","op":"insert","rows":[{"id":1}]}"#,
+            r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":1}]}"#,
+            r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":2,"old":{"id":1}}]}"#,
+        ]);
+        let payload: String =
+            writer.query_one("SELECT payload FROM pgwatch.watches WHERE channel = 'public.o_keys'", &[]).unwrap().get(0);
+        assert_eq!(payload, "keys");
+    }
+}
+
+#[test]
+fn fire_on_replica_notifies_changes_applied_by_logical_replication() {
+    let _serial = serial();
+    let mut admin = connect();
+    let row = admin.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
+    let (port, user): (i32, String) = (row.get(0), row.get(1));
+    let mut publisher = database(&mut admin, "o_pub", None);
+    publisher.batch_execute("CREATE TABLE r (id int PRIMARY KEY, v text); CREATE PUBLICATION o_pub FOR TABLE r").unwrap();
+    publisher.batch_execute("SELECT pg_create_logical_replication_slot('o_sub', 'pgoutput')").unwrap();
+    let mut subscriber = database(&mut admin, "o_sub", None);
+    subscriber
+        .batch_execute(
+            "CREATE TABLE r (id int PRIMARY KEY, v text);
+             SELECT watch_table('r', 'insert', label => 'r_always', fire_on_replica => true);
+             SELECT watch_table('r', 'insert', label => 'r_origin')",
+        )
+        .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "o_sub"), &["r_always", "r_origin"]);
+    subscriber
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION o_sub CONNECTION 'host=localhost port={port} user={user} dbname=o_pub'
+             PUBLICATION o_pub WITH (create_slot = false, slot_name = 'o_sub', copy_data = false)"
+        ))
+        .unwrap();
+    publisher.batch_execute("INSERT INTO r VALUES (1, 'x')").unwrap();
+    // The subscription's apply worker runs as a replica: only the ENABLE ALWAYS trigger fires.
+    let got = listener.receive(1, Duration::from_secs(30));
+    assert_eq!(got, [("r_always".to_string(), r#"{"tbl":"public.r","op":"insert","rows":[{"id":1}]}"#.to_string())]);
+    listener.expect_silence();
+    // Local writes reach both.
+    subscriber.batch_execute("INSERT INTO r VALUES (2, 'y')").unwrap();
+    let payload = r#"{"tbl":"public.r","op":"insert","rows":[{"id":2}]}"#;
+    listener.expect_on(&[("r_always", payload), ("r_origin", payload)]);
+    subscriber.batch_execute("DROP SUBSCRIPTION o_sub").unwrap();
+    drop((publisher, subscriber, listener));
+    admin.batch_execute("DROP DATABASE o_pub WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP DATABASE o_sub WITH (FORCE)").unwrap();
+}
+
+#[test]
+fn renamed_tables_schemas_and_columns_are_followed() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "DROP SCHEMA IF EXISTS o_s CASCADE; DROP SCHEMA IF EXISTS o_s2 CASCADE;
+             CREATE SCHEMA o_s;
+             CREATE TABLE o_s.o_ren (id int PRIMARY KEY, role_id int, flag bool);
+             INSERT INTO o_s.o_ren VALUES (1, 1, false);
+             SELECT watch_table('o_s.o_ren', '*', '{role_id}', trigger_columns => '{role_id,flag}');
+             SELECT watch_table('o_s.o_ren', 'insert', label => 'o_ren_label')",
+            &["o_s.o_ren", "o_s.o_renamed", "o_s2.o_renamed", "public.o_renamed", "o_ren_label"],
+        );
+        writer.batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN role_id TO role; UPDATE o_s.o_ren SET role = 2").unwrap();
+        listener.expect_on(&[("o_s.o_ren", r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2,"old":{"role":1}}]}"#)]);
+        writer.batch_execute(r#"ALTER TABLE o_s.o_ren RENAME COLUMN flag TO "is on"; UPDATE o_s.o_ren SET "is on" = true"#).unwrap();
+        listener.expect_on(&[("o_s.o_ren", r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2}]}"#)]);
+        writer.batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN id TO key; INSERT INTO o_s.o_ren VALUES (2, 3)").unwrap();
+        let inserted = r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2,"role":3}]}"#;
+        listener.expect_on(&[("o_s.o_ren", inserted), ("o_ren_label", r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2}]}"#)]);
+        // A table without a label changes channel with its name; a labelled one keeps it.
+        writer.batch_execute("ALTER TABLE o_s.o_ren RENAME TO o_renamed; DELETE FROM o_s.o_renamed WHERE key = 2").unwrap();
+        listener.expect_on(&[("o_s.o_renamed", r#"{"tbl":"o_s.o_renamed","op":"delete","rows":[{"key":2,"role":3}]}"#)]);
+        writer.batch_execute("ALTER SCHEMA o_s RENAME TO o_s2; INSERT INTO o_s2.o_renamed VALUES (3, 3)").unwrap();
+        listener.expect_on(&[
+            ("o_s2.o_renamed", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3,"role":3}]}"#),
+            ("o_ren_label", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3}]}"#),
+        ]);
+        writer.batch_execute("ALTER TABLE o_s2.o_renamed SET SCHEMA public; UPDATE o_renamed SET role = 4 WHERE key = 3").unwrap();
+        listener.expect_on(&[(
+            "public.o_renamed",
+            r#"{"tbl":"public.o_renamed","op":"update","rows":[{"key":3,"role":4,"old":{"role":3}}]}"#,
+        )]);
+        let row = writer
+            .query_one(
+                "SELECT channel, key_columns, extra_columns, trigger_columns FROM pgwatch.watches
+                  WHERE tbl = 'o_renamed'::regclass AND label IS NULL",
+                &[],
+            )
+            .unwrap();
+        let catalog: (String, Vec<String>, Vec<String>, Vec<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            catalog,
+            ("public.o_renamed".into(), vec!["key".into()], vec!["role".into()], vec!["role".into(), "is on".into()])
+        );
+        writer.batch_execute("DROP TABLE o_renamed; DROP SCHEMA o_s2").unwrap();
+    }
+}
+
+#[test]
+fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_ddl (id int PRIMARY KEY, role_id int, status text, name text);
+             SELECT watch_table('o_ddl', '*', '{role_id}');
+             SELECT watch_table('o_ddl', 'update', label => 'o_ddl_cond', condition => $$NEW.status IS NOT NULL$$)",
+            &["public.o_ddl", "o_ddl_cond"],
+        );
+        let plain = watch_id(&mut writer, "public.o_ddl");
+        let conditional = watch_id(&mut writer, "o_ddl_cond");
+        let catalog = |client: &mut Client| -> String {
+            client
+                .query_one(
+                    "SELECT (SELECT string_agg(w::text, ';' ORDER BY id) FROM pgwatch.watches w WHERE tbl = 'o_ddl'::regclass)
+                         || (SELECT string_agg(tgname || pg_get_triggerdef(oid), ';' ORDER BY tgname) FROM pg_trigger
+                              WHERE tgrelid = 'o_ddl'::regclass)",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        };
+        let before = catalog(&mut writer);
+        for (sql, code, message) in [
+            (
+                "ALTER TABLE o_ddl DROP COLUMN role_id",
+                "2BP01",
+                format!(r#"cannot drop column role_id of table public.o_ddl: pgwatch watch {plain} (channel "public.o_ddl") uses it"#),
+            ),
+            (
+                "DROP TRIGGER pgwatch_{plain}_insert ON o_ddl",
+                "2BP01",
+                format!(
+                    r#"cannot drop trigger pgwatch_{plain}_insert of table public.o_ddl: it belongs to pgwatch watch {plain} (channel "public.o_ddl")"#
+                ),
+            ),
+            // The condition's trigger depends on status: PostgreSQL refuses, and with CASCADE pgwatch does.
+            ("ALTER TABLE o_ddl DROP COLUMN status", "2BP01", String::new()),
+            (
+                "ALTER TABLE o_ddl DROP COLUMN status CASCADE",
+                "2BP01",
+                format!(
+                    r#"cannot drop trigger pgwatch_{conditional}_update of table public.o_ddl: it belongs to pgwatch watch {conditional} (channel "o_ddl_cond")"#
+                ),
+            ),
+            (
+                "ALTER TABLE o_ddl RENAME COLUMN status TO state",
+                "2BP01",
+                format!(
+                    r#"cannot rename column "state" of table public.o_ddl: pgwatch watch {conditional} (channel "o_ddl_cond") has a condition that refers to it"#
+                ),
+            ),
+            ("ALTER TABLE o_ddl ALTER COLUMN status TYPE varchar(10)", "0A000", String::new()),
+        ] {
+            let sql = sql.replace("{plain}", &plain.to_string());
+            let (got, got_message) = failure(&mut writer, &sql);
+            assert_eq!(got, code, "{sql}: {got_message}");
+            if !message.is_empty() {
+                assert_eq!(got_message, message, "{sql}");
+            }
+            assert_eq!(catalog(&mut writer), before, "{sql} changed the watch");
+            writer.batch_execute("INSERT INTO o_ddl VALUES (1, 1, 'on', 'a')").unwrap();
+            writer.batch_execute("DELETE FROM o_ddl").unwrap();
+            listener.expect_on(&[
+                ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":1,"role_id":1}]}"#),
+                ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#),
+            ]);
+        }
+        // Changes the watches can follow: a new type, new and dropped unwatched columns.
+        writer
+            .batch_execute(
+                "ALTER TABLE o_ddl ALTER COLUMN role_id TYPE text USING 'r' || role_id;
+                 ALTER TABLE o_ddl ADD COLUMN added int DEFAULT 5;
+                 ALTER TABLE o_ddl DROP COLUMN name",
+            )
+            .unwrap();
+        writer.batch_execute("INSERT INTO o_ddl VALUES (2, 'r2', 'on')").unwrap();
+        listener.expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":2,"role_id":"r2"}]}"#)]);
+        writer.batch_execute("UPDATE o_ddl SET added = 6").unwrap();
+        listener.expect_on(&[
+            ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"update","rows":[{"id":2,"role_id":"r2"}]}"#),
+            ("o_ddl_cond", r#"{"tbl":"public.o_ddl","op":"update","rows":[{"id":2}]}"#),
+        ]);
+        // What unwatch_table and DROP TABLE drop is not refused.
+        writer.batch_execute("SELECT unwatch_table('o_ddl', 'o_ddl_cond'); ALTER TABLE o_ddl DROP COLUMN status").unwrap();
+        writer.batch_execute("DROP TABLE o_ddl").unwrap();
+    }
+}
+
+#[test]
+fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
+    let _serial = serial();
+    let mut admin = connect();
+    // The previous release's install script, as it shipped (cargo-pgrx installs only this
+    // version's script and the upgrade scripts).
+    let sharedir: String = admin.query_one("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'", &[]).unwrap().get(0);
+    std::fs::write(
+        format!("{sharedir}/extension/pgwatch--0.1.0.sql"),
+        include_str!("../sql/released/pgwatch--0.1.0.sql"),
+    )
+    .unwrap();
+    let mut db = database(&mut admin, "o_upgrade", Some("0.1.0"));
+    db.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, role_id int, name text);
+         SELECT watch_table('users', '*', '{role_id}');
+         SELECT watch_table('users', 'delete', label => 'gone_users')",
+    )
+    .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users", "gone_users"]);
+    db.batch_execute("INSERT INTO users VALUES (1, 1, 'a')").unwrap();
+    listener.expect_on(&[("public.users", r#"{"tbl":"public.users","op":"insert","rows":[{"id":1,"role_id":1}]}"#)]);
+
+    db.batch_execute("ALTER EXTENSION pgwatch UPDATE").unwrap();
+    let version: String =
+        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pgwatch'", &[]).unwrap().get(0);
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    db.batch_execute("UPDATE users SET role_id = 2").unwrap();
+    db.batch_execute("DELETE FROM users").unwrap();
+    listener.expect_on(&[
+        ("public.users", r#"{"tbl":"public.users","op":"update","rows":[{"id":1,"role_id":2,"old":{"role_id":1}}]}"#),
+        ("public.users", r#"{"tbl":"public.users","op":"delete","rows":[{"id":1,"role_id":2}]}"#),
+        ("gone_users", r#"{"tbl":"public.users","op":"delete","rows":[{"id":1}]}"#),
+    ]);
+    // The watches now have a trigger per event, and the new options work.
+    let triggers: Vec<String> = db
+        .query("SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'users'::regclass ORDER BY tgname", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(triggers, ["pgwatch_1_delete", "pgwatch_1_insert", "pgwatch_1_update", "pgwatch_2_delete"]);
+    db.batch_execute("SELECT watch_table('users', 'insert, truncate', label => 'gone_users'); TRUNCATE users").unwrap();
+    listener.expect_on(&[("gone_users", r#"{"tbl":"public.users","op":"truncate"}"#)]);
+
+    // The update leaves what a fresh install of this version makes.
+    let objects = |client: &mut Client| -> Vec<String> {
+        client
+            .query(
+                "SELECT pg_describe_object(classid, objid, objsubid)
+                        || coalesce(' ' || pg_get_function_identity_arguments(p.oid) || ' -> ' || p.prorettype::regtype
+                                    || ' ' || p.provolatile::text || p.proisstrict || ' ' || p.prosrc || array_to_string(p.proconfig, ','), '')
+                        || coalesce(' ' || (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                                              || a.attnotnull || coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ', ' ORDER BY a.attnum)
+                                              FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                                             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '')
+                        || coalesce(' ' || e.evtevent || array_to_string(e.evttags, ','), '')
+                   FROM pg_depend dep
+                   LEFT JOIN pg_proc p ON dep.classid = 'pg_proc'::regclass AND p.oid = dep.objid
+                   LEFT JOIN pg_class c ON dep.classid = 'pg_class'::regclass AND c.oid = dep.objid
+                   LEFT JOIN pg_event_trigger e ON dep.classid = 'pg_event_trigger'::regclass AND e.oid = dep.objid
+                  WHERE dep.refclassid = 'pg_extension'::regclass AND dep.deptype = 'e'
+                    AND dep.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pgwatch')
+                  ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            // The test build adds its #[pg_test] functions to the extension.
+            .filter(|object| object != "schema tests" && !object.starts_with("function tests."))
+            .collect()
+    };
+    let mut fresh = database(&mut admin, "o_fresh", None);
+    let (updated, fresh_objects) = (objects(&mut db), objects(&mut fresh));
+    let only_updated: Vec<&String> = updated.iter().filter(|o| !fresh_objects.contains(o)).collect();
+    let only_fresh: Vec<&String> = fresh_objects.iter().filter(|o| !updated.contains(o)).collect();
+    assert_eq!((only_updated, only_fresh), (vec![], vec![]), "objects of the updated and of a fresh install differ");
+    drop((db, fresh, listener));
+    admin.batch_execute("DROP DATABASE o_upgrade WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP DATABASE o_fresh WITH (FORCE)").unwrap();
+}
+
+#[test]
+fn pg_dump_and_pg_restore_keep_watches() {
+    let _serial = serial();
+    let mut admin = connect();
+    let row = admin
+        .query_one("SELECT inet_server_port(), current_user::text, setting FROM pg_config WHERE name = 'BINDIR'", &[])
+        .unwrap();
+    let (port, user, bindir): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
+    let mut source = database(&mut admin, "o_dump", None);
+    source
+        .batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, status text, total numeric);
+             SELECT watch_table('orders', 'insert, update, truncate', '{status}', trigger_columns => '{status}',
+                                condition => $$NEW.total > 0$$, fire_on_replica => true);
+             SELECT watch_table('orders', 'delete', label => 'orders_gone', payload => 'keys')",
+        )
+        .unwrap();
+    let watches = |client: &mut Client| -> Vec<String> {
+        client.query("SELECT w::text FROM pgwatch.watches w ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    let triggers = |client: &mut Client| -> Vec<String> {
+        client
+            .query(
+                "SELECT pg_get_triggerdef(oid) || tgenabled::text FROM pg_trigger WHERE tgrelid = 'orders'::regclass ORDER BY tgname",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let dump = std::env::temp_dir().join("pgwatch-o_dump.dump");
+    let status = std::process::Command::new(format!("{bindir}/pg_dump"))
+        .args(["-Fc", "-h", "localhost", "-p", &port.to_string(), "-U", &user, "-d", "o_dump", "-f"])
+        .arg(&dump)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump failed");
+    admin.batch_execute("DROP DATABASE IF EXISTS o_restored WITH (FORCE)").unwrap();
+    admin.batch_execute("CREATE DATABASE o_restored").unwrap();
+    let status = std::process::Command::new(format!("{bindir}/pg_restore"))
+        .args(["--exit-on-error", "-h", "localhost", "-p", &port.to_string(), "-U", &user, "-d", "o_restored"])
+        .arg(&dump)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_restore failed");
+    let mut restored = connect_to(&mut admin, "o_restored");
+    assert_eq!(watches(&mut restored), watches(&mut source));
+    assert_eq!(triggers(&mut restored), triggers(&mut source));
+    let mut listener = Listener::new(connect_to(&mut admin, "o_restored"), &["public.orders", "orders_gone"]);
+    // One statement at a time: the worker would fold changes that reach it together.
+    restored.batch_execute("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 5)").unwrap();
+    listener.expect_on(&[("public.orders", r#"{"tbl":"public.orders","op":"insert","rows":[{"id":2,"status":"new"}]}"#)]);
+    restored.batch_execute("UPDATE orders SET status = 'paid'").unwrap();
+    listener.expect_on(&[(
+        "public.orders",
+        r#"{"tbl":"public.orders","op":"update","rows":[{"id":2,"status":"paid","old":{"status":"new"}}]}"#,
+    )]);
+    restored.batch_execute("DELETE FROM orders WHERE id = 1").unwrap();
+    listener.expect_on(&[("orders_gone", r#"{"tbl":"public.orders","op":"delete","rows":[{"id":1}]}"#)]);
+    // A new watch does not collide with the restored ones.
+    restored.batch_execute("SELECT watch_table('orders', 'insert', label => 'orders_new')").unwrap();
+    assert_eq!(watches(&mut restored).len(), 3);
+    drop((source, restored, listener));
+    std::fs::remove_file(dump).unwrap();
+    admin.batch_execute("DROP DATABASE o_dump WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP DATABASE o_restored WITH (FORCE)").unwrap();
+}

@@ -1,0 +1,54 @@
+-- DDL on watched tables. DROP TABLE (or DROP SCHEMA ... CASCADE) of a watched table forgets its
+-- watches; dropping a column a watch sends or filters on, or a watch's trigger, is refused. Runs
+-- once per DDL command, never per row.
+CREATE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    broken record;
+BEGIN
+    DELETE FROM pgwatch.watches w
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND w.tbl::oid = d.objid;
+    IF pgwatch.managing() THEN
+        RETURN;
+    END IF;
+    SELECT w.id, w.channel, w.tbl, d.object_type, d.address_names[3] AS name INTO broken
+      FROM pg_event_trigger_dropped_objects() d
+      JOIN pgwatch.watches w ON
+           (d.object_type = 'table column' AND d.objid = w.tbl::oid
+            AND d.address_names[3] = ANY (w.key_columns || w.extra_columns || w.trigger_columns))
+        OR (d.object_type = 'trigger'
+            AND d.address_names[3] IN ('pgwatch_' || w.id, 'pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
+                                       'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate')
+            AND (d.address_names[1], d.address_names[2]) =
+                (SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = w.tbl))
+     ORDER BY w.id
+     LIMIT 1;
+    IF broken.object_type = 'trigger' THEN
+        RAISE EXCEPTION 'cannot drop trigger % of table %: it belongs to pgwatch watch % (channel "%")',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Remove the watch with unwatch_table(), which drops its triggers.';
+    ELSIF broken.object_type IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot drop column % of table %: pgwatch watch % (channel "%") uses it',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Watch the table again without this column (SELECT watch_table(...)), or unwatch it, first.';
+    END IF;
+END
+$$;
+CREATE EVENT TRIGGER pgwatch_sql_drop ON sql_drop EXECUTE FUNCTION pgwatch.on_sql_drop();
+
+-- Renaming a watched table, its schema or a watched column: the watch follows (see
+-- pgwatch.follow_ddl()).
+CREATE FUNCTION pgwatch.on_ddl_command_end() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pgwatch.follow_ddl();
+END
+$$;
+CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA')
+    EXECUTE FUNCTION pgwatch.on_ddl_command_end();

@@ -1,0 +1,513 @@
+//! The catalog of watches (`pgwatch.watches`) and the triggers that carry each watch out, kept in
+//! step with each other and with DDL on watched tables.
+//!
+//! A watch installs one trigger per event, `pgwatch_<id>_<event>`, whose arguments hold what the
+//! row trigger needs (channel, table name, key and extra column names; see `plan`), whose
+//! `UPDATE OF` and `WHEN` hold the trigger columns and the condition. Renaming a watched table or
+//! column rebuilds the triggers with the new names; DDL that would break a watch is refused (see
+//! `sql/bootstrap.sql`). This module runs only when a watch is defined or a watched table's
+//! definition changes: it is the only place pgwatch uses SPI, never per row.
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, quote_literal};
+use pgrx::{PgRelation, PgSqlErrorCode};
+
+use crate::api::{channel_name, fail, MAX_CHANNEL_BYTES};
+use crate::events::{Event, Events};
+use crate::payload::Op;
+
+/// Which values a watch may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadMode {
+    /// Key and extra columns.
+    Full,
+    /// Key columns only, for tables whose other values must not reach listeners.
+    Keys,
+}
+
+impl PayloadMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            PayloadMode::Full => "full",
+            PayloadMode::Keys => "keys",
+        }
+    }
+}
+
+/// The catalog's columns: a database still on 0.1.0's SQL (before `ALTER EXTENSION pgwatch
+/// UPDATE`) has only the first seven.
+pub enum Shape {
+    V0_1,
+    Current,
+}
+
+/// A watch's definition.
+pub struct Watch {
+    pub tbl: pg_sys::Oid,
+    pub label: Option<String>,
+    pub channel: String,
+    pub events: Events,
+    pub keys: Vec<String>,
+    pub extras: Vec<String>,
+    pub trigger_columns: Vec<String>,
+    pub condition: Option<String>,
+    pub payload: PayloadMode,
+    pub fire_on_replica: bool,
+}
+
+/// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted).
+pub struct TableName {
+    pub display: String,
+    pub quoted: String,
+}
+
+impl TableName {
+    pub fn of(rel: &PgRelation) -> TableName {
+        TableName {
+            display: format!("{}.{}", rel.namespace(), rel.name()),
+            quoted: format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name())),
+        }
+    }
+}
+
+thread_local! {
+    /// pgwatch itself is changing triggers: its event triggers let it.
+    static MANAGING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks pgwatch's own DDL until dropped (also when an ERROR unwinds).
+struct Managing(bool);
+
+impl Managing {
+    fn start() -> Managing {
+        Managing(MANAGING.replace(true))
+    }
+}
+
+impl Drop for Managing {
+    fn drop(&mut self) {
+        MANAGING.set(self.0);
+    }
+}
+
+/// Runs `f` as the extension's owner, so that callers need no rights on pgwatch's own objects.
+/// The caller's own right to watch the table is checked before.
+fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgwatch'")
+        .ok()
+        .flatten()
+        .expect("pgwatch is installed");
+    let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+    // SAFETY: the same switch PostgreSQL makes for SECURITY DEFINER functions; an ERROR in `f`
+    // aborts the (sub)transaction, which restores the user.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    let result = f();
+    // SAFETY: restores what was saved above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    result
+}
+
+fn run(query: &str, args: &[DatumWithOid<'_>]) {
+    Spi::run_with_args(query, args).unwrap_or_else(|e| error!("pgwatch: {e}"));
+}
+
+/// The text column of each row `query` returns.
+fn strings(query: &str, args: &[DatumWithOid<'_>]) -> Vec<String> {
+    Spi::connect(|client| {
+        client
+            .select(query, None, args)?
+            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| error!("pgwatch: {e}"))
+}
+
+/// The table's primary key columns, in key order (none without a primary key).
+pub fn primary_key(tbl: pg_sys::Oid) -> Vec<String> {
+    strings(
+        "SELECT a.attname::text
+           FROM pg_catalog.pg_index i,
+                unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n),
+                pg_catalog.pg_attribute a
+          WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum
+          ORDER BY k.n",
+        &[tbl.into()],
+    )
+}
+
+/// The table's column names, in column order.
+pub fn column_names(rel: &PgRelation) -> Vec<String> {
+    rel.tuple_desc().iter().filter(|attr| !attr.is_dropped()).map(|attr| attr.name().to_string()).collect()
+}
+
+/// What the row trigger reads (see `plan`): channel, table name, key count, key and extra columns.
+fn trigger_args(watch: &Watch, display: &str) -> Vec<String> {
+    [watch.channel.clone(), display.to_string(), watch.keys.len().to_string()]
+        .into_iter()
+        .chain(watch.keys.iter().cloned())
+        .chain(watch.extras.iter().cloned())
+        .collect()
+}
+
+fn trigger_name(id: i64, event: Event) -> String {
+    format!("pgwatch_{id}_{}", event.as_str())
+}
+
+/// Every name a trigger of watch `id` can have; 0.1.0 named its one trigger `pgwatch_<id>`.
+fn trigger_names(id: i64) -> Vec<String> {
+    std::iter::once(format!("pgwatch_{id}")).chain(Event::ALL.map(|event| trigger_name(id, event))).collect()
+}
+
+/// The triggers of watch `id` on its table: name and arguments.
+fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<(String, Vec<String>)> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT tgname::text, tgnargs::int4, tgargs FROM pg_catalog.pg_trigger
+                  WHERE tgrelid = $1 AND tgname = ANY($2)",
+                None,
+                &[tbl.into(), trigger_names(id).into()],
+            )?
+            .map(|row| {
+                let name = row.get::<String>(1)?.unwrap_or_default();
+                let count = row.get::<i32>(2)?.unwrap_or(0).max(0) as usize;
+                let args = row.get::<Vec<u8>>(3)?.unwrap_or_default();
+                // tgargs holds each argument followed by a NUL byte.
+                let args = args.split(|&b| b == 0).take(count).map(|a| String::from_utf8_lossy(a).into_owned());
+                Ok((name, args.collect()))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .unwrap_or_else(|e| error!("pgwatch: {e}"))
+}
+
+fn drop_triggers(id: i64, tbl: pg_sys::Oid, table: &TableName) {
+    for (name, _) in existing_triggers(id, tbl) {
+        run(&format!("DROP TRIGGER {} ON {}", quote_identifier(name), table.quoted), &[]);
+    }
+}
+
+/// `OLD.c IS DISTINCT FROM NEW.c` for each trigger column: an update that changes none of them
+/// sends nothing. A type without an equality operator (json, point, …) is compared as text.
+fn comparisons(rel: &PgRelation, columns: &[String]) -> Vec<String> {
+    let tupdesc = rel.tuple_desc();
+    columns
+        .iter()
+        .map(|column| {
+            let typid = tupdesc.iter().find(|a| !a.is_dropped() && a.name() == column).map(|a| a.type_oid().value());
+            // SAFETY: a type cache lookup of an existing column's type.
+            let comparable = typid.is_some_and(|typid| unsafe {
+                (*pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32)).eq_opr != pg_sys::Oid::INVALID
+            });
+            let column = quote_identifier(column);
+            let cast = if comparable { "" } else { "::text" };
+            format!("OLD.{column}{cast} IS DISTINCT FROM NEW.{column}{cast}")
+        })
+        .collect()
+}
+
+/// ` WHEN ((a) AND (b))`, or nothing without conditions. Each condition stands on lines of its
+/// own, so that a trailing `--` comment in it ends there.
+fn when_clause(conditions: &[String]) -> String {
+    if conditions.is_empty() {
+        return String::new();
+    }
+    let all: Vec<String> = conditions.iter().map(|c| format!("(\n{c}\n)")).collect();
+    format!(" WHEN ({})", all.join(" AND "))
+}
+
+/// Installs one trigger per event of watch `id`; `changed` holds the [`comparisons`] of its
+/// trigger columns. The table must not be open in this backend: `ALTER TABLE` refuses a table in
+/// use.
+fn create_triggers(id: i64, watch: &Watch, table: &TableName, changed: &[String]) {
+    let args: Vec<String> = trigger_args(watch, &table.display).into_iter().map(quote_literal).collect();
+    let args = args.join(", ");
+    let condition: Vec<String> = watch.condition.iter().cloned().collect();
+    for event in watch.events.iter() {
+        let name = quote_identifier(trigger_name(id, event));
+        let t = &table.quoted;
+        let spec = match event {
+            Event::Truncate => format!("AFTER TRUNCATE ON {t} FOR EACH STATEMENT"),
+            Event::Row(Op::Update) => {
+                let columns: Vec<String> = watch.trigger_columns.iter().map(quote_identifier).collect();
+                let of = if columns.is_empty() { String::new() } else { format!(" OF {}", columns.join(", ")) };
+                let changed = (!changed.is_empty()).then(|| changed.join(" OR "));
+                let conditions: Vec<String> = changed.into_iter().chain(condition.iter().cloned()).collect();
+                format!("AFTER UPDATE{of} ON {t} FOR EACH ROW{}", when_clause(&conditions))
+            }
+            Event::Row(op) => {
+                format!("AFTER {} ON {t} FOR EACH ROW{}", op.as_str().to_uppercase(), when_clause(&condition))
+            }
+        };
+        run(&format!("CREATE TRIGGER {name} {spec} EXECUTE FUNCTION pgwatch.capture({args})"), &[]);
+        // Dropped with the extension, and dumped with that dependency.
+        run(&format!("ALTER TRIGGER {name} ON {t} DEPENDS ON EXTENSION pgwatch"), &[]);
+        if watch.fire_on_replica {
+            run(&format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}"), &[]);
+        }
+    }
+}
+
+/// Stores `watch` (replacing the watch of its table and label, if any) and installs its
+/// triggers; returns its id.
+pub fn save(rel: PgRelation, watch: &Watch, shape: Shape) -> i64 {
+    let table = TableName::of(&rel);
+    let changed = comparisons(&rel, &watch.trigger_columns);
+    drop(rel);
+    as_extension_owner(|| {
+        let _managing = Managing::start();
+        run(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", table.quoted), &[]);
+        let events: Vec<String> = watch.events.iter().map(|event| event.as_str().to_string()).collect();
+        let fields: [DatumWithOid; 10] = [
+            watch.tbl.into(),
+            watch.label.as_deref().into(),
+            watch.channel.as_str().into(),
+            events.into(),
+            watch.extras.clone().into(),
+            watch.keys.clone().into(),
+            watch.trigger_columns.clone().into(),
+            watch.condition.as_deref().into(),
+            watch.payload.as_str().into(),
+            watch.fire_on_replica.into(),
+        ];
+        let (update, insert, fields) = match shape {
+            Shape::V0_1 => (
+                "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6
+                  WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
+                "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns)
+                 VALUES ($1::regclass, $2, $3, $4, $5, $6) RETURNING id",
+                &fields[..6],
+            ),
+            Shape::Current => (
+                "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6,
+                        trigger_columns = $7, condition = $8, payload = $9, fire_on_replica = $10
+                  WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
+                "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns,
+                                              trigger_columns, condition, payload, fire_on_replica)
+                 VALUES ($1::regclass, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+                &fields[..],
+            ),
+        };
+        let replaced = Spi::get_one_with_args::<i64>(update, fields).ok().flatten();
+        if let Some(id) = replaced {
+            drop_triggers(id, watch.tbl, &table);
+        }
+        let id = replaced.unwrap_or_else(|| {
+            Spi::get_one_with_args::<i64>(insert, fields).ok().flatten().expect("INSERT ... RETURNING returns the id")
+        });
+        create_triggers(id, watch, &table, &changed);
+        id
+    })
+}
+
+/// Removes the watch of `rel` named `label`, or all of them when `label` is NULL, with their
+/// triggers; returns how many were removed.
+pub fn remove(rel: &PgRelation, label: Option<&str>) -> i32 {
+    let table = TableName::of(rel);
+    as_extension_owner(|| {
+        let _managing = Managing::start();
+        let ids: Vec<i64> = Spi::connect_mut(|client| {
+            client
+                .update(
+                    "DELETE FROM pgwatch.watches WHERE tbl = $1::regclass AND ($2::text IS NULL OR label = $2)
+                     RETURNING id",
+                    None,
+                    &[rel.oid().into(), label.into()],
+                )?
+                .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_else(|e| error!("pgwatch: {e}"));
+        for &id in &ids {
+            drop_triggers(id, rel.oid(), &table);
+        }
+        ids.len() as i32
+    })
+}
+
+/// The stored definition of watch `id`.
+fn load(id: i64) -> Option<Watch> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT tbl::oid, label, channel, array_to_string(events, ','), key_columns, extra_columns,
+                    trigger_columns, condition, payload = 'keys', fire_on_replica
+               FROM pgwatch.watches WHERE id = $1",
+            None,
+            &[id.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else { return Ok(None) };
+        let events = row.get::<String>(4)?.unwrap_or_default();
+        Ok(Some(Watch {
+            tbl: row.get(1)?.unwrap_or(pg_sys::Oid::INVALID),
+            label: row.get(2)?,
+            channel: row.get(3)?.unwrap_or_default(),
+            events: Events::parse(&events).unwrap_or_else(|_| error!("pgwatch: watch {id} has events {events}")),
+            keys: row.get(5)?.unwrap_or_default(),
+            extras: row.get(6)?.unwrap_or_default(),
+            trigger_columns: row.get(7)?.unwrap_or_default(),
+            condition: row.get(8)?,
+            payload: if row.get(9)?.unwrap_or(false) { PayloadMode::Keys } else { PayloadMode::Full },
+            fire_on_replica: row.get(10)?.unwrap_or(false),
+        }))
+    })
+    .unwrap_or_else(|e: pgrx::spi::SpiError| error!("pgwatch: {e}"))
+}
+
+/// One object a DDL command changed, as `pg_event_trigger_ddl_commands()` lists it.
+struct Changed {
+    objid: pg_sys::Oid,
+    objsubid: i32,
+    object_type: String,
+}
+
+fn ddl_commands() -> Vec<Changed> {
+    Spi::connect(|client| {
+        client
+            .select("SELECT objid, objsubid, object_type FROM pg_catalog.pg_event_trigger_ddl_commands()", None, &[])?
+            .map(|row| {
+                Ok(Changed {
+                    objid: row.get(1)?.unwrap_or(pg_sys::Oid::INVALID),
+                    objsubid: row.get(2)?.unwrap_or(0),
+                    object_type: row.get(3)?.unwrap_or_default(),
+                })
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .unwrap_or_else(|e| error!("pgwatch: {e}"))
+}
+
+/// Whether a trigger of watch `id` refers to column `attnum` of `tbl` (in UPDATE OF or WHEN).
+fn triggers_refer_to(id: i64, tbl: pg_sys::Oid, attnum: i32) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_trigger t ON t.oid = d.objid
+                         WHERE d.classid = 'pg_catalog.pg_trigger'::regclass AND d.refclassid = 'pg_catalog.pg_class'::regclass
+                           AND d.refobjid = $1 AND d.refobjsubid = $2 AND t.tgrelid = $1 AND t.tgname = ANY($3))",
+        &[tbl.into(), attnum.into(), trigger_names(id).into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Brings watch `id` in step with its table after `changes`: a renamed table, schema or watched
+/// column is followed; a rename the watch cannot follow is refused with an ERROR.
+fn follow(id: i64, changes: &[Changed]) {
+    let Some(mut watch) = load(id) else { return };
+    let existing = existing_triggers(id, watch.tbl);
+    if existing.is_empty() {
+        // The triggers are not there (yet): pg_restore creates them after the table's other DDL.
+        return;
+    }
+    // SAFETY: the table exists (its triggers do) and this transaction's DDL has it locked.
+    let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    let table = TableName::of(&rel);
+    let renamed: Vec<(i32, String)> = changes
+        .iter()
+        .filter(|c| c.objid == watch.tbl && c.objsubid > 0 && c.object_type == "table column")
+        .filter_map(|c| rel.tuple_desc().get(c.objsubid as usize - 1).map(|a| (c.objsubid, a.name().to_string())))
+        .collect();
+    if watch.condition.is_some() {
+        if let Some((_, name)) = renamed.iter().find(|(attnum, _)| triggers_refer_to(id, watch.tbl, *attnum)) {
+            fail(
+                PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!(
+                    "cannot rename column \"{name}\" of table {}: pgwatch watch {id} (channel \"{}\") has a condition that refers to it",
+                    table.display, watch.channel
+                ),
+                "unwatch the table, rename the column, then watch it again with the condition written for the new name",
+            );
+        }
+    }
+    let columns = column_names(&rel);
+    let listed = || watch.keys.iter().chain(&watch.extras).chain(&watch.trigger_columns);
+    let missing: BTreeSet<String> = listed().filter(|c| !columns.contains(c)).cloned().collect();
+    let mut changed = false;
+    if let ([old], [(_, new)]) = (&missing.into_iter().collect::<Vec<_>>()[..], &renamed[..]) {
+        for list in [&mut watch.keys, &mut watch.extras, &mut watch.trigger_columns] {
+            list.iter_mut().filter(|c| *c == old).for_each(|c| c.clone_from(new));
+        }
+        changed = true;
+    }
+    let Some(channel) = channel_name(&table.display, watch.label.as_deref()) else {
+        fail(
+            PgSqlErrorCode::ERRCODE_NAME_TOO_LONG,
+            format!(
+                "the channel of pgwatch watch {id} would be \"{}\", longer than {MAX_CHANNEL_BYTES} bytes",
+                table.display
+            ),
+            "give the watch a short label first: SELECT watch_table(..., label => 'short_name')",
+        );
+    };
+    changed |= channel != watch.channel;
+    watch.channel = channel;
+    let args = trigger_args(&watch, &table.display);
+    if !changed && existing.iter().all(|(_, existing)| *existing == args) {
+        return;
+    }
+    let comparisons = comparisons(&rel, &watch.trigger_columns);
+    drop(rel);
+    as_extension_owner(|| {
+        let _managing = Managing::start();
+        run(
+            "UPDATE pgwatch.watches SET channel = $2, key_columns = $3, extra_columns = $4, trigger_columns = $5
+              WHERE id = $1",
+            &[
+                id.into(),
+                watch.channel.as_str().into(),
+                watch.keys.clone().into(),
+                watch.extras.clone().into(),
+                watch.trigger_columns.clone().into(),
+            ],
+        );
+        drop_triggers(id, watch.tbl, &table);
+        create_triggers(id, &watch, &table, &comparisons);
+    });
+}
+
+#[pg_schema]
+mod pgwatch {
+    use super::*;
+
+    /// Whether pgwatch itself is running the current DDL (read by its event triggers).
+    #[pg_extern(volatile)]
+    fn managing() -> bool {
+        MANAGING.get()
+    }
+
+    /// Called at the end of ALTER TABLE and ALTER SCHEMA: watches follow renamed tables, schemas
+    /// and columns.
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn follow_ddl() {
+        if MANAGING.get() {
+            return;
+        }
+        let changes = ddl_commands();
+        let of_type = |kind: &[&str]| -> Vec<pg_sys::Oid> {
+            changes.iter().filter(|c| kind.contains(&c.object_type.as_str())).map(|c| c.objid).collect()
+        };
+        let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
+        let ids: Vec<i64> = Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
+                      WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2) ORDER BY w.id",
+                    None,
+                    &[schemas.into(), tables.into()],
+                )?
+                .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_else(|e| error!("pgwatch: {e}"));
+        for id in ids {
+            follow(id, &changes);
+        }
+    }
+}
