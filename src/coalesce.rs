@@ -7,7 +7,9 @@
 //! are told the table was emptied, then get what followed. Pure Rust, unit-tested with plain
 //! `#[test]`s.
 
-use crate::fxhash::FxHashMap;
+use hashbrown::HashTable;
+
+use crate::fxhash;
 use crate::payload::{Image, NetRow, Op};
 
 /// One row change as a trigger saw it, or the folded net change of several.
@@ -38,12 +40,39 @@ impl Change {
     }
 }
 
+/// A tracked row: its net change, and the key it is found under once deleted, when that is not
+/// its `before` key (it was inserted or moved in this transaction, and so may be revived).
+#[derive(Debug)]
+struct Row {
+    change: Change,
+    gone: Option<Box<[u8]>>,
+}
+
+impl Row {
+    /// The key the row is found under.
+    fn key(&self) -> &[u8] {
+        let Change { before, after } = &self.change;
+        match (after, &self.gone, before) {
+            (Some(after), ..) => after.key(),
+            (None, Some(gone), _) => gone,
+            (None, None, Some(before)) => before.key(),
+            (None, None, None) => unreachable!("a row without images keeps the key it was deleted under"),
+        }
+    }
+}
+
 /// The net changes of one watch, in the order each row was first changed.
+///
+/// Rows are found by key through a table of row indices (no key is copied). The table is built
+/// lazily: a transaction that changes one row, or a delivery worker's first record of a watch,
+/// never hashes.
 #[derive(Default)]
 pub struct Folded {
-    rows: Vec<Change>,
-    /// Current key → row. A deleted row stays reachable by its key so that a re-insert revives it.
-    by_key: FxHashMap<Box<[u8]>, usize>,
+    rows: Vec<Row>,
+    /// Current key → row, for `rows[..indexed]`. A deleted row stays reachable by its key so that
+    /// a re-insert revives it.
+    index: HashTable<usize>,
+    indexed: usize,
     /// Per op: some rows could not be listed (too big, or past the per-transaction limit).
     overflow: [bool; 3],
     /// The table was truncated before the changes held here.
@@ -79,25 +108,76 @@ impl Folded {
         self.rows.len()
     }
 
+    /// Adds net changes of distinct rows (one transaction's, as queued) to an empty fold, without
+    /// indexing them until another change arrives.
+    pub fn extend_net(&mut self, changes: impl IntoIterator<Item = Change>) {
+        debug_assert!(self.rows.is_empty());
+        self.rows.extend(changes.into_iter().map(|change| Row { change, gone: None }));
+    }
+
+    /// Indexes the rows added since the last call. Where rows share a key, the live one is the
+    /// one found (keys are unique among live rows); among deleted ones, the latest.
+    fn index_rest(&mut self) {
+        let Folded { rows, index, indexed, .. } = self;
+        for at in *indexed..rows.len() {
+            let key = rows[at].key();
+            let hash = fxhash::hash_bytes(key);
+            match index.find_mut(hash, |&i| rows[i].key() == key) {
+                Some(found) if rows[*found].change.after.is_some() => {}
+                Some(found) => *found = at,
+                None => {
+                    index.insert_unique(hash, at, |&i| fxhash::hash_bytes(rows[i].key()));
+                }
+            }
+        }
+        *indexed = rows.len();
+    }
+
     pub fn apply(&mut self, change: Change) {
-        let Some(&at) = self.by_key.get(change.lookup_key()) else {
-            let key = change.after.as_ref().or(change.before.as_ref()).expect("a change has an image").key();
-            self.by_key.insert(key.into(), self.rows.len());
-            self.rows.push(change);
+        if self.rows.is_empty() {
+            self.rows.push(Row { change, gone: None });
+            return;
+        }
+        self.index_rest();
+        let key = change.lookup_key();
+        let hash = fxhash::hash_bytes(key);
+        let Folded { rows, index, indexed, .. } = self;
+        let Ok(entry) = index.find_entry(hash, |&i| rows[i].key() == key) else {
+            let row = Row { change, gone: None };
+            index.insert_unique(fxhash::hash_bytes(row.key()), rows.len(), |&i| fxhash::hash_bytes(rows[i].key()));
+            rows.push(row);
+            *indexed = rows.len();
             return;
         };
-        if let Some(after) = change.after.as_ref().filter(|after| after.key() != change.lookup_key()) {
-            // The key moved: the row is now found under its new key only. A row that had the new
-            // key and was deleted stays listed as a delete (deletes are sent before updates).
-            self.by_key.remove(change.lookup_key());
-            self.by_key.insert(after.key().into(), at);
+        let at = *entry.get();
+        match &change.after {
+            Some(after) if after.key() != key => {
+                // The key moved: the row is now found under its new key only. A row that had the
+                // new key and was deleted stays listed as a delete (deletes are sent before updates).
+                entry.remove();
+                let moved = fxhash::hash_bytes(after.key());
+                match index.find_mut(moved, |&i| rows[i].key() == after.key()) {
+                    Some(found) => *found = at,
+                    None => {
+                        index.insert_unique(moved, at, |&i| fxhash::hash_bytes(rows[i].key()));
+                    }
+                }
+            }
+            Some(_) => {}
+            None => {
+                // Deleted: still found under this key, which its `before` image may not hold.
+                let row = &mut rows[at];
+                if row.change.before.as_ref().is_none_or(|before| before.key() != key) {
+                    row.gone = Some(key.into());
+                }
+            }
         }
-        self.rows[at].after = change.after;
+        rows[at].change.after = change.after;
     }
 
     /// Net changes in first-change order, rows whose changes cancel out left out.
     pub fn net_rows(&self) -> impl Iterator<Item = NetRow<'_>> {
-        self.rows.iter().filter_map(Change::net_row)
+        self.rows.iter().filter_map(|row| row.change.net_row())
     }
 }
 
@@ -131,6 +211,10 @@ mod tests {
         for change in changes {
             folded.apply(change);
         }
+        render(&folded)
+    }
+
+    fn render(folded: &Folded) -> Vec<String> {
         folded
             .net_rows()
             .map(|row| {
@@ -201,6 +285,42 @@ mod tests {
         assert_eq!(
             fold(vec![upd((1, "a"), (2, "a")), ins(1, "n")]),
             [r#"update {"id":2,"role":"a","old":{"id":1}}"#, r#"insert {"id":1,"role":"n"}"#]
+        );
+    }
+
+    /// Folds `first` as a transaction, queues its net rows, then folds `then` on top, as a
+    /// delivery worker does; the result must equal folding everything at once.
+    fn fold_queued(first: Vec<Change>, then: Vec<Change>) -> Vec<String> {
+        let mut writer = Folded::default();
+        first.into_iter().for_each(|change| writer.apply(change));
+        let queued: Vec<Change> =
+            writer.net_rows().map(|row| Change { before: row.before.cloned(), after: row.after.cloned() }).collect();
+        let mut worker = Folded::default();
+        worker.extend_net(queued);
+        then.into_iter().for_each(|change| worker.apply(change));
+        render(&worker)
+    }
+
+    #[test]
+    fn queued_rows_fold_like_unqueued_ones() {
+        // Row 2 is deleted, then row 1 moves onto key 2: the mover, not the deleted row, is found.
+        let first = || vec![ins(1, "a"), upd((2, "b"), (2, "c")), del(2, "c"), upd((1, "a"), (2, "a"))];
+        let then = || vec![upd((2, "a"), (2, "z")), ins(3, "n"), del(3, "n")];
+        let all: Vec<Change> = first().into_iter().chain(then()).collect();
+        assert_eq!(fold_queued(first(), then()), fold(all));
+        assert_eq!(fold_queued(first(), then()), [r#"insert {"id":2,"role":"z"}"#, r#"delete {"id":2,"role":"b"}"#]);
+    }
+
+    #[test]
+    fn a_row_inserted_and_deleted_is_revived_where_it_was() {
+        assert_eq!(
+            fold(vec![ins(1, "a"), ins(2, "b"), del(1, "a"), ins(1, "c")]),
+            [r#"insert {"id":1,"role":"c"}"#, r#"insert {"id":2,"role":"b"}"#]
+        );
+        // Moved, then deleted: found again under the key it was deleted with.
+        assert_eq!(
+            fold(vec![upd((1, "a"), (5, "a")), del(5, "a"), ins(5, "n")]),
+            [r#"update {"id":5,"role":"n","old":{"id":1,"role":"a"}}"#]
         );
     }
 

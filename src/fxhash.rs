@@ -7,7 +7,7 @@
 //! few buckets; `finish` mixes all bits down (MurmurHash3's fmix64).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
@@ -60,13 +60,17 @@ impl Hasher for FxHasher {
 
 pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
+/// The Fx hash of a byte string.
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    BuildHasherDefault::<FxHasher>::default().hash_one(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::BuildHasher;
 
     fn hash(bytes: &[u8]) -> u64 {
-        BuildHasherDefault::<FxHasher>::default().hash_one(bytes)
+        hash_bytes(bytes)
     }
 
     #[test]

@@ -483,7 +483,11 @@ impl WatchChanges {
         if self.truncated {
             folded.truncate();
         }
-        self.changes.into_iter().for_each(|change| folded.apply(change));
+        if folded.len() == 0 {
+            folded.extend_net(self.changes);
+        } else {
+            self.changes.into_iter().for_each(|change| folded.apply(change));
+        }
         for op in Op::ALL.into_iter().filter(|op| self.overflow[op.index()]) {
             folded.mark_overflow(op);
         }

@@ -63,6 +63,13 @@ struct Xact {
     tail: Vec<Pending>,
 }
 
+unsafe extern "C" {
+    // Bound here without pgrx's error guard (a sigsetjmp, about 75 instructions a call): they
+    // only read the transaction state and never raise an ERROR, and run for every captured row.
+    fn GetCurrentTransactionNestLevel() -> i32;
+    fn GetCurrentSubTransactionId() -> SubTransactionId;
+}
+
 thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
     /// This transaction's record in the delivery queue, between pre-commit and commit or abort.
@@ -92,9 +99,8 @@ impl Xact {
     /// Folds `event` at once at the top level; inside a subtransaction it waits in the tail (a
     /// run of overflows of one op takes one entry, so rows past the limit cost no memory).
     fn push(&mut self, buffer: usize, event: Recorded) {
-        // SAFETY: plain reads of the current transaction's state.
-        let (level, subxact) =
-            unsafe { (pg_sys::GetCurrentTransactionNestLevel(), pg_sys::GetCurrentSubTransactionId()) };
+        // SAFETY: plain reads of the current transaction's state, which cannot raise an ERROR.
+        let (level, subxact) = unsafe { (GetCurrentTransactionNestLevel(), GetCurrentSubTransactionId()) };
         if level <= 1 {
             self.fold_tail();
             self.buffers[buffer].apply(event);
