@@ -137,14 +137,15 @@ fn keys_payload_sends_key_columns_only() {
              SELECT watch_table('o_keys', payload => 'keys')",
             &["public.o_keys"],
         );
-        for sql in ["INSERT INTO o_keys VALUES (1, 's')", "UPDATE o_keys SET secret = 't'", "UPDATE o_keys SET id = 2"] {
+        // One statement at a time: a worker folds changes that reach it together.
+        for (sql, payload) in [
+            ("INSERT INTO o_keys VALUES (1, 's')", r#"{"tbl":"public.o_keys","op":"insert","rows":[{"id":1}]}"#),
+            ("UPDATE o_keys SET secret = 't'", r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":1}]}"#),
+            ("UPDATE o_keys SET id = 2", r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":2,"old":{"id":1}}]}"#),
+        ] {
             writer.batch_execute(sql).unwrap();
+            listener.expect(&[payload]);
         }
-        listener.expect(&[
-            r#"{"tbl":"public.o_keys","op":"insert","rows":[{"id":1}]}"#,
-            r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":1}]}"#,
-            r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":2,"old":{"id":1}}]}"#,
-        ]);
         let payload: String =
             writer.query_one("SELECT payload FROM pgwatch.watches WHERE channel = 'public.o_keys'", &[]).unwrap().get(0);
         assert_eq!(payload, "keys");
@@ -303,12 +304,11 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
                 assert_eq!(got_message, message, "{sql}");
             }
             assert_eq!(catalog(&mut writer), before, "{sql} changed the watch");
+            // One statement at a time: a worker folds changes that reach it together.
             writer.batch_execute("INSERT INTO o_ddl VALUES (1, 1, 'on', 'a')").unwrap();
+            listener.expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":1,"role_id":1}]}"#)]);
             writer.batch_execute("DELETE FROM o_ddl").unwrap();
-            listener.expect_on(&[
-                ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":1,"role_id":1}]}"#),
-                ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#),
-            ]);
+            listener.expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#)]);
         }
         // Changes the watches can follow: a new type, new and dropped unwatched columns.
         writer
@@ -359,9 +359,12 @@ fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pgwatch'", &[]).unwrap().get(0);
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
     db.batch_execute("UPDATE users SET role_id = 2").unwrap();
+    listener.expect_on(&[(
+        "public.users",
+        r#"{"tbl":"public.users","op":"update","rows":[{"id":1,"role_id":2,"old":{"role_id":1}}]}"#,
+    )]);
     db.batch_execute("DELETE FROM users").unwrap();
     listener.expect_on(&[
-        ("public.users", r#"{"tbl":"public.users","op":"update","rows":[{"id":1,"role_id":2,"old":{"role_id":1}}]}"#),
         ("public.users", r#"{"tbl":"public.users","op":"delete","rows":[{"id":1,"role_id":2}]}"#),
         ("gone_users", r#"{"tbl":"public.users","op":"delete","rows":[{"id":1}]}"#),
     ]);
