@@ -293,4 +293,21 @@ mod tests {
         assert_eq!(payload.as_deref(), Some("keys"));
         assert_eq!(triggers("users"), 3, "replaced: insert, update and delete");
     }
+
+    #[pg_test]
+    fn partitions_fire_on_replicas_too_even_when_attached_later() {
+        Spi::run(
+            "CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);
+             SELECT watch_table('p', 'insert', fire_on_replica => true);
+             CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)",
+        )
+        .unwrap();
+        let enabled = Spi::get_one::<String>(
+            "SELECT string_agg(tgrelid::regclass::text || ':' || tgenabled::text, ',' ORDER BY tgrelid::regclass::text)
+               FROM pg_trigger WHERE tgfoid = 'pgwatch.capture'::regproc",
+        )
+        .unwrap();
+        assert_eq!(enabled.as_deref(), Some("p:A,p1:A,p2:A"));
+    }
 }
