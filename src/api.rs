@@ -23,7 +23,7 @@ pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
 }
 
 /// The table, checked to be watchable by the current user.
-pub fn watchable(tbl: Option<PgRelation>) -> PgRelation {
+fn watchable(tbl: Option<PgRelation>) -> PgRelation {
     let Some(rel) = tbl else {
         fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "tbl must not be NULL".into(), "pass a table name");
     };

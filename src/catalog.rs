@@ -118,12 +118,12 @@ fn run(query: &str, args: &[DatumWithOid<'_>]) {
     Spi::run_with_args(query, args).unwrap_or_else(|e| error!("pgwatch: {e}"));
 }
 
-/// The text column of each row `query` returns.
-fn strings(query: &str, args: &[DatumWithOid<'_>]) -> Vec<String> {
+/// The first column of each row `query` returns (NULL as the type's default).
+fn column<T: FromDatum + IntoDatum + Default>(query: &str, args: &[DatumWithOid<'_>]) -> Vec<T> {
     Spi::connect(|client| {
         client
             .select(query, None, args)?
-            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+            .map(|row| row.get::<T>(1).map(Option::unwrap_or_default))
             .collect::<Result<Vec<_>, _>>()
     })
     .unwrap_or_else(|e| error!("pgwatch: {e}"))
@@ -131,7 +131,7 @@ fn strings(query: &str, args: &[DatumWithOid<'_>]) -> Vec<String> {
 
 /// The table's primary key columns, in key order (none without a primary key).
 pub fn primary_key(tbl: pg_sys::Oid) -> Vec<String> {
-    strings(
+    column(
         "SELECT a.attname::text
            FROM pg_catalog.pg_index i,
                 unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n),
@@ -494,18 +494,11 @@ mod pgwatch {
             changes.iter().filter(|c| kind.contains(&c.object_type.as_str())).map(|c| c.objid).collect()
         };
         let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
-        let ids: Vec<i64> = Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
-                      WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2) ORDER BY w.id",
-                    None,
-                    &[schemas.into(), tables.into()],
-                )?
-                .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .unwrap_or_else(|e| error!("pgwatch: {e}"));
+        let ids: Vec<i64> = column(
+            "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
+              WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2) ORDER BY w.id",
+            &[schemas.into(), tables.into()],
+        );
         for id in ids {
             follow(id, &changes);
         }
