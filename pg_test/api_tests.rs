@@ -295,6 +295,44 @@ mod tests {
     }
 
     #[pg_test]
+    fn plain_tables_get_statement_triggers_that_read_transition_tables() {
+        users();
+        Spi::run(
+            "CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);
+             SELECT watch_table('users');
+             SELECT watch_table('users', 'update, delete', label => 'cond', condition => 'OLD.org IS NULL');
+             SELECT watch_table('users', 'insert, update', label => 'cols', trigger_columns => '{org}');
+             SELECT watch_table('p', 'insert')",
+        )
+        .unwrap();
+        // Per trigger: table, watch label, event, level, and the transition tables it asks for.
+        let shapes = Spi::get_one::<String>(
+            "SELECT string_agg(concat_ws(' ', t.tgrelid::regclass, coalesce(w.label, '-'),
+                                         substring(t.tgname from '[a-z]+$'),
+                                         CASE WHEN (t.tgtype & 1) = 1 THEN 'row' ELSE 'statement' END,
+                                         coalesce(t.tgoldtable, '-') || '/' || coalesce(t.tgnewtable, '-')),
+                               '; ' ORDER BY w.id, t.tgname, t.tgrelid::regclass::text)
+               FROM pg_trigger t JOIN pgwatch.watches w ON t.tgname ~ ('^pgwatch_' || w.id || '_')
+              WHERE t.tgfoid = 'pgwatch.capture'::regproc",
+        )
+        .unwrap()
+        .unwrap();
+        let expected = [
+            "users - delete statement pgwatch_old/-",
+            "users - insert statement -/pgwatch_new",
+            "users - update statement pgwatch_old/pgwatch_new",
+            "users cond delete row -/-",
+            "users cond update row -/-",
+            "users cols insert statement -/pgwatch_new",
+            "users cols update row -/-",
+            "p - insert row -/-",
+            "p1 - insert row -/-",
+        ];
+        assert_eq!(shapes, expected.join("; "));
+    }
+
+    #[pg_test]
     fn partitions_fire_on_replicas_too_even_when_attached_later() {
         Spi::run(
             "CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id);

@@ -267,6 +267,75 @@ fn a_10000_row_statement_delivers_every_key_once_in_full_payloads() {
     }
 }
 
+/// The rows that arrive on each of `channels`, until `rows` have arrived on each; then silence.
+fn rows_by_channel(listener: &mut Listener, channels: &[&str], rows: usize) -> Vec<Vec<serde_json::Value>> {
+    let mut got = vec![Vec::new(); channels.len()];
+    while got.iter().any(|r| r.len() < rows) {
+        let Some((channel, payload)) = listener.receive(1, Duration::from_secs(10)).pop() else {
+            panic!("only {:?} of {rows} rows arrived", got.iter().map(Vec::len).collect::<Vec<_>>());
+        };
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        let i = channels.iter().position(|c| *c == channel).unwrap();
+        got[i].extend(v["rows"].as_array().unwrap().iter().cloned());
+    }
+    listener.expect_silence();
+    got
+}
+
+#[test]
+fn transition_tables_are_read_whole_when_shared_and_when_spilled_to_disk() {
+    let _serial = serial();
+    let channels = ["public.e2e_tt", "e2e_tt_again"];
+    for mode in MODES {
+        // Two watches and a trigger of the user's own share each statement's transition tables.
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_tt (id int PRIMARY KEY, role_id int);
+             CREATE TABLE e2e_tt_seen (op text, rows bigint);
+             CREATE OR REPLACE FUNCTION e2e_tt_count() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN INSERT INTO e2e_tt_seen SELECT TG_OP, count(*) FROM changed; RETURN NULL; END $$;
+             CREATE TRIGGER e2e_tt_count AFTER INSERT ON e2e_tt REFERENCING NEW TABLE AS changed
+               FOR EACH STATEMENT EXECUTE FUNCTION e2e_tt_count();
+             SELECT watch_table('e2e_tt', '*', '{role_id}');
+             SELECT watch_table('e2e_tt', '*', '{role_id}', label => 'e2e_tt_again')",
+            &channels,
+        );
+        // At work_mem's minimum, 3000 rows spill the transition tables to a temporary file.
+        writer.batch_execute("SET work_mem = '64kB'").unwrap();
+        writer.batch_execute("INSERT INTO e2e_tt SELECT g, g % 7 FROM generate_series(1, 3000) g").unwrap();
+        for rows in rows_by_channel(&mut listener, &channels, 3000) {
+            let ids: Vec<i64> = rows.iter().map(|row| row["id"].as_i64().unwrap()).collect();
+            assert_eq!(ids, (1..=3000).collect::<Vec<_>>(), "{mode}: every key once, in change order");
+            assert!(rows.iter().all(|row| row["role_id"].as_i64().unwrap() == row["id"].as_i64().unwrap() % 7));
+        }
+        let seen: i64 = writer.query_one("SELECT sum(rows)::int8 FROM e2e_tt_seen", &[]).unwrap().get(0);
+        assert_eq!(seen, 3000, "{mode}: the user's trigger reads the whole table too");
+        // An update's old and new rows pair up, also from a spilled store.
+        writer.batch_execute("UPDATE e2e_tt SET role_id = role_id + 10, id = id + 5000 WHERE id <= 2500").unwrap();
+        for rows in rows_by_channel(&mut listener, &channels, 2500) {
+            for (i, row) in rows.iter().enumerate() {
+                let old = i as i64 + 1;
+                let expected = serde_json::json!({"id": old + 5000, "role_id": old % 7 + 10,
+                                                  "old": {"id": old, "role_id": old % 7}});
+                assert_eq!(row, &expected, "{mode}");
+            }
+        }
+        writer.batch_execute("RESET work_mem; DELETE FROM e2e_tt WHERE id IN (2600, 7500)").unwrap();
+        listener.expect_on(&[
+            (
+                "public.e2e_tt",
+                r#"{"tbl":"public.e2e_tt","op":"delete","rows":[{"id":2600,"role_id":3},{"id":7500,"role_id":11}]}"#,
+            ),
+            (
+                "e2e_tt_again",
+                r#"{"tbl":"public.e2e_tt","op":"delete","rows":[{"id":2600,"role_id":3},{"id":7500,"role_id":11}]}"#,
+            ),
+        ]);
+        writer.batch_execute("UPDATE e2e_tt SET role_id = 0 WHERE id < 0").unwrap();
+        listener.expect_silence();
+    }
+}
+
 #[test]
 fn past_the_row_limit_subscribers_are_told_to_refetch() {
     let _serial = serial();

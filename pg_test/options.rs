@@ -89,14 +89,22 @@ fn truncate_is_reported_after_what_it_makes_moot_is_dropped() {
         );
         let truncate = r#"{"tbl":"public.o_trunc","op":"truncate"}"#;
         let insert = |id: i32| format!(r#"{{"tbl":"public.o_trunc","op":"insert","rows":[{{"id":{id}}}]}}"#);
-        writer.batch_execute("BEGIN; INSERT INTO o_trunc VALUES (1); TRUNCATE o_trunc; INSERT INTO o_trunc VALUES (2); COMMIT").unwrap();
+        writer
+            .batch_execute(
+                "BEGIN; INSERT INTO o_trunc VALUES (1); TRUNCATE o_trunc; INSERT INTO o_trunc VALUES (2); COMMIT",
+            )
+            .unwrap();
         // The insert of 1 is gone with the truncate; the watch without 'truncate' hears of 2 only.
         listener.expect_on(&[
             ("public.o_trunc", truncate),
             ("public.o_trunc", &insert(2)),
             ("o_trunc_rows", r#"{"tbl":"public.o_trunc","op":"insert","rows":[{"id":1},{"id":2}]}"#),
         ]);
-        writer.batch_execute("BEGIN; INSERT INTO o_trunc VALUES (3); SAVEPOINT s; TRUNCATE o_trunc; ROLLBACK TO s; COMMIT").unwrap();
+        writer
+            .batch_execute(
+                "BEGIN; INSERT INTO o_trunc VALUES (3); SAVEPOINT s; TRUNCATE o_trunc; ROLLBACK TO s; COMMIT",
+            )
+            .unwrap();
         listener.expect_on(&[("public.o_trunc", &insert(3)), ("o_trunc_rows", &insert(3))]);
         writer.batch_execute("TRUNCATE o_trunc").unwrap();
         listener.expect_on(&[("public.o_trunc", truncate)]);
@@ -121,9 +129,46 @@ fn partitions_attached_later_report_under_the_parent_and_detached_ones_stop() {
         // o_parts_2's columns stand in another order: rows are still read by name.
         writer.batch_execute("INSERT INTO o_parts VALUES (1, 'a'), (11, 'b')").unwrap();
         listener.expect(&[r#"{"tbl":"public.o_parts","op":"insert","rows":[{"id":1,"v":"a"},{"id":11,"v":"b"}]}"#]);
-        writer.batch_execute("ALTER TABLE o_parts DETACH PARTITION o_parts_2; INSERT INTO o_parts_2 VALUES ('c', 12)").unwrap();
+        writer
+            .batch_execute("ALTER TABLE o_parts DETACH PARTITION o_parts_2; INSERT INTO o_parts_2 VALUES ('c', 12)")
+            .unwrap();
         writer.batch_execute("UPDATE o_parts SET v = 'z'").unwrap();
         listener.expect(&[r#"{"tbl":"public.o_parts","op":"update","rows":[{"id":1,"v":"z","old":{"v":"a"}}]}"#]);
+    }
+}
+
+#[test]
+fn a_watched_table_attached_as_a_partition_reports_rows_routed_through_its_parent() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_attach (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+             CREATE TABLE o_attach_1 (id int PRIMARY KEY, v text);
+             SELECT watch_table('o_attach_1', '*', '{v}')",
+            &["public.o_attach_1"],
+        );
+        // A plain table's watch fires once per statement; as a partition it must fire per row,
+        // or rows written through the parent would go unseen.
+        let per_row = |writer: &mut Client| -> Vec<bool> {
+            let rows = writer
+                .query(
+                    "SELECT (tgtype & 1) = 1 FROM pg_trigger WHERE tgrelid = 'o_attach_1'::regclass
+                        AND tgfoid = 'pgwatch.capture'::regproc ORDER BY tgname",
+                    &[],
+                )
+                .unwrap();
+            rows.iter().map(|row| row.get(0)).collect()
+        };
+        assert_eq!(per_row(&mut writer), [false, false, false]);
+        writer.batch_execute("ALTER TABLE o_attach ATTACH PARTITION o_attach_1 FOR VALUES FROM (0) TO (10)").unwrap();
+        assert_eq!(per_row(&mut writer), [true, true, true]);
+        writer.batch_execute("INSERT INTO o_attach VALUES (1, 'a')").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_attach_1","op":"insert","rows":[{"id":1,"v":"a"}]}"#]);
+        writer.batch_execute("UPDATE o_attach SET v = 'b'").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_attach_1","op":"update","rows":[{"id":1,"v":"b","old":{"v":"a"}}]}"#]);
+        writer.batch_execute("ALTER TABLE o_attach DETACH PARTITION o_attach_1; DELETE FROM o_attach_1").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_attach_1","op":"delete","rows":[{"id":1,"v":"b"}]}"#]);
     }
 }
 
@@ -146,8 +191,10 @@ fn keys_payload_sends_key_columns_only() {
             writer.batch_execute(sql).unwrap();
             listener.expect(&[payload]);
         }
-        let payload: String =
-            writer.query_one("SELECT payload FROM pgwatch.watches WHERE channel = 'public.o_keys'", &[]).unwrap().get(0);
+        let payload: String = writer
+            .query_one("SELECT payload FROM pgwatch.watches WHERE channel = 'public.o_keys'", &[])
+            .unwrap()
+            .get(0);
         assert_eq!(payload, "keys");
     }
 }
@@ -159,7 +206,9 @@ fn fire_on_replica_notifies_changes_applied_by_logical_replication() {
     let row = admin.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
     let (port, user): (i32, String) = (row.get(0), row.get(1));
     let mut publisher = database(&mut admin, "o_pub", None);
-    publisher.batch_execute("CREATE TABLE r (id int PRIMARY KEY, v text); CREATE PUBLICATION o_pub FOR TABLE r").unwrap();
+    publisher
+        .batch_execute("CREATE TABLE r (id int PRIMARY KEY, v text); CREATE PUBLICATION o_pub FOR TABLE r")
+        .unwrap();
     publisher.batch_execute("SELECT pg_create_logical_replication_slot('o_sub', 'pgoutput')").unwrap();
     let mut subscriber = database(&mut admin, "o_sub", None);
     subscriber
@@ -205,22 +254,41 @@ fn renamed_tables_schemas_and_columns_are_followed() {
              SELECT watch_table('o_s.o_ren', 'insert', label => 'o_ren_label')",
             &["o_s.o_ren", "o_s.o_renamed", "o_s2.o_renamed", "public.o_renamed", "o_ren_label"],
         );
-        writer.batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN role_id TO role; UPDATE o_s.o_ren SET role = 2").unwrap();
-        listener.expect_on(&[("o_s.o_ren", r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2,"old":{"role":1}}]}"#)]);
-        writer.batch_execute(r#"ALTER TABLE o_s.o_ren RENAME COLUMN flag TO "is on"; UPDATE o_s.o_ren SET "is on" = true"#).unwrap();
+        writer
+            .batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN role_id TO role; UPDATE o_s.o_ren SET role = 2")
+            .unwrap();
+        listener.expect_on(&[(
+            "o_s.o_ren",
+            r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2,"old":{"role":1}}]}"#,
+        )]);
+        writer
+            .batch_execute(
+                r#"ALTER TABLE o_s.o_ren RENAME COLUMN flag TO "is on"; UPDATE o_s.o_ren SET "is on" = true"#,
+            )
+            .unwrap();
         listener.expect_on(&[("o_s.o_ren", r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2}]}"#)]);
-        writer.batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN id TO key; INSERT INTO o_s.o_ren VALUES (2, 3)").unwrap();
+        writer
+            .batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN id TO key; INSERT INTO o_s.o_ren VALUES (2, 3)")
+            .unwrap();
         let inserted = r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2,"role":3}]}"#;
-        listener.expect_on(&[("o_s.o_ren", inserted), ("o_ren_label", r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2}]}"#)]);
+        listener.expect_on(&[
+            ("o_s.o_ren", inserted),
+            ("o_ren_label", r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2}]}"#),
+        ]);
         // A table without a label changes channel with its name; a labelled one keeps it.
-        writer.batch_execute("ALTER TABLE o_s.o_ren RENAME TO o_renamed; DELETE FROM o_s.o_renamed WHERE key = 2").unwrap();
-        listener.expect_on(&[("o_s.o_renamed", r#"{"tbl":"o_s.o_renamed","op":"delete","rows":[{"key":2,"role":3}]}"#)]);
+        writer
+            .batch_execute("ALTER TABLE o_s.o_ren RENAME TO o_renamed; DELETE FROM o_s.o_renamed WHERE key = 2")
+            .unwrap();
+        listener
+            .expect_on(&[("o_s.o_renamed", r#"{"tbl":"o_s.o_renamed","op":"delete","rows":[{"key":2,"role":3}]}"#)]);
         writer.batch_execute("ALTER SCHEMA o_s RENAME TO o_s2; INSERT INTO o_s2.o_renamed VALUES (3, 3)").unwrap();
         listener.expect_on(&[
             ("o_s2.o_renamed", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3,"role":3}]}"#),
             ("o_ren_label", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3}]}"#),
         ]);
-        writer.batch_execute("ALTER TABLE o_s2.o_renamed SET SCHEMA public; UPDATE o_renamed SET role = 4 WHERE key = 3").unwrap();
+        writer
+            .batch_execute("ALTER TABLE o_s2.o_renamed SET SCHEMA public; UPDATE o_renamed SET role = 4 WHERE key = 3")
+            .unwrap();
         listener.expect_on(&[(
             "public.o_renamed",
             r#"{"tbl":"public.o_renamed","op":"update","rows":[{"key":3,"role":4,"old":{"role":3}}]}"#,
@@ -270,7 +338,9 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
             (
                 "ALTER TABLE o_ddl DROP COLUMN role_id",
                 "2BP01",
-                format!(r#"cannot drop column role_id of table public.o_ddl: pgwatch watch {plain} (channel "public.o_ddl") uses it"#),
+                format!(
+                    r#"cannot drop column role_id of table public.o_ddl: pgwatch watch {plain} (channel "public.o_ddl") uses it"#
+                ),
             ),
             (
                 "DROP TRIGGER pgwatch_{plain}_insert ON o_ddl",
@@ -306,9 +376,15 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
             assert_eq!(catalog(&mut writer), before, "{sql} changed the watch");
             // One statement at a time: a worker folds changes that reach it together.
             writer.batch_execute("INSERT INTO o_ddl VALUES (1, 1, 'on', 'a')").unwrap();
-            listener.expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":1,"role_id":1}]}"#)]);
+            listener.expect_on(&[(
+                "public.o_ddl",
+                r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":1,"role_id":1}]}"#,
+            )]);
             writer.batch_execute("DELETE FROM o_ddl").unwrap();
-            listener.expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#)]);
+            listener.expect_on(&[(
+                "public.o_ddl",
+                r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#,
+            )]);
         }
         // Changes the watches can follow: a new type, new and dropped unwatched columns.
         writer
@@ -319,14 +395,17 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
             )
             .unwrap();
         writer.batch_execute("INSERT INTO o_ddl VALUES (2, 'r2', 'on')").unwrap();
-        listener.expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":2,"role_id":"r2"}]}"#)]);
+        listener
+            .expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":2,"role_id":"r2"}]}"#)]);
         writer.batch_execute("UPDATE o_ddl SET added = 6").unwrap();
         listener.expect_on(&[
             ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"update","rows":[{"id":2,"role_id":"r2"}]}"#),
             ("o_ddl_cond", r#"{"tbl":"public.o_ddl","op":"update","rows":[{"id":2}]}"#),
         ]);
         // What unwatch_table and DROP TABLE drop is not refused.
-        writer.batch_execute("SELECT unwatch_table('o_ddl', 'o_ddl_cond'); ALTER TABLE o_ddl DROP COLUMN status").unwrap();
+        writer
+            .batch_execute("SELECT unwatch_table('o_ddl', 'o_ddl_cond'); ALTER TABLE o_ddl DROP COLUMN status")
+            .unwrap();
         writer.batch_execute("DROP TABLE o_ddl").unwrap();
     }
 }
@@ -337,7 +416,8 @@ fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
     let mut admin = connect();
     // The previous release's install script, as it shipped (cargo-pgrx installs only this
     // version's script and the upgrade scripts).
-    let sharedir: String = admin.query_one("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'", &[]).unwrap().get(0);
+    let sharedir: String =
+        admin.query_one("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'", &[]).unwrap().get(0);
     std::fs::write(
         format!("{sharedir}/extension/pgwatch--0.1.0.sql"),
         include_str!("../sql/released/pgwatch--0.1.0.sql"),
@@ -435,7 +515,12 @@ fn pg_dump_and_pg_restore_keep_watches() {
         )
         .unwrap();
     let watches = |client: &mut Client| -> Vec<String> {
-        client.query("SELECT w::text FROM pgwatch.watches w ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+        client
+            .query("SELECT w::text FROM pgwatch.watches w ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     };
     let triggers = |client: &mut Client| -> Vec<String> {
         client
@@ -469,7 +554,8 @@ fn pg_dump_and_pg_restore_keep_watches() {
     let mut listener = Listener::new(connect_to(&mut admin, "o_restored"), &["public.orders", "orders_gone"]);
     // One statement at a time: the worker would fold changes that reach it together.
     restored.batch_execute("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 5)").unwrap();
-    listener.expect_on(&[("public.orders", r#"{"tbl":"public.orders","op":"insert","rows":[{"id":2,"status":"new"}]}"#)]);
+    listener
+        .expect_on(&[("public.orders", r#"{"tbl":"public.orders","op":"insert","rows":[{"id":2,"status":"new"}]}"#)]);
     restored.batch_execute("UPDATE orders SET status = 'paid'").unwrap();
     listener.expect_on(&[(
         "public.orders",

@@ -193,5 +193,8 @@ fn seq_is_found_only_in_the_header() {
     assert_eq!(seq_of(r#"{"tbl":"t","op":"insert","rows":[{"seq":1}]}"#), None);
     let truncate = r#"{"tbl":"t","op":"truncate","seq":3}"#;
     let (start, seq, end) = seq_of(truncate).unwrap();
-    assert_eq!((seq, format!("{}{}", &truncate[..start], &truncate[end..])), (3, r#"{"tbl":"t","op":"truncate"}"#.into()));
+    assert_eq!(
+        (seq, format!("{}{}", &truncate[..start], &truncate[end..])),
+        (3, r#"{"tbl":"t","op":"truncate"}"#.into())
+    );
 }

@@ -194,8 +194,8 @@ fn parse_condition(events: Events, condition: Option<&str>) -> Option<String> {
     // ERROR with the parser's message.
     let parsed = unsafe { PgList::<pg_sys::RawStmt>::from_pg(raw_parse(select.as_ptr())) };
     // SAFETY: the parser returns RawStmts holding valid nodes, checked by tag before each cast.
-    let one_expression = parsed.len() == 1
-        && unsafe { parsed.get_ptr(0).is_some_and(|raw| is_single_expression((*raw).stmt)) };
+    let one_expression =
+        parsed.len() == 1 && unsafe { parsed.get_ptr(0).is_some_and(|raw| is_single_expression((*raw).stmt)) };
     if !one_expression {
         fail(
             PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
@@ -252,7 +252,11 @@ unsafe fn is_single_expression(stmt: *mut pg_sys::Node) -> bool {
 
 fn parse_payload(payload: Option<&str>, extras: &[String]) -> PayloadMode {
     let Some(payload) = payload else {
-        fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "payload must not be NULL".into(), "pass 'full' or 'keys'");
+        fail(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "payload must not be NULL".into(),
+            "pass 'full' or 'keys'",
+        );
     };
     let mode = match payload.to_ascii_lowercase().as_str() {
         "full" => PayloadMode::Full,

@@ -59,17 +59,41 @@ pub struct Watch {
     pub fire_on_replica: bool,
 }
 
+impl Watch {
+    /// Whether `event`'s trigger fires per row, rather than once per statement over the
+    /// statement's transition tables (cheaper per row). A statement trigger on a partitioned table
+    /// misses rows written to a partition directly, and one on a partition misses rows routed to it
+    /// through its parent; statement triggers cannot have a WHEN condition, transition tables cannot
+    /// go with UPDATE OF, and logical replication's apply worker fires row triggers only.
+    fn fires_per_row(&self, event: Event, table: &TableName) -> bool {
+        match event {
+            Event::Truncate => false,
+            Event::Row(op) => {
+                table.in_partition_tree
+                    || self.condition.is_some()
+                    || self.fire_on_replica
+                    || (op == Op::Update && !self.trigger_columns.is_empty())
+            }
+        }
+    }
+}
+
 /// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted).
 pub struct TableName {
     pub display: String,
     pub quoted: String,
+    /// A partitioned table or a partition.
+    in_partition_tree: bool,
 }
 
 impl TableName {
     pub fn of(rel: &PgRelation) -> TableName {
+        // SAFETY: an open relation has its pg_class row.
+        let class = unsafe { &*rel.rd_rel };
         TableName {
             display: format!("{}.{}", rel.namespace(), rel.name()),
             quoted: format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name())),
+            in_partition_tree: class.relispartition || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE,
         }
     }
 }
@@ -165,12 +189,19 @@ fn trigger_names(id: i64) -> Vec<String> {
     std::iter::once(format!("pgwatch_{id}")).chain(Event::ALL.map(|event| trigger_name(id, event))).collect()
 }
 
-/// The triggers of watch `id` on its table: name and arguments.
-fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<(String, Vec<String>)> {
+/// A trigger of a watch as the catalog has it.
+struct Existing {
+    name: String,
+    args: Vec<String>,
+    per_row: bool,
+}
+
+/// The triggers of watch `id` on its table.
+fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
     Spi::connect(|client| {
         client
             .select(
-                "SELECT tgname::text, tgnargs::int4, tgargs FROM pg_catalog.pg_trigger
+                "SELECT tgname::text, tgnargs::int4, tgargs, (tgtype & 1) = 1 FROM pg_catalog.pg_trigger
                   WHERE tgrelid = $1 AND tgname = ANY($2)",
                 None,
                 &[tbl.into(), trigger_names(id).into()],
@@ -181,7 +212,8 @@ fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<(String, Vec<String>)> {
                 let args = row.get::<Vec<u8>>(3)?.unwrap_or_default();
                 // tgargs holds each argument followed by a NUL byte.
                 let args = args.split(|&b| b == 0).take(count).map(|a| String::from_utf8_lossy(a).into_owned());
-                Ok((name, args.collect()))
+                let per_row = row.get::<bool>(4)?.unwrap_or(false);
+                Ok(Existing { name, args: args.collect(), per_row })
             })
             .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
     })
@@ -189,8 +221,8 @@ fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<(String, Vec<String>)> {
 }
 
 fn drop_triggers(id: i64, tbl: pg_sys::Oid, table: &TableName) {
-    for (name, _) in existing_triggers(id, tbl) {
-        run(&format!("DROP TRIGGER {} ON {}", quote_identifier(name), table.quoted), &[]);
+    for trigger in existing_triggers(id, tbl) {
+        run(&format!("DROP TRIGGER {} ON {}", quote_identifier(trigger.name), table.quoted), &[]);
     }
 }
 
@@ -235,6 +267,14 @@ fn create_triggers(id: i64, watch: &Watch, table: &TableName, changed: &[String]
         let t = &table.quoted;
         let spec = match event {
             Event::Truncate => format!("AFTER TRUNCATE ON {t} FOR EACH STATEMENT"),
+            Event::Row(op) if !watch.fires_per_row(event, table) => {
+                let tables = match op {
+                    Op::Insert => "NEW TABLE AS pgwatch_new",
+                    Op::Update => "OLD TABLE AS pgwatch_old NEW TABLE AS pgwatch_new",
+                    Op::Delete => "OLD TABLE AS pgwatch_old",
+                };
+                format!("AFTER {} ON {t} REFERENCING {tables} FOR EACH STATEMENT", op.as_str().to_uppercase())
+            }
             Event::Row(Op::Update) => {
                 let columns: Vec<String> = watch.trigger_columns.iter().map(quote_identifier).collect();
                 let of = if columns.is_empty() { String::new() } else { format!(" OF {}", columns.join(", ")) };
@@ -448,7 +488,13 @@ fn follow(id: i64, changes: &[Changed]) {
     changed |= channel != watch.channel;
     watch.channel = channel;
     let args = trigger_args(&watch, &table.display);
-    if !changed && existing.iter().all(|(_, existing)| *existing == args) {
+    // A table attached as a partition (or detached) needs the other kind of trigger.
+    let wanted = |trigger: &Existing| {
+        watch.events.iter().any(|event| {
+            trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, &table)
+        })
+    };
+    if !changed && existing.iter().all(|trigger| trigger.args == args && wanted(trigger)) {
         return;
     }
     let comparisons = comparisons(&rel, &watch.trigger_columns);
@@ -494,9 +540,16 @@ mod pgwatch {
             changes.iter().filter(|c| kind.contains(&c.object_type.as_str())).map(|c| c.objid).collect()
         };
         let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
+        // Besides the watches of changed tables: a watched table just attached as a partition
+        // (the command names the parent) must trade its statement triggers for row triggers.
         let ids: Vec<i64> = column(
             "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
-              WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2) ORDER BY w.id",
+              WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2)
+                 OR (c.relispartition AND EXISTS (
+                        SELECT FROM pg_catalog.pg_trigger t
+                         WHERE t.tgrelid = c.oid AND t.tgfoid = 'pgwatch.capture'::pg_catalog.regproc
+                           AND t.tgtype & 1 = 0 AND t.tgtype & (4 | 8 | 16) <> 0))
+              ORDER BY w.id",
             &[schemas.into(), tables.into()],
         );
         for id in ids {

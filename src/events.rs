@@ -27,7 +27,8 @@ pub enum Event {
 }
 
 impl Event {
-    pub const ALL: [Event; 4] = [Event::Row(Op::Insert), Event::Row(Op::Update), Event::Row(Op::Delete), Event::Truncate];
+    pub const ALL: [Event; 4] =
+        [Event::Row(Op::Insert), Event::Row(Op::Update), Event::Row(Op::Delete), Event::Truncate];
 
     pub fn as_str(self) -> &'static str {
         match self {

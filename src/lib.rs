@@ -16,6 +16,7 @@ mod plan;
 mod queue;
 mod stats;
 mod trigger;
+mod unguarded;
 mod worker;
 mod xact;
 

@@ -12,9 +12,10 @@ use std::rc::Rc;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::{pg_guard, warning};
 
-use crate::notify::Target;
 use crate::fxhash::FxHashMap;
+use crate::notify::Target;
 use crate::payload::{self, pair_prefix, ImageBuilder};
+use crate::unguarded;
 
 /// How a column's value becomes JSON.
 pub enum Encoding {
@@ -43,6 +44,8 @@ pub struct Columns {
     pub keys: usize,
     /// The most bytes one rendered row may take.
     pub row_budget: usize,
+    /// The highest attribute number listed: a slot is deformed up to it, no further.
+    last_attno: i16,
 }
 
 pub struct Plan {
@@ -88,7 +91,10 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     let relid = unsafe { (*rel).rd_id };
     let columns = unsafe { resolve(rel, names) };
     let columns = match columns {
-        Ok(list) if keys <= list.len() => Some(Columns { list, keys, row_budget: payload::row_budget(&target.tbl) }),
+        Ok(list) if keys <= list.len() => {
+            let last_attno = list.iter().map(|c| c.attno).max().unwrap_or(0);
+            Some(Columns { list, keys, row_budget: payload::row_budget(&target.tbl), last_attno })
+        }
         Ok(_) => None,
         Err(missing) => {
             warning!(
@@ -165,21 +171,55 @@ pub fn register_invalidation() {
 }
 
 impl Columns {
-    /// The row's watched columns; `None` when even its key does not fit a payload.
+    /// The watched columns of a row trigger's tuple; `None` when even its key does not fit a
+    /// payload.
     ///
     /// # Safety
     /// `tuple` must be a valid tuple described by `tupdesc`.
-    pub unsafe fn image(&self, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Option<payload::Image> {
+    pub unsafe fn image_of_tuple(
+        &self,
+        tuple: pg_sys::HeapTuple,
+        tupdesc: pg_sys::TupleDesc,
+    ) -> Option<payload::Image> {
+        self.image(|attno| {
+            let mut isnull = false;
+            // SAFETY: as the caller promised; attno is a live column of this descriptor (checked
+            // when the plan was built).
+            let datum = unsafe { pg_sys::heap_getattr(tuple, attno as i32, tupdesc, &mut isnull) };
+            (datum, isnull)
+        })
+    }
+
+    /// The watched columns of the row in `slot` (read from a transition table), deformed once.
+    ///
+    /// # Safety
+    /// `slot` must hold a row of the table this plan was built for.
+    pub unsafe fn image_of_slot(&self, slot: *mut pg_sys::TupleTableSlot) -> Option<payload::Image> {
+        // SAFETY: as the caller promised; afterwards tts_values and tts_isnull hold the first
+        // last_attno columns.
+        let (values, nulls) = unsafe {
+            unguarded::slot_getsomeattrs_int(slot, self.last_attno as i32);
+            ((*slot).tts_values, (*slot).tts_isnull)
+        };
+        // SAFETY: attno is between 1 and last_attno.
+        self.image(|attno| unsafe { (*values.add(attno as usize - 1), *nulls.add(attno as usize - 1)) })
+    }
+
+    /// Builds the image from `value(attno)`: key columns, then extras while they fit.
+    #[inline(always)]
+    fn image(&self, value: impl Fn(i16) -> (pg_sys::Datum, bool)) -> Option<payload::Image> {
         let mut builder = ImageBuilder::new(self.row_budget);
         for column in &self.list[..self.keys] {
-            // SAFETY: as the caller promised.
-            unsafe { column.write(&mut builder, tuple, tupdesc) }.ok()?;
+            let (datum, isnull) = value(column.attno);
+            // SAFETY: the datum is a value of the column's type.
+            unsafe { column.write(&mut builder, datum, isnull) }.ok()?;
         }
         builder.end_key();
         let mark = builder.mark();
         for column in &self.list[self.keys..] {
-            // SAFETY: as the caller promised.
-            if unsafe { column.write(&mut builder, tuple, tupdesc) }.is_err() {
+            let (datum, isnull) = value(column.attno);
+            // SAFETY: as above.
+            if unsafe { column.write(&mut builder, datum, isnull) }.is_err() {
                 builder.rollback(mark);
                 return Some(builder.finish(true));
             }
@@ -190,16 +230,8 @@ impl Columns {
 
 impl Column {
     /// # Safety
-    /// `tuple` must be a valid tuple described by `tupdesc`.
-    unsafe fn write(
-        &self,
-        out: &mut ImageBuilder,
-        tuple: pg_sys::HeapTuple,
-        tupdesc: pg_sys::TupleDesc,
-    ) -> Result<(), payload::Full> {
-        let mut isnull = false;
-        // SAFETY: attno is a live column of this tuple descriptor (checked when the plan was built).
-        let datum = unsafe { pg_sys::heap_getattr(tuple, self.attno as i32, tupdesc, &mut isnull) };
+    /// Unless `isnull`, `datum` must be a value of the column's type.
+    unsafe fn write(&self, out: &mut ImageBuilder, datum: pg_sys::Datum, isnull: bool) -> Result<(), payload::Full> {
         let prefix = &self.prefix[..];
         if isnull {
             return out.raw_pair(prefix, b"null");

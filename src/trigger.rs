@@ -1,14 +1,22 @@
-//! The trigger each watch installs: encodes the changed row's watched columns (or notes a
+//! The trigger each watch installs: encodes the changed rows' watched columns (or notes a
 //! TRUNCATE) and records them for this transaction. No SPI, no catalog lookups and nothing that can
 //! fail a user's write.
+//!
+//! Plain tables get statement triggers that read the statement's transition tables: PostgreSQL
+//! then only appends each row to a tuplestore, instead of queueing an AFTER-trigger event per row
+//! and fetching the row again to fire it. Row triggers remain where a statement trigger cannot do
+//! the job (partitions, `trigger_columns`, `condition`, `fire_on_replica`; see `catalog`).
 
 use std::convert::Infallible;
 
 use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
 
+use crate::api::fail;
 use crate::coalesce::Change;
-use crate::payload::Op;
-use crate::{guc, plan, xact};
+use crate::payload::{Image, Op};
+use crate::plan::{Columns, Plan};
+use crate::{guc, plan, unguarded, xact};
 
 #[pg_trigger(
     sql = "CREATE FUNCTION pgwatch.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
@@ -20,38 +28,198 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
     let data = trigger.trigger_data();
     let event = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
     let is_row = data.tg_event & pg_sys::TRIGGER_EVENT_ROW != 0;
-    if is_row == (event == pg_sys::TRIGGER_EVENT_TRUNCATE) {
-        error!("pgwatch.capture() must be fired FOR EACH ROW, or FOR EACH STATEMENT on TRUNCATE, as watch_table() creates it");
-    }
-    // SAFETY: this is a firing trigger of pgwatch.capture.
-    let plan = unsafe { plan::for_trigger(data) };
     let op = match event {
         pg_sys::TRIGGER_EVENT_INSERT => Op::Insert,
         pg_sys::TRIGGER_EVENT_UPDATE => Op::Update,
         pg_sys::TRIGGER_EVENT_DELETE => Op::Delete,
-        _ => {
-            xact::record_truncate(&plan.target);
+        _ if !is_row => {
+            // SAFETY: this is a firing trigger of pgwatch.capture.
+            xact::record_truncate(&unsafe { plan::for_trigger(data) }.target);
             return Ok(None);
         }
+        _ => misfired("a row trigger on TRUNCATE"),
     };
+    let missing_tables = match op {
+        Op::Insert => data.tg_newtable.is_null(),
+        Op::Update => data.tg_oldtable.is_null() || data.tg_newtable.is_null(),
+        Op::Delete => data.tg_oldtable.is_null(),
+    };
+    if !is_row && missing_tables {
+        misfired("a statement trigger without the transition tables watch_table() asks for");
+    }
+    // SAFETY: this is a firing trigger of pgwatch.capture.
+    let plan = unsafe { plan::for_trigger(data) };
     let Some(columns) = &plan.columns else {
         xact::record_overflow(&plan.target, op);
         return Ok(None);
     };
-    // SAFETY: a row trigger's tuples are valid and described by its relation's descriptor: the
-    // old row (or the inserted one) in tg_trigtuple, the new row of an update in tg_newtuple.
-    let image = |tuple| unsafe { columns.image(tuple, (*data.tg_relation).rd_att) };
-    let change = match op {
-        Op::Insert => image(data.tg_trigtuple).map(|after| Change { before: None, after: Some(after) }),
-        Op::Update => image(data.tg_trigtuple)
-            .zip(image(data.tg_newtuple))
-            .map(|(before, after)| Change { before: Some(before), after: Some(after) }),
-        Op::Delete => image(data.tg_trigtuple).map(|before| Change { before: Some(before), after: None }),
-    };
-    match change {
-        Some(change) => xact::record(&plan.target, op, change),
-        // Not even the key fits a payload: the row cannot be identified, only announced.
-        None => xact::record_overflow(&plan.target, op),
+    if is_row {
+        // SAFETY: a row trigger's tuples are valid and described by its relation's descriptor:
+        // the old row (or the inserted one) in tg_trigtuple, the new row of an update in
+        // tg_newtuple.
+        let image = |tuple| unsafe { columns.image_of_tuple(tuple, (*data.tg_relation).rd_att) };
+        let (before, after) = match op {
+            Op::Insert => (None, Some(data.tg_trigtuple)),
+            Op::Update => (Some(data.tg_trigtuple), Some(data.tg_newtuple)),
+            Op::Delete => (Some(data.tg_trigtuple), None),
+        };
+        record(&plan, op, before.map(image), after.map(image));
+    } else {
+        // SAFETY: the transition tables of a firing statement trigger on the plan's table.
+        unsafe { record_transition_tables(data, &plan, columns, op) };
     }
     Ok(None)
+}
+
+/// Records one row's change from its images (`Some(None)`: an image that does not fit).
+fn record(plan: &Plan, op: Op, before: Option<Option<Image>>, after: Option<Option<Image>>) {
+    match (before, after) {
+        (Some(None), _) | (_, Some(None)) => xact::record_overflow(&plan.target, op),
+        (before, after) => xact::record(&plan.target, op, Change { before: before.flatten(), after: after.flatten() }),
+    }
+}
+
+/// Records every row of a statement from its transition tables. An update's old and new rows are
+/// stored pairwise, in the order the rows changed, so the two tables are read in step.
+///
+/// # Safety
+/// `data` must be a firing statement trigger's, with the transition tables `op` needs, on the
+/// table `plan` was built for.
+unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, columns: &Columns, op: Op) {
+    // SAFETY: as the caller promised.
+    let tupdesc = unsafe { (*data.tg_relation).rd_att };
+    let open = |table: *mut pg_sys::Tuplestorestate| {
+        // SAFETY: a transition table of this statement, holding rows of the trigger's table.
+        (!table.is_null()).then(|| unsafe { TransitionTable::open(table, tupdesc) })
+    };
+    let (mut old, mut new) = match op {
+        Op::Insert => (None, open(data.tg_newtable)),
+        Op::Update => (open(data.tg_oldtable), open(data.tg_newtable)),
+        Op::Delete => (open(data.tg_oldtable), None),
+    };
+    let per_row = RowMemory::new();
+    loop {
+        let (old_row, new_row) = (old.as_mut().map(TransitionTable::next), new.as_mut().map(TransitionTable::next));
+        // SAFETY: each slot holds a row of the trigger's table until its next read. The rows are
+        // read outside per_row, so a slot never holds a tuple that its reset frees.
+        let image = |row: Option<_>| row.map(|slot| per_row.run(|| unsafe { columns.image_of_slot(slot) }));
+        let (before, after) = (old_row.map(image), new_row.map(image));
+        match (before, after) {
+            (None | Some(None), None | Some(None)) => break,
+            (Some(Some(before)), Some(Some(after))) => record(plan, op, Some(before), Some(after)),
+            (Some(Some(before)), None) => record(plan, op, Some(before), None),
+            (None, Some(Some(after))) => record(plan, op, None, Some(after)),
+            // An update whose old and new rows do not pair up (a row moved to another partition
+            // and then discarded by a BEFORE trigger there): the rest can only be announced.
+            _ => {
+                xact::record_overflow(&plan.target, op);
+                break;
+            }
+        }
+    }
+}
+
+/// Where imaging one row of a statement allocates: output functions and detoasting do, and a
+/// long statement must not hold all of it at once.
+struct RowMemory(pg_sys::MemoryContext);
+
+impl RowMemory {
+    fn new() -> RowMemory {
+        // SAFETY: a child of the trigger call's context, so it goes with it even on an ERROR.
+        RowMemory(unsafe {
+            pg_sys::AllocSetContextCreateExtended(
+                pg_sys::CurrentMemoryContext,
+                c"pgwatch transition row".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        })
+    }
+
+    /// Runs `f` with this context current, then frees what it allocated: `f` returns only
+    /// Rust-owned values.
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Restores the caller's context, also when `f` unwinds.
+        struct Restore(pg_sys::MemoryContext);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: switching back to the context that was current before.
+                unsafe { pg_sys::CurrentMemoryContext = self.0 };
+            }
+        }
+        // SAFETY: switching memory contexts is an assignment, as MemoryContextSwitchTo does.
+        let _restore = Restore(unsafe {
+            let previous = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = self.0;
+            previous
+        });
+        let result = f();
+        // SAFETY: nothing allocated in the context is referenced any more.
+        unsafe { unguarded::MemoryContextReset(self.0) };
+        result
+    }
+}
+
+impl Drop for RowMemory {
+    fn drop(&mut self) {
+        // SAFETY: made by new() and not current (run() switches back).
+        unsafe { pg_sys::MemoryContextDelete(self.0) };
+    }
+}
+
+/// A transition table read from its start through a slot of its own.
+struct TransitionTable {
+    store: *mut pg_sys::Tuplestorestate,
+    slot: *mut pg_sys::TupleTableSlot,
+    /// Not spilled to a file: reading cannot fail.
+    in_memory: bool,
+}
+
+impl TransitionTable {
+    /// # Safety
+    /// `store` must be a transition table of the firing statement, holding rows described by
+    /// `tupdesc`.
+    unsafe fn open(store: *mut pg_sys::Tuplestorestate, tupdesc: pg_sys::TupleDesc) -> TransitionTable {
+        // SAFETY: every trigger on the table and event shares this tuplestore; read pointer 0
+        // is the one its other readers do not use (they allocate their own), and rewinding it
+        // is allowed (transition tables are created with EXEC_FLAG_REWIND). The slot lives in
+        // the trigger call's memory context.
+        unsafe {
+            pg_sys::tuplestore_select_read_pointer(store, 0);
+            pg_sys::tuplestore_rescan(store);
+            let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+            TransitionTable { store, slot, in_memory: pg_sys::tuplestore_in_memory(store) }
+        }
+    }
+
+    /// The next row, valid until the next call.
+    fn next(&mut self) -> Option<*mut pg_sys::TupleTableSlot> {
+        // SAFETY: store and slot were opened together for rows of one descriptor; a tuplestore in
+        // memory is read without raising an ERROR, so the guard is needed only for a spilled one.
+        let found = unsafe {
+            if self.in_memory {
+                unguarded::tuplestore_gettupleslot(self.store, true, false, self.slot)
+            } else {
+                pg_sys::tuplestore_gettupleslot(self.store, true, false, self.slot)
+            }
+        };
+        found.then_some(self.slot)
+    }
+}
+
+impl Drop for TransitionTable {
+    fn drop(&mut self) {
+        // SAFETY: the slot was made by open() and is no longer read.
+        unsafe { pg_sys::ExecDropSingleTupleTableSlot(self.slot) };
+    }
+}
+
+/// pgwatch.capture() was attached by hand in a way watch_table() never does.
+fn misfired(how: &str) -> ! {
+    fail(
+        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+        format!("pgwatch.capture() was fired as {how}"),
+        "watch tables with watch_table(), which creates pgwatch's triggers",
+    )
 }

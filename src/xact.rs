@@ -19,6 +19,7 @@ use crate::notify::{self, Target};
 use crate::payload::Op;
 use crate::queue::{self, Reservation};
 use crate::stats::{self, Counter};
+use crate::unguarded::{GetCurrentSubTransactionId, GetCurrentTransactionNestLevel};
 
 /// One watch's changes in this transaction.
 struct Buffer {
@@ -61,13 +62,6 @@ struct Pending {
 struct Xact {
     buffers: Vec<Buffer>,
     tail: Vec<Pending>,
-}
-
-unsafe extern "C" {
-    // Bound here without pgrx's error guard (a sigsetjmp, about 75 instructions a call): they
-    // only read the transaction state and never raise an ERROR, and run for every captured row.
-    fn GetCurrentTransactionNestLevel() -> i32;
-    fn GetCurrentSubTransactionId() -> SubTransactionId;
 }
 
 thread_local! {
