@@ -467,7 +467,12 @@ fn bad_input_fails_with_its_sqlstate_and_changes_nothing() {
             "CREATE TABLE e2e_bad (id int PRIMARY KEY, role_id int); CREATE TABLE e2e_bad_nokey (id int);
              CREATE VIEW e2e_bad_view AS SELECT * FROM e2e_bad; CREATE SEQUENCE e2e_bad_seq;
              CREATE ROLE e2e_bad_role; GRANT SELECT ON e2e_bad TO e2e_bad_role;
-             SELECT watch_table('e2e_bad', 'insert')",
+             SELECT watch_table('e2e_bad', 'insert');
+             DO $$ BEGIN
+               EXECUTE 'CREATE TABLE e2e_bad_wide (id int PRIMARY KEY, '
+                       || (SELECT string_agg(repeat('c', 58) || lpad(g::text, 4, '0') || ' int', ', ')
+                             FROM generate_series(1, 64) g) || ')';
+             END $$",
         )
         .unwrap();
     let catalog = |client: &mut Client| -> String {
@@ -512,6 +517,11 @@ fn bad_input_fails_with_its_sqlstate_and_changes_nothing() {
         ("SELECT watch_table('e2e_bad', payload => 'all')", "22023"),
         ("SELECT watch_table('e2e_bad', '*', '{role_id}', payload => 'keys')", "22023"),
         ("SELECT watch_table('e2e_bad', payload => NULL)", "22004"),
+        (
+            "SELECT watch_table('e2e_bad_wide', '*', array(SELECT attname::text FROM pg_attribute
+                                  WHERE attrelid = 'e2e_bad_wide'::regclass AND attnum > 1), payload => 'compact')",
+            "54000",
+        ),
         ("SELECT watch_table('e2e_bad', fire_on_replica => NULL)", "22004"),
         ("SET ROLE e2e_bad_role; SELECT watch_table('e2e_bad')", "42501"),
         ("SET ROLE e2e_bad_role; SELECT unwatch_table('e2e_bad')", "42501"),

@@ -17,6 +17,53 @@ fn database(admin: &mut Client, name: &str, version: Option<&str>) -> Client {
     db
 }
 
+/// A fresh database `name` with pgwatch `version` installed from its released install script
+/// `sql` (cargo-pgrx installs only this version's script and the upgrade scripts).
+fn released(admin: &mut Client, name: &str, version: &str, sql: &str) -> Client {
+    let sharedir: String =
+        admin.query_one("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'", &[]).unwrap().get(0);
+    std::fs::write(format!("{sharedir}/extension/pgwatch--{version}.sql"), sql).unwrap();
+    database(admin, name, Some(version))
+}
+
+/// Asserts that the extension's objects in `db` (after an update) equal a fresh install's.
+fn same_objects_as_a_fresh_install(admin: &mut Client, db: &mut Client) {
+    let objects = |client: &mut Client| -> Vec<String> {
+        client
+        .query(
+            "SELECT pg_describe_object(classid, objid, objsubid)
+                    || coalesce(' ' || pg_get_function_identity_arguments(p.oid) || ' -> ' || p.prorettype::regtype
+                                || ' ' || p.provolatile::text || p.proisstrict || ' ' || p.prosrc || array_to_string(p.proconfig, ','), '')
+                    || coalesce(' ' || (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                                          || a.attnotnull || coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ', ' ORDER BY a.attnum)
+                                          FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                                         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '')
+                    || coalesce(' ' || e.evtevent || array_to_string(e.evttags, ','), '')
+               FROM pg_depend dep
+               LEFT JOIN pg_proc p ON dep.classid = 'pg_proc'::regclass AND p.oid = dep.objid
+               LEFT JOIN pg_class c ON dep.classid = 'pg_class'::regclass AND c.oid = dep.objid
+               LEFT JOIN pg_event_trigger e ON dep.classid = 'pg_event_trigger'::regclass AND e.oid = dep.objid
+              WHERE dep.refclassid = 'pg_extension'::regclass AND dep.deptype = 'e'
+                AND dep.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pgwatch')
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        // The test build adds its #[pg_test] functions to the extension.
+        .filter(|object| object != "schema tests" && !object.starts_with("function tests."))
+        .collect()
+    };
+    let mut fresh = database(admin, "o_fresh", None);
+    let (updated, fresh_objects) = (objects(db), objects(&mut fresh));
+    let only_updated: Vec<&String> = updated.iter().filter(|o| !fresh_objects.contains(o)).collect();
+    let only_fresh: Vec<&String> = fresh_objects.iter().filter(|o| !updated.contains(o)).collect();
+    assert_eq!((only_updated, only_fresh), (vec![], vec![]), "objects of the updated and of a fresh install differ");
+    drop(fresh);
+    admin.batch_execute("DROP DATABASE o_fresh WITH (FORCE)").unwrap();
+}
+
 /// The id of the watch on `channel`.
 fn watch_id(client: &mut Client, channel: &str) -> i64 {
     client.query_one("SELECT id FROM pgwatch.watches WHERE channel = $1", &[&channel]).unwrap().get(0)
@@ -196,6 +243,57 @@ fn keys_payload_sends_key_columns_only() {
             .unwrap()
             .get(0);
         assert_eq!(payload, "keys");
+    }
+}
+
+#[test]
+fn compact_payload_sends_rows_as_arrays_under_their_column_names() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_compact (id int, region text, role_id int, body text, PRIMARY KEY (region, id));
+             SELECT watch_table('o_compact', '*', '{role_id,body}', payload => 'compact')",
+            &["public.o_compact"],
+        );
+        let head = |op: &str| {
+            format!(r#"{{"tbl":"public.o_compact","op":"{op}","cols":["region","id","role_id","body"],"rows":"#)
+        };
+        // One statement at a time: a worker folds changes that reach it together.
+        for (sql, op, rows) in [
+            (
+                "INSERT INTO o_compact VALUES (1, 'eu', 7, 'a'), (2, 'us', NULL, 'b')",
+                "insert",
+                r#"[["eu",1,7,"a"],["us",2,null,"b"]]"#,
+            ),
+            ("UPDATE o_compact SET role_id = 8 WHERE id = 1", "update", r#"[["eu",1,8,"a",{"old":["eu",1,7,"a"]}]]"#),
+            (
+                "UPDATE o_compact SET body = 'c' WHERE id = 2",
+                "update",
+                r#"[["us",2,null,"c",{"old":["us",2,null,"b"]}]]"#,
+            ),
+            ("UPDATE o_compact SET id = 3 WHERE id = 2", "update", r#"[["us",3,null,"c",{"old":["us",2,null,"c"]}]]"#),
+            ("UPDATE o_compact SET region = region", "update", r#"[["eu",1,8,"a"],["us",3,null,"c"]]"#),
+            ("UPDATE o_compact SET body = repeat('x', 9000) WHERE id = 1", "update", r#"[["eu",1,{"partial":true}]]"#),
+            ("DELETE FROM o_compact WHERE id = 3", "delete", r#"[["us",3,null,"c"]]"#),
+        ] {
+            writer.batch_execute(sql).unwrap();
+            listener.expect(&[&format!("{}{rows}}}", head(op))]);
+        }
+        // A 10,000-row statement: every key once, in full payloads.
+        writer
+            .batch_execute(
+                "TRUNCATE o_compact; INSERT INTO o_compact SELECT g, 'eu', g % 7 FROM generate_series(1, 10000) g",
+            )
+            .unwrap();
+        let (rows, sizes) = listener.receive_rows(10000);
+        let ids: Vec<i64> = rows.iter().map(|row| row[1].as_i64().unwrap()).collect();
+        assert_eq!(ids, (1..=10000).collect::<Vec<_>>(), "{mode}");
+        assert!(rows
+            .iter()
+            .all(|row| *row == serde_json::json!(["eu", row[1].clone(), row[1].as_i64().unwrap() % 7, null])));
+        let (_, full) = sizes.split_last().unwrap();
+        assert!(full.iter().all(|&len| len > 7950 && len < 8000), "{mode}: payloads not full: {sizes:?}");
     }
 }
 
@@ -414,16 +512,7 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
 fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
     let _serial = serial();
     let mut admin = connect();
-    // The previous release's install script, as it shipped (cargo-pgrx installs only this
-    // version's script and the upgrade scripts).
-    let sharedir: String =
-        admin.query_one("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'", &[]).unwrap().get(0);
-    std::fs::write(
-        format!("{sharedir}/extension/pgwatch--0.1.0.sql"),
-        include_str!("../sql/released/pgwatch--0.1.0.sql"),
-    )
-    .unwrap();
-    let mut db = database(&mut admin, "o_upgrade", Some("0.1.0"));
+    let mut db = released(&mut admin, "o_upgrade", "0.1.0", include_str!("../sql/released/pgwatch--0.1.0.sql"));
     db.batch_execute(
         "CREATE TABLE users (id int PRIMARY KEY, role_id int, name text);
          SELECT watch_table('users', '*', '{role_id}');
@@ -459,42 +548,67 @@ fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
     db.batch_execute("SELECT watch_table('users', 'insert, truncate', label => 'gone_users'); TRUNCATE users").unwrap();
     listener.expect_on(&[("gone_users", r#"{"tbl":"public.users","op":"truncate"}"#)]);
 
-    // The update leaves what a fresh install of this version makes.
-    let objects = |client: &mut Client| -> Vec<String> {
-        client
-            .query(
-                "SELECT pg_describe_object(classid, objid, objsubid)
-                        || coalesce(' ' || pg_get_function_identity_arguments(p.oid) || ' -> ' || p.prorettype::regtype
-                                    || ' ' || p.provolatile::text || p.proisstrict || ' ' || p.prosrc || array_to_string(p.proconfig, ','), '')
-                        || coalesce(' ' || (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
-                                                              || a.attnotnull || coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ', ' ORDER BY a.attnum)
-                                              FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                                             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '')
-                        || coalesce(' ' || e.evtevent || array_to_string(e.evttags, ','), '')
-                   FROM pg_depend dep
-                   LEFT JOIN pg_proc p ON dep.classid = 'pg_proc'::regclass AND p.oid = dep.objid
-                   LEFT JOIN pg_class c ON dep.classid = 'pg_class'::regclass AND c.oid = dep.objid
-                   LEFT JOIN pg_event_trigger e ON dep.classid = 'pg_event_trigger'::regclass AND e.oid = dep.objid
-                  WHERE dep.refclassid = 'pg_extension'::regclass AND dep.deptype = 'e'
-                    AND dep.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pgwatch')
-                  ORDER BY 1",
-                &[],
-            )
-            .unwrap()
-            .iter()
-            .map(|row| row.get::<_, String>(0))
-            // The test build adds its #[pg_test] functions to the extension.
-            .filter(|object| object != "schema tests" && !object.starts_with("function tests."))
-            .collect()
-    };
-    let mut fresh = database(&mut admin, "o_fresh", None);
-    let (updated, fresh_objects) = (objects(&mut db), objects(&mut fresh));
-    let only_updated: Vec<&String> = updated.iter().filter(|o| !fresh_objects.contains(o)).collect();
-    let only_fresh: Vec<&String> = fresh_objects.iter().filter(|o| !updated.contains(o)).collect();
-    assert_eq!((only_updated, only_fresh), (vec![], vec![]), "objects of the updated and of a fresh install differ");
-    drop((db, fresh, listener));
+    same_objects_as_a_fresh_install(&mut admin, &mut db);
+    drop((db, listener));
     admin.batch_execute("DROP DATABASE o_upgrade WITH (FORCE)").unwrap();
-    admin.batch_execute("DROP DATABASE o_fresh WITH (FORCE)").unwrap();
+}
+
+#[test]
+fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_update() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut db = released(&mut admin, "o_upgrade", "0.2.0", include_str!("../sql/released/pgwatch--0.2.0.sql"));
+    db.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, role_id int, name text);
+         SELECT watch_table('users', '*', '{role_id}');
+         SELECT watch_table('users', 'update', label => 'renamed_users', trigger_columns => '{name}')",
+    )
+    .unwrap();
+    let failed = failure(&mut db, "SELECT watch_table('users', label => 'compact_users', payload => 'compact')");
+    assert_eq!(failed.0, "23514", "0.2.0's catalog does not take compact watches: {}", failed.1);
+
+    db.batch_execute("ALTER EXTENSION pgwatch UPDATE").unwrap();
+    let version: String =
+        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pgwatch'", &[]).unwrap().get(0);
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    // Defined again by the update: the plain watch reads transition tables, the one with
+    // trigger_columns keeps its row trigger.
+    let levels: Vec<String> = db
+        .query(
+            "SELECT tgname || CASE WHEN (tgtype & 1) = 1 THEN ' row' ELSE ' statement' END FROM pg_trigger
+              WHERE tgrelid = 'users'::regclass ORDER BY tgname",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        levels,
+        [
+            "pgwatch_1_delete statement",
+            "pgwatch_1_insert statement",
+            "pgwatch_1_update statement",
+            "pgwatch_2_update row"
+        ]
+    );
+    db.batch_execute("SELECT watch_table('users', label => 'compact_users', payload => 'compact')").unwrap();
+    let mut listener =
+        Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users", "renamed_users", "compact_users"]);
+    db.batch_execute("INSERT INTO users VALUES (1, 1, 'a')").unwrap();
+    listener.expect_on(&[
+        ("public.users", r#"{"tbl":"public.users","op":"insert","rows":[{"id":1,"role_id":1}]}"#),
+        ("compact_users", r#"{"tbl":"public.users","op":"insert","cols":["id"],"rows":[[1]]}"#),
+    ]);
+    db.batch_execute("UPDATE users SET name = 'b'").unwrap();
+    listener.expect_on(&[
+        ("public.users", r#"{"tbl":"public.users","op":"update","rows":[{"id":1,"role_id":1}]}"#),
+        ("renamed_users", r#"{"tbl":"public.users","op":"update","rows":[{"id":1}]}"#),
+        ("compact_users", r#"{"tbl":"public.users","op":"update","cols":["id"],"rows":[[1]]}"#),
+    ]);
+    same_objects_as_a_fresh_install(&mut admin, &mut db);
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE o_upgrade WITH (FORCE)").unwrap();
 }
 
 #[test]

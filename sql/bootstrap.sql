@@ -15,7 +15,7 @@ CREATE TABLE pgwatch.watches (
     key_columns     text[] NOT NULL,
     trigger_columns text[] NOT NULL DEFAULT '{}',
     condition       text,
-    payload         text NOT NULL DEFAULT 'full' CHECK (payload IN ('full', 'keys')),
+    payload         text NOT NULL DEFAULT 'full' CHECK (payload IN ('full', 'keys', 'compact')),
     fire_on_replica boolean NOT NULL DEFAULT false
 );
 CREATE UNIQUE INDEX watches_tbl_label ON pgwatch.watches (tbl, coalesce(label, ''));

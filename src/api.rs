@@ -250,28 +250,35 @@ unsafe fn is_single_expression(stmt: *mut pg_sys::Node) -> bool {
     }
 }
 
-fn parse_payload(payload: Option<&str>, extras: &[String]) -> PayloadMode {
+fn parse_payload(payload: Option<&str>, keys: &[String], extras: &[String]) -> PayloadMode {
     let Some(payload) = payload else {
         fail(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             "payload must not be NULL".into(),
-            "pass 'full' or 'keys'",
+            "pass 'full', 'keys' or 'compact'",
         );
     };
-    let mode = match payload.to_ascii_lowercase().as_str() {
-        "full" => PayloadMode::Full,
-        "keys" => PayloadMode::Keys,
-        _ => fail(
+    let lowered = payload.to_ascii_lowercase();
+    let Some(mode) = PayloadMode::ALL.into_iter().find(|mode| mode.as_str() == lowered) else {
+        fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("unknown payload \"{payload}\""),
-            "payload accepts 'full' (key and extra columns) or 'keys' (key columns only)",
-        ),
+            "payload accepts 'full' (key and extra columns), 'keys' (key columns only) or 'compact' (key and extra columns as arrays of values)",
+        );
     };
     if mode == PayloadMode::Keys && !extras.is_empty() {
         fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             "payload 'keys' sends key columns only, but extra_columns lists some".into(),
             "leave extra_columns out, or use payload 'full'",
+        );
+    }
+    let names = keys.iter().chain(extras).map(String::as_str);
+    if mode == PayloadMode::Compact && crate::payload::cols_header(names).is_err() {
+        fail(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("the column names of a compact payload take more than {} bytes", crate::payload::MAX_COLS_HEADER),
+            "watch fewer extra columns, or use payload 'full'",
         );
     }
     mode
@@ -296,7 +303,7 @@ fn watch(
     let channel = channel(&rel, label);
     let trigger_columns = parse_trigger_columns(&rel, events, trigger_columns);
     let condition = parse_condition(events, condition);
-    let payload = parse_payload(payload, &extras);
+    let payload = parse_payload(payload, &keys, &extras);
     let Some(fire_on_replica) = fire_on_replica else {
         fail(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,

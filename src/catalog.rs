@@ -27,13 +27,18 @@ pub enum PayloadMode {
     Full,
     /// Key columns only, for tables whose other values must not reach listeners.
     Keys,
+    /// Key and extra columns, each row an array of values under the payload's `"cols"`.
+    Compact,
 }
 
 impl PayloadMode {
-    fn as_str(self) -> &'static str {
+    pub const ALL: [PayloadMode; 3] = [PayloadMode::Full, PayloadMode::Keys, PayloadMode::Compact];
+
+    pub fn as_str(self) -> &'static str {
         match self {
             PayloadMode::Full => "full",
             PayloadMode::Keys => "keys",
+            PayloadMode::Compact => "compact",
         }
     }
 }
@@ -171,9 +176,14 @@ pub fn column_names(rel: &PgRelation) -> Vec<String> {
     rel.tuple_desc().iter().filter(|attr| !attr.is_dropped()).map(|attr| attr.name().to_string()).collect()
 }
 
-/// What the row trigger reads (see `plan`): channel, table name, key count, key and extra columns.
+/// What the trigger reads (see `plan`): channel, table name, key count (marked ` compact` for a
+/// compact watch), key and extra columns.
 fn trigger_args(watch: &Watch, display: &str) -> Vec<String> {
-    [watch.channel.clone(), display.to_string(), watch.keys.len().to_string()]
+    let keys = match watch.payload {
+        PayloadMode::Compact => format!("{} compact", watch.keys.len()),
+        PayloadMode::Full | PayloadMode::Keys => watch.keys.len().to_string(),
+    };
+    [watch.channel.clone(), display.to_string(), keys]
         .into_iter()
         .chain(watch.keys.iter().cloned())
         .chain(watch.extras.iter().cloned())
@@ -377,7 +387,7 @@ fn load(id: i64) -> Option<Watch> {
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT tbl::oid, label, channel, array_to_string(events, ','), key_columns, extra_columns,
-                    trigger_columns, condition, payload = 'keys', fire_on_replica
+                    trigger_columns, condition, payload, fire_on_replica
                FROM pgwatch.watches WHERE id = $1",
             None,
             &[id.into()],
@@ -393,7 +403,10 @@ fn load(id: i64) -> Option<Watch> {
             extras: row.get(6)?.unwrap_or_default(),
             trigger_columns: row.get(7)?.unwrap_or_default(),
             condition: row.get(8)?,
-            payload: if row.get(9)?.unwrap_or(false) { PayloadMode::Keys } else { PayloadMode::Full },
+            payload: {
+                let payload = row.get::<String>(9)?.unwrap_or_default();
+                PayloadMode::ALL.into_iter().find(|mode| mode.as_str() == payload).unwrap_or(PayloadMode::Full)
+            },
             fire_on_replica: row.get(10)?.unwrap_or(false),
         }))
     })

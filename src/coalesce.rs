@@ -219,7 +219,7 @@ mod tests {
             .net_rows()
             .map(|row| {
                 let mut out = PayloadBuf::new();
-                row.render(&mut out, 1000).unwrap();
+                row.render(&mut out, 1000, false).unwrap();
                 format!("{} {}", row.op.as_str(), std::str::from_utf8(&out).unwrap())
             })
             .collect()

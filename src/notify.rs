@@ -9,11 +9,14 @@ use crate::coalesce::Folded;
 use crate::payload::{overflow_payload, truncate_payload, Op, Packer, Payload, PayloadBuf, MAX_PAYLOAD};
 use crate::stats::{self, Counter};
 
-/// Where a watch's notifications go: its channel and the table name subscribers see.
+/// Where a watch's notifications go and how they are written: its channel, the table name
+/// subscribers see, and for a compact watch the `"cols"` header of its payloads (empty when rows
+/// are objects).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Target {
     pub channel: CString,
     pub tbl: String,
+    pub cols: Box<[u8]>,
 }
 
 unsafe extern "C-unwind" {
@@ -48,10 +51,10 @@ pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> 
     let mut row = PayloadBuf::new();
     let mut deliver = |p: Payload<'_>| send(&target.channel, p.text, p.rows);
     for op in SEND_ORDER {
-        let mut packer = Packer::new(&target.tbl, op);
+        let mut packer = Packer::new(&target.tbl, &target.cols, op);
         let mut overflowed = folded.overflowed(op);
         for net in folded.net_rows().filter(|net| net.op == op) {
-            match net.render(&mut row, packer.row_budget()) {
+            match net.render(&mut row, packer.row_budget(), !target.cols.is_empty()) {
                 Ok(partial) => {
                     stats::add(Counter::PartialRows, u64::from(partial));
                     if !packer.push(&row) {

@@ -235,25 +235,24 @@ impl ImageBuilder {
     }
 }
 
+fn join<'a>(out: &mut PayloadBuf, limit: usize, items: impl Iterator<Item = &'a [u8]>) -> Result<(), Full> {
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            push_bytes(out, b",", limit)?;
+        }
+        push_bytes(out, item, limit)?;
+    }
+    Ok(())
+}
+
 /// Writes `{pairs}`, with an `"old"` object and the `partial` flag as given.
-fn write_row<'a>(
+fn write_object_row<'a>(
     out: &mut PayloadBuf,
     limit: usize,
     pairs: impl Iterator<Item = &'a [u8]>,
     old: impl Iterator<Item = &'a [u8]>,
     partial: bool,
 ) -> Result<(), Full> {
-    fn join<'a>(out: &mut PayloadBuf, limit: usize, pairs: impl Iterator<Item = &'a [u8]>) -> Result<usize, Full> {
-        let mut n = 0;
-        for pair in pairs {
-            if n > 0 {
-                push_bytes(out, b",", limit)?;
-            }
-            push_bytes(out, pair, limit)?;
-            n += 1;
-        }
-        Ok(n)
-    }
     push_bytes(out, b"{", limit)?;
     join(out, limit, pairs)?;
     let mut old = old.peekable();
@@ -268,6 +267,34 @@ fn write_row<'a>(
     push_bytes(out, b"}", limit)
 }
 
+/// Writes `[values]` (compact rows), followed by an object holding the `"old"` values and the
+/// `partial` flag when there are any.
+fn write_array_row<'a>(
+    out: &mut PayloadBuf,
+    limit: usize,
+    values: impl Iterator<Item = &'a [u8]>,
+    old: Option<impl Iterator<Item = &'a [u8]>>,
+    partial: bool,
+) -> Result<(), Full> {
+    push_bytes(out, b"[", limit)?;
+    join(out, limit, values)?;
+    if old.is_some() || partial {
+        push_bytes(out, b",{", limit)?;
+        let has_old = old.is_some();
+        if let Some(old) = old {
+            push_bytes(out, b"\"old\":[", limit)?;
+            join(out, limit, old)?;
+            push_bytes(out, b"]", limit)?;
+        }
+        if partial {
+            // PARTIAL_FLAG without its leading comma when it is the object's first member.
+            push_bytes(out, &PARTIAL_FLAG[usize::from(!has_old)..], limit)?;
+        }
+        push_bytes(out, b"}", limit)?;
+    }
+    push_bytes(out, b"]", limit)
+}
+
 /// The net change of one row, ready to be rendered.
 #[derive(Clone, Copy, Debug)]
 pub struct NetRow<'a> {
@@ -277,11 +304,13 @@ pub struct NetRow<'a> {
 }
 
 impl NetRow<'_> {
-    /// Renders the row as payload JSON within `limit` bytes. An update carries, under `"old"`, the
-    /// previous values of the extra columns that changed and the whole previous key if the key
-    /// changed. A row that does not fit falls back to its key columns with `"partial":true`;
-    /// `Err(Full)` means not even that fits. Returns whether the row is partial.
-    pub fn render(&self, out: &mut PayloadBuf, limit: usize) -> Result<bool, Full> {
+    /// Renders the row as payload JSON within `limit` bytes, as an object or, for `compact`
+    /// watches, an array of values. An update carries, under `"old"`, the previous values of the
+    /// extra columns that changed and the whole previous key if the key changed (compact: all the
+    /// previous values, when any of them changed). A row that does not fit falls back to its key
+    /// columns with `"partial":true`; `Err(Full)` means not even that fits. Returns whether the
+    /// row is partial.
+    pub fn render(&self, out: &mut PayloadBuf, limit: usize, compact: bool) -> Result<bool, Full> {
         out.clear();
         let (shown, other) = match self.op {
             Op::Delete => (self.before.expect("a delete has a before image"), None),
@@ -290,16 +319,29 @@ impl NetRow<'_> {
         let key_moved = other.is_some_and(|b| b.key() != shown.key());
         let old_keys = || other.filter(|_| key_moved).into_iter().flat_map(Image::key_pairs);
         let both_complete = other.is_some_and(|b| !b.partial && !shown.partial);
-        let changed_extras = other
-            .filter(|_| both_complete)
-            .into_iter()
-            .flat_map(|b| b.extra_pairs().zip(shown.extra_pairs()).filter(|(was, is)| was != is).map(|(was, _)| was));
+        let changed_extras = || {
+            other.filter(|_| both_complete).into_iter().flat_map(|b| {
+                b.extra_pairs().zip(shown.extra_pairs()).filter(|(was, is)| was != is).map(|(was, _)| was)
+            })
+        };
         let partial = shown.partial || other.is_some_and(|b| b.partial);
-        if write_row(out, limit, shown.all_pairs(), old_keys().chain(changed_extras), partial).is_ok() {
+        let written = if compact {
+            let old = other.filter(|_| key_moved || changed_extras().next().is_some()).map(Image::all_pairs);
+            write_array_row(out, limit, shown.all_pairs(), old, partial)
+        } else {
+            write_object_row(out, limit, shown.all_pairs(), old_keys().chain(changed_extras()), partial)
+        };
+        if written.is_ok() {
             return Ok(partial);
         }
         out.clear();
-        write_row(out, limit, shown.key_pairs(), old_keys(), true).inspect_err(|_| out.clear())?;
+        let fallback = if compact {
+            let old = other.filter(|_| key_moved).map(Image::key_pairs);
+            write_array_row(out, limit, shown.key_pairs(), old, true)
+        } else {
+            write_object_row(out, limit, shown.key_pairs(), old_keys(), true)
+        };
+        fallback.inspect_err(|_| out.clear())?;
         Ok(true)
     }
 }
@@ -373,16 +415,39 @@ pub fn truncate_payload(tbl: &str, seq: Option<u64>) -> PayloadBuf {
     notice(tbl, "truncate", seq, b"")
 }
 
-/// The most bytes a rendered row may take in payloads of `tbl`.
-pub fn row_budget(tbl: &str) -> usize {
-    Packer::new(tbl, Op::Update).row_budget()
+/// The most bytes a rendered row may take in payloads of `tbl` (`cols` as for [`Packer::new`]).
+/// An image builder counts a row as an object; a compact row takes two bytes more.
+pub fn row_budget(tbl: &str, cols: &[u8]) -> usize {
+    let compact_extra = if cols.is_empty() { 0 } else { 2 };
+    Packer::new(tbl, cols, Op::Update).row_budget() - compact_extra
+}
+
+/// The most bytes a compact watch's `"cols"` member may take, so that rows keep most of a payload.
+pub const MAX_COLS_HEADER: usize = MAX_PAYLOAD / 2;
+
+/// `"cols":["id","role_id"],`: the column names of a compact watch's rows, written once per
+/// payload. `Err(Full)` past [`MAX_COLS_HEADER`].
+pub fn cols_header<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Box<[u8]>, Full> {
+    let mut buf = PayloadBuf::new();
+    push_bytes(&mut buf, b"\"cols\":[", MAX_COLS_HEADER)?;
+    for (i, name) in names.into_iter().enumerate() {
+        if i > 0 {
+            push_bytes(&mut buf, b",", MAX_COLS_HEADER)?;
+        }
+        push_json_string(&mut buf, name.as_bytes(), MAX_COLS_HEADER)?;
+    }
+    push_bytes(&mut buf, b"],", MAX_COLS_HEADER)?;
+    Ok(buf.as_slice().into())
 }
 
 impl Packer {
-    pub fn new(tbl: &str, op: Op) -> Self {
+    /// A packer for `op` rows of `tbl`; `cols` is a compact watch's [`cols_header`], empty for
+    /// rows written as objects.
+    pub fn new(tbl: &str, cols: &[u8], op: Op) -> Self {
         let mut buf = PayloadBuf::new();
         header(&mut buf, tbl, op.as_str(), None).expect("a table name fits a payload");
         let seq_at = buf.len();
+        push_bytes(&mut buf, cols, MAX_PAYLOAD).expect("a cols header fits a payload");
         push_bytes(&mut buf, b"\"rows\":[", MAX_PAYLOAD).expect("a table name fits a payload");
         let header_len = buf.len();
         Packer { buf, seq_at, header_len, rows: 0 }
@@ -431,15 +496,16 @@ impl Packer {
 mod tests {
     use super::*;
 
-    fn image(keys: &[(&str, &str)], extras: &[(&str, &str)], limit: usize) -> Image {
+    /// An image of raw key values and string extras, each behind `prefix(name)`.
+    fn build(prefix: fn(&str) -> Box<[u8]>, keys: &[(&str, &str)], extras: &[(&str, &str)], limit: usize) -> Image {
         let mut b = ImageBuilder::new(limit);
         for (name, value) in keys {
-            b.raw_pair(&pair_prefix(name).unwrap(), value.as_bytes()).unwrap();
+            b.raw_pair(&prefix(name), value.as_bytes()).unwrap();
         }
         b.end_key();
         let mark = b.mark();
         for (name, value) in extras {
-            if b.string_pair(&pair_prefix(name).unwrap(), value.as_bytes()).is_err() {
+            if b.string_pair(&prefix(name), value.as_bytes()).is_err() {
                 b.rollback(mark);
                 return b.finish(true);
             }
@@ -447,11 +513,84 @@ mod tests {
         b.finish(false)
     }
 
-    fn render(op: Op, before: Option<&Image>, after: Option<&Image>, limit: usize) -> Result<String, Full> {
+    fn image(keys: &[(&str, &str)], extras: &[(&str, &str)], limit: usize) -> Image {
+        build(|name| pair_prefix(name).unwrap(), keys, extras, limit)
+    }
+
+    /// An image of a compact watch: values without names.
+    fn values(keys: &[&str], extras: &[&str], limit: usize) -> Image {
+        fn unnamed<'a>(values: &[&'a str]) -> Vec<(&'a str, &'a str)> {
+            values.iter().map(|v| ("", *v)).collect()
+        }
+        build(|_| Box::default(), &unnamed(keys), &unnamed(extras), limit)
+    }
+
+    fn render_as(
+        compact: bool,
+        op: Op,
+        before: Option<&Image>,
+        after: Option<&Image>,
+        limit: usize,
+    ) -> Result<String, Full> {
         let mut out = PayloadBuf::new();
-        let partial = NetRow { op, before, after }.render(&mut out, limit)?;
-        assert_eq!(partial, out.ends_with(b"\"partial\":true}"));
+        let partial = NetRow { op, before, after }.render(&mut out, limit, compact)?;
+        let flag: &[u8] = if compact { b"\"partial\":true}]" } else { b"\"partial\":true}" };
+        assert_eq!(partial, out.ends_with(flag));
         Ok(String::from_utf8(out.to_vec()).unwrap())
+    }
+
+    fn render(op: Op, before: Option<&Image>, after: Option<&Image>, limit: usize) -> Result<String, Full> {
+        render_as(false, op, before, after, limit)
+    }
+
+    fn render_compact(op: Op, before: Option<&Image>, after: Option<&Image>, limit: usize) -> Result<String, Full> {
+        render_as(true, op, before, after, limit)
+    }
+
+    #[test]
+    fn compact_rows_are_arrays_with_old_values_and_partial_in_a_trailing_object() {
+        let before = values(&["1"], &["a", "x"], 500);
+        let after = values(&["1"], &["b", "x"], 500);
+        assert_eq!(render_compact(Op::Insert, None, Some(&after), 500).unwrap(), r#"[1,"b","x"]"#);
+        assert_eq!(
+            render_compact(Op::Update, Some(&before), Some(&after), 500).unwrap(),
+            r#"[1,"b","x",{"old":[1,"a","x"]}]"#
+        );
+        assert_eq!(render_compact(Op::Update, Some(&after), Some(&after), 500).unwrap(), r#"[1,"b","x"]"#);
+        assert_eq!(render_compact(Op::Delete, Some(&before), None, 500).unwrap(), r#"[1,"a","x"]"#);
+        let moved = values(&["2"], &["a", "x"], 500);
+        assert_eq!(
+            render_compact(Op::Update, Some(&before), Some(&moved), 500).unwrap(),
+            r#"[2,"a","x",{"old":[1,"a","x"]}]"#
+        );
+        // Too big with its extras: the key, flagged partial; the old key still follows a move.
+        let big = values(&["3"], &[&"q".repeat(100)], 60);
+        assert!(big.partial);
+        assert_eq!(render_compact(Op::Insert, None, Some(&big), 60).unwrap(), r#"[3,{"partial":true}]"#);
+        assert_eq!(
+            render_compact(Op::Update, Some(&before), Some(&big), 60).unwrap(),
+            r#"[3,{"old":[1,"a","x"],"partial":true}]"#
+        );
+        assert_eq!(
+            render_compact(Op::Update, Some(&before), Some(&moved), 30).unwrap(),
+            r#"[2,{"old":[1],"partial":true}]"#
+        );
+        assert_eq!(render_compact(Op::Update, Some(&before), Some(&moved), 29), Err(Full));
+    }
+
+    #[test]
+    fn compact_payloads_name_their_columns_once() {
+        let cols = cols_header(["id", "role \"x\""]).unwrap();
+        assert_eq!(&cols[..], br#""cols":["id","role \"x\""],"#);
+        let mut packer = Packer::new("public.t", &cols, Op::Insert);
+        assert!(packer.push(b"[1,7]") && packer.push(b"[2,7]"));
+        let mut text = String::new();
+        packer.flush(&mut || Some(3), &mut |p| text = String::from_utf8(p.text.to_vec()).unwrap());
+        assert_eq!(text, r#"{"tbl":"public.t","op":"insert","seq":3,"cols":["id","role \"x\""],"rows":[[1,7],[2,7]]}"#);
+        let long = "n".repeat(63);
+        assert_eq!(cols_header(std::iter::repeat_n(long.as_str(), 100)), Err(Full));
+        // A compact row is budgeted two bytes more than an object row: `[`, `]` and `,{…}`.
+        assert_eq!(row_budget("public.t", &cols) + 2 + cols.len(), row_budget("public.t", b""));
     }
 
     #[test]
@@ -554,7 +693,7 @@ mod tests {
 
     #[test]
     fn packer_splits_rows_across_payloads_under_the_limit() {
-        let mut packer = Packer::new("public.t", Op::Insert);
+        let mut packer = Packer::new("public.t", b"", Op::Insert);
         let mut payloads: Vec<(String, usize)> = Vec::new();
         let mut send = |p: Payload<'_>| payloads.push((String::from_utf8(p.text.to_vec()).unwrap(), p.rows));
         let rows: Vec<String> = (0..2000).map(|i| format!("{{\"id\":{i}}}")).collect();
@@ -604,10 +743,10 @@ mod tests {
     #[test]
     fn row_budget_lets_a_full_row_fit_alone() {
         let tbl = "public.users";
-        let budget = row_budget(tbl);
+        let budget = row_budget(tbl, b"");
         let row = format!("{{\"k\":\"{}\"}}", "x".repeat(budget - 8));
         assert_eq!(row.len(), budget);
-        let mut packer = Packer::new(tbl, Op::Update);
+        let mut packer = Packer::new(tbl, b"", Op::Update);
         assert!(packer.push(row.as_bytes()));
         let mut len = 0;
         packer.flush(&mut || Some(u64::MAX), &mut |p| len = p.text.len());

@@ -1,7 +1,8 @@
 //! What a watch trigger needs to encode a row, resolved once per trigger and backend.
 //!
 //! A plan comes from the trigger's arguments (channel, table name, key count, column names, as
-//! written by `watch_table`) and the table's tuple descriptor. It is cached by trigger OID and
+//! written by `watch_table`; the key count is followed by ` compact` for a compact watch) and the
+//! table's tuple descriptor. It is cached by trigger OID and
 //! dropped when the table's relcache entry is invalidated (ALTER TABLE, CREATE/DROP TRIGGER, …),
 //! so the per-row path does no catalog lookups.
 
@@ -10,7 +11,9 @@ use std::ffi::{CStr, CString};
 use std::rc::Rc;
 
 use pgrx::pg_sys::{self, Oid};
-use pgrx::{pg_guard, warning};
+use pgrx::{pg_guard, warning, PgSqlErrorCode};
+
+use crate::api::fail;
 
 use crate::fxhash::FxHashMap;
 use crate::notify::Target;
@@ -82,21 +85,42 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     let args: Vec<&CStr> =
         (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }).collect();
     let [channel, tbl, keys, names @ ..] = &args[..] else {
-        pgrx::error!("pgwatch.capture() is called by triggers made with watch_table()");
+        fail(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "pgwatch.capture() was fired with arguments watch_table() never gives it".into(),
+            "watch tables with watch_table(), which creates pgwatch's triggers",
+        );
     };
     let tbl = tbl.to_string_lossy().into_owned();
-    let target = Rc::new(Target { channel: CString::from(*channel), tbl });
-    let keys: usize = keys.to_str().ok().and_then(|k| k.parse().ok()).unwrap_or(usize::MAX);
+    let (keys, compact) = match keys.to_str().unwrap_or_default().split_once(' ') {
+        Some((keys, "compact")) => (keys, true),
+        _ => (keys.to_str().unwrap_or_default(), false),
+    };
+    let keys: usize = keys.parse().unwrap_or(usize::MAX);
+    let cols = if compact {
+        let names: Vec<_> = names.iter().map(|n| n.to_string_lossy()).collect();
+        payload::cols_header(names.iter().map(|n| n.as_ref())).ok()
+    } else {
+        Some(Box::default())
+    };
+    let target = Rc::new(Target { channel: CString::from(*channel), tbl, cols: cols.clone().unwrap_or_default() });
     // SAFETY: rel is open for the trigger's whole run.
     let relid = unsafe { (*rel).rd_id };
-    let columns = unsafe { resolve(rel, names) };
-    let columns = match columns {
-        Ok(list) if keys <= list.len() => {
+    let columns = unsafe { resolve(rel, names, compact) };
+    let columns = match (columns, cols) {
+        (Ok(list), Some(cols)) if keys <= list.len() => {
             let last_attno = list.iter().map(|c| c.attno).max().unwrap_or(0);
-            Some(Columns { list, keys, row_budget: payload::row_budget(&target.tbl), last_attno })
+            Some(Columns { list, keys, row_budget: payload::row_budget(&target.tbl, &cols), last_attno })
         }
-        Ok(_) => None,
-        Err(missing) => {
+        (Ok(_), None) => {
+            warning!(
+                "pgwatch: the column names watched on {} are too long for a compact payload; its changes are sent as overflow notices",
+                target.tbl
+            );
+            None
+        }
+        (Ok(_), Some(_)) => None,
+        (Err(missing), _) => {
             warning!(
                 "pgwatch: column \"{missing}\" watched on {} is gone; its changes are sent as overflow notices until it is watched again",
                 target.tbl
@@ -107,11 +131,12 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     Plan { target, relid, columns }
 }
 
-/// Finds each named column in `rel` and how to encode it; `Err` names the first one missing.
+/// Finds each named column in `rel` and how to encode it (a compact watch's values go without
+/// names); `Err` names the first one missing.
 ///
 /// # Safety
 /// `rel` must be an open relation.
-unsafe fn resolve(rel: pg_sys::Relation, names: &[&CStr]) -> Result<Vec<Column>, String> {
+unsafe fn resolve(rel: pg_sys::Relation, names: &[&CStr], compact: bool) -> Result<Vec<Column>, String> {
     // SAFETY: an open relation has a valid tuple descriptor.
     let tupdesc = unsafe { &*(*rel).rd_att };
     let attrs = unsafe { tupdesc.attrs.as_slice(tupdesc.natts as usize) };
@@ -123,7 +148,8 @@ unsafe fn resolve(rel: pg_sys::Relation, names: &[&CStr]) -> Result<Vec<Column>,
                 .iter()
                 .find(|a| !a.attisdropped && unsafe { CStr::from_ptr(a.attname.data.as_ptr()) } == *name)
                 .ok_or_else(missing)?;
-            let prefix = pair_prefix(&name.to_string_lossy()).map_err(|_| missing())?;
+            let prefix =
+                if compact { Box::default() } else { pair_prefix(&name.to_string_lossy()).map_err(|_| missing())? };
             // SAFETY: the attribute's type exists while the column does.
             let encoding = unsafe { encoding(attr.atttypid) };
             Ok(Column { attno: attr.attnum, prefix, encoding })

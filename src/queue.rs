@@ -515,6 +515,7 @@ pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
     }
     bytes(out, target.channel.as_bytes());
     bytes(out, target.tbl.as_bytes());
+    bytes(out, &target.cols);
     let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
     out.push(overflow | if folded.truncated() { TRUNCATED } else { 0 });
     let count_at = out.len();
@@ -554,12 +555,13 @@ pub fn decode(mut body: &[u8]) -> Vec<(Target, WatchChanges)> {
     while !body.is_empty() {
         let channel = CString::new(bytes(&mut body)).expect("channels have no NUL");
         let tbl = String::from_utf8_lossy(bytes(&mut body)).into_owned();
+        let cols = bytes(&mut body).into();
         let bits = take(&mut body, 1)[0];
         let overflow = [0, 1, 2].map(|i| bits & (1 << i) != 0);
         let count = u32_(&mut body);
         let changes = (0..count).map(|_| Change { before: image(&mut body), after: image(&mut body) }).collect();
         let truncated = bits & TRUNCATED != 0;
-        watches.push((Target { channel, tbl }, WatchChanges { truncated, overflow, changes }));
+        watches.push((Target { channel, tbl, cols }, WatchChanges { truncated, overflow, changes }));
     }
     watches
 }
@@ -584,7 +586,7 @@ mod tests {
             .net_rows()
             .map(|row| {
                 let mut out = PayloadBuf::new();
-                row.render(&mut out, 1000).unwrap();
+                row.render(&mut out, 1000, false).unwrap();
                 format!("{} {}", row.op.as_str(), String::from_utf8(out.to_vec()).unwrap())
             })
             .collect()
@@ -592,7 +594,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_fold_across_transactions() {
-        let target = Target { channel: c"chan".into(), tbl: "public.t".into() };
+        let target = Target { channel: c"chan".into(), tbl: "public.t".into(), cols: (*b"\"cols\":[\"id\"],").into() };
         let mut first = Folded::default();
         first.apply(Change { before: None, after: Some(img(1, "a", false)) });
         first.apply(Change { before: Some(img(2, "b", false)), after: Some(img(2, "c", false)) });
@@ -623,7 +625,7 @@ mod tests {
 
     #[test]
     fn op_order_of_decoded_changes_is_kept() {
-        let target = Target { channel: c"c".into(), tbl: "t".into() };
+        let target = Target { channel: c"c".into(), tbl: "t".into(), cols: Box::default() };
         let mut folded = Folded::default();
         folded.apply(Change { before: None, after: Some(img(5, "x", false)) });
         let mut body = Vec::new();
@@ -635,7 +637,7 @@ mod tests {
 
     #[test]
     fn a_truncate_clears_earlier_transactions_but_not_its_own_later_rows() {
-        let target = Target { channel: c"c".into(), tbl: "t".into() };
+        let target = Target { channel: c"c".into(), tbl: "t".into(), cols: Box::default() };
         let mut earlier = Folded::default();
         earlier.apply(Change { before: None, after: Some(img(1, "a", false)) });
         earlier.mark_overflow(Op::Delete);

@@ -1,0 +1,26 @@
+-- pgwatch 0.2.0 → 0.3.0: payload 'compact' (rows as arrays of values under a "cols" header), and
+-- statement triggers that read transition tables for plain tables. Leaves the same objects as
+-- installing 0.3.0 (the upgrade test compares them).
+
+ALTER TABLE pgwatch.watches
+    DROP CONSTRAINT watches_payload_check,
+    ADD CONSTRAINT watches_payload_check CHECK (payload IN ('full', 'keys', 'compact'));
+
+-- Each watch is defined again, so that a plain table's row triggers become statement triggers.
+-- A watch that cannot be defined again (its table changed since) keeps its triggers, which this
+-- library still runs.
+DO $$
+DECLARE
+    w record;
+BEGIN
+    FOR w IN SELECT * FROM pgwatch.watches ORDER BY id LOOP
+        BEGIN
+            PERFORM pgwatch.define_watch(w.tbl, array_to_string(w.events, ','), w.extra_columns, w.label,
+                                         w.trigger_columns, w.condition, w.payload, w.fire_on_replica);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'pgwatch: watch % of table % keeps its 0.2.0 triggers: %', w.id, w.tbl, SQLERRM
+                USING HINT = 'Fix the table or the watch, then call watch_table() for it again.';
+        END;
+    END LOOP;
+END
+$$;
