@@ -40,14 +40,16 @@ fn listening(conninfo: &str, channels: &[String]) -> Client {
     client
 }
 
-/// The keys a payload names: pgwatch's `rows[].id`, EctoWatch-style `values.id`, tcn's `"id"='N'`.
+/// The keys a payload names: pgwatch's `rows[].id` (in a compact payload the value at `id`'s
+/// place in `cols`), EctoWatch-style `values.id`, tcn's `"id"='N'`.
 fn keys(payload: &str) -> Vec<i64> {
     if let Some(tcn) = payload.split("\"id\"='").nth(1) {
         return tcn.split('\'').next().and_then(|id| id.parse().ok()).into_iter().collect();
     }
     let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else { return Vec::new() };
     if let Some(rows) = value["rows"].as_array() {
-        return rows.iter().filter_map(|row| row["id"].as_i64()).collect();
+        let at = value["cols"].as_array().and_then(|cols| cols.iter().position(|c| c == "id"));
+        return rows.iter().filter_map(|row| at.map_or(&row["id"], |at| &row[at]).as_i64()).collect();
     }
     value["values"]["id"].as_i64().into_iter().collect()
 }
@@ -226,7 +228,7 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
     let overhead =
         |v: &str| (mean(&get("W3", 1, v).unwrap().latency_ms) - mean(&get("W3", 1, "none").unwrap().latency_ms)) * 10.0;
     let tcn = overhead("tcn");
-    for v in ["pgwatch-inline", "pgwatch-worker"] {
+    for v in ["pgwatch-inline", "pgwatch-worker", "pgwatch-compact"] {
         let o = overhead(v);
         println!(
             "- W3, 1 client: {v} {o:.2} µs/row, tcn {tcn:.2} µs/row (target ≤ tcn and ≤ 0.5: {})",
@@ -239,7 +241,7 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
             println!("- delivery latency {v}: p99 {p99:.2} ms (target ≤ {target} ms: {})", check(p99 <= target));
         }
     }
-    for v in ["pgwatch-inline", "pgwatch-worker"] {
+    for v in ["pgwatch-inline", "pgwatch-worker", "pgwatch-compact"] {
         if let Some(m) = get("W4", 1, v) {
             let per_notification = m.bytes / m.notifications.max(1.0);
             let per_row = m.bytes / m.rows.max(1.0);

@@ -52,3 +52,10 @@ END
 $$;
 CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA')
     EXECUTE FUNCTION pgwatch.on_ddl_command_end();
+
+-- Before ALTER TABLE: a watched table about to be attached as a partition gets row triggers first
+-- (a C function: it reads the statement's parse tree).
+CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION pgwatch.on_ddl_command_start();

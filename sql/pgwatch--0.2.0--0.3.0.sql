@@ -6,6 +6,13 @@ ALTER TABLE pgwatch.watches
     DROP CONSTRAINT watches_payload_check,
     ADD CONSTRAINT watches_payload_check CHECK (payload IN ('full', 'keys', 'compact'));
 
+-- Before ALTER TABLE: a watched table about to be attached as a partition gets row triggers first
+-- (a C function: it reads the statement's parse tree).
+CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION pgwatch.on_ddl_command_start();
+
 -- Each watch is defined again, so that a plain table's row triggers become statement triggers.
 -- A watch that cannot be defined again (its table changed since) keeps its triggers, which this
 -- library still runs.

@@ -501,7 +501,7 @@ fn follow(id: i64, changes: &[Changed]) {
     changed |= channel != watch.channel;
     watch.channel = channel;
     let args = trigger_args(&watch, &table.display);
-    // A table attached as a partition (or detached) needs the other kind of trigger.
+    // A partition detached since needs the other kind of trigger.
     let wanted = |trigger: &Existing| {
         watch.events.iter().any(|event| {
             trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, &table)
@@ -553,20 +553,91 @@ mod pgwatch {
             changes.iter().filter(|c| kind.contains(&c.object_type.as_str())).map(|c| c.objid).collect()
         };
         let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
-        // Besides the watches of changed tables: a watched table just attached as a partition
-        // (the command names the parent) must trade its statement triggers for row triggers.
         let ids: Vec<i64> = column(
             "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
-              WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2)
-                 OR (c.relispartition AND EXISTS (
-                        SELECT FROM pg_catalog.pg_trigger t
-                         WHERE t.tgrelid = c.oid AND t.tgfoid = 'pgwatch.capture'::pg_catalog.regproc
-                           AND t.tgtype & 1 = 0 AND t.tgtype & (4 | 8 | 16) <> 0))
-              ORDER BY w.id",
+              WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2) ORDER BY w.id",
             &[schemas.into(), tables.into()],
         );
         for id in ids {
             follow(id, &changes);
         }
     }
+}
+
+/// Gives the watches of `relid`, a table about to be attached as a partition, row triggers in
+/// place of statement triggers: rows routed through the parent do not fire a partition's
+/// statement triggers, and some PostgreSQL releases refuse to attach a table that has triggers
+/// with transition tables.
+fn prepare_attach(relid: pg_sys::Oid) {
+    let ids: Vec<i64> = column("SELECT id FROM pgwatch.watches WHERE tbl = $1 ORDER BY id", &[relid.into()]);
+    for id in ids {
+        let Some(watch) = load(id) else { continue };
+        let truncate = trigger_name(id, Event::Truncate);
+        if existing_triggers(id, relid).iter().all(|t| t.per_row || t.name == truncate) {
+            continue;
+        }
+        // SAFETY: the table exists (its watch's triggers do); ALTER TABLE locks it next.
+        let rel = unsafe { PgRelation::with_lock(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        let table = TableName { in_partition_tree: true, ..TableName::of(&rel) };
+        let comparisons = comparisons(&rel, &watch.trigger_columns);
+        drop(rel);
+        as_extension_owner(|| {
+            let _managing = Managing::start();
+            drop_triggers(id, relid, &table);
+            create_triggers(id, &watch, &table, &comparisons);
+        });
+    }
+}
+
+/// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`): it
+/// needs the parse tree, which only a C function can read. See [`prepare_attach`].
+///
+/// # Safety
+/// Called by PostgreSQL as an event trigger function.
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pgwatch_on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fcinfo is this call's; an event trigger's context is its EventTriggerData, checked
+    // by tag before the cast, as is every node read below.
+    unsafe {
+        let context = (*fcinfo).context;
+        if !pgrx::is_a(context, pg_sys::NodeTag::T_EventTriggerData) {
+            fail(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
+                "pgwatch.on_ddl_command_start() was not called as an event trigger".into(),
+                "it is pgwatch's own ddl_command_start event trigger",
+            );
+        }
+        let stmt = (*context.cast::<pg_sys::EventTriggerData>()).parsetree;
+        if MANAGING.get() || !pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
+            return pg_sys::Datum::from(0);
+        }
+        let cmds = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt.cast::<pg_sys::AlterTableStmt>()).cmds);
+        for cmd in cmds.iter_ptr() {
+            if (*cmd).subtype != pg_sys::AlterTableType::AT_AttachPartition
+                || !pgrx::is_a((*cmd).def, pg_sys::NodeTag::T_PartitionCmd)
+            {
+                continue;
+            }
+            let partition = (*(*cmd).def.cast::<pg_sys::PartitionCmd>()).name;
+            let relid = pg_sys::RangeVarGetRelidExtended(
+                partition,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            if relid != pg_sys::Oid::INVALID {
+                prepare_attach(relid);
+            }
+        }
+    }
+    pg_sys::Datum::from(0)
+}
+
+/// Marks `pgwatch_on_ddl_command_start` as a version-1 C function.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_pgwatch_on_ddl_command_start() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
 }
