@@ -242,6 +242,29 @@ fn inheritance_children_are_reported_when_changed_through_the_watched_parent() {
 }
 
 #[test]
+fn rows_changed_by_foreign_key_cascades_and_copy_are_reported() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_fk_org (id int PRIMARY KEY);
+             CREATE TABLE o_fk_user (id int PRIMARY KEY, org int REFERENCES o_fk_org ON UPDATE CASCADE ON DELETE CASCADE);
+             INSERT INTO o_fk_org VALUES (1), (2);
+             SELECT watch_table('o_fk_user', '*', '{org}')",
+            &["public.o_fk_user"],
+        );
+        let mut copy = writer.copy_in("COPY o_fk_user FROM STDIN").unwrap();
+        std::io::Write::write_all(&mut copy, b"10\t1\n11\t2\n").unwrap();
+        copy.finish().unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_fk_user","op":"insert","rows":[{"id":10,"org":1},{"id":11,"org":2}]}"#]);
+        writer.batch_execute("UPDATE o_fk_org SET id = 3 WHERE id = 1").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_fk_user","op":"update","rows":[{"id":10,"org":3,"old":{"org":1}}]}"#]);
+        writer.batch_execute("DELETE FROM o_fk_org WHERE id = 2").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_fk_user","op":"delete","rows":[{"id":11,"org":2}]}"#]);
+    }
+}
+
+#[test]
 fn keys_payload_sends_key_columns_only() {
     let _serial = serial();
     for mode in MODES {
