@@ -115,6 +115,16 @@ impl Folded {
         self.rows.extend(changes.into_iter().map(|change| Row { change, gone: None }));
     }
 
+    /// Makes room for `additional` more rows, e.g. a statement's, so that neither the rows nor
+    /// the index grow step by step while they arrive.
+    pub fn reserve(&mut self, additional: usize) {
+        let Folded { rows, index, .. } = self;
+        rows.reserve(additional);
+        if !rows.is_empty() || additional > 1 {
+            index.reserve(additional, |&i| fxhash::hash_bytes(rows[i].key()));
+        }
+    }
+
     /// Indexes the rows added since the last call. Where rows share a key, the live one is the
     /// one found (keys are unique among live rows); among deleted ones, the latest.
     fn index_rest(&mut self) {
@@ -143,8 +153,11 @@ impl Folded {
         let hash = fxhash::hash_bytes(key);
         let Folded { rows, index, indexed, .. } = self;
         let Ok(entry) = index.find_entry(hash, |&i| rows[i].key() == key) else {
+            // A new row is found under its key after the change: the looked-up one unless it moved.
+            let moved = change.after.as_ref().is_some_and(|after| after.key() != key);
             let row = Row { change, gone: None };
-            index.insert_unique(fxhash::hash_bytes(row.key()), rows.len(), |&i| fxhash::hash_bytes(rows[i].key()));
+            let hash = if moved { fxhash::hash_bytes(row.key()) } else { hash };
+            index.insert_unique(hash, rows.len(), |&i| fxhash::hash_bytes(rows[i].key()));
             rows.push(row);
             *indexed = rows.len();
             return;

@@ -25,16 +25,20 @@ unsafe extern "C-unwind" {
 }
 
 /// Queues `payload` on `channel` for delivery when the current transaction commits.
-fn send(channel: &CStr, payload: &[u8], rows: usize) {
-    assert!(payload.len() <= MAX_PAYLOAD, "payloads are built under the NOTIFY limit");
-    let mut text = [0u8; MAX_PAYLOAD + 1];
-    text[..payload.len()].copy_from_slice(payload);
+fn send(channel: &CStr, payload: &CStr, rows: usize) {
+    let len = payload.to_bytes().len();
+    assert!(len <= MAX_PAYLOAD, "payloads are built under the NOTIFY limit");
     // SAFETY: both are NUL-terminated strings that outlive the call; Async_Notify copies them,
     // and the guard turns a PostgreSQL ERROR into a Rust panic instead of a longjmp over Rust frames.
-    unsafe { pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), text.as_ptr().cast())) };
+    unsafe { pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr())) };
     stats::add(Counter::Notifications, 1);
-    stats::add(Counter::PayloadBytes, payload.len() as u64);
+    stats::add(Counter::PayloadBytes, len as u64);
     stats::add(Counter::RowsSent, rows as u64);
+}
+
+/// Sends a payload that lists no rows (a truncate or overflow notice).
+fn send_notice(channel: &CStr, notice: &PayloadBuf) {
+    send(channel, &CString::new(notice.as_slice()).expect("JSON text holds no NUL byte"), 0);
 }
 
 /// Order in which a watch's rows are sent: a row that takes a freed key (a delete, or an update
@@ -46,13 +50,17 @@ const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 /// number (worker delivery), and an overflow notice for each op whose rows could not all be listed.
 pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> Option<u64>) {
     if folded.truncated() {
-        send(&target.channel, &truncate_payload(&target.tbl, seq()), 0);
+        send_notice(&target.channel, &truncate_payload(&target.tbl, seq()));
     }
     let mut row = PayloadBuf::new();
     let mut deliver = |p: Payload<'_>| send(&target.channel, p.text, p.rows);
+    let mut packer = Packer::new(&target.tbl, &target.cols, Op::Insert);
     for op in SEND_ORDER {
-        let mut packer = Packer::new(&target.tbl, &target.cols, op);
         let mut overflowed = folded.overflowed(op);
+        if !overflowed && !folded.net_rows().any(|net| net.op == op) {
+            continue;
+        }
+        packer.start(&target.tbl, &target.cols, op);
         for net in folded.net_rows().filter(|net| net.op == op) {
             match net.render(&mut row, packer.row_budget(), !target.cols.is_empty()) {
                 Ok(partial) => {
@@ -68,7 +76,7 @@ pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> 
         packer.flush(seq, &mut deliver);
         if overflowed {
             stats::add(Counter::Overflows, 1);
-            send(&target.channel, &overflow_payload(&target.tbl, op, seq()), 0);
+            send_notice(&target.channel, &overflow_payload(&target.tbl, op, seq()));
         }
     }
 }

@@ -3,6 +3,8 @@
 //! Pure Rust with fixed-capacity `heapless` buffers: nothing here calls PostgreSQL, so it is
 //! unit-tested with plain `#[test]`s and can be shared by inline and worker delivery.
 
+use std::ffi::CStr;
+
 use heapless::Vec as FixedVec;
 
 /// PostgreSQL rejects a payload of `NOTIFY_PAYLOAD_MAX_LENGTH` (8000) bytes or more.
@@ -43,12 +45,19 @@ impl Op {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
 
-/// Appends `bytes`, failing if the buffer would grow beyond `limit`.
+/// Appends `bytes`, failing if the buffer would grow beyond `limit` (or its capacity). One
+/// `memcpy`: heapless's own `extend_from_slice` copies element by element.
 fn push_bytes<const N: usize>(buf: &mut FixedVec<u8, N>, bytes: &[u8], limit: usize) -> Result<(), Full> {
-    if buf.len() + bytes.len() > limit {
+    let len = buf.len();
+    if len + bytes.len() > limit.min(N) {
         return Err(Full);
     }
-    buf.extend_from_slice(bytes).map_err(|_| Full)
+    // SAFETY: the bytes fit the spare capacity (checked above), and are initialised once copied.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.as_mut_ptr().add(len), bytes.len());
+        buf.set_len(len + bytes.len());
+    }
+    Ok(())
 }
 
 /// Appends `s` as a JSON string literal. Bytes ≥ 0x80 pass through: payloads are in the server encoding.
@@ -206,21 +215,31 @@ impl ImageBuilder {
         result
     }
 
-    /// Adds a pair with a value written verbatim (numbers, booleans, `null`).
+    /// Adds a pair with a value written verbatim (numbers, booleans, `null`). Its length is known
+    /// up front, so it is checked once (the common case: every integer column).
     pub fn raw_pair(&mut self, prefix: &[u8], value: &[u8]) -> Result<(), Full> {
-        self.pair(prefix, |buf, limit| push_bytes(buf, value, limit))
+        let separator = usize::from(!self.buf.is_empty());
+        let len = prefix.len() + value.len();
+        if self.rendered + separator + len > self.limit || self.buf.len() + 2 + len > MAX_PAYLOAD {
+            return Err(Full);
+        }
+        for part in [&(len as u16).to_le_bytes()[..], prefix, value] {
+            push_bytes(&mut self.buf, part, MAX_PAYLOAD)?;
+        }
+        self.rendered += separator + len;
+        Ok(())
     }
 
     /// Adds a pair with an integer value.
     pub fn int_pair(&mut self, prefix: &[u8], value: i64) -> Result<(), Full> {
         let mut digits = [0u8; 20];
         let text = format_u64(value.unsigned_abs(), &mut digits);
-        self.pair(prefix, |buf, limit| {
-            if value < 0 {
-                push_bytes(buf, b"-", limit)?;
-            }
-            push_bytes(buf, text, limit)
-        })
+        if value >= 0 {
+            return self.raw_pair(prefix, text);
+        }
+        let mut signed = [b'-'; 21];
+        signed[1..=text.len()].copy_from_slice(text);
+        self.raw_pair(prefix, &signed[..=text.len()])
     }
 
     /// Adds a pair with a string value.
@@ -355,9 +374,9 @@ pub struct Packer {
     rows: usize,
 }
 
-/// A finished payload and how many rows it carries.
+/// A finished payload, NUL-terminated as NOTIFY takes it, and how many rows it carries.
 pub struct Payload<'a> {
-    pub text: &'a [u8],
+    pub text: &'a CStr,
     pub rows: usize,
 }
 
@@ -374,7 +393,7 @@ fn header(buf: &mut PayloadBuf, tbl: &str, op: &str, seq: Option<u64>) -> Result
     Ok(())
 }
 
-fn push_seq(buf: &mut PayloadBuf, seq: u64) -> Result<(), Full> {
+fn push_seq<const N: usize>(buf: &mut FixedVec<u8, N>, seq: u64) -> Result<(), Full> {
     let mut digits = [0u8; 20];
     let text = format_u64(seq, &mut digits);
     push_bytes(buf, b"\"seq\":", MAX_PAYLOAD)?;
@@ -444,13 +463,21 @@ impl Packer {
     /// A packer for `op` rows of `tbl`; `cols` is a compact watch's [`cols_header`], empty for
     /// rows written as objects.
     pub fn new(tbl: &str, cols: &[u8], op: Op) -> Self {
-        let mut buf = PayloadBuf::new();
-        header(&mut buf, tbl, op.as_str(), None).expect("a table name fits a payload");
-        let seq_at = buf.len();
-        push_bytes(&mut buf, cols, MAX_PAYLOAD).expect("a cols header fits a payload");
-        push_bytes(&mut buf, b"\"rows\":[", MAX_PAYLOAD).expect("a table name fits a payload");
-        let header_len = buf.len();
-        Packer { buf, seq_at, header_len, rows: 0 }
+        let mut packer = Packer { buf: PayloadBuf::new(), seq_at: 0, header_len: 0, rows: 0 };
+        packer.start(tbl, cols, op);
+        packer
+    }
+
+    /// Starts over for `op` rows of `tbl`, reusing the buffer (moving 8 KB costs more than
+    /// packing a few rows). Rows not flushed are dropped.
+    pub fn start(&mut self, tbl: &str, cols: &[u8], op: Op) {
+        self.buf.clear();
+        header(&mut self.buf, tbl, op.as_str(), None).expect("a table name fits a payload");
+        self.seq_at = self.buf.len();
+        push_bytes(&mut self.buf, cols, MAX_PAYLOAD).expect("a cols header fits a payload");
+        push_bytes(&mut self.buf, b"\"rows\":[", MAX_PAYLOAD).expect("a table name fits a payload");
+        self.header_len = self.buf.len();
+        self.rows = 0;
     }
 
     /// The most bytes one row may take so that it fits a payload on its own (with `]}` and room
@@ -468,7 +495,7 @@ impl Packer {
         if separator == 1 {
             self.buf.push(b',').expect("checked above");
         }
-        self.buf.extend_from_slice(row).expect("checked above");
+        push_bytes(&mut self.buf, row, MAX_PAYLOAD).expect("checked above");
         self.rows += 1;
         true
     }
@@ -479,14 +506,15 @@ impl Packer {
         if self.rows == 0 {
             return;
         }
-        let mut out = PayloadBuf::new();
-        out.extend_from_slice(&self.buf[..self.seq_at]).expect("same capacity");
+        let mut out = FixedVec::<u8, { MAX_PAYLOAD + 1 }>::new();
+        push_bytes(&mut out, &self.buf[..self.seq_at], MAX_PAYLOAD).expect("same capacity");
         if let Some(seq) = seq() {
             push_seq(&mut out, seq).expect("room kept by push");
         }
-        out.extend_from_slice(&self.buf[self.seq_at..]).expect("room kept by push");
-        out.extend_from_slice(b"]}").expect("room kept by push");
-        send(Payload { text: &out, rows: self.rows });
+        push_bytes(&mut out, &self.buf[self.seq_at..], MAX_PAYLOAD).expect("room kept by push");
+        push_bytes(&mut out, b"]}\0", MAX_PAYLOAD + 1).expect("room kept by push");
+        let text = CStr::from_bytes_with_nul(&out).expect("JSON text holds no NUL byte");
+        send(Payload { text, rows: self.rows });
         self.buf.truncate(self.header_len);
         self.rows = 0;
     }
@@ -585,7 +613,7 @@ mod tests {
         let mut packer = Packer::new("public.t", &cols, Op::Insert);
         assert!(packer.push(b"[1,7]") && packer.push(b"[2,7]"));
         let mut text = String::new();
-        packer.flush(&mut || Some(3), &mut |p| text = String::from_utf8(p.text.to_vec()).unwrap());
+        packer.flush(&mut || Some(3), &mut |p| text = p.text.to_str().unwrap().to_string());
         assert_eq!(text, r#"{"tbl":"public.t","op":"insert","seq":3,"cols":["id","role \"x\""],"rows":[[1,7],[2,7]]}"#);
         let long = "n".repeat(63);
         assert_eq!(cols_header(std::iter::repeat_n(long.as_str(), 100)), Err(Full));
@@ -695,7 +723,7 @@ mod tests {
     fn packer_splits_rows_across_payloads_under_the_limit() {
         let mut packer = Packer::new("public.t", b"", Op::Insert);
         let mut payloads: Vec<(String, usize)> = Vec::new();
-        let mut send = |p: Payload<'_>| payloads.push((String::from_utf8(p.text.to_vec()).unwrap(), p.rows));
+        let mut send = |p: Payload<'_>| payloads.push((p.text.to_str().unwrap().to_string(), p.rows));
         let rows: Vec<String> = (0..2000).map(|i| format!("{{\"id\":{i}}}")).collect();
         let mut next = 0;
         let mut seq = || {
@@ -749,7 +777,7 @@ mod tests {
         let mut packer = Packer::new(tbl, b"", Op::Update);
         assert!(packer.push(row.as_bytes()));
         let mut len = 0;
-        packer.flush(&mut || Some(u64::MAX), &mut |p| len = p.text.len());
+        packer.flush(&mut || Some(u64::MAX), &mut |p| len = p.text.to_bytes().len());
         assert_eq!(len, MAX_PAYLOAD);
     }
 }

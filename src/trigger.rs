@@ -97,6 +97,11 @@ unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, colu
         Op::Update => (open(data.tg_oldtable), open(data.tg_newtable)),
         Op::Delete => (open(data.tg_oldtable), None),
     };
+    if let Some(table) = new.as_ref().or(old.as_ref()) {
+        // SAFETY: as above.
+        let rows = unsafe { pg_sys::tuplestore_tuple_count(table.store) };
+        xact::expect_rows(&plan.target, usize::try_from(rows).unwrap_or(0));
+    }
     let per_row = RowMemory::new();
     loop {
         let (old_row, new_row) = (old.as_mut().map(TransitionTable::next), new.as_mut().map(TransitionTable::next));

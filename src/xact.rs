@@ -132,6 +132,22 @@ pub fn record(target: &Rc<Target>, op: Op, change: Change) {
     });
 }
 
+/// Makes room for `rows` more changes of `target`'s table (a statement's), up to the
+/// per-transaction limit.
+pub fn expect_rows(target: &Rc<Target>, rows: usize) {
+    let limit = guc::MAX_ROWS_PER_XACT.get() as usize;
+    XACT.with_borrow_mut(|x| {
+        let b = x.buffer(target);
+        let rows = rows.min(limit.saturating_sub(x.buffers[b].tracked()));
+        // SAFETY: a plain read of the current transaction's state, which cannot raise an ERROR.
+        if unsafe { GetCurrentTransactionNestLevel() } <= 1 {
+            x.buffers[b].folded.reserve(rows);
+        } else {
+            x.tail.reserve(rows);
+        }
+    });
+}
+
 /// Records that `target`'s table was truncated.
 pub fn record_truncate(target: &Rc<Target>) {
     XACT.with_borrow_mut(|x| {
