@@ -240,6 +240,12 @@ fn oversized_rows_are_sent_partial_or_as_overflow() {
         assert!(got[0].1.ends_with(r#""old":{"body":"ok"}}]}"#), "{}", got[0].1);
         assert_eq!(got[1].1, r#"{"tbl":"public.e2e_big","op":"update","rows":[{"id":"fine","partial":true}]}"#);
         listener.expect_silence();
+        // A key too big comes first: the statement's later rows are still listed.
+        writer.batch_execute("INSERT INTO e2e_big VALUES (repeat('j', 8100), 'x'), ('after', 'ok')").unwrap();
+        listener.expect(&[
+            r#"{"tbl":"public.e2e_big","op":"insert","rows":[{"id":"after","body":"ok"}]}"#,
+            r#"{"tbl":"public.e2e_big","op":"insert","overflow":true}"#,
+        ]);
     }
 }
 

@@ -197,19 +197,9 @@ fn a_watched_table_attached_as_a_partition_reports_rows_routed_through_its_paren
         );
         // A plain table's watch fires once per statement; as a partition it must fire per row,
         // or rows written through the parent would go unseen.
-        let per_row = |writer: &mut Client| -> Vec<bool> {
-            let rows = writer
-                .query(
-                    "SELECT (tgtype & 1) = 1 FROM pg_trigger WHERE tgrelid = 'o_attach_1'::regclass
-                        AND tgfoid = 'pgwatch.capture'::regproc ORDER BY tgname",
-                    &[],
-                )
-                .unwrap();
-            rows.iter().map(|row| row.get(0)).collect()
-        };
-        assert_eq!(per_row(&mut writer), [false, false, false]);
+        assert_eq!(per_row(&mut writer, "o_attach_1"), [false, false, false]);
         writer.batch_execute("ALTER TABLE o_attach ATTACH PARTITION o_attach_1 FOR VALUES FROM (0) TO (10)").unwrap();
-        assert_eq!(per_row(&mut writer), [true, true, true]);
+        assert_eq!(per_row(&mut writer, "o_attach_1"), [true, true, true]);
         writer.batch_execute("INSERT INTO o_attach VALUES (1, 'a')").unwrap();
         listener.expect(&[r#"{"tbl":"public.o_attach_1","op":"insert","rows":[{"id":1,"v":"a"}]}"#]);
         writer.batch_execute("UPDATE o_attach SET v = 'b'").unwrap();
@@ -219,25 +209,91 @@ fn a_watched_table_attached_as_a_partition_reports_rows_routed_through_its_paren
     }
 }
 
+/// Per pgwatch trigger on `table`, in name order: whether it fires per row.
+fn per_row(client: &mut Client, table: &str) -> Vec<bool> {
+    client
+        .query(
+            "SELECT (tgtype & 1) = 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass
+                AND tgfoid = 'pgwatch.capture'::regproc ORDER BY tgname",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 #[test]
-fn inheritance_children_are_reported_when_changed_through_the_watched_parent() {
+fn inheritance_trees_keep_row_triggers_whenever_they_are_formed() {
     let _serial = serial();
     for mode in MODES {
         let (mut writer, mut listener) = watched(
             mode,
             "CREATE TABLE o_inh (id int PRIMARY KEY, v text);
-             CREATE TABLE o_inh_child () INHERITS (o_inh);
-             SELECT watch_table('o_inh', '*', '{v}')",
-            &["public.o_inh"],
+             CREATE TABLE o_inh_child (id int PRIMARY KEY, v text);
+             CREATE TABLE o_inh_late (id int PRIMARY KEY, v text);
+             SELECT watch_table('o_inh', '*', '{v}');
+             SELECT watch_table('o_inh_child', '*', '{v}');
+             SELECT watch_table('o_inh_late', '*', '{v}')",
+            &["public.o_inh", "public.o_inh_child", "public.o_inh_late"],
         );
-        // The parent's statement trigger sees every row its statement changes; a statement on the
-        // child alone does not fire it.
-        writer.batch_execute("INSERT INTO o_inh_child VALUES (1, 'a')").unwrap();
+        assert_eq!(per_row(&mut writer, "o_inh"), [false, false, false], "plain tables read transition tables");
+        // Both sides of ALTER TABLE ... INHERIT, and the parent of CREATE TABLE ... INHERITS, turn
+        // to row triggers before the command runs.
+        writer
+            .batch_execute(
+                "ALTER TABLE o_inh_child INHERIT o_inh;
+                 CREATE TABLE o_inh_new () INHERITS (o_inh_late)",
+            )
+            .unwrap();
+        for table in ["o_inh", "o_inh_child", "o_inh_late"] {
+            assert_eq!(per_row(&mut writer, table), [true, true, true], "{table}");
+        }
+        // As with any row trigger: a statement on the parent fires the child's watch for the
+        // child's rows, and the parent's for its own rows only.
+        writer.batch_execute("INSERT INTO o_inh VALUES (1, 'p'); INSERT INTO o_inh_child VALUES (2, 'c')").unwrap();
+        listener.expect_on(&[
+            ("public.o_inh", r#"{"tbl":"public.o_inh","op":"insert","rows":[{"id":1,"v":"p"}]}"#),
+            ("public.o_inh_child", r#"{"tbl":"public.o_inh_child","op":"insert","rows":[{"id":2,"v":"c"}]}"#),
+        ]);
+        writer.batch_execute("UPDATE o_inh SET v = v || '!'").unwrap();
+        listener.expect_on(&[
+            ("public.o_inh", r#"{"tbl":"public.o_inh","op":"update","rows":[{"id":1,"v":"p!","old":{"v":"p"}}]}"#),
+            (
+                "public.o_inh_child",
+                r#"{"tbl":"public.o_inh_child","op":"update","rows":[{"id":2,"v":"c!","old":{"v":"c"}}]}"#,
+            ),
+        ]);
+        writer.batch_execute("INSERT INTO o_inh_new VALUES (3, 'n')").unwrap();
         listener.expect_silence();
-        writer.batch_execute("UPDATE o_inh SET v = 'b'").unwrap();
-        listener.expect(&[r#"{"tbl":"public.o_inh","op":"update","rows":[{"id":1,"v":"b","old":{"v":"a"}}]}"#]);
-        writer.batch_execute("DELETE FROM o_inh").unwrap();
-        listener.expect(&[r#"{"tbl":"public.o_inh","op":"delete","rows":[{"id":1,"v":"b"}]}"#]);
+    }
+}
+
+#[test]
+fn a_trigger_that_changes_the_table_again_is_seen_in_order() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_touch (id int PRIMARY KEY, v text, stamp int);
+             SELECT watch_table('o_touch', '*', '{v,stamp}');
+             CREATE OR REPLACE FUNCTION o_touch_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN UPDATE o_touch SET stamp = 7 WHERE id = NEW.id; RETURN NULL; END $$",
+            &["public.o_touch"],
+        );
+        assert_eq!(per_row(&mut writer, "o_touch"), [false, false, false]);
+        // An AFTER ROW trigger that writes the table again: its update must follow the insert it
+        // reacts to, which only row triggers (firing before it, by name) can see.
+        writer
+            .batch_execute(
+                "CREATE TRIGGER z_stamp AFTER INSERT ON o_touch FOR EACH ROW EXECUTE FUNCTION o_touch_stamp()",
+            )
+            .unwrap();
+        assert_eq!(per_row(&mut writer, "o_touch"), [true, true, true]);
+        writer.batch_execute("INSERT INTO o_touch VALUES (1, 'a', 0), (2, 'b', 0)").unwrap();
+        listener.expect(&[
+            r#"{"tbl":"public.o_touch","op":"insert","rows":[{"id":1,"v":"a","stamp":7},{"id":2,"v":"b","stamp":7}]}"#,
+        ]);
     }
 }
 

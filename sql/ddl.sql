@@ -50,12 +50,12 @@ BEGIN
     PERFORM pgwatch.follow_ddl();
 END
 $$;
-CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA')
+CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER')
     EXECUTE FUNCTION pgwatch.on_ddl_command_end();
 
--- Before ALTER TABLE: a watched table about to be attached as a partition gets row triggers first
--- (a C function: it reads the statement's parse tree).
+-- Before ALTER TABLE and CREATE TABLE: a watched table about to join an inheritance tree (as a
+-- partition, child or parent) gets row triggers first (a C function: it reads the parse tree).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
     LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();

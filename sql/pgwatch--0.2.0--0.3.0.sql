@@ -6,12 +6,17 @@ ALTER TABLE pgwatch.watches
     DROP CONSTRAINT watches_payload_check,
     ADD CONSTRAINT watches_payload_check CHECK (payload IN ('full', 'keys', 'compact'));
 
--- Before ALTER TABLE: a watched table about to be attached as a partition gets row triggers first
--- (a C function: it reads the statement's parse tree).
+-- Before ALTER TABLE and CREATE TABLE: a watched table about to join an inheritance tree (as a
+-- partition, child or parent) gets row triggers first (a C function: it reads the parse tree).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
     LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
+
+-- ... and after CREATE TRIGGER, a watched table with a new AFTER ROW trigger gets row triggers.
+DROP EVENT TRIGGER pgwatch_ddl_command_end;
+CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER')
+    EXECUTE FUNCTION pgwatch.on_ddl_command_end();
 
 -- Each watch is defined again, so that a plain table's row triggers become statement triggers.
 -- A watch that cannot be defined again (its table changed since) keeps its triggers, which this

@@ -66,15 +66,15 @@ pub struct Watch {
 
 impl Watch {
     /// Whether `event`'s trigger fires per row, rather than once per statement over the
-    /// statement's transition tables (cheaper per row). A statement trigger on a partitioned table
-    /// misses rows written to a partition directly, and one on a partition misses rows routed to it
-    /// through its parent; statement triggers cannot have a WHEN condition, transition tables cannot
-    /// go with UPDATE OF, and logical replication's apply worker fires row triggers only.
+    /// statement's transition tables (cheaper per row): where the table needs it (see
+    /// [`needs_row_triggers`]), and for what a statement trigger cannot express (a WHEN condition;
+    /// UPDATE OF with transition tables; changes applied by logical replication, whose apply
+    /// worker fires row triggers only).
     fn fires_per_row(&self, event: Event, table: &TableName) -> bool {
         match event {
             Event::Truncate => false,
             Event::Row(op) => {
-                table.in_partition_tree
+                table.row_triggers_only
                     || self.condition.is_some()
                     || self.fire_on_replica
                     || (op == Op::Update && !self.trigger_columns.is_empty())
@@ -83,24 +83,60 @@ impl Watch {
     }
 }
 
-/// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted).
+/// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted), and
+/// whether its watches need row triggers.
 pub struct TableName {
     pub display: String,
     pub quoted: String,
-    /// A partitioned table or a partition.
-    in_partition_tree: bool,
+    row_triggers_only: bool,
 }
 
 impl TableName {
     pub fn of(rel: &PgRelation) -> TableName {
-        // SAFETY: an open relation has its pg_class row.
-        let class = unsafe { &*rel.rd_rel };
         TableName {
             display: format!("{}.{}", rel.namespace(), rel.name()),
             quoted: format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name())),
-            in_partition_tree: class.relispartition || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE,
+            row_triggers_only: needs_row_triggers(rel),
         }
     }
+}
+
+/// Whether the watches of `rel` need row triggers, because a statement trigger reading transition
+/// tables would miss rows or see them out of order:
+/// - partitions and inheritance children: a statement on the parent fires the parent's statement
+///   triggers only, but the row triggers of every child it changes;
+/// - partitioned tables and inheritance parents: their statement triggers' transition tables also
+///   hold the children's rows, which the row triggers of 0.2.0 did not report;
+/// - tables with other AFTER ROW triggers (a self-referencing foreign key's included) that may
+///   change the table again: those changes are made while the statement's rows are still queued,
+///   and a statement trigger would record them before the rows they follow.
+fn needs_row_triggers(rel: &PgRelation) -> bool {
+    // SAFETY: an open relation has its pg_class row, and a trigger descriptor when it has triggers.
+    let (class, trigdesc) = unsafe { (&*rel.rd_rel, rel.trigdesc) };
+    if class.relispartition || class.relhassubclass || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE {
+        return true;
+    }
+    let capture = Spi::get_one::<pg_sys::Oid>("SELECT 'pgwatch.capture'::pg_catalog.regproc::oid").ok().flatten();
+    // SAFETY: a trigger descriptor holds numtriggers triggers.
+    let triggers = match unsafe { trigdesc.as_ref() } {
+        Some(desc) => unsafe { std::slice::from_raw_parts(desc.triggers, desc.numtriggers as usize) },
+        None => &[],
+    };
+    let may_write_again = triggers.iter().any(|t| {
+        let tgtype = t.tgtype as u32;
+        let after_row = tgtype & pg_sys::TRIGGER_TYPE_ROW != 0
+            && tgtype & (pg_sys::TRIGGER_TYPE_BEFORE | pg_sys::TRIGGER_TYPE_INSTEAD) == 0;
+        // Internal triggers are foreign keys'; only a self-referencing one changes this table.
+        after_row && Some(t.tgfoid) != capture && (!t.tgisinternal || t.tgconstrrelid == rel.oid())
+    });
+    may_write_again
+        || Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhrelid = $1)",
+            &[rel.oid().into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 thread_local! {
@@ -501,7 +537,7 @@ fn follow(id: i64, changes: &[Changed]) {
     changed |= channel != watch.channel;
     watch.channel = channel;
     let args = trigger_args(&watch, &table.display);
-    // A partition detached since needs the other kind of trigger.
+    // The table's triggers or place in an inheritance tree may have changed what its watches need.
     let wanted = |trigger: &Existing| {
         watch.events.iter().any(|event| {
             trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, &table)
@@ -540,8 +576,8 @@ mod pgwatch {
         MANAGING.get()
     }
 
-    /// Called at the end of ALTER TABLE and ALTER SCHEMA: watches follow renamed tables, schemas
-    /// and columns.
+    /// Called at the end of ALTER TABLE, ALTER SCHEMA and CREATE TRIGGER: watches follow renamed
+    /// tables, schemas and columns, and get row triggers where a new trigger needs them.
     #[pg_extern(volatile)]
     #[search_path(pg_catalog, pg_temp)]
     fn follow_ddl() {
@@ -553,10 +589,14 @@ mod pgwatch {
             changes.iter().filter(|c| kind.contains(&c.object_type.as_str())).map(|c| c.objid).collect()
         };
         let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
+        // A trigger created on a watched table may change what kind of triggers its watches need.
+        let triggers = of_type(&["trigger"]);
         let ids: Vec<i64> = column(
             "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
-              WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2) ORDER BY w.id",
-            &[schemas.into(), tables.into()],
+              WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2)
+                 OR c.oid IN (SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid = ANY($3))
+              ORDER BY w.id",
+            &[schemas.into(), tables.into(), triggers.into()],
         );
         for id in ids {
             follow(id, &changes);
@@ -564,11 +604,11 @@ mod pgwatch {
     }
 }
 
-/// Gives the watches of `relid`, a table about to be attached as a partition, row triggers in
-/// place of statement triggers: rows routed through the parent do not fire a partition's
-/// statement triggers, and some PostgreSQL releases refuse to attach a table that has triggers
-/// with transition tables.
-fn prepare_attach(relid: pg_sys::Oid) {
+/// Gives the watches of `relid`, a table about to join an inheritance tree (as a partition, a
+/// child or a parent), row triggers in place of statement triggers (see [`needs_row_triggers`]).
+/// It must happen before the command: PostgreSQL 13 refuses to attach or inherit a table that
+/// has triggers with transition tables.
+fn use_row_triggers(relid: pg_sys::Oid) {
     let ids: Vec<i64> = column("SELECT id FROM pgwatch.watches WHERE tbl = $1 ORDER BY id", &[relid.into()]);
     for id in ids {
         let Some(watch) = load(id) else { continue };
@@ -578,7 +618,7 @@ fn prepare_attach(relid: pg_sys::Oid) {
         }
         // SAFETY: the table exists (its watch's triggers do); ALTER TABLE locks it next.
         let rel = unsafe { PgRelation::with_lock(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
-        let table = TableName { in_partition_tree: true, ..TableName::of(&rel) };
+        let table = TableName { row_triggers_only: true, ..TableName::of(&rel) };
         let comparisons = comparisons(&rel, &watch.trigger_columns);
         drop(rel);
         as_extension_owner(|| {
@@ -589,8 +629,9 @@ fn prepare_attach(relid: pg_sys::Oid) {
     }
 }
 
-/// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`): it
-/// needs the parse tree, which only a C function can read. See [`prepare_attach`].
+/// The `ddl_command_start` event trigger of ALTER TABLE and CREATE TABLE
+/// (`pgwatch.on_ddl_command_start()`): it needs the parse tree, which only a C function can read.
+/// See [`use_row_triggers`].
 ///
 /// # Safety
 /// Called by PostgreSQL as an event trigger function.
@@ -609,27 +650,44 @@ pub unsafe extern "C-unwind" fn pgwatch_on_ddl_command_start(fcinfo: pg_sys::Fun
             );
         }
         let stmt = (*context.cast::<pg_sys::EventTriggerData>()).parsetree;
-        if MANAGING.get() || !pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
+        if MANAGING.get() {
             return pg_sys::Datum::from(0);
         }
-        let cmds = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt.cast::<pg_sys::AlterTableStmt>()).cmds);
-        for cmd in cmds.iter_ptr() {
-            if (*cmd).subtype != pg_sys::AlterTableType::AT_AttachPartition
-                || !pgrx::is_a((*cmd).def, pg_sys::NodeTag::T_PartitionCmd)
-            {
-                continue;
-            }
-            let partition = (*(*cmd).def.cast::<pg_sys::PartitionCmd>()).name;
+        let table = |rv: *mut pg_sys::RangeVar| {
             let relid = pg_sys::RangeVarGetRelidExtended(
-                partition,
+                rv,
                 pg_sys::NoLock as pg_sys::LOCKMODE,
                 pg_sys::RVROption::RVR_MISSING_OK,
                 None,
                 std::ptr::null_mut(),
             );
-            if relid != pg_sys::Oid::INVALID {
-                prepare_attach(relid);
+            (relid != pg_sys::Oid::INVALID).then_some(relid)
+        };
+        let mut joining = Vec::new();
+        if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
+            let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+            for cmd in pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds).iter_ptr() {
+                let def = (*cmd).def;
+                match (*cmd).subtype {
+                    pg_sys::AlterTableType::AT_AttachPartition if pgrx::is_a(def, pg_sys::NodeTag::T_PartitionCmd) => {
+                        joining.extend(table((*def.cast::<pg_sys::PartitionCmd>()).name));
+                    }
+                    pg_sys::AlterTableType::AT_AddInherit if pgrx::is_a(def, pg_sys::NodeTag::T_RangeVar) => {
+                        joining.extend(table((*alter).relation));
+                        joining.extend(table(def.cast()));
+                    }
+                    _ => {}
+                }
             }
+        } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_CreateStmt) {
+            // CREATE TABLE ... INHERITS (parent) or PARTITION OF parent: the parents join.
+            let create = stmt.cast::<pg_sys::CreateStmt>();
+            for parent in pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations).iter_ptr() {
+                joining.extend(table(parent));
+            }
+        }
+        for relid in joining {
+            use_row_triggers(relid);
         }
     }
     pg_sys::Datum::from(0)

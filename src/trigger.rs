@@ -47,6 +47,13 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
     if !is_row && missing_tables {
         misfired("a statement trigger without the transition tables watch_table() asks for");
     }
+    // A statement that changed no row has nothing to report, not even an overflow.
+    let table = if op == Op::Delete { data.tg_oldtable } else { data.tg_newtable };
+    // SAFETY: a transition table of the firing statement, checked above to be there.
+    let statement_rows = if is_row { 1 } else { unsafe { pg_sys::tuplestore_tuple_count(table) } };
+    if statement_rows <= 0 {
+        return Ok(None);
+    }
     // SAFETY: this is a firing trigger of pgwatch.capture.
     let plan = unsafe { plan::for_trigger(data) };
     let Some(columns) = &plan.columns else {
@@ -66,7 +73,7 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
         record(&plan, op, before.map(image), after.map(image));
     } else {
         // SAFETY: the transition tables of a firing statement trigger on the plan's table.
-        unsafe { record_transition_tables(data, &plan, columns, op) };
+        unsafe { record_transition_tables(data, &plan, columns, op, statement_rows) };
     }
     Ok(None)
 }
@@ -79,13 +86,13 @@ fn record(plan: &Plan, op: Op, before: Option<Option<Image>>, after: Option<Opti
     }
 }
 
-/// Records every row of a statement from its transition tables. An update's old and new rows are
+/// Records every row of a statement (`rows` of them) from its transition tables. An update's old and new rows are
 /// stored pairwise, in the order the rows changed, so the two tables are read in step.
 ///
 /// # Safety
 /// `data` must be a firing statement trigger's, with the transition tables `op` needs, on the
 /// table `plan` was built for.
-unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, columns: &Columns, op: Op) {
+unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, columns: &Columns, op: Op, rows: i64) {
     // SAFETY: as the caller promised.
     let tupdesc = unsafe { (*data.tg_relation).rd_att };
     let open = |table: *mut pg_sys::Tuplestorestate| {
@@ -97,28 +104,28 @@ unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, colu
         Op::Update => (open(data.tg_oldtable), open(data.tg_newtable)),
         Op::Delete => (open(data.tg_oldtable), None),
     };
-    if let Some(table) = new.as_ref().or(old.as_ref()) {
-        // SAFETY: as above.
-        let rows = unsafe { pg_sys::tuplestore_tuple_count(table.store) };
-        xact::expect_rows(&plan.target, usize::try_from(rows).unwrap_or(0));
-    }
+    xact::expect_rows(&plan.target, usize::try_from(rows).unwrap_or(0));
     let per_row = RowMemory::new();
     loop {
+        // Per table: None when the op has no such table, Some(None) once it is read to its end.
         let (old_row, new_row) = (old.as_mut().map(TransitionTable::next), new.as_mut().map(TransitionTable::next));
-        // SAFETY: each slot holds a row of the trigger's table until its next read. The rows are
-        // read outside per_row, so a slot never holds a tuple that its reset frees.
-        let image = |row: Option<_>| row.map(|slot| per_row.run(|| unsafe { columns.image_of_slot(slot) }));
-        let (before, after) = (old_row.map(image), new_row.map(image));
-        match (before, after) {
+        match (old_row, new_row) {
             (None | Some(None), None | Some(None)) => break,
-            (Some(Some(before)), Some(Some(after))) => record(plan, op, Some(before), Some(after)),
-            (Some(Some(before)), None) => record(plan, op, Some(before), None),
-            (None, Some(Some(after))) => record(plan, op, None, Some(after)),
-            // An update whose old and new rows do not pair up (a row moved to another partition
-            // and then discarded by a BEFORE trigger there): the rest can only be announced.
-            _ => {
+            // Old and new rows of an update come in pairs; if one table ran out first, the rest
+            // cannot be listed, only announced.
+            (Some(None), Some(Some(_))) | (Some(Some(_)), Some(None)) => {
                 xact::record_overflow(&plan.target, op);
                 break;
+            }
+            (old_row, new_row) => {
+                // SAFETY: each slot holds a row of the trigger's table until its next read. The
+                // rows are read outside per_row, so a slot never holds a tuple its reset frees.
+                let image = |row: Option<Option<_>>| {
+                    row.flatten().map(|slot| per_row.run(|| unsafe { columns.image_of_slot(slot) }))
+                };
+                // A row whose key does not fit a payload is recorded as an overflow; the
+                // statement's other rows are still listed.
+                record(plan, op, image(old_row), image(new_row));
             }
         }
     }
@@ -198,7 +205,8 @@ impl TransitionTable {
         }
     }
 
-    /// The next row, valid until the next call.
+    /// The next row, valid until the next call; `None` at the end, where the table is rewound
+    /// for any later reader of read pointer 0.
     fn next(&mut self) -> Option<*mut pg_sys::TupleTableSlot> {
         // SAFETY: store and slot were opened together for rows of one descriptor; a tuplestore in
         // memory is read without raising an ERROR, so the guard is needed only for a spilled one.
@@ -209,6 +217,10 @@ impl TransitionTable {
                 pg_sys::tuplestore_gettupleslot(self.store, true, false, self.slot)
             }
         };
+        if !found {
+            // SAFETY: as in open().
+            unsafe { pg_sys::tuplestore_rescan(self.store) };
+        }
         found.then_some(self.slot)
     }
 }
