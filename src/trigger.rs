@@ -4,8 +4,8 @@
 //!
 //! Plain tables get statement triggers that read the statement's transition tables: PostgreSQL
 //! then only appends each row to a tuplestore, instead of queueing an AFTER-trigger event per row
-//! and fetching the row again to fire it. Row triggers remain where a statement trigger cannot do
-//! the job (partitions, `trigger_columns`, `condition`, `fire_on_replica`; see `catalog`).
+//! and fetching the row again to fire it. Row triggers remain where a statement trigger would
+//! miss rows or see them out of order, or cannot express the watch (`catalog` decides).
 
 use std::convert::Infallible;
 
@@ -86,8 +86,9 @@ fn record(plan: &Plan, op: Op, before: Option<Option<Image>>, after: Option<Opti
     }
 }
 
-/// Records every row of a statement (`rows` of them) from its transition tables. An update's old and new rows are
-/// stored pairwise, in the order the rows changed, so the two tables are read in step.
+/// Records every row of a statement (`rows` of them) from its transition tables. An update's old
+/// and new rows are stored pairwise, in the order the rows changed, so the two tables are read in
+/// step.
 ///
 /// # Safety
 /// `data` must be a firing statement trigger's, with the transition tables `op` needs, on the
