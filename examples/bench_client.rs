@@ -243,9 +243,8 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
         let vs_ecto = worker_w1 / tps_of("W1", 32, "ectowatch");
         println!("- W1, 32 clients: pgwatch-worker = {vs_none:.2} × none (target ≥ 0.90: {}) and {vs_ecto:.1} × ectowatch (target ≥ 5: {})", check(vs_none >= 0.9), check(vs_ecto >= 5.0));
     }
-    let overhead = |v: &str| {
-        Some((mean(&get("W3", 1, v)?.latency_ms) - mean(&get("W3", 1, "none")?.latency_ms)) * 10.0)
-    };
+    let overhead =
+        |v: &str| Some((mean(&get("W3", 1, v)?.latency_ms) - mean(&get("W3", 1, "none")?.latency_ms)) * 10.0);
     if let Some(tcn) = overhead("tcn") {
         for v in ["pgwatch-inline", "pgwatch-worker", "pgwatch-compact"] {
             let o = overhead(v).unwrap_or(f64::NAN);

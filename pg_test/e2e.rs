@@ -293,19 +293,29 @@ fn transition_tables_are_read_whole_when_shared_and_when_spilled_to_disk() {
     let _serial = serial();
     let channels = ["public.e2e_tt", "e2e_tt_again"];
     for mode in MODES {
-        // Two watches and a trigger of the user's own share each statement's transition tables.
+        // Two watches and a trigger of the user's own share each statement's transition tables
+        // (the user's fires after pgwatch's, by name, so pgwatch keeps its statement triggers).
         let (mut writer, mut listener) = watched(
             mode,
             "CREATE TABLE e2e_tt (id int PRIMARY KEY, role_id int);
              CREATE TABLE e2e_tt_seen (op text, rows bigint);
              CREATE OR REPLACE FUNCTION e2e_tt_count() RETURNS trigger LANGUAGE plpgsql AS $$
                BEGIN INSERT INTO e2e_tt_seen SELECT TG_OP, count(*) FROM changed; RETURN NULL; END $$;
-             CREATE TRIGGER e2e_tt_count AFTER INSERT ON e2e_tt REFERENCING NEW TABLE AS changed
+             CREATE TRIGGER zz_e2e_tt_count AFTER INSERT ON e2e_tt REFERENCING NEW TABLE AS changed
                FOR EACH STATEMENT EXECUTE FUNCTION e2e_tt_count();
              SELECT watch_table('e2e_tt', '*', '{role_id}');
              SELECT watch_table('e2e_tt', '*', '{role_id}', label => 'e2e_tt_again')",
             &channels,
         );
+        let row_triggers: i64 = writer
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'e2e_tt'::regclass
+                    AND tgfoid = 'pgwatch.capture'::regproc AND (tgtype & 1) = 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(row_triggers, 0, "statement triggers read the transition tables");
         // At work_mem's minimum, 3000 rows spill the transition tables to a temporary file.
         writer.batch_execute("SET work_mem = '64kB'").unwrap();
         writer.batch_execute("INSERT INTO e2e_tt SELECT g, g % 7 FROM generate_series(1, 3000) g").unwrap();

@@ -270,30 +270,40 @@ fn inheritance_trees_keep_row_triggers_whenever_they_are_formed() {
 }
 
 #[test]
-fn a_trigger_that_changes_the_table_again_is_seen_in_order() {
+fn triggers_that_change_the_table_again_are_seen_in_order() {
     let _serial = serial();
-    for mode in MODES {
-        let (mut writer, mut listener) = watched(
-            mode,
-            "CREATE TABLE o_touch (id int PRIMARY KEY, v text, stamp int);
-             SELECT watch_table('o_touch', '*', '{v,stamp}');
-             CREATE OR REPLACE FUNCTION o_touch_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
-               BEGIN UPDATE o_touch SET stamp = 7 WHERE id = NEW.id; RETURN NULL; END $$",
-            &["public.o_touch"],
-        );
-        assert_eq!(per_row(&mut writer, "o_touch"), [false, false, false]);
-        // An AFTER ROW trigger that writes the table again: its update must follow the insert it
-        // reacts to, which only row triggers (firing before it, by name) can see.
-        writer
-            .batch_execute(
-                "CREATE TRIGGER z_stamp AFTER INSERT ON o_touch FOR EACH ROW EXECUTE FUNCTION o_touch_stamp()",
-            )
-            .unwrap();
-        assert_eq!(per_row(&mut writer, "o_touch"), [true, true, true]);
-        writer.batch_execute("INSERT INTO o_touch VALUES (1, 'a', 0), (2, 'b', 0)").unwrap();
-        listener.expect(&[
-            r#"{"tbl":"public.o_touch","op":"insert","rows":[{"id":1,"v":"a","stamp":7},{"id":2,"v":"b","stamp":7}]}"#,
-        ]);
+    // An AFTER trigger that writes the table again: its update must follow the insert it reacts
+    // to. A row trigger (here firing after pgwatch's, by name) or a statement trigger named before
+    // pgwatch's runs before a statement trigger of pgwatch would, so pgwatch turns to row
+    // triggers; a statement trigger named after pgwatch's fires after it, and nothing changes.
+    for (level, name, filter, per_row_after) in [
+        ("ROW", "z_stamp", "id = NEW.id", true),
+        ("STATEMENT", "a_stamp", "stamp = 0", true),
+        ("STATEMENT", "z_stamp", "stamp = 0", false),
+    ] {
+        for mode in MODES {
+            let (mut writer, mut listener) = watched(
+                mode,
+                &format!(
+                    "CREATE TABLE o_touch (id int PRIMARY KEY, v text, stamp int);
+                     SELECT watch_table('o_touch', '*', '{{v,stamp}}');
+                     CREATE OR REPLACE FUNCTION o_touch_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+                       BEGIN UPDATE o_touch SET stamp = 7 WHERE {filter}; RETURN NULL; END $$"
+                ),
+                &["public.o_touch"],
+            );
+            assert_eq!(per_row(&mut writer, "o_touch"), [false, false, false]);
+            writer
+                .batch_execute(&format!(
+                    "CREATE TRIGGER {name} AFTER INSERT ON o_touch FOR EACH {level} EXECUTE FUNCTION o_touch_stamp()"
+                ))
+                .unwrap();
+            assert_eq!(per_row(&mut writer, "o_touch"), [per_row_after; 3], "{level} {name}");
+            writer.batch_execute("INSERT INTO o_touch VALUES (1, 'a', 0), (2, 'b', 0)").unwrap();
+            listener.expect(&[
+                r#"{"tbl":"public.o_touch","op":"insert","rows":[{"id":1,"v":"a","stamp":7},{"id":2,"v":"b","stamp":7}]}"#,
+            ]);
+        }
     }
 }
 

@@ -107,9 +107,11 @@ impl TableName {
 ///   triggers only, but the row triggers of every child it changes;
 /// - partitioned tables and inheritance parents: their statement triggers' transition tables also
 ///   hold the children's rows, which the row triggers of 0.2.0 did not report;
-/// - tables with other AFTER ROW triggers (a self-referencing foreign key's included) that may
-///   change the table again: those changes are made while the statement's rows are still queued,
-///   and a statement trigger would record them before the rows they follow.
+/// - tables with other AFTER triggers on insert, update or delete (a self-referencing foreign
+///   key's included), which may change the table again: a row trigger of theirs runs while the
+///   statement's rows are still queued, a statement trigger named before `pgwatch_...` fires
+///   before pgwatch's (statement triggers fire by name), and either way a statement trigger of
+///   pgwatch would record their changes before the rows they follow.
 fn needs_row_triggers(rel: &PgRelation) -> bool {
     // SAFETY: an open relation has its pg_class row, and a trigger descriptor when it has triggers.
     let (class, trigdesc) = unsafe { (&*rel.rd_rel, rel.trigdesc) };
@@ -124,10 +126,14 @@ fn needs_row_triggers(rel: &PgRelation) -> bool {
     };
     let may_write_again = triggers.iter().any(|t| {
         let tgtype = t.tgtype as u32;
-        let after_row = tgtype & pg_sys::TRIGGER_TYPE_ROW != 0
-            && tgtype & (pg_sys::TRIGGER_TYPE_BEFORE | pg_sys::TRIGGER_TYPE_INSTEAD) == 0;
+        // SAFETY: a trigger's name is a NUL-terminated string.
+        let name = unsafe { std::ffi::CStr::from_ptr(t.tgname) }.to_bytes();
+        let fires_first = tgtype & pg_sys::TRIGGER_TYPE_ROW != 0 || name < &b"pgwatch_\x7f"[..];
+        let after_change = tgtype & (pg_sys::TRIGGER_TYPE_BEFORE | pg_sys::TRIGGER_TYPE_INSTEAD) == 0
+            && tgtype & (pg_sys::TRIGGER_TYPE_INSERT | pg_sys::TRIGGER_TYPE_UPDATE | pg_sys::TRIGGER_TYPE_DELETE) != 0
+            && fires_first;
         // Internal triggers are foreign keys'; only a self-referencing one changes this table.
-        after_row && Some(t.tgfoid) != capture && (!t.tgisinternal || t.tgconstrrelid == rel.oid())
+        after_change && Some(t.tgfoid) != capture && (!t.tgisinternal || t.tgconstrrelid == rel.oid())
     });
     may_write_again
         || Spi::get_one_with_args::<bool>(
