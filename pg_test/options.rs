@@ -677,6 +677,9 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
     .unwrap();
     let failed = failure(&mut db, "SELECT watch_table('users', label => 'compact_users', payload => 'compact')");
     assert_eq!(failed.0, "23514", "0.2.0's catalog does not take compact watches: {}", failed.1);
+    // Until the update adds the DDL event trigger statement triggers rely on, watches keep row
+    // triggers.
+    assert_eq!(per_row(&mut db, "users"), [true, true, true, true]);
 
     db.batch_execute("ALTER EXTENSION pgwatch UPDATE").unwrap();
     let version: String =

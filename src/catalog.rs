@@ -118,13 +118,25 @@ fn needs_row_triggers(rel: &PgRelation) -> bool {
     if class.relispartition || class.relhassubclass || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE {
         return true;
     }
-    let capture = Spi::get_one::<pg_sys::Oid>("SELECT 'pgwatch.capture'::pg_catalog.regproc::oid").ok().flatten();
+    // Statement triggers need the DDL event trigger that 0.3.0's SQL adds (a database still on an
+    // older version's SQL keeps row triggers until ALTER EXTENSION UPDATE), and a table that
+    // inherits nothing.
+    let (capture, event_trigger, child) = Spi::get_three_with_args::<pg_sys::Oid, bool, bool>(
+        "SELECT 'pgwatch.capture'::pg_catalog.regproc::oid,
+                EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgwatch_ddl_command_start'),
+                EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhrelid = $1)",
+        &[rel.oid().into()],
+    )
+    .unwrap_or_else(|e| error!("pgwatch: {e}"));
+    if !event_trigger.unwrap_or(false) || child.unwrap_or(true) {
+        return true;
+    }
     // SAFETY: a trigger descriptor holds numtriggers triggers.
     let triggers = match unsafe { trigdesc.as_ref() } {
         Some(desc) => unsafe { std::slice::from_raw_parts(desc.triggers, desc.numtriggers as usize) },
         None => &[],
     };
-    let may_write_again = triggers.iter().any(|t| {
+    triggers.iter().any(|t| {
         let tgtype = t.tgtype as u32;
         // SAFETY: a trigger's name is a NUL-terminated string.
         let name = unsafe { std::ffi::CStr::from_ptr(t.tgname) }.to_bytes();
@@ -134,15 +146,7 @@ fn needs_row_triggers(rel: &PgRelation) -> bool {
             && fires_first;
         // Internal triggers are foreign keys'; only a self-referencing one changes this table.
         after_change && Some(t.tgfoid) != capture && (!t.tgisinternal || t.tgconstrrelid == rel.oid())
-    });
-    may_write_again
-        || Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhrelid = $1)",
-            &[rel.oid().into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    })
 }
 
 thread_local! {
