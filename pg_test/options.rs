@@ -198,7 +198,14 @@ fn a_watched_table_attached_as_a_partition_reports_rows_routed_through_its_paren
         // A plain table's watch fires once per statement; as a partition it must fire per row,
         // or rows written through the parent would go unseen.
         assert_eq!(per_row(&mut writer, "o_attach_1"), [false, false, false]);
-        writer.batch_execute("ALTER TABLE o_attach ATTACH PARTITION o_attach_1 FOR VALUES FROM (0) TO (10)").unwrap();
+        // Also under session_replication_role = replica, where ordinary event triggers sleep.
+        writer
+            .batch_execute(
+                "SET session_replication_role = replica;
+                 ALTER TABLE o_attach ATTACH PARTITION o_attach_1 FOR VALUES FROM (0) TO (10);
+                 RESET session_replication_role",
+            )
+            .unwrap();
         assert_eq!(per_row(&mut writer, "o_attach_1"), [true, true, true]);
         writer.batch_execute("INSERT INTO o_attach VALUES (1, 'a')").unwrap();
         listener.expect(&[r#"{"tbl":"public.o_attach_1","op":"insert","rows":[{"id":1,"v":"a"}]}"#]);
@@ -238,12 +245,14 @@ fn inheritance_trees_keep_row_triggers_whenever_they_are_formed() {
             &["public.o_inh", "public.o_inh_child", "public.o_inh_late"],
         );
         assert_eq!(per_row(&mut writer, "o_inh"), [false, false, false], "plain tables read transition tables");
-        // Both sides of ALTER TABLE ... INHERIT, and the parent of CREATE TABLE ... INHERITS, turn
-        // to row triggers before the command runs.
+        // Both sides of ALTER TABLE ... INHERIT, and the parent of CREATE TABLE ... INHERITS (here
+        // inside CREATE SCHEMA, which fires no event trigger of its own for it), turn to row
+        // triggers.
         writer
             .batch_execute(
-                "ALTER TABLE o_inh_child INHERIT o_inh;
-                 CREATE TABLE o_inh_new () INHERITS (o_inh_late)",
+                "DROP SCHEMA IF EXISTS o_inh_s CASCADE;
+                 ALTER TABLE o_inh_child INHERIT o_inh;
+                 CREATE SCHEMA o_inh_s CREATE TABLE o_inh_new () INHERITS (public.o_inh_late)",
             )
             .unwrap();
         for table in ["o_inh", "o_inh_child", "o_inh_late"] {
@@ -264,7 +273,7 @@ fn inheritance_trees_keep_row_triggers_whenever_they_are_formed() {
                 r#"{"tbl":"public.o_inh_child","op":"update","rows":[{"id":2,"v":"c!","old":{"v":"c"}}]}"#,
             ),
         ]);
-        writer.batch_execute("INSERT INTO o_inh_new VALUES (3, 'n')").unwrap();
+        writer.batch_execute("INSERT INTO o_inh_s.o_inh_new VALUES (3, 'n')").unwrap();
         listener.expect_silence();
     }
 }
@@ -739,7 +748,13 @@ fn pg_dump_and_pg_restore_keep_watches() {
             "CREATE TABLE orders (id int PRIMARY KEY, status text, total numeric);
              SELECT watch_table('orders', 'insert, update, truncate', '{status}', trigger_columns => '{status}',
                                 condition => $$NEW.total > 0$$, fire_on_replica => true);
-             SELECT watch_table('orders', 'delete', label => 'orders_gone', payload => 'keys')",
+             SELECT watch_table('orders', 'delete', label => 'orders_gone', payload => 'keys');
+             -- Row triggers for a self-referencing foreign key, statement triggers for a plain table:
+             -- restored one trigger at a time, before the foreign key.
+             CREATE TABLE tree (id int PRIMARY KEY, parent int REFERENCES tree ON DELETE CASCADE);
+             SELECT watch_table('tree', payload => 'compact');
+             CREATE TABLE notes (id int PRIMARY KEY);
+             SELECT watch_table('notes')",
         )
         .unwrap();
     let watches = |client: &mut Client| -> Vec<String> {
@@ -753,7 +768,8 @@ fn pg_dump_and_pg_restore_keep_watches() {
     let triggers = |client: &mut Client| -> Vec<String> {
         client
             .query(
-                "SELECT pg_get_triggerdef(oid) || tgenabled::text FROM pg_trigger WHERE tgrelid = 'orders'::regclass ORDER BY tgname",
+                "SELECT pg_get_triggerdef(oid) || tgenabled::text FROM pg_trigger
+                  WHERE tgfoid = 'pgwatch.capture'::regproc ORDER BY tgrelid::regclass::text, tgname",
                 &[],
             )
             .unwrap()
@@ -779,6 +795,11 @@ fn pg_dump_and_pg_restore_keep_watches() {
     let mut restored = connect_to(&mut admin, "o_restored");
     assert_eq!(watches(&mut restored), watches(&mut source));
     assert_eq!(triggers(&mut restored), triggers(&mut source));
+    let restored_triggers = triggers(&mut restored);
+    let count = |table: &str, level: &str| {
+        restored_triggers.iter().filter(|t| t.contains(&format!("ON public.{table} ")) && t.contains(level)).count()
+    };
+    assert_eq!((count("notes", "FOR EACH STATEMENT"), count("tree", "FOR EACH ROW")), (3, 3));
     let mut listener = Listener::new(connect_to(&mut admin, "o_restored"), &["public.orders", "orders_gone"]);
     // One statement at a time: the worker would fold changes that reach it together.
     restored.batch_execute("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 5)").unwrap();
@@ -793,7 +814,7 @@ fn pg_dump_and_pg_restore_keep_watches() {
     listener.expect_on(&[("orders_gone", r#"{"tbl":"public.orders","op":"delete","rows":[{"id":1}]}"#)]);
     // A new watch does not collide with the restored ones.
     restored.batch_execute("SELECT watch_table('orders', 'insert', label => 'orders_new')").unwrap();
-    assert_eq!(watches(&mut restored).len(), 3);
+    assert_eq!(watches(&mut restored).len(), 5);
     drop((source, restored, listener));
     std::fs::remove_file(dump).unwrap();
     admin.batch_execute("DROP DATABASE o_dump WITH (FORCE)").unwrap();

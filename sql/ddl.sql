@@ -41,21 +41,29 @@ END
 $$;
 CREATE EVENT TRIGGER pgwatch_sql_drop ON sql_drop EXECUTE FUNCTION pgwatch.on_sql_drop();
 
--- Renaming a watched table, its schema or a watched column: the watch follows (see
--- pgwatch.follow_ddl()).
+-- Renaming a watched table, its schema or a watched column: the watch follows; a watched table
+-- that now needs row triggers (a new trigger, a new place in an inheritance tree) gets them (see
+-- pgwatch.follow_ddl()). Enabled ALWAYS, so that DDL under session_replication_role = replica is
+-- followed too.
 CREATE FUNCTION pgwatch.on_ddl_command_end() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM pgwatch.follow_ddl();
+    -- While the extension's own script runs, its DDL comes before follow_ddl() exists.
+    IF to_regprocedure('pgwatch.follow_ddl()') IS NOT NULL THEN
+        PERFORM pgwatch.follow_ddl();
+    END IF;
 END
 $$;
-CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER')
+CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_end();
+ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 
--- Before ALTER TABLE and CREATE TABLE: a watched table about to join an inheritance tree (as a
--- partition, child or parent) gets row triggers first (a C function: it reads the parse tree).
+-- Before ALTER TABLE: a watched table about to become a partition or an inheritance child gets row
+-- triggers first (a C function: it reads the parse tree).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
-    LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+    LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
+ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;

@@ -6,17 +6,31 @@ ALTER TABLE pgwatch.watches
     DROP CONSTRAINT watches_payload_check,
     ADD CONSTRAINT watches_payload_check CHECK (payload IN ('full', 'keys', 'compact'));
 
--- Before ALTER TABLE and CREATE TABLE: a watched table about to join an inheritance tree (as a
--- partition, child or parent) gets row triggers first (a C function: it reads the parse tree).
+-- Before ALTER TABLE: a watched table about to become a partition or an inheritance child gets row
+-- triggers first (a C function: it reads the parse tree).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
-    LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+    LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
+ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;
 
--- ... and after CREATE TRIGGER, a watched table with a new AFTER ROW trigger gets row triggers.
+-- After DDL that can give a watched table another trigger or a place in an inheritance tree, its
+-- watches get row triggers where they need them; enabled ALWAYS (DDL under replica is followed).
+CREATE OR REPLACE FUNCTION pgwatch.on_ddl_command_end() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- While the extension's own script runs, its DDL comes before follow_ddl() exists.
+    IF to_regprocedure('pgwatch.follow_ddl()') IS NOT NULL THEN
+        PERFORM pgwatch.follow_ddl();
+    END IF;
+END
+$$;
 DROP EVENT TRIGGER pgwatch_ddl_command_end;
-CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER')
+CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_end();
+ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 
 -- Each watch is defined again, so that a plain table's row triggers become statement triggers.
 -- A watch that cannot be defined again (its table changed since) keeps its triggers, which this

@@ -118,12 +118,13 @@ fn needs_row_triggers(rel: &PgRelation) -> bool {
     if class.relispartition || class.relhassubclass || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE {
         return true;
     }
-    // Statement triggers need the DDL event trigger that 0.3.0's SQL adds (a database still on an
-    // older version's SQL keeps row triggers until ALTER EXTENSION UPDATE), and a table that
-    // inherits nothing.
+    // Statement triggers need the DDL event triggers that 0.3.0's SQL adds, enabled always (a
+    // database still on an older version's SQL keeps row triggers until ALTER EXTENSION UPDATE),
+    // and a table that inherits nothing.
     let (capture, event_trigger, child) = Spi::get_three_with_args::<pg_sys::Oid, bool, bool>(
         "SELECT 'pgwatch.capture'::pg_catalog.regproc::oid,
-                EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgwatch_ddl_command_start'),
+                (SELECT count(*) FROM pg_catalog.pg_event_trigger
+                  WHERE evtname IN ('pgwatch_ddl_command_start', 'pgwatch_ddl_command_end') AND evtenabled = 'A') = 2,
                 EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhrelid = $1)",
         &[rel.oid().into()],
     )
@@ -257,7 +258,7 @@ fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
     Spi::connect(|client| {
         client
             .select(
-                "SELECT tgname::text, tgnargs::int4, tgargs, (tgtype & 1) = 1 FROM pg_catalog.pg_trigger
+                "SELECT tgname::text, tgnargs::int4, tgargs, (tgtype::int4 & 1) = 1 FROM pg_catalog.pg_trigger
                   WHERE tgrelid = $1 AND tgname = ANY($2)",
                 None,
                 &[tbl.into(), trigger_names(id).into()],
@@ -500,8 +501,9 @@ fn triggers_refer_to(id: i64, tbl: pg_sys::Oid, attnum: i32) -> bool {
 fn follow(id: i64, changes: &[Changed]) {
     let Some(mut watch) = load(id) else { return };
     let existing = existing_triggers(id, watch.tbl);
-    if existing.is_empty() {
-        // The triggers are not there (yet): pg_restore creates them after the table's other DDL.
+    if !watch.events.iter().all(|event| existing.iter().any(|t| t.name == trigger_name(id, event))) {
+        // Not all its triggers are there (yet): pg_restore creates them one by one, after the
+        // table's other DDL.
         return;
     }
     // SAFETY: the table exists (its triggers do) and this transaction's DDL has it locked.
@@ -586,8 +588,9 @@ mod pgwatch {
         MANAGING.get()
     }
 
-    /// Called at the end of ALTER TABLE, ALTER SCHEMA and CREATE TRIGGER: watches follow renamed
-    /// tables, schemas and columns, and get row triggers where a new trigger needs them.
+    /// Called at the end of DDL that can change a watched table (see `sql/ddl.sql`): watches
+    /// follow renamed tables, schemas and columns, and get row triggers where the table now needs
+    /// them (a new trigger, a new place in an inheritance tree).
     #[pg_extern(volatile)]
     #[search_path(pg_catalog, pg_temp)]
     fn follow_ddl() {
@@ -601,10 +604,19 @@ mod pgwatch {
         let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
         // A trigger created on a watched table may change what kind of triggers its watches need.
         let triggers = of_type(&["trigger"]);
+        // And any watched table in an inheritance tree that still has statement triggers: a
+        // parent that just gained a child (CREATE TABLE ... INHERITS, also inside CREATE SCHEMA;
+        // a foreign table's INHERITS) or a child whose command the ddl_command_start trigger did
+        // not see.
         let ids: Vec<i64> = column(
             "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
               WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2)
                  OR c.oid IN (SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid = ANY($3))
+                 OR ((c.relispartition OR c.relhassubclass
+                      OR EXISTS (SELECT FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid))
+                     AND EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                                  WHERE t.tgrelid = c.oid AND t.tgfoid = 'pgwatch.capture'::pg_catalog.regproc
+                                    AND (t.tgtype::int4 & 1) = 0 AND (t.tgtype::int4 & 28) <> 0))
               ORDER BY w.id",
             &[schemas.into(), tables.into(), triggers.into()],
         );
@@ -614,12 +626,18 @@ mod pgwatch {
     }
 }
 
-/// Gives the watches of `relid`, a table about to join an inheritance tree (as a partition, a
-/// child or a parent), row triggers in place of statement triggers (see [`needs_row_triggers`]).
-/// It must happen before the command: PostgreSQL 13 refuses to attach or inherit a table that
-/// has triggers with transition tables.
+/// Gives the watches of `relid`, a table about to become a partition or an inheritance child, row
+/// triggers in place of statement triggers (see [`needs_row_triggers`]). It must happen before the
+/// command: PostgreSQL 13 refuses to attach or inherit a table that has triggers with transition
+/// tables.
 fn use_row_triggers(relid: pg_sys::Oid) {
-    let ids: Vec<i64> = column("SELECT id FROM pgwatch.watches WHERE tbl = $1 ORDER BY id", &[relid.into()]);
+    // Only for a user who may run the command (it needs ownership): anyone else's fails anyway,
+    // and should not lock the table for a rebuild first.
+    let ids: Vec<i64> = column(
+        "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
+          WHERE w.tbl = $1 AND pg_catalog.pg_has_role(c.relowner, 'USAGE') ORDER BY w.id",
+        &[relid.into()],
+    );
     for id in ids {
         let Some(watch) = load(id) else { continue };
         let truncate = trigger_name(id, Event::Truncate);
@@ -639,9 +657,10 @@ fn use_row_triggers(relid: pg_sys::Oid) {
     }
 }
 
-/// The `ddl_command_start` event trigger of ALTER TABLE and CREATE TABLE
-/// (`pgwatch.on_ddl_command_start()`): it needs the parse tree, which only a C function can read.
-/// See [`use_row_triggers`].
+/// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`): a
+/// watched table about to become a partition or an inheritance child gets row triggers first. It
+/// needs the parse tree, which only a C function can read. (A watched parent that gains a child is
+/// followed at `ddl_command_end`, in `follow_ddl`.)
 ///
 /// # Safety
 /// Called by PostgreSQL as an event trigger function.
@@ -682,18 +701,9 @@ pub unsafe extern "C-unwind" fn pgwatch_on_ddl_command_start(fcinfo: pg_sys::Fun
                     pg_sys::AlterTableType::AT_AttachPartition if pgrx::is_a(def, pg_sys::NodeTag::T_PartitionCmd) => {
                         joining.extend(table((*def.cast::<pg_sys::PartitionCmd>()).name));
                     }
-                    pg_sys::AlterTableType::AT_AddInherit if pgrx::is_a(def, pg_sys::NodeTag::T_RangeVar) => {
-                        joining.extend(table((*alter).relation));
-                        joining.extend(table(def.cast()));
-                    }
+                    pg_sys::AlterTableType::AT_AddInherit => joining.extend(table((*alter).relation)),
                     _ => {}
                 }
-            }
-        } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_CreateStmt) {
-            // CREATE TABLE ... INHERITS (parent) or PARTITION OF parent: the parents join.
-            let create = stmt.cast::<pg_sys::CreateStmt>();
-            for parent in pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations).iter_ptr() {
-                joining.extend(table(parent));
             }
         }
         for relid in joining {
