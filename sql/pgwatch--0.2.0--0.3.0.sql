@@ -9,7 +9,7 @@ ALTER TABLE pgwatch.watches
 -- Before ALTER TABLE: a watched table about to become a partition or an inheritance child gets row
 -- triggers first (a C function: it reads the parse tree).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
-    LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
+    LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
 CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
 ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;

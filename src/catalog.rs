@@ -657,6 +657,31 @@ fn use_row_triggers(relid: pg_sys::Oid) {
     }
 }
 
+/// Runs `f` with `search_path = pg_catalog, pg_temp`, as pgwatch's SQL functions declare it: the
+/// event trigger function below cannot declare it, since it resolves the command's table names.
+/// The caller's setting comes back afterwards (and with the transaction's abort on an ERROR).
+fn with_safe_search_path<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: a GUC nest level around one setting, popped below, as fmgr does for SET clauses.
+    let level = unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        level
+    };
+    let result = f();
+    // SAFETY: pops the nest level pushed above.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    result
+}
+
 /// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`): a
 /// watched table about to become a partition or an inheritance child gets row triggers first. It
 /// needs the parse tree, which only a C function can read. (A watched parent that gains a child is
@@ -706,8 +731,10 @@ pub unsafe extern "C-unwind" fn pgwatch_on_ddl_command_start(fcinfo: pg_sys::Fun
                 }
             }
         }
-        for relid in joining {
-            use_row_triggers(relid);
+        // Names were resolved with the command's search_path; pgwatch's own SQL runs with a safe
+        // one.
+        if !joining.is_empty() {
+            with_safe_search_path(|| joining.into_iter().for_each(use_row_triggers));
         }
     }
     pg_sys::Datum::from(0)
