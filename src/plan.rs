@@ -197,6 +197,12 @@ pub fn register_invalidation() {
 }
 
 impl Columns {
+    /// Whether imaging a row may allocate PostgreSQL memory: output functions do, and detoasting
+    /// a text value may. Integers, booleans and OIDs never do.
+    pub fn allocates(&self) -> bool {
+        self.list.iter().any(|c| matches!(c.encoding, Encoding::Text | Encoding::Number(_) | Encoding::Output(_)))
+    }
+
     /// The watched columns of a row trigger's tuple; `None` when even its key does not fit a
     /// payload.
     ///

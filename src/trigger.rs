@@ -50,7 +50,7 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
     // A statement that changed no row has nothing to report, not even an overflow.
     let table = if op == Op::Delete { data.tg_oldtable } else { data.tg_newtable };
     // SAFETY: a transition table of the firing statement, checked above to be there.
-    let statement_rows = if is_row { 1 } else { unsafe { pg_sys::tuplestore_tuple_count(table) } };
+    let statement_rows = if is_row { 1 } else { unsafe { unguarded::tuplestore_tuple_count(table) } };
     if statement_rows <= 0 {
         return Ok(None);
     }
@@ -106,7 +106,7 @@ unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, colu
         Op::Delete => (open(data.tg_oldtable), None),
     };
     xact::expect_rows(&plan.target, usize::try_from(rows).unwrap_or(0));
-    let per_row = RowMemory::new();
+    let per_row = columns.allocates().then(RowMemory::new);
     loop {
         // Per table: None when the op has no such table, Some(None) once it is read to its end.
         let (old_row, new_row) = (old.as_mut().map(TransitionTable::next), new.as_mut().map(TransitionTable::next));
@@ -122,7 +122,13 @@ unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, colu
                 // SAFETY: each slot holds a row of the trigger's table until its next read. The
                 // rows are read outside per_row, so a slot never holds a tuple its reset frees.
                 let image = |row: Option<Option<_>>| {
-                    row.flatten().map(|slot| per_row.run(|| unsafe { columns.image_of_slot(slot) }))
+                    row.flatten().map(|slot| {
+                        let image = || unsafe { columns.image_of_slot(slot) };
+                        match &per_row {
+                            Some(memory) => memory.run(image),
+                            None => image(),
+                        }
+                    })
                 };
                 // A row whose key does not fit a payload is recorded as an overflow; the
                 // statement's other rows are still listed.
@@ -199,10 +205,28 @@ impl TransitionTable {
         // is allowed (transition tables are created with EXEC_FLAG_REWIND). The slot lives in
         // the trigger call's memory context.
         unsafe {
-            pg_sys::tuplestore_select_read_pointer(store, 0);
-            pg_sys::tuplestore_rescan(store);
-            let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-            TransitionTable { store, slot, in_memory: pg_sys::tuplestore_in_memory(store) }
+            unguarded::tuplestore_select_read_pointer(store, 0);
+            let mut table = TransitionTable {
+                store,
+                slot: std::ptr::null_mut(),
+                in_memory: unguarded::tuplestore_in_memory(store),
+            };
+            table.rewind();
+            table.slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+            table
+        }
+    }
+
+    /// Rewinds read pointer 0 (see open()).
+    fn rewind(&mut self) {
+        // SAFETY: rewinding a tuplestore in memory cannot raise an ERROR; a spilled one may (a
+        // file seek), so it goes through the guard.
+        unsafe {
+            if self.in_memory {
+                unguarded::tuplestore_rescan(self.store);
+            } else {
+                pg_sys::tuplestore_rescan(self.store);
+            }
         }
     }
 
@@ -219,8 +243,7 @@ impl TransitionTable {
             }
         };
         if !found {
-            // SAFETY: as in open().
-            unsafe { pg_sys::tuplestore_rescan(self.store) };
+            self.rewind();
         }
         found.then_some(self.slot)
     }

@@ -23,6 +23,16 @@ unsafe extern "C" {
         copy: bool,
         slot: *mut pg_sys::TupleTableSlot,
     ) -> bool;
+    /// Whether a tuplestore is held in memory; a plain read.
+    pub fn tuplestore_in_memory(state: *mut pg_sys::Tuplestorestate) -> bool;
+    /// How many rows a tuplestore holds; a plain read.
+    pub fn tuplestore_tuple_count(state: *mut pg_sys::Tuplestorestate) -> i64;
+    /// Makes an existing read pointer the active one; raises only for a pointer that does not
+    /// exist, and pgwatch uses pointer 0, which always does.
+    pub fn tuplestore_select_read_pointer(state: *mut pg_sys::Tuplestorestate, ptr: i32);
+    /// Rewinds the active read pointer; raises only when seeking in a spilled tuplestore's
+    /// file, so pgwatch calls it this way only for a tuplestore held in memory.
+    pub fn tuplestore_rescan(state: *mut pg_sys::Tuplestorestate);
     /// Frees a context's memory; returns at once if nothing was allocated since the last reset.
     pub fn MemoryContextReset(context: pg_sys::MemoryContext);
 }
