@@ -66,15 +66,15 @@ pub struct Watch {
 
 impl Watch {
     /// Whether `event`'s trigger fires per row, rather than once per statement over the
-    /// statement's transition tables (cheaper per row): where the table needs it (see
-    /// [`needs_row_triggers`]), and for what a statement trigger cannot express (a WHEN condition;
-    /// UPDATE OF with transition tables; changes applied by logical replication, whose apply
-    /// worker fires row triggers only).
-    fn fires_per_row(&self, event: Event, table: &TableName) -> bool {
+    /// statement's transition tables (cheaper per row): where the table needs it
+    /// (`table_needs_rows`, see [`needs_row_triggers`]), and for what a statement trigger cannot
+    /// express (a WHEN condition; UPDATE OF with transition tables; changes applied by logical
+    /// replication, whose apply worker fires row triggers only).
+    fn fires_per_row(&self, event: Event, table_needs_rows: bool) -> bool {
         match event {
             Event::Truncate => false,
             Event::Row(op) => {
-                table.row_triggers_only
+                table_needs_rows
                     || self.condition.is_some()
                     || self.fire_on_replica
                     || (op == Op::Update && !self.trigger_columns.is_empty())
@@ -83,12 +83,10 @@ impl Watch {
     }
 }
 
-/// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted), and
-/// whether its watches need row triggers.
+/// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted).
 pub struct TableName {
     pub display: String,
     pub quoted: String,
-    row_triggers_only: bool,
 }
 
 impl TableName {
@@ -96,7 +94,6 @@ impl TableName {
         TableName {
             display: format!("{}.{}", rel.namespace(), rel.name()),
             quoted: format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name())),
-            row_triggers_only: needs_row_triggers(rel),
         }
     }
 }
@@ -313,9 +310,9 @@ fn when_clause(conditions: &[String]) -> String {
 }
 
 /// Installs one trigger per event of watch `id`; `changed` holds the [`comparisons`] of its
-/// trigger columns. The table must not be open in this backend: `ALTER TABLE` refuses a table in
-/// use.
-fn create_triggers(id: i64, watch: &Watch, table: &TableName, changed: &[String]) {
+/// trigger columns, `table_needs_rows` what [`needs_row_triggers`] says of the table. The table
+/// must not be open in this backend: `ALTER TABLE` refuses a table in use.
+fn create_triggers(id: i64, watch: &Watch, table: &TableName, table_needs_rows: bool, changed: &[String]) {
     let args: Vec<String> = trigger_args(watch, &table.display).into_iter().map(quote_literal).collect();
     let args = args.join(", ");
     let condition: Vec<String> = watch.condition.iter().cloned().collect();
@@ -324,7 +321,7 @@ fn create_triggers(id: i64, watch: &Watch, table: &TableName, changed: &[String]
         let t = &table.quoted;
         let spec = match event {
             Event::Truncate => format!("AFTER TRUNCATE ON {t} FOR EACH STATEMENT"),
-            Event::Row(op) if !watch.fires_per_row(event, table) => {
+            Event::Row(op) if !watch.fires_per_row(event, table_needs_rows) => {
                 let tables = match op {
                     Op::Insert => "NEW TABLE AS pgwatch_new",
                     Op::Update => "OLD TABLE AS pgwatch_old NEW TABLE AS pgwatch_new",
@@ -356,6 +353,7 @@ fn create_triggers(id: i64, watch: &Watch, table: &TableName, changed: &[String]
 /// triggers; returns its id.
 pub fn save(rel: PgRelation, watch: &Watch, shape: Shape) -> i64 {
     let table = TableName::of(&rel);
+    let table_needs_rows = needs_row_triggers(&rel);
     let changed = comparisons(&rel, &watch.trigger_columns);
     drop(rel);
     as_extension_owner(|| {
@@ -399,7 +397,7 @@ pub fn save(rel: PgRelation, watch: &Watch, shape: Shape) -> i64 {
         let id = replaced.unwrap_or_else(|| {
             Spi::get_one_with_args::<i64>(insert, fields).ok().flatten().expect("INSERT ... RETURNING returns the id")
         });
-        create_triggers(id, watch, &table, &changed);
+        create_triggers(id, watch, &table, table_needs_rows, &changed);
         id
     })
 }
@@ -550,9 +548,10 @@ fn follow(id: i64, changes: &[Changed]) {
     watch.channel = channel;
     let args = trigger_args(&watch, &table.display);
     // The table's triggers or place in an inheritance tree may have changed what its watches need.
+    let table_needs_rows = needs_row_triggers(&rel);
     let wanted = |trigger: &Existing| {
         watch.events.iter().any(|event| {
-            trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, &table)
+            trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, table_needs_rows)
         })
     };
     if !changed && existing.iter().all(|trigger| trigger.args == args && wanted(trigger)) {
@@ -574,7 +573,7 @@ fn follow(id: i64, changes: &[Changed]) {
             ],
         );
         drop_triggers(id, watch.tbl, &table);
-        create_triggers(id, &watch, &table, &comparisons);
+        create_triggers(id, &watch, &table, table_needs_rows, &comparisons);
     });
 }
 
@@ -646,13 +645,13 @@ fn use_row_triggers(relid: pg_sys::Oid) {
         }
         // SAFETY: the table exists (its watch's triggers do); ALTER TABLE locks it next.
         let rel = unsafe { PgRelation::with_lock(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
-        let table = TableName { row_triggers_only: true, ..TableName::of(&rel) };
+        let table = TableName::of(&rel);
         let comparisons = comparisons(&rel, &watch.trigger_columns);
         drop(rel);
         as_extension_owner(|| {
             let _managing = Managing::start();
             drop_triggers(id, relid, &table);
-            create_triggers(id, &watch, &table, &comparisons);
+            create_triggers(id, &watch, &table, true, &comparisons);
         });
     }
 }
