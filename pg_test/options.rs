@@ -687,19 +687,30 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
     let failed = failure(&mut db, "SELECT watch_table('users', label => 'compact_users', payload => 'compact')");
     assert_eq!(failed.0, "23514", "0.2.0's catalog does not take compact watches: {}", failed.1);
     // Until the update adds the DDL event trigger statement triggers rely on, watches keep row
-    // triggers.
+    // triggers, with one argument per field as 0.2.0 made them; this library still reads them.
     assert_eq!(per_row(&mut db, "users"), [true, true, true, true]);
+    let mut listener =
+        Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users", "renamed_users", "compact_users"]);
+    db.batch_execute("INSERT INTO users VALUES (0, 0, 'z')").unwrap();
+    listener.expect_on(&[("public.users", r#"{"tbl":"public.users","op":"insert","rows":[{"id":0,"role_id":0}]}"#)]);
+    db.batch_execute("UPDATE users SET name = 'y'").unwrap();
+    listener.expect_on(&[
+        ("public.users", r#"{"tbl":"public.users","op":"update","rows":[{"id":0,"role_id":0}]}"#),
+        ("renamed_users", r#"{"tbl":"public.users","op":"update","rows":[{"id":0}]}"#),
+    ]);
+    db.batch_execute("DELETE FROM users").unwrap();
+    listener.expect_on(&[("public.users", r#"{"tbl":"public.users","op":"delete","rows":[{"id":0,"role_id":0}]}"#)]);
 
     db.batch_execute("ALTER EXTENSION pgwatch UPDATE").unwrap();
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pgwatch'", &[]).unwrap().get(0);
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
     // Defined again by the update: the plain watch reads transition tables, the one with
-    // trigger_columns keeps its row trigger.
+    // trigger_columns keeps its row trigger; each trigger has one argument.
     let levels: Vec<String> = db
         .query(
-            "SELECT tgname || CASE WHEN (tgtype & 1) = 1 THEN ' row' ELSE ' statement' END FROM pg_trigger
-              WHERE tgrelid = 'users'::regclass ORDER BY tgname",
+            "SELECT tgname || CASE WHEN (tgtype & 1) = 1 THEN ' row' ELSE ' statement' END || ' ' || tgnargs
+               FROM pg_trigger WHERE tgrelid = 'users'::regclass ORDER BY tgname",
             &[],
         )
         .unwrap()
@@ -709,15 +720,13 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
     assert_eq!(
         levels,
         [
-            "pgwatch_1_delete statement",
-            "pgwatch_1_insert statement",
-            "pgwatch_1_update statement",
-            "pgwatch_2_update row"
+            "pgwatch_1_delete statement 1",
+            "pgwatch_1_insert statement 1",
+            "pgwatch_1_update statement 1",
+            "pgwatch_2_update row 1"
         ]
     );
     db.batch_execute("SELECT watch_table('users', label => 'compact_users', payload => 'compact')").unwrap();
-    let mut listener =
-        Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users", "renamed_users", "compact_users"]);
     db.batch_execute("INSERT INTO users VALUES (1, 1, 'a')").unwrap();
     listener.expect_on(&[
         ("public.users", r#"{"tbl":"public.users","op":"insert","rows":[{"id":1,"role_id":1}]}"#),

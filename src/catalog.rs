@@ -17,6 +17,7 @@ use pgrx::spi::{quote_identifier, quote_literal};
 use pgrx::{PgRelation, PgSqlErrorCode};
 
 use crate::api::{channel_name, fail, MAX_CHANNEL_BYTES};
+use crate::args;
 use crate::events::{Event, Events};
 use crate::payload::Op;
 
@@ -220,18 +221,19 @@ pub fn column_names(rel: &PgRelation) -> Vec<String> {
     rel.tuple_desc().iter().filter(|attr| !attr.is_dropped()).map(|attr| attr.name().to_string()).collect()
 }
 
-/// What the trigger reads (see `plan`): channel, table name, key count (marked ` compact` for a
-/// compact watch), key and extra columns.
+/// The trigger's arguments: one, holding what the trigger reads (see `plan`): channel, table
+/// name, key count (marked ` compact` for a compact watch), key and extra columns.
 fn trigger_args(watch: &Watch, display: &str) -> Vec<String> {
     let keys = match watch.payload {
         PayloadMode::Compact => format!("{} compact", watch.keys.len()),
         PayloadMode::Full | PayloadMode::Keys => watch.keys.len().to_string(),
     };
-    [watch.channel.clone(), display.to_string(), keys]
+    let fields: Vec<String> = [watch.channel.clone(), display.to_string(), keys]
         .into_iter()
         .chain(watch.keys.iter().cloned())
         .chain(watch.extras.iter().cloned())
-        .collect()
+        .collect();
+    vec![args::encode(&fields)]
 }
 
 fn trigger_name(id: i64, event: Event) -> String {

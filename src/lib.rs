@@ -5,6 +5,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod args;
 mod catalog;
 mod coalesce;
 mod events;

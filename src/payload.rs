@@ -194,7 +194,7 @@ impl ImageBuilder {
         value: impl FnOnce(&mut PayloadBuf, usize) -> Result<(), Full>,
     ) -> Result<(), Full> {
         let mark = self.mark();
-        let separator = usize::from(self.buf.len() > 0);
+        let separator = usize::from(!self.buf.is_empty());
         let result = (|| {
             // Every stored byte but the length prefix is rendered, so the storage limit follows
             // from the rendering limit.

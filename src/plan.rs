@@ -1,8 +1,8 @@
 //! What a watch trigger needs to encode a row, resolved once per trigger and backend.
 //!
-//! A plan comes from the trigger's arguments (channel, table name, key count, column names, as
-//! written by `watch_table`; the key count is followed by ` compact` for a compact watch) and the
-//! table's tuple descriptor. It is cached by trigger OID and
+//! A plan comes from the fields of the trigger's argument (`args`: channel, table name, key count,
+//! column names, as written by `watch_table`; the key count is followed by ` compact` for a compact
+//! watch) and the table's tuple descriptor. It is cached by trigger OID and
 //! dropped when the table's relcache entry is invalidated (ALTER TABLE, CREATE/DROP TRIGGER, …),
 //! so the per-row path does no catalog lookups.
 
@@ -14,6 +14,7 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::{pg_guard, warning, PgSqlErrorCode};
 
 use crate::api::fail;
+use crate::args;
 
 use crate::fxhash::FxHashMap;
 use crate::notify::Target;
@@ -82,28 +83,31 @@ pub unsafe fn for_trigger(data: &pg_sys::TriggerData) -> Rc<Plan> {
 /// `trigger` and `rel` must be a firing trigger's.
 unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     // SAFETY: tgargs holds tgnargs NUL-terminated strings.
-    let args: Vec<&CStr> =
-        (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }).collect();
-    let [channel, tbl, keys, names @ ..] = &args[..] else {
+    let args: Vec<&[u8]> =
+        (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }.to_bytes()).collect();
+    let fields = args::decode(&args);
+    let Some([channel, tbl, keys, names @ ..]) = fields.as_deref() else {
         fail(
             PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
             "pgwatch.capture() was fired with arguments watch_table() never gives it".into(),
             "watch tables with watch_table(), which creates pgwatch's triggers",
         );
     };
-    let tbl = tbl.to_string_lossy().into_owned();
-    let (keys, compact) = match keys.to_str().unwrap_or_default().split_once(' ') {
+    let keys = String::from_utf8_lossy(keys);
+    let (keys, compact) = match keys.split_once(' ') {
         Some((keys, "compact")) => (keys, true),
-        _ => (keys.to_str().unwrap_or_default(), false),
+        _ => (keys.as_ref(), false),
     };
     let keys: usize = keys.parse().unwrap_or(usize::MAX);
     let cols = if compact {
-        let names: Vec<_> = names.iter().map(|n| n.to_string_lossy()).collect();
+        let names: Vec<_> = names.iter().map(|n| String::from_utf8_lossy(n)).collect();
         payload::cols_header(names.iter().map(|n| n.as_ref())).ok()
     } else {
         Some(Box::default())
     };
-    let target = Rc::new(Target { channel: CString::from(*channel), tbl, cols: cols.clone().unwrap_or_default() });
+    let channel = CString::new(channel.as_slice()).expect("a trigger argument holds no NUL byte");
+    let tbl = String::from_utf8_lossy(tbl).into_owned();
+    let target = Rc::new(Target { channel, tbl, cols: cols.clone().unwrap_or_default() });
     // SAFETY: rel is open for the trigger's whole run.
     let relid = unsafe { (*rel).rd_id };
     let columns = unsafe { resolve(rel, names, compact) };
@@ -136,20 +140,23 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
 ///
 /// # Safety
 /// `rel` must be an open relation.
-unsafe fn resolve(rel: pg_sys::Relation, names: &[&CStr], compact: bool) -> Result<Vec<Column>, String> {
+unsafe fn resolve(rel: pg_sys::Relation, names: &[Vec<u8>], compact: bool) -> Result<Vec<Column>, String> {
     // SAFETY: an open relation has a valid tuple descriptor.
     let tupdesc = unsafe { &*(*rel).rd_att };
     let attrs = unsafe { tupdesc.attrs.as_slice(tupdesc.natts as usize) };
     names
         .iter()
         .map(|name| {
-            let missing = || name.to_string_lossy().into_owned();
+            let missing = || String::from_utf8_lossy(name).into_owned();
             let attr = attrs
                 .iter()
-                .find(|a| !a.attisdropped && unsafe { CStr::from_ptr(a.attname.data.as_ptr()) } == *name)
+                .find(|a| !a.attisdropped && unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes() == name)
                 .ok_or_else(missing)?;
-            let prefix =
-                if compact { Box::default() } else { pair_prefix(&name.to_string_lossy()).map_err(|_| missing())? };
+            let prefix = if compact {
+                Box::default()
+            } else {
+                pair_prefix(&String::from_utf8_lossy(name)).map_err(|_| missing())?
+            };
             // SAFETY: the attribute's type exists while the column does.
             let encoding = unsafe { encoding(attr.atttypid) };
             Ok(Column { attno: attr.attnum, prefix, encoding })
