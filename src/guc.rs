@@ -26,7 +26,7 @@ pub enum Delivery {
 pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery::Auto);
 
 /// How long a worker waits before its next batch after a batch of several transactions, in ms.
-pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
 /// Size of the shared-memory queue, in kB.
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);

@@ -153,8 +153,9 @@ struct Worker {
 impl Worker {
     /// Sends everything published so far; `false` once asked to stop. After a batch of several
     /// transactions (the database is busy) it lets the next batch gather for
-    /// `pgwatch.busy_batch_delay`: fewer, fuller notifications cost the writers less CPU. A lone
-    /// change is sent as soon as the worker wakes.
+    /// `pgwatch.busy_batch_delay`: fewer, fuller notifications cost this worker and the listening
+    /// backends less of the CPU they share with the writers. A lone change is sent as soon as the
+    /// worker wakes.
     fn drain(&mut self) -> bool {
         loop {
             if BackgroundWorker::sighup_received() {
