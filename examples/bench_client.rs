@@ -194,7 +194,7 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
         _ => 1.0,
     };
     println!("# pgwatch benchmark\n");
-    println!("Machine: {machine}. pgbench `-M prepared`, {seconds} s per run (W4: 5 statements), {rounds} rounds with the variants alternating; means over the rounds.\n");
+    println!("Machine: {machine}. pgbench `-M prepared`, {seconds} s per run (W4: 5 statements), {rounds} rounds with the variants alternating (reversed every other round), each run from a checkpoint, autovacuum off; means over the rounds.\n");
     println!("| workload | clients | variant | TPS | rows/s | × none | overhead µs/row | notifications/row | bytes/row | bytes/notification |");
     println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     let get = |w: &str, c: u32, v: &str| runs.get(&(w.to_string(), c, v.to_string()));
