@@ -357,23 +357,33 @@ impl Shared {
     }
 
     /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`.
+    ///
+    /// Only finding them holds the lock, which committing writers wait for: a published record
+    /// keeps its place until its database's worker (the caller) marks it done.
     pub fn collect(&self, dboid: u32, max_bytes: usize) -> Vec<(u64, Vec<u8>)> {
-        let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
-        let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Relaxed));
-        let (mut records, mut bytes) = (Vec::new(), 0);
-        while at < head && bytes < max_bytes {
-            let header = self.header(at);
-            if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
-                let len = header.body_len as usize;
-                // SAFETY: a published record's body is complete and no longer written; the shared
-                // lock keeps the tail (and so the space) from moving.
-                let body = unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), len) };
-                records.push((at, body.to_vec()));
-                bytes += len;
+        let mut found: Vec<(u64, usize)> = Vec::with_capacity(256);
+        {
+            let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
+            let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Relaxed));
+            let mut bytes = 0;
+            while at < head && bytes < max_bytes {
+                let header = self.header(at);
+                if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
+                    found.push((at, header.body_len as usize));
+                    bytes += header.body_len as usize;
+                }
+                at += u64::from(header.len);
             }
-            at += u64::from(header.len);
         }
-        records
+        found
+            .into_iter()
+            .map(|(at, len)| {
+                // SAFETY: a published record's body is complete and no longer written, and it stays
+                // in place until this worker marks it done (see above).
+                let body = unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), len) };
+                (at, body.to_vec())
+            })
+            .collect()
     }
 
     /// Marks delivered records done and frees what it can.
