@@ -4,7 +4,12 @@
 //! for it in a byte ring; at commit the record is published and its database's delivery worker is
 //! woken; at abort it is dropped. The worker copies published records out, sends them in its own
 //! transaction, and only then marks them done, so a worker that dies loses nothing. Records are
-//! 16-byte aligned and never wrap: the end of the ring is skipped with a padding record.
+//! 32-byte aligned and never wrap: the end of the ring is skipped with a padding record.
+//!
+//! Committing writers take no lock: a reservation moves the head with a compare-and-swap, then
+//! writes the record's header, which readers take as valid only once its `at` matches its place
+//! (until then the ring is read up to it). The lock is for the workers: finding records and
+//! freeing done ones at the tail (a writer takes it only when the ring looks full).
 //!
 //! Beside the ring the segment holds one slot per database (its worker and backlog), the last
 //! sequence number of each channel, and the cluster-wide counters.
@@ -26,7 +31,8 @@ use crate::stats::COUNTERS;
 pub const MAX_DATABASES: usize = 64;
 /// Channels whose sequence numbers are kept in shared memory (and so survive worker restarts).
 pub const MAX_CHANNELS: usize = 4096;
-const ALIGN: usize = 16;
+/// Record alignment: every aligned place has room for a header, even right before the ring's end.
+const ALIGN: usize = 32;
 
 const RESERVED: u32 = 1;
 const PUBLISHED: u32 = 2;
@@ -35,6 +41,9 @@ const PADDING: u32 = 4;
 
 #[repr(C)]
 struct RecordHeader {
+    /// The record's position + 1, stored last: a header whose `at` does not match its place is
+    /// still being written (or left from an earlier lap of the ring).
+    at: AtomicU64,
     state: AtomicU32,
     /// The whole record with header and padding, a multiple of ALIGN.
     len: u32,
@@ -43,6 +52,7 @@ struct RecordHeader {
 }
 
 const HEADER: usize = size_of::<RecordHeader>();
+const _: () = assert!(HEADER <= ALIGN);
 
 /// What a database's delivery worker is doing, as `pgwatch.workers` shows it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -274,21 +284,28 @@ impl Shared {
 
     /// Bytes in use, for the high-water mark.
     fn used(&self) -> u64 {
-        self.head.load(Ordering::Relaxed) - self.tail.load(Ordering::Relaxed)
+        let tail = self.tail.load(Ordering::Acquire);
+        self.head.load(Ordering::Acquire).saturating_sub(tail)
+    }
+
+    /// The header at `at`, once its writer has finished it.
+    fn written_header(&self, at: u64) -> Option<&RecordHeader> {
+        let header = self.header(at);
+        (header.at.load(Ordering::Acquire) == at + 1).then_some(header)
     }
 
     /// Frees the records at the tail that are done.
     fn advance_tail(&self, _exclusive: &Locked<'_>) {
-        let head = self.head.load(Ordering::Relaxed);
+        let head = self.head.load(Ordering::Acquire);
         let mut tail = self.tail.load(Ordering::Relaxed);
-        while tail < head {
-            let header = self.header(tail);
+        while let Some(header) = (tail < head).then(|| self.written_header(tail)).flatten() {
             match header.state.load(Ordering::Acquire) {
                 DONE | PADDING => tail += u64::from(header.len),
                 _ => break,
             }
         }
-        self.tail.store(tail, Ordering::Relaxed);
+        // Release: a writer that sees the new tail reuses the space after every read of it.
+        self.tail.store(tail, Ordering::Release);
     }
 
     /// The slot of `dboid`, taking a free one if it has none.
@@ -306,38 +323,62 @@ impl Shared {
     }
 
     pub fn find_slot(&self, dboid: u32) -> Option<&DbSlot> {
-        self.slots.iter().find(|s| s.dboid.load(Ordering::Relaxed) == dboid)
+        self.find_slot_index(dboid).map(|i| &self.slots[i])
+    }
+
+    fn find_slot_index(&self, dboid: u32) -> Option<usize> {
+        self.slots.iter().position(|s| s.dboid.load(Ordering::Relaxed) == dboid)
     }
 
     /// Reserves room for `body` and copies it in, unpublished.
     pub fn reserve(&self, dboid: u32, body: &[u8]) -> Result<Reservation, NotQueued> {
         let len = (HEADER + body.len()).div_ceil(ALIGN) * ALIGN;
-        let (at, slot) = {
-            let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let slot = self.slot_of(dboid, &exclusive).ok_or(NotQueued::NoSlot)?;
-            if self.slots[slot].dropping.load(Ordering::Relaxed) {
-                return Err(NotQueued::NoSlot);
-            }
-            self.advance_tail(&exclusive);
-            let head = self.head.load(Ordering::Relaxed);
-            let to_end = self.capacity - head % self.capacity;
-            let skip = if len as u64 > to_end { to_end } else { 0 };
-            if self.capacity - self.used() < skip + len as u64 {
-                return Err(NotQueued::Full);
-            }
-            if skip > 0 {
-                self.header(head).write(skip as u32, 0, 0, PADDING);
-            }
-            let at = head + skip;
-            self.header(at).write(len as u32, dboid, body.len() as u32, RESERVED);
-            self.head.store(at + len as u64, Ordering::Relaxed);
-            self.high_water.fetch_max(self.used(), Ordering::Relaxed);
-            (at, slot)
+        let slot = match self.find_slot_index(dboid) {
+            Some(slot) => slot,
+            None => self.slot_of(dboid, &self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE)).ok_or(NotQueued::NoSlot)?,
         };
+        if self.slots[slot].dropping.load(Ordering::Relaxed) {
+            return Err(NotQueued::NoSlot);
+        }
+        let at = match self.claim(len as u64) {
+            Some(at) => at,
+            None => {
+                // Full as far as this writer can tell: free what workers have finished, then retry.
+                self.advance_tail(&self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE));
+                self.claim(len as u64).ok_or(NotQueued::Full)?
+            }
+        };
+        self.header(at).write(at, len as u32, dboid, body.len() as u32, RESERVED);
+        self.high_water.fetch_max(self.used(), Ordering::Relaxed);
         // SAFETY: the reserved record is this backend's alone until it is published or dropped,
         // and it has room for the body after the header.
         unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.record(at).add(HEADER), body.len()) };
         Ok(Reservation { at, slot })
+    }
+
+    /// Moves the head past `len` bytes of free ring space (and the end of the ring when they do
+    /// not fit before it, leaving a padding record there); `None` when the ring lacks the room.
+    fn claim(&self, len: u64) -> Option<u64> {
+        let mut head = self.head.load(Ordering::Acquire);
+        loop {
+            let to_end = self.capacity - head % self.capacity;
+            let skip = if len > to_end { to_end } else { 0 };
+            // Acquire: the space freed up to the tail was last read before the tail moved past it.
+            // A tail read late only ever shows more room than one read early.
+            let tail = self.tail.load(Ordering::Acquire);
+            if self.capacity - head.saturating_sub(tail) < skip + len {
+                return None;
+            }
+            match self.head.compare_exchange_weak(head, head + skip + len, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if skip > 0 {
+                        self.header(head).write(head, skip as u32, 0, 0, PADDING);
+                    }
+                    return Some(head + skip);
+                }
+                Err(moved) => head = moved,
+            }
+        }
     }
 
     /// Hands a reserved record to its database's worker and wakes it (or the launcher). Cannot fail.
@@ -351,31 +392,37 @@ impl Shared {
         }
     }
 
-    /// Drops a reserved record of a transaction that aborted. Cannot fail.
+    /// Drops a reserved record of a transaction that aborted. Cannot fail. The worker is woken
+    /// too: it may have stopped reading the ring at this record while its header was written.
     pub fn cancel(&self, reservation: Reservation) {
         self.header(reservation.at).state.store(DONE, Ordering::Release);
+        self.slots[reservation.slot].wake();
     }
 
-    /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`.
+    /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`, and whether
+    /// it read the ring to its head (rather than stopping at a header still being written).
     ///
-    /// Only finding them holds the lock, which committing writers wait for: a published record
-    /// keeps its place until its database's worker (the caller) marks it done.
-    pub fn collect(&self, dboid: u32, max_bytes: usize) -> Vec<(u64, Vec<u8>)> {
+    /// Only finding them holds the lock: a published record keeps its place until its database's
+    /// worker (the caller) marks it done.
+    pub fn collect(&self, dboid: u32, max_bytes: usize) -> (Vec<(u64, Vec<u8>)>, bool) {
         let mut found: Vec<(u64, usize)> = Vec::with_capacity(256);
-        {
+        let complete = {
             let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
-            let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Relaxed));
+            let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Acquire));
             let mut bytes = 0;
-            while at < head && bytes < max_bytes {
-                let header = self.header(at);
+            loop {
+                if at >= head || bytes >= max_bytes {
+                    break true;
+                }
+                let Some(header) = self.written_header(at) else { break false };
                 if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
                     found.push((at, header.body_len as usize));
                     bytes += header.body_len as usize;
                 }
                 at += u64::from(header.len);
             }
-        }
-        found
+        };
+        let records = found
             .into_iter()
             .map(|(at, len)| {
                 // SAFETY: a published record's body is complete and no longer written, and it stays
@@ -383,7 +430,8 @@ impl Shared {
                 let body = unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), len) };
                 (at, body.to_vec())
             })
-            .collect()
+            .collect();
+        (records, complete)
     }
 
     /// Marks delivered records done and frees what it can.
@@ -399,9 +447,14 @@ impl Shared {
     /// Drops every record of `dboid` and frees its slot (its database is gone).
     pub fn forget_database(&self, dboid: u32) {
         let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Relaxed));
+        let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Acquire));
         while at < head {
-            let header = self.header(at);
+            let Some(header) = self.written_header(at) else {
+                // Its writer (of another database) is between claiming and writing it.
+                // SAFETY: a plain sleep.
+                unsafe { pg_sys::pg_usleep(100) };
+                continue;
+            };
             if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
                 header.state.store(DONE, Ordering::Release);
             }
@@ -450,17 +503,20 @@ impl Shared {
 }
 
 impl RecordHeader {
-    /// Fills in a header of free ring space, owned by the holder of the exclusive lock.
-    fn write(&self, len: u32, dboid: u32, body_len: u32, state: u32) {
+    /// Fills in the header of ring space at `at` that the caller claimed; readers take it as
+    /// written once `at` is stored, last.
+    fn write(&self, at: u64, len: u32, dboid: u32, body_len: u32, state: u32) {
         let header = std::ptr::from_ref(self).cast_mut();
-        // SAFETY: nobody reads this space before the head moves past it or the state is set;
-        // the plain fields are written before the state is stored with release ordering.
+        // SAFETY: claimed space is the claimer's alone, and readers look at nothing but `at`
+        // until it matches; the plain fields are written before `at` is stored with release
+        // ordering.
         unsafe {
             (*header).len = len;
             (*header).dboid = dboid;
             (*header).body_len = body_len;
         }
-        self.state.store(state, Ordering::Release);
+        self.state.store(state, Ordering::Relaxed);
+        self.at.store(at + 1, Ordering::Release);
     }
 }
 

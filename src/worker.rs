@@ -165,9 +165,16 @@ impl Worker {
             if BackgroundWorker::sigterm_received() || self.slot.dropping.load(Ordering::Relaxed) {
                 return false;
             }
-            let records = self.shared.collect(self.dboid, BATCH_BYTES);
+            let (records, complete) = self.shared.collect(self.dboid, BATCH_BYTES);
             if records.is_empty() {
-                return true;
+                if complete {
+                    return true;
+                }
+                // A writer is between claiming ring space and writing its header, which takes it
+                // a moment; records behind it may be this database's, woken for already.
+                // SAFETY: a plain sleep; signals are looked at right after.
+                unsafe { pg_sys::pg_usleep(100) };
+                continue;
             }
             self.slot.set_state(WorkerState::Sending);
             self.deliver(&records);
