@@ -7,9 +7,36 @@ use std::time::Duration;
 #[allow(dead_code)]
 #[path = "support.rs"]
 mod support;
-use support::{connect, serial, stat, watched, Replica};
+use support::{connect, serial, stat, watched, Listener, Replica};
 
 const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'", "pgwatch.queue_size = '64kB'"];
+
+/// `writers` connections, each running `each` transactions: `sql(writer, i)`.
+fn write_concurrently(writers: i64, each: i64, sql: impl Fn(i64, i64) -> String + Sync) {
+    std::thread::scope(|scope| {
+        for t in 0..writers {
+            let sql = &sql;
+            scope.spawn(move || {
+                let mut db = connect();
+                for i in 0..each {
+                    db.batch_execute(&sql(t, i)).unwrap();
+                }
+            });
+        }
+    });
+}
+
+/// Receives until rows 1..=`total` have each arrived once (and nothing more arrives).
+fn receive_every_row(listener: &mut Listener, total: i64) {
+    let mut replica = Replica::default();
+    while (replica.rows.len() as i64) < total {
+        let got = listener.receive(1000, Duration::from_secs(10));
+        assert!(!got.is_empty(), "stalled at {} of {total} rows", replica.rows.len());
+        got.iter().for_each(|(_, payload)| replica.apply(payload));
+    }
+    listener.expect_silence();
+    assert!((1..=total).all(|id| replica.rows.contains_key(&id)));
+}
 
 #[test]
 fn a_full_queue_falls_back_to_inline_and_loses_nothing() {
@@ -21,30 +48,11 @@ fn a_full_queue_falls_back_to_inline_and_loses_nothing() {
     );
     let (fallbacks, batches) = (stat(&mut admin, "inline_fallbacks"), stat(&mut admin, "batches"));
     // 8 writers × 50 transactions of 20 rows of 1 kB: a record is about 21 kB, three fill the queue.
-    std::thread::scope(|scope| {
-        for t in 0..8 {
-            scope.spawn(move || {
-                let mut db = connect();
-                for i in 0..50 {
-                    let first = (t * 50 + i) * 20;
-                    db.batch_execute(&format!(
-                        "INSERT INTO small SELECT g, repeat('x', 1000) FROM generate_series({}, {}) g",
-                        first + 1,
-                        first + 20
-                    ))
-                    .unwrap();
-                }
-            });
-        }
+    write_concurrently(8, 50, |t, i| {
+        let first = (t * 50 + i) * 20;
+        format!("INSERT INTO small SELECT g, repeat('x', 1000) FROM generate_series({}, {}) g", first + 1, first + 20)
     });
-    let mut replica = Replica::default();
-    while replica.rows.len() < 8000 {
-        let got = listener.receive(1000, Duration::from_secs(10));
-        assert!(!got.is_empty(), "stalled at {} of 8000 rows", replica.rows.len());
-        got.iter().for_each(|(_, payload)| replica.apply(payload));
-    }
-    listener.expect_silence();
-    assert!((1..=8000).all(|id| replica.rows.contains_key(&id)));
+    receive_every_row(&mut listener, 8000);
     assert!(stat(&mut admin, "inline_fallbacks") > fallbacks, "the queue never filled");
     assert!(stat(&mut admin, "batches") > batches, "the worker never delivered");
     assert!(stat(&mut admin, "queue_high_water") <= 64 * 1024);
@@ -59,34 +67,16 @@ fn many_writers_lapping_a_small_queue_deliver_every_row_once() {
         &["public.laps"],
     );
     let (fallbacks, batches) = (stat(&mut admin, "inline_fallbacks"), stat(&mut admin, "batches"));
-    // 16 writers × 400 one-row transactions: records of 100 to 200 bytes claim ring space at once
-    // from many backends and go round the 64 kB ring about fifteen times.
-    const WRITERS: i64 = 16;
-    const EACH: i64 = 400;
-    std::thread::scope(|scope| {
-        for t in 0..WRITERS {
-            scope.spawn(move || {
-                let mut db = connect();
-                for i in 0..EACH {
-                    let id = t * EACH + i + 1;
-                    // Notes of 0 to 100 bytes: records of several sizes, so the ring's end is
-                    // skipped with padding.
-                    db.batch_execute(&format!("INSERT INTO laps VALUES ({id}, repeat('x', {id} % 101))")).unwrap();
-                }
-            });
-        }
+    // 16 writers × 400 one-row transactions: records of 100 to 200 bytes (notes of 0 to 100
+    // bytes, so the ring's end is skipped with padding) claim ring space at once from many
+    // backends and go round the 64 kB ring about fifteen times.
+    write_concurrently(16, 400, |t, i| {
+        let id = t * 400 + i + 1;
+        format!("INSERT INTO laps VALUES ({id}, repeat('x', {id} % 101))")
     });
-    let mut replica = Replica::default();
-    let total = (WRITERS * EACH) as usize;
-    while replica.rows.len() < total {
-        let got = listener.receive(1000, Duration::from_secs(10));
-        assert!(!got.is_empty(), "stalled at {} of {total} rows", replica.rows.len());
-        got.iter().for_each(|(_, payload)| replica.apply(payload));
-    }
-    listener.expect_silence();
-    assert!((1..=total as i64).all(|id| replica.rows.contains_key(&id)));
+    receive_every_row(&mut listener, 6400);
     assert!(stat(&mut admin, "batches") > batches, "the worker never delivered");
     // The worker keeps up with these writers: a ring that stopped moving would send them inline.
     let inline = stat(&mut admin, "inline_fallbacks") - fallbacks;
-    assert!(inline < total as i64 / 2, "{inline} of {total} transactions fell back to inline");
+    assert!(inline < 6400 / 2, "{inline} of 6400 transactions fell back to inline");
 }
