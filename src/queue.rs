@@ -42,13 +42,14 @@ const PADDING: u32 = 4;
 #[repr(C)]
 struct RecordHeader {
     /// The record's position + 1, stored last: a header whose `at` does not match its place is
-    /// still being written (or left from an earlier lap of the ring).
+    /// still being written. Freed space has it zeroed (see `advance_tail`), so neither an earlier
+    /// lap's header nor leftover record bytes can match.
     at: AtomicU64,
     state: AtomicU32,
     /// The whole record with header and padding, a multiple of ALIGN.
-    len: u32,
-    dboid: u32,
-    body_len: u32,
+    len: AtomicU32,
+    dboid: AtomicU32,
+    body_len: AtomicU32,
 }
 
 const HEADER: usize = size_of::<RecordHeader>();
@@ -107,14 +108,19 @@ impl DbSlot {
         self.state.store(state as u32, Ordering::Relaxed);
     }
 
-    /// Called by the worker once it runs: from now on commits wake it directly.
-    pub fn attach_worker(&self) {
+    /// Called by the worker once it runs: from now on commits wake it directly. `false` when
+    /// another worker of the database is attached: only one may copy out and finish its records.
+    pub fn attach_worker(&self) -> bool {
+        // SAFETY: reading this process's pid.
+        let pid = unsafe { pg_sys::MyProcPid };
+        if self.pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return false;
+        }
         // SAFETY: MyProc and its latch live in shared memory for the whole life of this process.
         let latch = unsafe { std::ptr::addr_of_mut!((*pg_sys::MyProc).procLatch) } as usize;
-        // SAFETY: reading this process's pid.
-        self.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
         self.latch.store(latch, Ordering::Release);
         self.set_state(WorkerState::Idle);
+        true
     }
 
     /// Wakes the worker, if one runs.
@@ -122,10 +128,11 @@ impl DbSlot {
         set_latch(&self.latch);
     }
 
+    /// Called as the attached worker exits, however it exits.
     pub fn detach_worker(&self) {
         self.latch.store(0, Ordering::Release);
-        self.pid.store(0, Ordering::Relaxed);
         self.set_state(WorkerState::Stopped);
+        self.pid.store(0, Ordering::Release);
     }
 }
 
@@ -297,12 +304,18 @@ impl Shared {
     /// Frees the records at the tail that are done.
     fn advance_tail(&self, _exclusive: &Locked<'_>) {
         let head = self.head.load(Ordering::Acquire);
-        let mut tail = self.tail.load(Ordering::Relaxed);
+        let old_tail = self.tail.load(Ordering::Relaxed);
+        let mut tail = old_tail;
         while let Some(header) = (tail < head).then(|| self.written_header(tail)).flatten() {
             match header.state.load(Ordering::Acquire) {
-                DONE | PADDING => tail += u64::from(header.len),
+                DONE | PADDING => tail += header.len(),
                 _ => break,
             }
+        }
+        // Every place a header may start in the freed space gets `at` zeroed, so that a reader
+        // meeting a claimed header not yet written never takes record bytes for a valid one.
+        for at in (old_tail..tail).step_by(ALIGN) {
+            self.header(at).at.store(0, Ordering::Relaxed);
         }
         // Release: a writer that sees the new tail reuses the space after every read of it.
         self.tail.store(tail, Ordering::Release);
@@ -318,7 +331,8 @@ impl Shared {
         slot.backlog.store(0, Ordering::Relaxed);
         slot.last_send.store(0, Ordering::Relaxed);
         slot.dropping.store(false, Ordering::Relaxed);
-        slot.dboid.store(dboid, Ordering::Relaxed);
+        // Release: writers find the slot without the lock, and must see it reset.
+        slot.dboid.store(dboid, Ordering::Release);
         Some(free)
     }
 
@@ -327,7 +341,7 @@ impl Shared {
     }
 
     fn find_slot_index(&self, dboid: u32) -> Option<usize> {
-        self.slots.iter().position(|s| s.dboid.load(Ordering::Relaxed) == dboid)
+        self.slots.iter().position(|s| s.dboid.load(Ordering::Acquire) == dboid)
     }
 
     /// Reserves room for `body` and copies it in, unpublished.
@@ -392,11 +406,9 @@ impl Shared {
         }
     }
 
-    /// Drops a reserved record of a transaction that aborted. Cannot fail. The worker is woken
-    /// too: it may have stopped reading the ring at this record while its header was written.
+    /// Drops a reserved record of a transaction that aborted. Cannot fail.
     pub fn cancel(&self, reservation: Reservation) {
         self.header(reservation.at).state.store(DONE, Ordering::Release);
-        self.slots[reservation.slot].wake();
     }
 
     /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`, and whether
@@ -415,11 +427,11 @@ impl Shared {
                     break true;
                 }
                 let Some(header) = self.written_header(at) else { break false };
-                if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
-                    found.push((at, header.body_len as usize));
-                    bytes += header.body_len as usize;
+                if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
+                    found.push((at, header.body_len()));
+                    bytes += header.body_len();
                 }
-                at += u64::from(header.len);
+                at += header.len();
             }
         };
         let records = found
@@ -444,28 +456,36 @@ impl Shared {
         self.advance_tail(&exclusive);
     }
 
-    /// Drops every record of `dboid` and frees its slot (its database is gone).
+    /// Drops every record of `dboid` and frees its slot (its database is gone). A header still
+    /// being written (by a writer of another database) is waited for without the lock held.
     pub fn forget_database(&self, dboid: u32) {
-        let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Acquire));
-        while at < head {
-            let Some(header) = self.written_header(at) else {
-                // Its writer (of another database) is between claiming and writing it.
-                // SAFETY: a plain sleep.
-                unsafe { pg_sys::pg_usleep(100) };
-                continue;
-            };
-            if header.dboid == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
-                header.state.store(DONE, Ordering::Release);
+        loop {
+            let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Acquire));
+            let mut complete = true;
+            while at < head {
+                let Some(header) = self.written_header(at) else {
+                    complete = false;
+                    break;
+                };
+                if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
+                    header.state.store(DONE, Ordering::Release);
+                }
+                at += header.len();
             }
-            at += u64::from(header.len);
-        }
-        self.advance_tail(&exclusive);
-        for channel in self.channels.iter().filter(|c| c.dboid.load(Ordering::Relaxed) == dboid) {
-            channel.dboid.store(0, Ordering::Relaxed);
-        }
-        if let Some(slot) = self.find_slot(dboid) {
-            slot.dboid.store(0, Ordering::Relaxed);
+            if complete {
+                self.advance_tail(&exclusive);
+                for channel in self.channels.iter().filter(|c| c.dboid.load(Ordering::Relaxed) == dboid) {
+                    channel.dboid.store(0, Ordering::Relaxed);
+                }
+                if let Some(slot) = self.find_slot(dboid) {
+                    slot.dboid.store(0, Ordering::Relaxed);
+                }
+                return;
+            }
+            drop(exclusive);
+            // SAFETY: a plain sleep, with no lock held.
+            unsafe { pg_sys::pg_usleep(100) };
         }
     }
 
@@ -504,19 +524,25 @@ impl Shared {
 
 impl RecordHeader {
     /// Fills in the header of ring space at `at` that the caller claimed; readers take it as
-    /// written once `at` is stored, last.
+    /// written once `at` is stored, last, with release ordering.
     fn write(&self, at: u64, len: u32, dboid: u32, body_len: u32, state: u32) {
-        let header = std::ptr::from_ref(self).cast_mut();
-        // SAFETY: claimed space is the claimer's alone, and readers look at nothing but `at`
-        // until it matches; the plain fields are written before `at` is stored with release
-        // ordering.
-        unsafe {
-            (*header).len = len;
-            (*header).dboid = dboid;
-            (*header).body_len = body_len;
-        }
+        self.len.store(len, Ordering::Relaxed);
+        self.dboid.store(dboid, Ordering::Relaxed);
+        self.body_len.store(body_len, Ordering::Relaxed);
         self.state.store(state, Ordering::Relaxed);
         self.at.store(at + 1, Ordering::Release);
+    }
+
+    fn len(&self) -> u64 {
+        u64::from(self.len.load(Ordering::Relaxed))
+    }
+
+    fn dboid(&self) -> u32 {
+        self.dboid.load(Ordering::Relaxed)
+    }
+
+    fn body_len(&self) -> usize {
+        self.body_len.load(Ordering::Relaxed) as usize
     }
 }
 

@@ -58,12 +58,10 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
                 Ok(_) => true,
                 Err(status) => matches!(status, pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted),
             });
-            if alive || dboid == 0 || slot.dropping.load(Ordering::Relaxed) {
+            // Attached: a worker this launcher started before it restarted.
+            let attached = slot.pid.load(Ordering::Acquire) != 0;
+            if alive || attached || dboid == 0 || slot.dropping.load(Ordering::Relaxed) {
                 continue;
-            }
-            if workers[i].take().is_some() {
-                // A worker that died on an error did not detach itself.
-                slot.detach_worker();
             }
             if slot.backlog.load(Ordering::Relaxed) == 0 {
                 continue;
@@ -126,14 +124,25 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
     }
-    slot.attach_worker();
+    if !slot.attach_worker() {
+        return;
+    }
+    // SAFETY: registers a plain function with the address of the slot, which lives in shared
+    // memory as long as this process; it runs on every exit, an ERROR's included.
+    unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
     let mut worker = Worker { shared, slot, dboid, seqs: HashMap::new() };
     while worker.drain() && extension_installed() && !slot.dropping.load(Ordering::Relaxed) {
         if !BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
             break;
         }
     }
-    slot.detach_worker();
+}
+
+/// Frees the database's slot for the next worker as this one exits.
+#[pg_guard]
+unsafe extern "C-unwind" fn detach_at_exit(_code: i32, slot: pg_sys::Datum) {
+    // SAFETY: the address of this worker's slot, registered above.
+    unsafe { &*(slot.value() as *const DbSlot) }.detach_worker();
 }
 
 fn extension_installed() -> bool {
