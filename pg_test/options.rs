@@ -340,6 +340,43 @@ fn rows_changed_by_foreign_key_cascades_and_copy_are_reported() {
 }
 
 #[test]
+fn triggers_with_one_argument_per_field_as_earlier_builds_made_them_still_fire() {
+    let _serial = serial();
+    for mode in MODES {
+        // What a watch with the extra column role_id got before its fields became one argument.
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_legacy (id int PRIMARY KEY, role_id int, name text);
+             CREATE TRIGGER pgwatch_legacy AFTER INSERT ON o_legacy FOR EACH ROW
+                 EXECUTE FUNCTION pgwatch.capture('public.o_legacy', 'public.o_legacy', '1', 'id', 'role_id')",
+            &["public.o_legacy"],
+        );
+        writer.batch_execute("INSERT INTO o_legacy VALUES (1, 7, 'a')").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_legacy","op":"insert","rows":[{"id":1,"role_id":7}]}"#]);
+    }
+}
+
+#[test]
+fn names_with_quotes_backslashes_commas_and_braces_reach_the_trigger_intact() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            r#"CREATE TABLE "o_a""b\c" ("x,{y}" int PRIMARY KEY, "it's" text);
+               SELECT watch_table('"o_a""b\c"', extra_columns => $${"it's"}$$, label => 'o_awkward')"#,
+            &["o_awkward"],
+        );
+        let args: i16 = writer
+            .query_one(r#"SELECT tgnargs FROM pg_trigger WHERE tgrelid = '"o_a""b\c"'::regclass LIMIT 1"#, &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(args, 1);
+        writer.batch_execute(r#"INSERT INTO "o_a""b\c" VALUES (1, 'z')"#).unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_a\"b\\c","op":"insert","rows":[{"x,{y}":1,"it's":"z"}]}"#]);
+    }
+}
+
+#[test]
 fn keys_payload_sends_key_columns_only() {
     let _serial = serial();
     for mode in MODES {
@@ -687,7 +724,7 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
     let failed = failure(&mut db, "SELECT watch_table('users', label => 'compact_users', payload => 'compact')");
     assert_eq!(failed.0, "23514", "0.2.0's catalog does not take compact watches: {}", failed.1);
     // Until the update adds the DDL event trigger statement triggers rely on, watches keep row
-    // triggers, with one argument per field as 0.2.0 made them; this library still reads them.
+    // triggers (made by this library, which serves 0.2.0's SQL).
     assert_eq!(per_row(&mut db, "users"), [true, true, true, true]);
     let mut listener =
         Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users", "renamed_users", "compact_users"]);
@@ -706,7 +743,7 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pgwatch'", &[]).unwrap().get(0);
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
     // Defined again by the update: the plain watch reads transition tables, the one with
-    // trigger_columns keeps its row trigger; each trigger has one argument.
+    // trigger_columns keeps its row trigger.
     let levels: Vec<String> = db
         .query(
             "SELECT tgname || CASE WHEN (tgtype & 1) = 1 THEN ' row' ELSE ' statement' END || ' ' || tgnargs

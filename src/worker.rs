@@ -139,6 +139,9 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
 }
 
 /// Frees the database's slot for the next worker as this one exits.
+///
+/// # Safety
+/// Registered only by an attached worker, with the address of its slot.
 #[pg_guard]
 unsafe extern "C-unwind" fn detach_at_exit(_code: i32, slot: pg_sys::Datum) {
     // SAFETY: the address of this worker's slot, registered above.
