@@ -301,17 +301,31 @@ impl Shared {
         (header.at.load(Ordering::Acquire) == at + 1).then_some(header)
     }
 
+    /// Visits the records from the tail on, oldest first, until `visit` returns `false` or the
+    /// head is reached; `false` when a header still being written stopped the walk instead.
+    fn walk(&self, _locked: &Locked<'_>, mut visit: impl FnMut(u64, &RecordHeader) -> bool) -> bool {
+        let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Acquire));
+        while at < head {
+            let Some(header) = self.written_header(at) else { return false };
+            if !visit(at, header) {
+                break;
+            }
+            at += header.len();
+        }
+        true
+    }
+
     /// Frees the records at the tail that are done.
-    fn advance_tail(&self, _exclusive: &Locked<'_>) {
-        let head = self.head.load(Ordering::Acquire);
+    fn advance_tail(&self, exclusive: &Locked<'_>) {
         let old_tail = self.tail.load(Ordering::Relaxed);
         let mut tail = old_tail;
-        while let Some(header) = (tail < head).then(|| self.written_header(tail)).flatten() {
-            match header.state.load(Ordering::Acquire) {
-                DONE | PADDING => tail += header.len(),
-                _ => break,
+        self.walk(exclusive, |at, header| {
+            let done = matches!(header.state.load(Ordering::Acquire), DONE | PADDING);
+            if done {
+                tail = at + header.len();
             }
-        }
+            done
+        });
         // Every place a header may start in the freed space gets `at` zeroed, so that a reader
         // meeting a claimed header not yet written never takes record bytes for a valid one.
         for at in (old_tail..tail).step_by(ALIGN) {
@@ -323,7 +337,7 @@ impl Shared {
 
     /// The slot of `dboid`, taking a free one if it has none.
     fn slot_of(&self, dboid: u32, _exclusive: &Locked<'_>) -> Option<usize> {
-        if let Some(i) = self.slots.iter().position(|s| s.dboid.load(Ordering::Relaxed) == dboid) {
+        if let Some(i) = self.find_slot_index(dboid) {
             return Some(i);
         }
         let free = self.slots.iter().position(|s| s.dboid.load(Ordering::Relaxed) == 0)?;
@@ -418,22 +432,17 @@ impl Shared {
     /// worker (the caller) marks it done.
     pub fn collect(&self, dboid: u32, max_bytes: usize) -> (Vec<(u64, Vec<u8>)>, bool) {
         let mut found: Vec<(u64, usize)> = Vec::with_capacity(256);
-        let complete = {
-            let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
-            let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Acquire));
-            let mut bytes = 0;
-            loop {
-                if at >= head || bytes >= max_bytes {
-                    break true;
-                }
-                let Some(header) = self.written_header(at) else { break false };
-                if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
-                    found.push((at, header.body_len()));
-                    bytes += header.body_len();
-                }
-                at += header.len();
+        let mut bytes = 0;
+        let complete = self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| {
+            if bytes >= max_bytes {
+                return false;
             }
-        };
+            if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
+                found.push((at, header.body_len()));
+                bytes += header.body_len();
+            }
+            true
+        });
         let records = found
             .into_iter()
             .map(|(at, len)| {
@@ -461,18 +470,12 @@ impl Shared {
     pub fn forget_database(&self, dboid: u32) {
         loop {
             let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let (mut at, head) = (self.tail.load(Ordering::Relaxed), self.head.load(Ordering::Acquire));
-            let mut complete = true;
-            while at < head {
-                let Some(header) = self.written_header(at) else {
-                    complete = false;
-                    break;
-                };
+            let complete = self.walk(&exclusive, |_, header| {
                 if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
                     header.state.store(DONE, Ordering::Release);
                 }
-                at += header.len();
-            }
+                true
+            });
             if complete {
                 self.advance_tail(&exclusive);
                 for channel in self.channels.iter().filter(|c| c.dboid.load(Ordering::Relaxed) == dboid) {
