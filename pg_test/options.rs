@@ -357,6 +357,22 @@ fn triggers_with_one_argument_per_field_as_earlier_builds_made_them_still_fire()
 }
 
 #[test]
+fn a_capture_trigger_with_an_argument_pgwatch_never_writes_is_refused() {
+    let _serial = serial();
+    let (mut writer, _listener) = watched(
+        "inline",
+        "CREATE TABLE o_foreign (id int PRIMARY KEY);
+         CREATE TRIGGER pgwatch_foreign AFTER INSERT ON o_foreign FOR EACH ROW
+             EXECUTE FUNCTION pgwatch.capture('public.o_foreign')",
+        &["public.o_foreign"],
+    );
+    let (code, message) = failure(&mut writer, "INSERT INTO o_foreign VALUES (1)");
+    assert_eq!(code, "39P01", "{message}");
+    let rows: i64 = writer.query_one("SELECT count(*) FROM o_foreign", &[]).unwrap().get(0);
+    assert_eq!(rows, 0);
+}
+
+#[test]
 fn names_with_quotes_backslashes_commas_and_braces_reach_the_trigger_intact() {
     let _serial = serial();
     for mode in MODES {
