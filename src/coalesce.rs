@@ -108,6 +108,21 @@ impl Folded {
         self.rows.len()
     }
 
+    /// How many rows fit without growing.
+    pub fn capacity(&self) -> usize {
+        self.rows.capacity()
+    }
+
+    /// Forgets every change, keeping the memory for the next transaction's.
+    pub fn clear(&mut self) {
+        let Folded { rows, index, indexed, overflow, truncated } = self;
+        rows.clear();
+        index.clear();
+        *indexed = 0;
+        *overflow = [false; 3];
+        *truncated = false;
+    }
+
     /// Adds net changes of distinct rows (one transaction's, as queued) to an empty fold, without
     /// indexing them until another change arrives.
     pub fn extend_net(&mut self, changes: impl IntoIterator<Item = Change>) {
@@ -349,6 +364,27 @@ mod tests {
         folded.apply(ins(1, "b"));
         assert_eq!(folded.net_rows().map(|row| row.op).collect::<Vec<_>>(), [Op::Insert]);
         assert!(!Folded::default().has_news());
+    }
+
+    #[test]
+    fn a_cleared_fold_keeps_its_memory_and_nothing_else() {
+        let mut folded = Folded::default();
+        folded.apply(ins(1, "a"));
+        folded.apply(upd((1, "a"), (1, "b")));
+        folded.apply(del(2, "c"));
+        folded.mark_overflow(Op::Delete);
+        folded.truncate();
+        folded.apply(ins(3, "d"));
+        folded.apply(ins(4, "e"));
+        let capacity = folded.capacity();
+        folded.clear();
+        assert!(!folded.has_news() && !folded.truncated() && !folded.overflowed(Op::Delete));
+        assert_eq!((folded.len(), folded.capacity()), (0, capacity));
+        // The index is empty too: a key seen before the clear is a new row after it.
+        folded.apply(ins(3, "f"));
+        folded.apply(upd((3, "f"), (3, "g")));
+        folded.apply(del(4, "e"));
+        assert_eq!(render(&folded), [r#"insert {"id":3,"role":"g"}"#, r#"delete {"id":4,"role":"e"}"#]);
     }
 
     #[test]

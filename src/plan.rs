@@ -6,7 +6,7 @@
 //! dropped when the table's relcache entry is invalidated (ALTER TABLE, CREATE/DROP TRIGGER, …),
 //! so the per-row path does no catalog lookups.
 
-use std::cell::{RefCell, UnsafeCell};
+use std::cell::{OnceCell, RefCell, UnsafeCell};
 use std::ffi::{CStr, CString};
 use std::rc::Rc;
 
@@ -19,6 +19,7 @@ use crate::args;
 use crate::fxhash::FxHashMap;
 use crate::notify::Target;
 use crate::payload::{self, pair_prefix, ImageBuilder};
+use crate::trigger::TransitionSlots;
 use crate::unguarded;
 
 /// How a column's value becomes JSON.
@@ -57,6 +58,8 @@ pub struct Plan {
     relid: Oid,
     /// `None` when a watched column is gone from the table: rows are reported as overflows.
     pub columns: Option<Columns>,
+    /// Made when a statement trigger first reads its transition tables.
+    pub transition_slots: OnceCell<TransitionSlots>,
 }
 
 thread_local! {
@@ -132,7 +135,7 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
             None
         }
     };
-    Plan { target, relid, columns }
+    Plan { target, relid, columns, transition_slots: OnceCell::new() }
 }
 
 /// Finds each named column in `rel` and how to encode it (a compact watch's values go without

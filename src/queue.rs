@@ -92,6 +92,9 @@ pub struct DbSlot {
     pub last_send: AtomicI64,
     /// DROP DATABASE is under way: no worker may start.
     pub dropping: AtomicBool,
+    /// A DROP EXTENSION committed in the database: its worker is to check whether pgwatch is
+    /// still installed (and exit if not).
+    recheck_extension: AtomicBool,
 }
 
 impl DbSlot {
@@ -126,6 +129,17 @@ impl DbSlot {
     /// Wakes the worker, if one runs.
     pub fn wake(&self) {
         set_latch(&self.latch);
+    }
+
+    /// Has the worker check whether pgwatch is still installed, after a DROP EXTENSION.
+    pub fn request_extension_check(&self) {
+        self.recheck_extension.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether a check was requested since the last call.
+    pub fn extension_check_requested(&self) -> bool {
+        self.recheck_extension.swap(false, Ordering::AcqRel)
     }
 
     /// Called as the attached worker exits, however it exits.

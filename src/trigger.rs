@@ -7,6 +7,7 @@
 //! and fetching the row again to fire it. Row triggers remain where a statement trigger would
 //! miss rows or see them out of order, or cannot express the watch (`catalog` decides).
 
+use std::cell::Cell;
 use std::convert::Infallible;
 
 use pgrx::prelude::*;
@@ -94,16 +95,29 @@ fn record(plan: &Plan, op: Op, before: Option<Option<Image>>, after: Option<Opti
 /// `data` must be a firing statement trigger's, with the transition tables `op` needs, on the
 /// table `plan` was built for.
 unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, columns: &Columns, op: Op, rows: i64) {
-    // SAFETY: as the caller promised.
+    // SAFETY: as the caller promised, the transition tables hold rows of the plan's table.
     let tupdesc = unsafe { (*data.tg_relation).rd_att };
-    let open = |table: *mut pg_sys::Tuplestorestate| {
-        // SAFETY: a transition table of this statement, holding rows of the trigger's table.
-        (!table.is_null()).then(|| unsafe { TransitionTable::open(table, tupdesc) })
+    let kept = plan.transition_slots.get_or_init(|| unsafe { TransitionSlots::new(tupdesc) });
+    // A statement of the same trigger fired while this one reads would read through its own.
+    let nested;
+    let lent = match kept.lend() {
+        Some(lent) => lent,
+        None => {
+            // SAFETY: as above.
+            nested = unsafe { TransitionSlots::new(tupdesc) };
+            nested.lend().expect("new slots are free")
+        }
+    };
+    let [old_slot, new_slot] = lent.0.slots;
+    let open = |table: *mut pg_sys::Tuplestorestate, slot| {
+        // SAFETY: a transition table of this statement, holding rows of the trigger's table, each
+        // read through a slot of its own.
+        (!table.is_null()).then(|| unsafe { TransitionTable::open(table, slot) })
     };
     let (mut old, mut new) = match op {
-        Op::Insert => (None, open(data.tg_newtable)),
-        Op::Update => (open(data.tg_oldtable), open(data.tg_newtable)),
-        Op::Delete => (open(data.tg_oldtable), None),
+        Op::Insert => (None, open(data.tg_newtable, new_slot)),
+        Op::Update => (open(data.tg_oldtable, old_slot), open(data.tg_newtable, new_slot)),
+        Op::Delete => (open(data.tg_oldtable, old_slot), None),
     };
     xact::expect_rows(&plan.target, usize::try_from(rows).unwrap_or(0));
     let per_row = columns.allocates().then(RowMemory::new);
@@ -159,25 +173,29 @@ impl RowMemory {
     /// Runs `f` with this context current, then frees what it allocated: `f` returns only
     /// Rust-owned values.
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        /// Restores the caller's context, also when `f` unwinds.
-        struct Restore(pg_sys::MemoryContext);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                // SAFETY: switching back to the context that was current before.
-                unsafe { pg_sys::CurrentMemoryContext = self.0 };
-            }
-        }
-        // SAFETY: switching memory contexts is an assignment, as MemoryContextSwitchTo does.
-        let _restore = Restore(unsafe {
-            let previous = pg_sys::CurrentMemoryContext;
-            pg_sys::CurrentMemoryContext = self.0;
-            previous
-        });
-        let result = f();
+        let result = in_context(self.0, f);
         // SAFETY: nothing allocated in the context is referenced any more.
         unsafe { unguarded::MemoryContextReset(self.0) };
         result
     }
+}
+
+/// Runs `f` with `context` current, switching back afterwards, also when `f` unwinds.
+fn in_context<R>(context: pg_sys::MemoryContext, f: impl FnOnce() -> R) -> R {
+    struct Restore(pg_sys::MemoryContext);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: switching back to the context that was current before.
+            unsafe { pg_sys::CurrentMemoryContext = self.0 };
+        }
+    }
+    // SAFETY: switching memory contexts is an assignment, as MemoryContextSwitchTo does.
+    let _restore = Restore(unsafe {
+        let previous = pg_sys::CurrentMemoryContext;
+        pg_sys::CurrentMemoryContext = context;
+        previous
+    });
+    f()
 }
 
 impl Drop for RowMemory {
@@ -187,7 +205,67 @@ impl Drop for RowMemory {
     }
 }
 
-/// A transition table read from its start through a slot of its own.
+/// The two slots a statement trigger reads its transition tables through (an update reads old
+/// and new rows in step), made once per trigger and backend and kept with its plan: making and
+/// dropping slots for every statement cost more than imaging its row. They describe rows with a
+/// copy of the table's descriptor that is not reference-counted, so they hold no pin between
+/// statements, and they never own the rows they show (those stay in the tuplestore).
+pub struct TransitionSlots {
+    /// Holds the slots and the descriptor copy.
+    memory: pg_sys::MemoryContext,
+    slots: [*mut pg_sys::TupleTableSlot; 2],
+    /// A statement of this trigger is reading through them.
+    lent: Cell<bool>,
+}
+
+impl TransitionSlots {
+    /// # Safety
+    /// `tupdesc` must describe the rows of the transition tables to be read.
+    unsafe fn new(tupdesc: pg_sys::TupleDesc) -> TransitionSlots {
+        // SAFETY: a context of its own under TopMemoryContext, deleted with these slots; the
+        // caller's context is current again before anything can raise an ERROR past the switch.
+        unsafe {
+            let memory = pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopMemoryContext,
+                c"pgwatch transition slots".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            );
+            let slots = in_context(memory, || {
+                let tupdesc = pg_sys::CreateTupleDescCopy(tupdesc);
+                let make = || pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+                [make(), make()]
+            });
+            TransitionSlots { memory, slots, lent: Cell::new(false) }
+        }
+    }
+
+    /// The slots, unless a statement of the same trigger is reading through them already.
+    fn lend(&self) -> Option<LentSlots<'_>> {
+        (!self.lent.replace(true)).then_some(LentSlots(self))
+    }
+}
+
+impl Drop for TransitionSlots {
+    fn drop(&mut self) {
+        // SAFETY: the context holds only these slots and their descriptor; the slots own no
+        // rows and pin no descriptor, and a plan (their owner) is dropped only when no trigger
+        // runs with it.
+        unsafe { pg_sys::MemoryContextDelete(self.memory) };
+    }
+}
+
+/// Slots lent to one statement, given back when it is done (also when it unwinds).
+struct LentSlots<'a>(&'a TransitionSlots);
+
+impl Drop for LentSlots<'_> {
+    fn drop(&mut self) {
+        self.0.lent.set(false);
+    }
+}
+
+/// A transition table read from its start through a slot lent to the statement.
 struct TransitionTable {
     store: *mut pg_sys::Tuplestorestate,
     slot: *mut pg_sys::TupleTableSlot,
@@ -198,21 +276,15 @@ struct TransitionTable {
 impl TransitionTable {
     /// # Safety
     /// `store` must be a transition table of the firing statement, holding rows described by
-    /// `tupdesc`.
-    unsafe fn open(store: *mut pg_sys::Tuplestorestate, tupdesc: pg_sys::TupleDesc) -> TransitionTable {
+    /// `slot`'s descriptor; no other table is read through `slot` at the same time.
+    unsafe fn open(store: *mut pg_sys::Tuplestorestate, slot: *mut pg_sys::TupleTableSlot) -> TransitionTable {
         // SAFETY: every trigger on the table and event shares this tuplestore; read pointer 0
         // is the one its other readers do not use (they allocate their own), and rewinding it
-        // is allowed (transition tables are created with EXEC_FLAG_REWIND). The slot lives in
-        // the trigger call's memory context.
+        // is allowed (transition tables are created with EXEC_FLAG_REWIND).
         unsafe {
             unguarded::tuplestore_select_read_pointer(store, 0);
-            let mut table = TransitionTable {
-                store,
-                slot: std::ptr::null_mut(),
-                in_memory: unguarded::tuplestore_in_memory(store),
-            };
+            let mut table = TransitionTable { store, slot, in_memory: unguarded::tuplestore_in_memory(store) };
             table.rewind();
-            table.slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
             table
         }
     }
@@ -230,11 +302,12 @@ impl TransitionTable {
         }
     }
 
-    /// The next row, valid until the next call; `None` at the end, where the table is rewound
-    /// for any later reader of read pointer 0.
+    /// The next row, valid until the next call; `None` at the end, where the slot is cleared and
+    /// the table rewound for any later reader of read pointer 0.
     fn next(&mut self) -> Option<*mut pg_sys::TupleTableSlot> {
-        // SAFETY: store and slot were opened together for rows of one descriptor; a tuplestore in
-        // memory is read without raising an ERROR, so the guard is needed only for a spilled one.
+        // SAFETY: the slot describes the store's rows; a tuplestore in memory is read without
+        // raising an ERROR, so the guard is needed only for a spilled one. The row is not copied:
+        // the slot shows it in place and never frees it.
         let found = unsafe {
             if self.in_memory {
                 unguarded::tuplestore_gettupleslot(self.store, true, false, self.slot)
@@ -246,13 +319,6 @@ impl TransitionTable {
             self.rewind();
         }
         found.then_some(self.slot)
-    }
-}
-
-impl Drop for TransitionTable {
-    fn drop(&mut self) {
-        // SAFETY: the slot was made by open() and is no longer read.
-        unsafe { pg_sys::ExecDropSingleTupleTableSlot(self.slot) };
     }
 }
 

@@ -27,6 +27,8 @@ use crate::stats::{self, Counter};
 
 /// Records one worker transaction sends at most.
 const BATCH_BYTES: usize = 1 << 20;
+/// How often an idle worker checks that pgwatch is still installed.
+const IDLE_CHECK: Duration = Duration::from_secs(10);
 /// How long DROP DATABASE waits for the database's worker to exit.
 const DROP_WAIT: Duration = Duration::from_secs(10);
 
@@ -131,8 +133,17 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     // memory as long as this process; it runs on every exit, an ERROR's included.
     unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
     let mut worker = Worker { shared, slot, dboid, seqs: HashMap::new() };
-    while worker.drain() && extension_installed() && !slot.dropping.load(Ordering::Relaxed) {
-        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
+    let mut checked: Option<Instant> = None;
+    while worker.drain() && !slot.dropping.load(Ordering::Relaxed) {
+        // The catalog is read at start, after a DROP EXTENSION committed, and when idle for a
+        // while: not for every wake-up, which would cost a transaction per batch at light load.
+        if slot.extension_check_requested() || checked.is_none_or(|at| at.elapsed() >= IDLE_CHECK) {
+            if !extension_installed() {
+                break;
+            }
+            checked = Some(Instant::now());
+        }
+        if !BackgroundWorker::wait_latch(Some(IDLE_CHECK)) {
             break;
         }
     }

@@ -62,7 +62,18 @@ struct Pending {
 struct Xact {
     buffers: Vec<Buffer>,
     tail: Vec<Pending>,
+    /// Emptied folds of earlier transactions, so that a small one allocates none.
+    spare_folds: Vec<Folded>,
+    /// This transaction's record for the delivery queue, built at pre-commit in memory kept
+    /// from earlier transactions.
+    record: Vec<u8>,
 }
+
+/// What an emptied transaction keeps for the next: memory for this many rows per watch, for this
+/// many watches, and for a queue record of this many bytes. Bigger allocations are freed.
+const KEPT_ROWS: usize = 256;
+const KEPT_FOLDS: usize = 8;
+const KEPT_RECORD_BYTES: usize = 16 * 1024;
 
 thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
@@ -78,8 +89,24 @@ impl Xact {
         if let Some(i) = self.buffers.iter().position(|b| Rc::ptr_eq(&b.target, target) || b.target == *target) {
             return i;
         }
-        self.buffers.push(Buffer { target: target.clone(), folded: Folded::default(), pending: 0 });
+        let folded = self.spare_folds.pop().unwrap_or_default();
+        self.buffers.push(Buffer { target: target.clone(), folded, pending: 0 });
         self.buffers.len() - 1
+    }
+
+    /// Forgets everything recorded, keeping the memory a small transaction needs for the next.
+    fn clear(&mut self) {
+        self.tail.clear();
+        for Buffer { mut folded, .. } in self.buffers.drain(..) {
+            if folded.capacity() <= KEPT_ROWS && self.spare_folds.len() < KEPT_FOLDS {
+                folded.clear();
+                self.spare_folds.push(folded);
+            }
+        }
+        self.record.clear();
+        if self.record.capacity() > KEPT_RECORD_BYTES {
+            self.record = Vec::new();
+        }
     }
 
     fn fold_tail(&mut self) {
@@ -172,20 +199,19 @@ pub fn wake_worker_at_commit() {
 
 /// Reserves this transaction's record in the delivery queue when worker delivery applies;
 /// `false` means notify inline (the queue is full or has no slot: counted as a fallback).
-fn queue_for_worker(xact: &Xact) -> bool {
+fn queue_for_worker(xact: &mut Xact) -> bool {
     let shared = match guc::DELIVERY.get() {
         Delivery::Inline => None,
         Delivery::Auto | Delivery::Worker => queue::shared(),
     };
     let Some(shared) = shared else { return false };
-    // Most transactions' records fit this without growing.
-    let mut body = Vec::with_capacity(1024);
-    for buffer in &xact.buffers {
-        queue::encode(&mut body, &buffer.target, &buffer.folded);
+    let Xact { buffers, record, .. } = xact;
+    for buffer in buffers.iter() {
+        queue::encode(record, &buffer.target, &buffer.folded);
     }
     // SAFETY: reading the id of the database this backend is connected to.
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    match shared.reserve(dboid, &body) {
+    match shared.reserve(dboid, record) {
         Ok(reservation) => {
             QUEUED.set(Some(reservation));
             true
@@ -197,8 +223,20 @@ fn queue_for_worker(xact: &Xact) -> bool {
     }
 }
 
+/// This transaction's changes, to be handed back with `put_back` once sent.
 fn take() -> Xact {
     XACT.with_borrow_mut(std::mem::take)
+}
+
+/// Empties a taken transaction and keeps it for the next one's memory.
+fn put_back(mut xact: Xact) {
+    xact.clear();
+    XACT.set(xact);
+}
+
+/// Forgets this transaction's changes.
+fn forget() {
+    XACT.with_borrow_mut(Xact::clear);
 }
 
 #[pg_guard]
@@ -208,11 +246,12 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let mut xact = take();
             xact.fold_tail();
             xact.buffers.retain(|buffer| buffer.folded.has_news());
-            if !xact.buffers.is_empty() && !queue_for_worker(&xact) {
+            if !xact.buffers.is_empty() && !queue_for_worker(&mut xact) {
                 for buffer in &xact.buffers {
                     notify::send_changes(&buffer.target, &buffer.folded, &mut || None);
                 }
             }
+            put_back(xact);
         }
         XactEvent::XACT_EVENT_PRE_PREPARE => {
             let mut xact = take();
@@ -225,9 +264,10 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
                     "pgwatch: {rows} changed rows and {truncates} truncated tables of this prepared transaction will not be notified"
                 );
             }
+            put_back(xact);
         }
         XactEvent::XACT_EVENT_COMMIT => {
-            take();
+            forget();
             if let Some(shared) = queue::shared() {
                 if let Some(queued) = QUEUED.take() {
                     shared.publish(queued);
@@ -235,13 +275,13 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
                 if WAKE_WORKER.take() {
                     // SAFETY: reading the id of the database this backend is connected to.
                     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
-                    shared.find_slot(dboid).inspect(|slot| slot.wake());
+                    shared.find_slot(dboid).inspect(|slot| slot.request_extension_check());
                 }
             }
             stats::flush();
         }
         XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT => {
-            take();
+            forget();
             WAKE_WORKER.set(false);
             if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
                 shared.cancel(queued);
