@@ -25,8 +25,8 @@ pub enum Delivery {
 
 pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery::Auto);
 
-/// How long a worker waits before its next batch after a batch of several transactions, in ms.
-pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// The longest a worker lets its next batch gather after a busy one, in ms.
+pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
 /// Size of the shared-memory queue, in kB.
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
@@ -60,8 +60,8 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"pgwatch.busy_batch_delay",
-        c"Under load, how long a delivery worker lets changes gather before its next batch.",
-        c"Applies only after a batch that carried several transactions, so a lone change is sent at once; 0 disables.",
+        c"Under load, the longest a delivery worker lets changes gather before its next batch.",
+        c"After a batch of several transactions the worker waits in proportion to the commit rate, all of this from 16000 transactions per second on; a lone change is sent at once; 0 disables.",
         &BUSY_BATCH_DELAY_MS,
         0,
         1000,

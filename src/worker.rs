@@ -132,7 +132,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     // SAFETY: registers a plain function with the address of the slot, which lives in shared
     // memory as long as this process; it runs on every exit, an ERROR's included.
     unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
-    let mut worker = Worker { shared, slot, dboid, seqs: HashMap::new() };
+    let mut worker = Worker { shared, slot, dboid, seqs: HashMap::new(), last_batch: Instant::now() };
     let mut checked: Option<Instant> = None;
     while worker.drain() && !slot.dropping.load(Ordering::Relaxed) {
         // The catalog is read at start, after a DROP EXTENSION committed, and when idle for a
@@ -171,14 +171,13 @@ struct Worker {
     dboid: u32,
     /// Last sequence number per channel, also for channels past the shared table's capacity.
     seqs: HashMap<Vec<u8>, u64>,
+    /// When the last batch was collected: the next one's transactions committed since.
+    last_batch: Instant,
 }
 
 impl Worker {
     /// Sends everything published so far; `false` once asked to stop. After a batch of several
-    /// transactions (the database is busy) it lets the next batch gather for
-    /// `pgwatch.busy_batch_delay`: fewer, fuller notifications cost this worker and the listening
-    /// backends less of the CPU they share with the writers. A lone change is sent as soon as the
-    /// worker wakes.
+    /// transactions it lets the next one gather for a while (see [`gather_delay`]).
     fn drain(&mut self) -> bool {
         loop {
             if BackgroundWorker::sighup_received() {
@@ -199,13 +198,16 @@ impl Worker {
                 unsafe { pg_sys::pg_usleep(100) };
                 continue;
             }
+            let collected = Instant::now();
+            let arrived_over = collected.duration_since(std::mem::replace(&mut self.last_batch, collected));
             self.slot.set_state(WorkerState::Sending);
             self.deliver(&records);
             self.slot.set_state(WorkerState::Idle);
-            let delay_ms = guc::BUSY_BATCH_DELAY_MS.get();
-            if records.len() > 1 && delay_ms > 0 {
+            let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
+            let delay = gather_delay(records.len(), arrived_over, longest);
+            if !delay.is_zero() {
                 // SAFETY: a plain sleep; signals are looked at right after.
-                unsafe { pg_sys::pg_usleep(i64::from(delay_ms) * 1000) };
+                unsafe { pg_sys::pg_usleep(delay.as_micros() as i64) };
             }
         }
     }
@@ -252,6 +254,24 @@ impl Worker {
         let delivered: Vec<u64> = records.iter().map(|(at, _)| *at).collect();
         self.shared.finish(self.slot, &delivered);
     }
+}
+
+/// The commit rate (transactions per second) from which the worker waits all of
+/// `pgwatch.busy_batch_delay` between batches.
+const FULL_DELAY_RATE: f64 = 16_000.0;
+
+/// How long to let the next batch gather after sending `transactions` that committed over
+/// `arrived_over` (since the previous batch): nothing after a lone one, otherwise in proportion to
+/// that commit rate, all of `longest` from [`FULL_DELAY_RATE`] on. A light load gets its changes
+/// out within a fraction of a millisecond; a heavy one gets fuller notifications, and every
+/// notification costs the worker and each listening backend CPU that they share with the writers.
+/// The wait follows the rate, not the batch, which itself grows with the wait.
+fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration) -> Duration {
+    if transactions <= 1 {
+        return Duration::ZERO;
+    }
+    let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
+    longest.mul_f64((rate / FULL_DELAY_RATE).min(1.0))
 }
 
 static PREV_UTILITY: OnceLock<pg_sys::ProcessUtility_hook_type> = OnceLock::new();
@@ -395,5 +415,27 @@ mod pgwatch {
             })
             .collect();
         TableIterator::new(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gathering_wait_follows_the_commit_rate_up_to_the_setting() {
+        let longest = Duration::from_millis(4);
+        let ms = Duration::from_millis;
+        let wait = |transactions, over| gather_delay(transactions, over, longest).as_micros();
+        // A lone transaction goes out at once, however fast they come.
+        assert_eq!(wait(1, Duration::ZERO), 0);
+        // 4,000 per second: a quarter; 8,000: half; 16,000 and more: all.
+        assert_eq!(
+            [wait(4, ms(1)), wait(8, ms(1)), wait(16, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
+            [1000, 2000, 4000, 4000, 4000]
+        );
+        // Two transactions after a second's quiet: about nothing.
+        assert_eq!(wait(2, ms(1000)), 0);
+        assert_eq!(gather_delay(100, ms(1), Duration::ZERO), Duration::ZERO);
     }
 }
