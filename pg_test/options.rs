@@ -96,6 +96,27 @@ fn trigger_columns_send_only_updates_that_change_them() {
 }
 
 #[test]
+fn rows_stored_before_a_watched_column_was_added_carry_its_default() {
+    let _serial = serial();
+    for mode in MODES {
+        // ADD COLUMN with a constant default rewrites nothing: the rows already stored stay
+        // shorter, and PostgreSQL reads the default for them from the table's descriptor.
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_fast (id int PRIMARY KEY);
+             INSERT INTO o_fast VALUES (1), (2);
+             ALTER TABLE o_fast ADD COLUMN tier int DEFAULT 7;
+             SELECT watch_table('o_fast', '*', '{tier}')",
+            &["public.o_fast"],
+        );
+        writer.batch_execute("DELETE FROM o_fast WHERE id = 1").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_fast","op":"delete","rows":[{"id":1,"tier":7}]}"#]);
+        writer.batch_execute("UPDATE o_fast SET tier = 8").unwrap();
+        listener.expect(&[r#"{"tbl":"public.o_fast","op":"update","rows":[{"id":2,"tier":8,"old":{"tier":7}}]}"#]);
+    }
+}
+
+#[test]
 fn a_condition_filters_rows() {
     let _serial = serial();
     for mode in MODES {

@@ -60,8 +60,8 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"pgwatch.busy_batch_delay",
-        c"Under load, the longest a delivery worker lets changes gather before its next batch.",
-        c"After a batch of several transactions the worker waits in proportion to the commit rate, all of this from 16000 transactions per second on; a lone change is sent at once; 0 disables.",
+        c"The longest a delivery worker lets changes gather before its next batch.",
+        c"After each batch the worker waits in proportion to the commit rate it saw, all of this from 16000 transactions per second on, next to nothing after a quiet spell; 0 disables.",
         &BUSY_BATCH_DELAY_MS,
         0,
         1000,

@@ -439,8 +439,8 @@ impl Shared {
         self.header(reservation.at).state.store(DONE, Ordering::Release);
     }
 
-    /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`, and whether
-    /// it read the ring to its head (rather than stopping at a header still being written).
+    /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`; the flag is
+    /// `false` when a header still being written stopped it first.
     ///
     /// Only finding them holds the lock: a published record keeps its place until its database's
     /// worker (the caller) marks it done.

@@ -208,8 +208,8 @@ impl Drop for RowMemory {
 /// The two slots a statement trigger reads its transition tables through (an update reads old
 /// and new rows in step), made once per trigger and backend and kept with its plan: making and
 /// dropping slots for every statement cost more than imaging its row. They describe rows with a
-/// copy of the table's descriptor that is not reference-counted, so they hold no pin between
-/// statements, and they never own the rows they show (those stay in the tuplestore).
+/// copy of the table's descriptor (with its defaults for rows stored before a column was added)
+/// that is not reference-counted, so they hold no pin between statements.
 pub struct TransitionSlots {
     /// Holds the slots and the descriptor copy.
     memory: pg_sys::MemoryContext,
@@ -222,8 +222,8 @@ impl TransitionSlots {
     /// # Safety
     /// `tupdesc` must describe the rows of the transition tables to be read.
     unsafe fn new(tupdesc: pg_sys::TupleDesc) -> TransitionSlots {
-        // SAFETY: a context of its own under TopMemoryContext, deleted with these slots; the
-        // caller's context is current again before anything can raise an ERROR past the switch.
+        // SAFETY: a context of its own under TopMemoryContext, deleted with these slots (also if
+        // making them fails half-way); the caller's context is current again afterwards.
         unsafe {
             let memory = pg_sys::AllocSetContextCreateExtended(
                 pg_sys::TopMemoryContext,
@@ -232,12 +232,14 @@ impl TransitionSlots {
                 pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
                 pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
             );
-            let slots = in_context(memory, || {
-                let tupdesc = pg_sys::CreateTupleDescCopy(tupdesc);
-                let make = || pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-                [make(), make()]
+            let mut made = TransitionSlots { memory, slots: [std::ptr::null_mut(); 2], lent: Cell::new(false) };
+            in_context(memory, || {
+                let tupdesc = pg_sys::CreateTupleDescCopyConstr(tupdesc);
+                for slot in &mut made.slots {
+                    *slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+                }
             });
-            TransitionSlots { memory, slots, lent: Cell::new(false) }
+            made
         }
     }
 
@@ -249,18 +251,24 @@ impl TransitionSlots {
 
 impl Drop for TransitionSlots {
     fn drop(&mut self) {
-        // SAFETY: the context holds only these slots and their descriptor; the slots own no
-        // rows and pin no descriptor, and a plan (their owner) is dropped only when no trigger
-        // runs with it.
+        // SAFETY: the context holds only these slots and their descriptor; the slots hold no row
+        // (see LentSlots) and pin no descriptor, and a plan (their owner) is dropped only when no
+        // trigger runs with it.
         unsafe { pg_sys::MemoryContextDelete(self.memory) };
     }
 }
 
-/// Slots lent to one statement, given back when it is done (also when it unwinds).
+/// Slots lent to one statement, given back empty when it is done (also when it unwinds).
 struct LentSlots<'a>(&'a TransitionSlots);
 
 impl Drop for LentSlots<'_> {
     fn drop(&mut self) {
+        for &slot in &self.0.slots {
+            // SAFETY: a slot made by TransitionSlots::new. A row read from a spilled table is a
+            // copy the slot owns, in memory of this trigger call; clearing frees it now, while
+            // that memory is still there, instead of at the next statement's first read.
+            unsafe { pg_sys::ExecClearTuple(slot) };
+        }
         self.0.lent.set(false);
     }
 }
@@ -306,8 +314,8 @@ impl TransitionTable {
     /// the table rewound for any later reader of read pointer 0.
     fn next(&mut self) -> Option<*mut pg_sys::TupleTableSlot> {
         // SAFETY: the slot describes the store's rows; a tuplestore in memory is read without
-        // raising an ERROR, so the guard is needed only for a spilled one. The row is not copied:
-        // the slot shows it in place and never frees it.
+        // raising an ERROR, so the guard is needed only for a spilled one. A row in memory is
+        // shown in place; one read from the file is a copy the slot owns (see LentSlots).
         let found = unsafe {
             if self.in_memory {
                 unguarded::tuplestore_gettupleslot(self.store, true, false, self.slot)

@@ -27,8 +27,9 @@ use crate::stats::{self, Counter};
 
 /// Records one worker transaction sends at most.
 const BATCH_BYTES: usize = 1 << 20;
-/// How often an idle worker checks that pgwatch is still installed.
-const IDLE_CHECK: Duration = Duration::from_secs(10);
+/// How often a worker checks that pgwatch is still installed when no DROP EXTENSION asked it to
+/// (one committed by COMMIT PREPARED, or pgwatch dropped with its schema or owner).
+const EXTENSION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// How long DROP DATABASE waits for the database's worker to exit.
 const DROP_WAIT: Duration = Duration::from_secs(10);
 
@@ -135,15 +136,15 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     let mut worker = Worker { shared, slot, dboid, seqs: HashMap::new(), last_batch: Instant::now() };
     let mut checked: Option<Instant> = None;
     while worker.drain() && !slot.dropping.load(Ordering::Relaxed) {
-        // The catalog is read at start, after a DROP EXTENSION committed, and when idle for a
-        // while: not for every wake-up, which would cost a transaction per batch at light load.
-        if slot.extension_check_requested() || checked.is_none_or(|at| at.elapsed() >= IDLE_CHECK) {
+        // The catalog is read at start, after a DROP EXTENSION committed, and every 10 s: not
+        // for every wake-up, which would cost a transaction per batch at light load.
+        if slot.extension_check_requested() || checked.is_none_or(|at| at.elapsed() >= EXTENSION_CHECK_INTERVAL) {
             if !extension_installed() {
                 break;
             }
             checked = Some(Instant::now());
         }
-        if !BackgroundWorker::wait_latch(Some(IDLE_CHECK)) {
+        if !BackgroundWorker::wait_latch(Some(EXTENSION_CHECK_INTERVAL)) {
             break;
         }
     }
@@ -176,8 +177,8 @@ struct Worker {
 }
 
 impl Worker {
-    /// Sends everything published so far; `false` once asked to stop. After a batch of several
-    /// transactions it lets the next one gather for a while (see [`gather_delay`]).
+    /// Sends everything published so far; `false` once asked to stop. After each batch it lets
+    /// the next one gather for a while (see [`gather_delay`]).
     fn drain(&mut self) -> bool {
         loop {
             if BackgroundWorker::sighup_received() {
@@ -203,9 +204,11 @@ impl Worker {
             self.slot.set_state(WorkerState::Sending);
             self.deliver(&records);
             self.slot.set_state(WorkerState::Idle);
+            // A batch cut at its size limit leaves records waiting: no reason to wait for more.
+            let cut = records.iter().map(|(_, body)| body.len()).sum::<usize>() >= BATCH_BYTES;
             let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
             let delay = gather_delay(records.len(), arrived_over, longest);
-            if !delay.is_zero() {
+            if !cut && !delay.is_zero() {
                 // SAFETY: a plain sleep; signals are looked at right after.
                 unsafe { pg_sys::pg_usleep(delay.as_micros() as i64) };
             }
@@ -261,15 +264,13 @@ impl Worker {
 const FULL_DELAY_RATE: f64 = 16_000.0;
 
 /// How long to let the next batch gather after sending `transactions` that committed over
-/// `arrived_over` (since the previous batch): nothing after a lone one, otherwise in proportion to
-/// that commit rate, all of `longest` from [`FULL_DELAY_RATE`] on. A light load gets its changes
-/// out within a fraction of a millisecond; a heavy one gets fuller notifications, and every
-/// notification costs the worker and each listening backend CPU that they share with the writers.
-/// The wait follows the rate, not the batch, which itself grows with the wait.
+/// `arrived_over` (since the previous batch): in proportion to that commit rate, all of `longest`
+/// from [`FULL_DELAY_RATE`] on. A change after a quiet spell goes out at once and the wait after
+/// it is next to nothing; a steady stream of commits, even one client's, is sent in batches,
+/// because every notification costs the worker and each listening backend a wake-up and CPU that
+/// they share with the writers. The wait follows the rate, not the batch, which itself grows with
+/// the wait.
 fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration) -> Duration {
-    if transactions <= 1 {
-        return Duration::ZERO;
-    }
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
     longest.mul_f64((rate / FULL_DELAY_RATE).min(1.0))
 }
@@ -338,7 +339,7 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
     if unsafe { pgrx::is_a(stmt, pg_sys::NodeTag::T_DropStmt) }
         && unsafe { (*stmt.cast::<pg_sys::DropStmt>()).removeType } == pg_sys::ObjectType::OBJECT_EXTENSION
     {
-        crate::xact::wake_worker_at_commit();
+        crate::xact::check_extension_at_commit();
     }
     let dropped = dropped_database(stmt);
     let Some((dboid, slot)) = dropped.and_then(|d| queue::shared().and_then(|s| Some((d, s.find_slot(d)?)))) else {
@@ -427,15 +428,15 @@ mod tests {
         let longest = Duration::from_millis(4);
         let ms = Duration::from_millis;
         let wait = |transactions, over| gather_delay(transactions, over, longest).as_micros();
-        // A lone transaction goes out at once, however fast they come.
-        assert_eq!(wait(1, Duration::ZERO), 0);
-        // 4,000 per second: a quarter; 8,000: half; 16,000 and more: all.
+        // 4,000 per second: a quarter; 8,000: half; 16,000 and more: all, one transaction at a
+        // time as well as in batches.
         assert_eq!(
             [wait(4, ms(1)), wait(8, ms(1)), wait(16, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
             [1000, 2000, 4000, 4000, 4000]
         );
-        // Two transactions after a second's quiet: about nothing.
-        assert_eq!(wait(2, ms(1000)), 0);
+        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1000, 4000]);
+        // A transaction or two after a second's quiet: next to nothing.
+        assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
         assert_eq!(gather_delay(100, ms(1), Duration::ZERO), Duration::ZERO);
     }
 }

@@ -69,8 +69,9 @@ struct Xact {
     record: Vec<u8>,
 }
 
-/// What an emptied transaction keeps for the next: memory for this many rows per watch, for this
-/// many watches, and for a queue record of this many bytes. Bigger allocations are freed.
+/// What an emptied transaction keeps for the next: memory for this many rows per watch (and in
+/// the subtransaction tail), for this many watches, and for a queue record of this many bytes.
+/// Bigger allocations are freed.
 const KEPT_ROWS: usize = 256;
 const KEPT_FOLDS: usize = 8;
 const KEPT_RECORD_BYTES: usize = 16 * 1024;
@@ -81,7 +82,7 @@ thread_local! {
     static QUEUED: Cell<Option<Reservation>> = const { Cell::new(None) };
     /// This transaction ran DROP EXTENSION: once it commits, the database's worker checks
     /// whether pgwatch is still installed.
-    static WAKE_WORKER: Cell<bool> = const { Cell::new(false) };
+    static CHECK_EXTENSION: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Xact {
@@ -97,6 +98,9 @@ impl Xact {
     /// Forgets everything recorded, keeping the memory a small transaction needs for the next.
     fn clear(&mut self) {
         self.tail.clear();
+        if self.tail.capacity() > KEPT_ROWS {
+            self.tail = Vec::new();
+        }
         for Buffer { mut folded, .. } in self.buffers.drain(..) {
             if folded.capacity() <= KEPT_ROWS && self.spare_folds.len() < KEPT_FOLDS {
                 folded.clear();
@@ -192,9 +196,10 @@ pub fn record_overflow(target: &Rc<Target>, op: Op) {
     });
 }
 
-/// Asks for the database's worker to be woken when this transaction commits.
-pub fn wake_worker_at_commit() {
-    WAKE_WORKER.set(true);
+/// Has the database's worker check whether pgwatch is still installed once this transaction
+/// commits.
+pub fn check_extension_at_commit() {
+    CHECK_EXTENSION.set(true);
 }
 
 /// Reserves this transaction's record in the delivery queue when worker delivery applies;
@@ -254,6 +259,9 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             put_back(xact);
         }
         XactEvent::XACT_EVENT_PRE_PREPARE => {
+            // A prepared DROP EXTENSION commits in another session, unseen by this flag: the
+            // worker's periodic check finds it.
+            CHECK_EXTENSION.set(false);
             let mut xact = take();
             xact.fold_tail();
             let rows: usize = xact.buffers.iter().map(|b| b.folded.net_rows().count()).sum();
@@ -272,7 +280,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
                 if let Some(queued) = QUEUED.take() {
                     shared.publish(queued);
                 }
-                if WAKE_WORKER.take() {
+                if CHECK_EXTENSION.take() {
                     // SAFETY: reading the id of the database this backend is connected to.
                     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
                     shared.find_slot(dboid).inspect(|slot| slot.request_extension_check());
@@ -282,7 +290,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         }
         XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             forget();
-            WAKE_WORKER.set(false);
+            CHECK_EXTENSION.set(false);
             if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
                 shared.cancel(queued);
             }
