@@ -25,7 +25,7 @@ pub enum Delivery {
 
 pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery::Auto);
 
-/// The longest a worker lets its next batch gather after a busy one, in ms.
+/// The longest a worker lets its next batch gather (it waits in proportion to the commit rate), in ms.
 pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
 /// Size of the shared-memory queue, in kB.

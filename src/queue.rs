@@ -358,6 +358,7 @@ impl Shared {
         let slot = &self.slots[free];
         slot.backlog.store(0, Ordering::Relaxed);
         slot.last_send.store(0, Ordering::Relaxed);
+        slot.recheck_extension.store(false, Ordering::Relaxed);
         slot.dropping.store(false, Ordering::Relaxed);
         // Release: writers find the slot without the lock, and must see it reset.
         slot.dboid.store(dboid, Ordering::Release);

@@ -208,9 +208,10 @@ impl Worker {
             let cut = records.iter().map(|(_, body)| body.len()).sum::<usize>() >= BATCH_BYTES;
             let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
             let delay = gather_delay(records.len(), arrived_over, longest);
-            if !cut && !delay.is_zero() {
+            let micros = delay.as_micros() as i64;
+            if !cut && micros > 0 {
                 // SAFETY: a plain sleep; signals are looked at right after.
-                unsafe { pg_sys::pg_usleep(delay.as_micros() as i64) };
+                unsafe { pg_sys::pg_usleep(micros) };
             }
         }
     }
