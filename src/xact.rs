@@ -76,6 +76,14 @@ const KEPT_ROWS: usize = 256;
 const KEPT_FOLDS: usize = 8;
 const KEPT_RECORD_BYTES: usize = 16 * 1024;
 
+/// Empties `items`, keeping its memory unless it grew past `kept` of them.
+fn clear_keeping<T>(items: &mut Vec<T>, kept: usize) {
+    items.clear();
+    if items.capacity() > kept {
+        *items = Vec::new();
+    }
+}
+
 thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
     /// This transaction's record in the delivery queue, between pre-commit and commit or abort.
@@ -97,20 +105,14 @@ impl Xact {
 
     /// Forgets everything recorded, keeping the memory a small transaction needs for the next.
     fn clear(&mut self) {
-        self.tail.clear();
-        if self.tail.capacity() > KEPT_ROWS {
-            self.tail = Vec::new();
-        }
+        clear_keeping(&mut self.tail, KEPT_ROWS);
         for Buffer { mut folded, .. } in self.buffers.drain(..) {
             if folded.capacity() <= KEPT_ROWS && self.spare_folds.len() < KEPT_FOLDS {
                 folded.clear();
                 self.spare_folds.push(folded);
             }
         }
-        self.record.clear();
-        if self.record.capacity() > KEPT_RECORD_BYTES {
-            self.record = Vec::new();
-        }
+        clear_keeping(&mut self.record, KEPT_RECORD_BYTES);
     }
 
     fn fold_tail(&mut self) {
