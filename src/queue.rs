@@ -440,34 +440,35 @@ impl Shared {
         self.header(reservation.at).state.store(DONE, Ordering::Release);
     }
 
-    /// Copies out published records of `dboid`, oldest first, up to about `max_bytes`; the flag is
+    /// Copies published records of `dboid` into `batch`, oldest first, up to about `max_bytes`;
     /// `false` when a header still being written stopped it first.
     ///
     /// Only finding them holds the lock: a published record keeps its place until its database's
     /// worker (the caller) marks it done.
-    pub fn collect(&self, dboid: u32, max_bytes: usize) -> (Vec<(u64, Vec<u8>)>, bool) {
-        let mut found: Vec<(u64, usize)> = Vec::with_capacity(256);
+    pub fn collect(&self, dboid: u32, max_bytes: usize, batch: &mut Batch) -> bool {
+        batch.clear(max_bytes);
         let mut bytes = 0;
         let complete = self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| {
             if bytes >= max_bytes {
                 return false;
             }
             if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
-                found.push((at, header.body_len()));
                 bytes += header.body_len();
+                batch.positions.push(at);
+                batch.ends.push(bytes);
             }
             true
         });
-        let records = found
-            .into_iter()
-            .map(|(at, len)| {
-                // SAFETY: a published record's body is complete and no longer written, and it stays
-                // in place until this worker marks it done (see above).
-                let body = unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), len) };
-                (at, body.to_vec())
-            })
-            .collect();
-        (records, complete)
+        batch.bodies.reserve(bytes);
+        let mut start = 0;
+        for (&at, &end) in batch.positions.iter().zip(&batch.ends) {
+            // SAFETY: a published record's body is complete and no longer written, and it stays
+            // in place until this worker marks it done (see above).
+            let body = unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), end - start) };
+            batch.bodies.extend_from_slice(body);
+            start = end;
+        }
+        complete
     }
 
     /// Marks delivered records done and frees what it can.
@@ -579,26 +580,101 @@ fn channel_hash(channel: &[u8]) -> u64 {
     channel.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// One watch's changes in a record (which also names the watch's [`Target`]).
-pub struct WatchChanges {
-    /// The table was truncated before these changes.
-    pub truncated: bool,
-    pub overflow: [bool; 3],
-    pub changes: Vec<Change>,
+/// Records copied out of the ring for one worker transaction. The worker keeps one for good, so
+/// that copying records out allocates nothing once it has grown.
+#[derive(Default)]
+pub struct Batch {
+    /// Each record's place in the ring, to mark it done once sent.
+    positions: Vec<u64>,
+    /// Where each record's body ends in `bodies`.
+    ends: Vec<usize>,
+    bodies: Vec<u8>,
 }
 
-impl WatchChanges {
+impl Batch {
+    /// Empties the batch, keeping room for `keep` bytes of bodies (an oversized record's room is
+    /// given back).
+    fn clear(&mut self, keep: usize) {
+        self.positions.clear();
+        self.ends.clear();
+        self.bodies.clear();
+        self.bodies.shrink_to(keep);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// The number of records (each one committed transaction's changes).
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// The bytes of all bodies: what the batch's size limit counts.
+    pub fn bytes(&self) -> usize {
+        self.bodies.len()
+    }
+
+    pub fn positions(&self) -> &[u64] {
+        &self.positions
+    }
+
+    /// The record bodies, oldest first.
+    pub fn bodies(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(|(start, &end)| &self.bodies[start..end])
+    }
+}
+
+/// One watch's changes in a record, read in place: the worker compares the watch's [`Target`]
+/// with the ones it already has and decodes the changes straight into its fold.
+pub struct WatchRecord<'a> {
+    channel: &'a [u8],
+    tbl: &'a [u8],
+    cols: &'a [u8],
+    flags: u8,
+    count: u32,
+    changes: &'a [u8],
+}
+
+impl<'a> WatchRecord<'a> {
+    pub fn is_for(&self, target: &Target) -> bool {
+        target.channel.as_bytes() == self.channel && target.tbl.as_bytes() == self.tbl && *target.cols == *self.cols
+    }
+
+    pub fn target(&self) -> Target {
+        Target {
+            channel: CString::new(self.channel).expect("channels have no NUL"),
+            tbl: String::from_utf8_lossy(self.tbl).into_owned(),
+            cols: self.cols.into(),
+        }
+    }
+
+    /// The table was truncated before these changes.
+    pub fn truncated(&self) -> bool {
+        self.flags & TRUNCATED != 0
+    }
+
+    pub fn overflowed(&self, op: Op) -> bool {
+        self.flags & (1 << op.index()) != 0
+    }
+
+    pub fn changes(&self) -> impl Iterator<Item = Change> + 'a {
+        let mut rest = self.changes;
+        (0..self.count).map(move |_| Change { before: read_image(&mut rest), after: read_image(&mut rest) })
+    }
+
     /// Folds these changes, which came after what `folded` holds, into it.
-    pub fn fold_into(self, folded: &mut Folded) {
-        if self.truncated {
+    pub fn fold_into(&self, folded: &mut Folded) {
+        if self.truncated() {
             folded.truncate();
         }
         if folded.len() == 0 {
-            folded.extend_net(self.changes);
+            folded.extend_net(self.changes());
         } else {
-            self.changes.into_iter().for_each(|change| folded.apply(change));
+            self.changes().for_each(|change| folded.apply(change));
         }
-        for op in Op::ALL.into_iter().filter(|op| self.overflow[op.index()]) {
+        for op in Op::ALL.into_iter().filter(|&op| self.overflowed(op)) {
             folded.mark_overflow(op);
         }
     }
@@ -628,52 +704,57 @@ pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
     bytes(out, &target.cols);
     let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
     out.push(overflow | if folded.truncated() { TRUNCATED } else { 0 });
+    // The row count, then the rows' bytes, length-prefixed so that a reader can step over them.
     let count_at = out.len();
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
     let mut count = 0u32;
     for row in folded.net_rows() {
         image(out, row.before);
         image(out, row.after);
         count += 1;
     }
+    let rows_len = (out.len() - count_at - 8) as u32;
     out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    out[count_at + 4..count_at + 8].copy_from_slice(&rows_len.to_le_bytes());
 }
 
-/// Reads a record body written by [`encode`].
-pub fn decode(mut body: &[u8]) -> Vec<(Target, WatchChanges)> {
-    fn take<'a>(body: &mut &'a [u8], n: usize) -> &'a [u8] {
-        let (head, tail) = body.split_at(n);
-        *body = tail;
-        head
-    }
-    fn u32_(body: &mut &[u8]) -> u32 {
-        u32::from_le_bytes(take(body, 4).try_into().expect("4 bytes"))
-    }
-    fn bytes<'a>(body: &mut &'a [u8]) -> &'a [u8] {
-        let len = u32_(body) as usize;
-        take(body, len)
-    }
-    fn image(body: &mut &[u8]) -> Option<Image> {
-        let tag = take(body, 1)[0];
-        if tag == 0 {
+/// Reads a record body written by [`encode`], one watch at a time.
+pub fn decode(body: &[u8]) -> impl Iterator<Item = WatchRecord<'_>> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
             return None;
         }
-        let key_len = u32_(body);
-        Some(Image::from_parts(bytes(body), key_len, tag == 2))
+        let (channel, tbl, cols) = (read_bytes(&mut rest), read_bytes(&mut rest), read_bytes(&mut rest));
+        let flags = take(&mut rest, 1)[0];
+        let count = read_u32(&mut rest);
+        let changes = read_bytes(&mut rest);
+        Some(WatchRecord { channel, tbl, cols, flags, count, changes })
+    })
+}
+
+fn take<'a>(body: &mut &'a [u8], n: usize) -> &'a [u8] {
+    let (head, tail) = body.split_at(n);
+    *body = tail;
+    head
+}
+
+fn read_u32(body: &mut &[u8]) -> u32 {
+    u32::from_le_bytes(take(body, 4).try_into().expect("4 bytes"))
+}
+
+fn read_bytes<'a>(body: &mut &'a [u8]) -> &'a [u8] {
+    let len = read_u32(body) as usize;
+    take(body, len)
+}
+
+fn read_image(body: &mut &[u8]) -> Option<Image> {
+    let tag = take(body, 1)[0];
+    if tag == 0 {
+        return None;
     }
-    let mut watches = Vec::new();
-    while !body.is_empty() {
-        let channel = CString::new(bytes(&mut body)).expect("channels have no NUL");
-        let tbl = String::from_utf8_lossy(bytes(&mut body)).into_owned();
-        let cols = bytes(&mut body).into();
-        let bits = take(&mut body, 1)[0];
-        let overflow = [0, 1, 2].map(|i| bits & (1 << i) != 0);
-        let count = u32_(&mut body);
-        let changes = (0..count).map(|_| Change { before: image(&mut body), after: image(&mut body) }).collect();
-        let truncated = bits & TRUNCATED != 0;
-        watches.push((Target { channel, tbl, cols }, WatchChanges { truncated, overflow, changes }));
-    }
-    watches
+    let key_len = read_u32(body);
+    Some(Image::from_parts(read_bytes(body), key_len, tag == 2))
 }
 
 #[cfg(test)]
@@ -717,15 +798,15 @@ mod tests {
         let mut body = Vec::new();
         encode(&mut body, &target, &first);
         encode(&mut body, &target, &second);
-        let decoded = decode(&body);
+        let decoded: Vec<_> = decode(&body).collect();
         assert_eq!(decoded.len(), 2);
-        assert!(decoded.iter().all(|(t, _)| *t == target));
-        assert_eq!(decoded[0].1.overflow, [false, true, false]);
-        assert_eq!(decoded[1].1.overflow, [false; 3]);
-        assert!(!decoded[0].1.truncated && !decoded[1].1.truncated);
+        assert!(decoded.iter().all(|w| w.is_for(&target) && w.target() == target));
+        assert_eq!(Op::ALL.map(|op| decoded[0].overflowed(op)), [false, true, false]);
+        assert_eq!(Op::ALL.map(|op| decoded[1].overflowed(op)), [false; 3]);
+        assert!(!decoded[0].truncated() && !decoded[1].truncated());
 
         let mut worker = Folded::default();
-        decoded.into_iter().for_each(|(_, w)| w.fold_into(&mut worker));
+        decoded.iter().for_each(|w| w.fold_into(&mut worker));
         assert!(worker.overflowed(Op::Update));
         assert_eq!(
             rendered(&worker),
@@ -740,7 +821,7 @@ mod tests {
         folded.apply(Change { before: None, after: Some(img(5, "x", false)) });
         let mut body = Vec::new();
         encode(&mut body, &target, &folded);
-        let change = &decode(&body)[0].1.changes[0];
+        let change = decode(&body).next().unwrap().changes().next().unwrap();
         assert_eq!(change.op(), Some(Op::Insert));
         assert_eq!(change.after.as_ref().unwrap().key(), img(5, "", false).key());
     }
@@ -758,7 +839,7 @@ mod tests {
         encode(&mut body, &target, &earlier);
         encode(&mut body, &target, &truncating);
         let mut worker = Folded::default();
-        decode(&body).into_iter().for_each(|(_, w)| w.fold_into(&mut worker));
+        decode(&body).for_each(|w| w.fold_into(&mut worker));
         assert!(worker.truncated() && !worker.overflowed(Op::Delete));
         assert_eq!(rendered(&worker), [r#"insert {"id":2,"note":"b"}"#]);
     }

@@ -22,7 +22,7 @@ use pgrx::{pg_guard, PgTryBuilder};
 use crate::coalesce::Folded;
 use crate::guc;
 use crate::notify::{self, Target};
-use crate::queue::{self, DbSlot, Shared, WorkerState, MAX_DATABASES};
+use crate::queue::{self, Batch, DbSlot, Shared, WorkerState, MAX_DATABASES};
 use crate::stats::{self, Counter};
 
 /// Records one worker transaction sends at most.
@@ -133,7 +133,8 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     // SAFETY: registers a plain function with the address of the slot, which lives in shared
     // memory as long as this process; it runs on every exit, an ERROR's included.
     unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
-    let mut worker = Worker { shared, slot, dboid, seqs: HashMap::new(), last_batch: Instant::now() };
+    let mut worker =
+        Worker { shared, slot, dboid, seqs: HashMap::new(), last_batch: Instant::now(), batch: Batch::default() };
     let mut checked: Option<Instant> = None;
     while worker.drain() && !slot.dropping.load(Ordering::Relaxed) {
         // The catalog is read at start, after a DROP EXTENSION committed, and every 10 s: not
@@ -174,6 +175,8 @@ struct Worker {
     seqs: HashMap<Vec<u8>, u64>,
     /// When the last batch was collected: the next one's transactions committed since.
     last_batch: Instant,
+    /// The batch being sent; kept so that its buffers are reused.
+    batch: Batch,
 }
 
 impl Worker {
@@ -188,8 +191,8 @@ impl Worker {
             if BackgroundWorker::sigterm_received() || self.slot.dropping.load(Ordering::Relaxed) {
                 return false;
             }
-            let (records, complete) = self.shared.collect(self.dboid, BATCH_BYTES);
-            if records.is_empty() {
+            let complete = self.shared.collect(self.dboid, BATCH_BYTES, &mut self.batch);
+            if self.batch.is_empty() {
                 if complete {
                     return true;
                 }
@@ -202,12 +205,12 @@ impl Worker {
             let collected = Instant::now();
             let arrived_over = collected.duration_since(std::mem::replace(&mut self.last_batch, collected));
             self.slot.set_state(WorkerState::Sending);
-            self.deliver(&records);
+            self.deliver();
             self.slot.set_state(WorkerState::Idle);
             // A batch cut at its size limit leaves records waiting: no reason to wait for more.
-            let cut = records.iter().map(|(_, body)| body.len()).sum::<usize>() >= BATCH_BYTES;
+            let cut = self.batch.bytes() >= BATCH_BYTES;
             let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
-            let delay = gather_delay(records.len(), arrived_over, longest);
+            let delay = gather_delay(self.batch.len(), arrived_over, longest);
             let micros = delay.as_micros() as i64;
             if !cut && micros > 0 {
                 // SAFETY: a plain sleep; signals are looked at right after.
@@ -216,18 +219,19 @@ impl Worker {
         }
     }
 
-    fn deliver(&mut self, records: &[(u64, Vec<u8>)]) {
+    /// Sends the collected batch in one transaction, then marks its records done.
+    fn deliver(&mut self) {
         let mut watches: Vec<(Target, Folded)> = Vec::new();
-        for (_, body) in records {
-            for (target, changes) in queue::decode(body) {
-                let at = match watches.iter().position(|(known, _)| *known == target) {
+        for body in self.batch.bodies() {
+            for record in queue::decode(body) {
+                let at = match watches.iter().position(|(known, _)| record.is_for(known)) {
                     Some(at) => at,
                     None => {
-                        watches.push((target, Folded::default()));
+                        watches.push((record.target(), Folded::default()));
                         watches.len() - 1
                     }
                 };
-                changes.fold_into(&mut watches[at].1);
+                record.fold_into(&mut watches[at].1);
             }
         }
         let (shared, dboid) = (self.shared, self.dboid);
@@ -255,8 +259,7 @@ impl Worker {
         stats::flush();
         // SAFETY: reading the clock.
         self.slot.last_send.store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
-        let delivered: Vec<u64> = records.iter().map(|(at, _)| *at).collect();
-        self.shared.finish(self.slot, &delivered);
+        self.shared.finish(self.slot, self.batch.positions());
     }
 }
 
