@@ -104,16 +104,63 @@ pub fn pair_prefix(name: &str) -> Result<Box<[u8]>, Full> {
 /// two-byte length. The key part doubles as the row's identity when changes are folded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image {
-    data: Box<[u8]>,
+    data: ImageBytes,
     key_len: u32,
     /// Extra columns were left out because the row was too big for a payload.
     pub partial: bool,
 }
 
+/// Image bytes held in place up to this many: a key and a few small columns, as most watches
+/// record, so that recording or decoding a row allocates nothing (an [`Image`] takes 64 bytes).
+const INLINE_IMAGE: usize = 54;
+
+/// An image's bytes: in place when they fit, else boxed.
+#[derive(Clone)]
+enum ImageBytes {
+    Inline { len: u8, bytes: [u8; INLINE_IMAGE] },
+    Boxed(Box<[u8]>),
+}
+
+impl ImageBytes {
+    fn new(data: &[u8]) -> ImageBytes {
+        if data.len() > INLINE_IMAGE {
+            return ImageBytes::Boxed(data.into());
+        }
+        let mut bytes = [0; INLINE_IMAGE];
+        bytes[..data.len()].copy_from_slice(data);
+        ImageBytes::Inline { len: data.len() as u8, bytes }
+    }
+}
+
+impl std::ops::Deref for ImageBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ImageBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            ImageBytes::Boxed(bytes) => bytes,
+        }
+    }
+}
+
+impl PartialEq for ImageBytes {
+    fn eq(&self, other: &ImageBytes) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for ImageBytes {}
+
+impl std::fmt::Debug for ImageBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 impl Image {
     /// Rebuilds an image from [`Image::parts`], e.g. after a trip through shared memory.
     pub fn from_parts(data: &[u8], key_len: u32, partial: bool) -> Image {
-        Image { data: data.into(), key_len: key_len.min(data.len() as u32), partial }
+        Image { data: ImageBytes::new(data), key_len: key_len.min(data.len() as u32), partial }
     }
 
     /// The stored bytes, the length of their key part, and whether the image is partial.
@@ -250,7 +297,7 @@ impl ImageBuilder {
     /// The image built so far. Borrows rather than consumes: moving the 8 KB builder costs more
     /// than building a small row.
     pub fn finish(&self, partial: bool) -> Image {
-        Image { data: self.buf.as_slice().into(), key_len: self.key_len as u32, partial }
+        Image { data: ImageBytes::new(self.buf.as_slice()), key_len: self.key_len as u32, partial }
     }
 }
 
@@ -619,6 +666,24 @@ mod tests {
         assert_eq!(cols_header(std::iter::repeat_n(long.as_str(), 100)), Err(Full));
         // A compact row is budgeted two bytes more than an object row: `[`, `]` and `,{…}`.
         assert_eq!(row_budget("public.t", &cols) + 2 + cols.len(), row_budget("public.t", b""));
+    }
+
+    #[test]
+    fn images_held_in_place_and_boxed_read_alike() {
+        assert_eq!(std::mem::size_of::<Image>(), 64);
+        // 2 + 5 + 9 = 16 bytes of key (length, `"id":`, value), then 2 + 4 + 2 + 30 of extra.
+        let fits = image(&[("id", "123456789")], &[("n", &"x".repeat(30))], 500);
+        let boxed = image(&[("id", "123456789")], &[("n", &"x".repeat(31))], 500);
+        assert!(matches!(fits.data, ImageBytes::Inline { .. }) && fits.parts().0.len() == INLINE_IMAGE);
+        assert!(matches!(boxed.data, ImageBytes::Boxed(_)) && boxed.parts().0.len() == INLINE_IMAGE + 1);
+        assert_eq!(fits.key(), boxed.key());
+        assert_ne!(fits, boxed);
+        for built in [fits, boxed] {
+            let (data, key_len, partial) = built.parts();
+            let rebuilt = Image::from_parts(data, key_len, partial);
+            assert_eq!(rebuilt, built);
+            assert_eq!(render(Op::Insert, None, Some(&rebuilt), 500), render(Op::Insert, None, Some(&built), 500));
+        }
     }
 
     #[test]

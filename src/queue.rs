@@ -26,6 +26,7 @@ use crate::guc;
 use crate::notify::Target;
 use crate::payload::{Image, Op};
 use crate::stats::COUNTERS;
+use crate::xact::clear_keeping;
 
 /// Databases that can use worker delivery at once; others are notified inline.
 pub const MAX_DATABASES: usize = 64;
@@ -446,7 +447,7 @@ impl Shared {
     /// Only finding them holds the lock: a published record keeps its place until its database's
     /// worker (the caller) marks it done.
     pub fn collect(&self, dboid: u32, max_bytes: usize, batch: &mut Batch) -> bool {
-        batch.clear(max_bytes);
+        batch.clear(4 * max_bytes);
         let mut bytes = 0;
         let complete = self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| {
             if bytes >= max_bytes {
@@ -581,7 +582,7 @@ fn channel_hash(channel: &[u8]) -> u64 {
 }
 
 /// Records copied out of the ring for one worker transaction. The worker keeps one for good, so
-/// that copying records out allocates nothing once it has grown.
+/// that copying records out allocates nothing once it has grown to its usual size.
 #[derive(Default)]
 pub struct Batch {
     /// Each record's place in the ring, to mark it done once sent.
@@ -592,13 +593,12 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Empties the batch, keeping room for `keep` bytes of bodies (an oversized record's room is
-    /// given back).
-    fn clear(&mut self, keep: usize) {
+    /// Empties the batch. Its body buffer stays unless a huge record grew it past `limit` bytes:
+    /// a batch cut at `max_bytes` takes up to twice that, and keeps it.
+    fn clear(&mut self, limit: usize) {
         self.positions.clear();
         self.ends.clear();
-        self.bodies.clear();
-        self.bodies.shrink_to(keep);
+        clear_keeping(&mut self.bodies, limit);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -660,8 +660,12 @@ impl<'a> WatchRecord<'a> {
     }
 
     pub fn changes(&self) -> impl Iterator<Item = Change> + 'a {
-        let mut rest = self.changes;
-        (0..self.count).map(move |_| Change { before: read_image(&mut rest), after: read_image(&mut rest) })
+        let (mut rest, count) = (self.changes, self.count);
+        (0..count).map(move |at| {
+            let change = Change { before: read_image(&mut rest), after: read_image(&mut rest) };
+            debug_assert!(at + 1 < count || rest.is_empty(), "the rows' bytes hold exactly their count");
+            change
+        })
     }
 
     /// Folds these changes, which came after what `folded` holds, into it.
@@ -842,6 +846,21 @@ mod tests {
         decode(&body).for_each(|w| w.fold_into(&mut worker));
         assert!(worker.truncated() && !worker.overflowed(Op::Delete));
         assert_eq!(rendered(&worker), [r#"insert {"id":2,"note":"b"}"#]);
+    }
+
+    #[test]
+    fn a_batch_hands_out_each_body_whole_and_in_order() {
+        let mut batch = Batch::default();
+        assert_eq!(batch.bodies().count(), 0);
+        for (at, body) in [(64, &b"first"[..]), (96, b""), (128, b"third")] {
+            batch.bodies.extend_from_slice(body);
+            batch.positions.push(at);
+            batch.ends.push(batch.bodies.len());
+        }
+        assert_eq!(batch.bodies().collect::<Vec<_>>(), [&b"first"[..], b"", b"third"]);
+        assert_eq!((batch.len(), batch.bytes(), batch.positions()), (3, 10, &[64, 96, 128][..]));
+        batch.clear(16);
+        assert!(batch.is_empty() && batch.bodies().next().is_none() && batch.bodies.capacity() >= 10);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::notify::{self, Target};
 use crate::queue::{self, Batch, DbSlot, Shared, WorkerState, MAX_DATABASES};
 use crate::stats::{self, Counter};
 
-/// Records one worker transaction sends at most.
+/// Bytes of record bodies one worker transaction collects; the record that crosses it is included.
 const BATCH_BYTES: usize = 1 << 20;
 /// How often a worker checks that pgwatch is still installed when no DROP EXTENSION asked it to
 /// (one committed by COMMIT PREPARED, or pgwatch dropped with its schema or owner).

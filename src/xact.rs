@@ -77,7 +77,7 @@ const KEPT_FOLDS: usize = 8;
 const KEPT_RECORD_BYTES: usize = 16 * 1024;
 
 /// Empties `items`, keeping its memory unless it grew past `kept` of them.
-fn clear_keeping<T>(items: &mut Vec<T>, kept: usize) {
+pub fn clear_keeping<T>(items: &mut Vec<T>, kept: usize) {
     items.clear();
     if items.capacity() > kept {
         *items = Vec::new();
