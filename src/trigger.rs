@@ -267,7 +267,7 @@ impl Drop for LentSlots<'_> {
             // SAFETY: a slot made by TransitionSlots::new. A row read from a spilled table is a
             // copy the slot owns, in memory of this trigger call; clearing frees it now, while
             // that memory is still there, instead of at the next statement's first read.
-            unsafe { pg_sys::ExecClearTuple(slot) };
+            unsafe { unguarded::clear_slot(slot) };
         }
         self.0.lent.set(false);
     }

@@ -36,3 +36,13 @@ unsafe extern "C" {
     /// Frees a context's memory; returns at once if nothing was allocated since the last reset.
     pub fn MemoryContextReset(context: pg_sys::MemoryContext);
 }
+
+/// Empties a slot as PostgreSQL's inline `ExecClearTuple` does, through its type's `clear`, which
+/// at most frees a row the slot owns (pfree does not raise).
+///
+/// # Safety
+/// `slot` must be a valid slot.
+pub unsafe fn clear_slot(slot: *mut pg_sys::TupleTableSlot) {
+    // SAFETY: a valid slot, as the caller promised, whose ops table every slot type fills in.
+    unsafe { ((*(*slot).tts_ops).clear.expect("every slot type can be cleared"))(slot) }
+}
