@@ -263,20 +263,25 @@ impl Worker {
     }
 }
 
-/// The commit rate (transactions per second) from which the worker waits all of
-/// `pgwatch.busy_batch_delay` between batches.
-const FULL_DELAY_RATE: f64 = 16_000.0;
+/// How long the worker waits per transaction per second it saw commit: 1 ms at 4,000 commits per
+/// second, 4 ms at 16,000.
+const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
-/// `arrived_over` (since the previous batch): in proportion to that commit rate, all of `longest`
-/// from [`FULL_DELAY_RATE`] on. A change after a quiet spell goes out at once and the wait after
-/// it is next to nothing; a steady stream of commits, even one client's, is sent in batches,
-/// because every notification costs the worker and each listening backend a wake-up and CPU that
-/// they share with the writers. The wait follows the rate, not the batch, which itself grows with
-/// the wait.
+/// `arrived_over` (since the previous batch): in proportion to that commit rate, at most
+/// `longest`. A change after a quiet spell goes out at once and the wait after it is next to
+/// nothing; a steady stream of commits, even one client's, is sent in batches, because every
+/// batch costs the worker a transaction and every notification each listening backend a
+/// wake-up, CPU and context switches that they share with the writers. The wait follows the
+/// rate, not the batch, which itself grows with the wait.
 fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration) -> Duration {
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
-    longest.mul_f64((rate / FULL_DELAY_RATE).min(1.0))
+    let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
+    if rate >= longest_from {
+        longest
+    } else {
+        WAIT_PER_COMMIT_RATE.mul_f64(rate)
+    }
 }
 
 static PREV_UTILITY: OnceLock<pg_sys::ProcessUtility_hook_type> = OnceLock::new();
@@ -429,16 +434,17 @@ mod tests {
 
     #[test]
     fn the_gathering_wait_follows_the_commit_rate_up_to_the_setting() {
-        let longest = Duration::from_millis(4);
+        let longest = Duration::from_millis(10);
         let ms = Duration::from_millis;
         let wait = |transactions, over| gather_delay(transactions, over, longest).as_micros();
-        // 4,000 per second: a quarter; 8,000: half; 16,000 and more: all, one transaction at a
+        // 4,000 per second: 1 ms; 16,000: 4 ms; 40,000 and more: all 10, one transaction at a
         // time as well as in batches.
         assert_eq!(
-            [wait(4, ms(1)), wait(8, ms(1)), wait(16, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
-            [1000, 2000, 4000, 4000, 4000]
+            [wait(4, ms(1)), wait(16, ms(1)), wait(40, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
+            [1000, 4000, 10000, 10000, 10000]
         );
-        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1000, 4000]);
+        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1000, 10000]);
+        assert_eq!(gather_delay(16, ms(1), ms(4)), ms(4));
         // A transaction or two after a second's quiet: next to nothing.
         assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
         assert_eq!(gather_delay(100, ms(1), Duration::ZERO), Duration::ZERO);
