@@ -593,8 +593,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Empties the batch. Its body buffer stays unless a huge record grew it past `limit` bytes:
-    /// a batch cut at `max_bytes` takes up to twice that, and keeps it.
+    /// Empties the batch. Its buffers stay unless a huge record grew the body buffer past `limit`
+    /// bytes: a batch cut at `max_bytes` holds up to about twice that, and a growing buffer doubles.
     fn clear(&mut self, limit: usize) {
         self.positions.clear();
         self.ends.clear();

@@ -37,11 +37,12 @@ unsafe extern "C" {
     pub fn MemoryContextReset(context: pg_sys::MemoryContext);
 }
 
-/// Empties a slot as PostgreSQL's inline `ExecClearTuple` does, through its type's `clear`, which
-/// at most frees a row the slot owns (pfree does not raise).
+/// Empties a slot as PostgreSQL's inline `ExecClearTuple` does, through its type's `clear`. For a
+/// minimal, heap or virtual tuple slot that at most frees a row the slot owns, which raises only
+/// for memory pfree did not hand out; a buffer slot's would release a buffer pin, which can raise.
 ///
 /// # Safety
-/// `slot` must be a valid slot.
+/// `slot` must be a valid slot that is not a buffer slot.
 pub unsafe fn clear_slot(slot: *mut pg_sys::TupleTableSlot) {
     // SAFETY: a valid slot, as the caller promised, whose ops table every slot type fills in.
     unsafe { ((*(*slot).tts_ops).clear.expect("every slot type can be cleared"))(slot) }

@@ -71,7 +71,8 @@ struct Xact {
 
 /// What an emptied transaction keeps for the next: memory for this many rows per watch (and in
 /// the subtransaction tail), for this many watches, and for a queue record of this many bytes.
-/// Bigger allocations are freed.
+/// Bigger allocations are freed. A tracked row takes 144 bytes, so a backend keeps at most about
+/// 0.3 MB.
 const KEPT_ROWS: usize = 256;
 const KEPT_FOLDS: usize = 8;
 const KEPT_RECORD_BYTES: usize = 16 * 1024;
