@@ -203,6 +203,21 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
             m.gap_ms.push(num(5) - none_latency);
         }
     }
+    // Listed per workload and client count in the order they first ran, variants in a fixed
+    // order whatever order they ran in.
+    const VARIANTS: [&str; 6] = ["none", "ectowatch", "tcn", "pgwatch-inline", "pgwatch-worker", "pgwatch-compact"];
+    let groups: Vec<(String, u32)> = order.iter().fold(Vec::new(), |mut groups, (w, c, _)| {
+        if !groups.iter().any(|(gw, gc)| gw == w && gc == c) {
+            groups.push((w.clone(), *c));
+        }
+        groups
+    });
+    order.sort_by_key(|(w, c, v)| {
+        (
+            groups.iter().position(|(gw, gc)| gw == w && gc == c),
+            VARIANTS.iter().position(|known| known == v).unwrap_or(VARIANTS.len()),
+        )
+    });
     let rows_per_txn = |workload: &str| match workload {
         "W3" => 100.0,
         "W4" => 10000.0,
