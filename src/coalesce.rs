@@ -64,8 +64,8 @@ impl Row {
 /// The net changes of one watch, in the order each row was first changed.
 ///
 /// Rows are found by key through a table of row indices (no key is copied). The table is built
-/// lazily, when a change may concern a tracked row: while every change is an insert, none can
-/// (keys are unique among live rows), so an insert-only statement or batch never hashes.
+/// lazily: a transaction that changes one row, or a delivery worker's first record of a watch,
+/// never hashes.
 #[derive(Default)]
 pub struct Folded {
     rows: Vec<Row>,
@@ -73,9 +73,6 @@ pub struct Folded {
     /// a re-insert revives it.
     index: HashTable<usize>,
     indexed: usize,
-    /// Some tracked row had a `before` image: a further change may concern one, so each is looked
-    /// up.
-    not_only_inserts: bool,
     /// Per op: some rows could not be listed (too big, or past the per-transaction limit).
     overflow: [bool; 3],
     /// The table was truncated before the changes held here.
@@ -118,11 +115,10 @@ impl Folded {
 
     /// Forgets every change, keeping the memory for the next transaction's.
     pub fn clear(&mut self) {
-        let Folded { rows, index, indexed, not_only_inserts, overflow, truncated } = self;
+        let Folded { rows, index, indexed, overflow, truncated } = self;
         rows.clear();
         index.clear();
         *indexed = 0;
-        *not_only_inserts = false;
         *overflow = [false; 3];
         *truncated = false;
     }
@@ -131,11 +127,7 @@ impl Folded {
     /// indexing them until another change arrives.
     pub fn extend_net(&mut self, changes: impl IntoIterator<Item = Change>) {
         debug_assert!(self.rows.is_empty());
-        let Folded { rows, not_only_inserts, .. } = self;
-        rows.extend(changes.into_iter().map(|change| {
-            *not_only_inserts |= change.before.is_some();
-            Row { change, gone: None }
-        }));
+        self.rows.extend(changes.into_iter().map(|change| Row { change, gone: None }));
     }
 
     /// Makes room for `additional` more rows, e.g. a statement's, so that neither the rows nor
@@ -167,8 +159,7 @@ impl Folded {
     }
 
     pub fn apply(&mut self, change: Change) {
-        self.not_only_inserts |= change.before.is_some();
-        if !self.not_only_inserts || self.rows.is_empty() {
+        if self.rows.is_empty() {
             self.rows.push(Row { change, gone: None });
             return;
         }
@@ -394,18 +385,6 @@ mod tests {
         folded.apply(upd((3, "f"), (3, "g")));
         folded.apply(del(4, "e"));
         assert_eq!(render(&folded), [r#"insert {"id":3,"role":"g"}"#, r#"delete {"id":4,"role":"e"}"#]);
-    }
-
-    #[test]
-    fn inserts_are_looked_up_once_a_change_may_concern_them() {
-        // Inserts alone are appended without hashing; the first other change indexes them.
-        let inserts = || (1..=50).map(|id| ins(id, "a")).collect::<Vec<_>>();
-        let then = || vec![upd((7, "a"), (7, "b")), del(50, "a"), ins(50, "c"), ins(51, "d")];
-        let folded = fold(inserts().into_iter().chain(then()).collect());
-        assert_eq!(folded.len(), 51);
-        assert_eq!(folded[6], r#"insert {"id":7,"role":"b"}"#);
-        assert_eq!(folded[49..], [r#"insert {"id":50,"role":"c"}"#, r#"insert {"id":51,"role":"d"}"#]);
-        assert_eq!(fold_queued(inserts(), then()), folded);
     }
 
     #[test]
