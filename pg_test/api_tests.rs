@@ -172,6 +172,14 @@ mod tests {
         Spi::run("CREATE TABLE logs (id int UNIQUE, line text); SELECT watch_table('logs')").unwrap();
     }
 
+    #[pg_test(error = "the primary key of table public.ledger is deferrable")]
+    fn error_with_a_deferrable_primary_key() {
+        Spi::run(
+            "CREATE TABLE ledger (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED); SELECT watch_table('ledger')",
+        )
+        .unwrap();
+    }
+
     #[pg_test(error = "column \"rol_id\" of relation public.users does not exist")]
     fn error_for_an_unknown_extra_column() {
         users();

@@ -658,6 +658,16 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
                 ),
             ),
             ("ALTER TABLE o_ddl ALTER COLUMN status TYPE varchar(10)", "0A000", String::new()),
+            (
+                "ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey",
+                "2BP01",
+                format!(
+                    r#"cannot drop constraint o_ddl_pkey of table public.o_ddl: pgwatch watch {plain} (channel "public.o_ddl") identifies rows by this primary key"#
+                ),
+            ),
+            // Keys that may repeat until the check would let coalescing fold different rows.
+            ("ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD PRIMARY KEY (id) DEFERRABLE", "2BP01", String::new()),
+            ("ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD PRIMARY KEY (id, role_id)", "2BP01", String::new()),
         ] {
             let sql = sql.replace("{plain}", &plain.to_string());
             let (got, got_message) = failure(&mut writer, &sql);
@@ -678,12 +688,17 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
                 r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#,
             )]);
         }
-        // Changes the watches can follow: a new type, new and dropped unwatched columns.
+        // Changes the watches can follow: new types (the key's index is rebuilt), new and dropped
+        // unwatched columns and constraints, the primary key put back as it was.
         writer
             .batch_execute(
                 "ALTER TABLE o_ddl ALTER COLUMN role_id TYPE text USING 'r' || role_id;
+                 ALTER TABLE o_ddl ALTER COLUMN id TYPE bigint;
                  ALTER TABLE o_ddl ADD COLUMN added int DEFAULT 5;
-                 ALTER TABLE o_ddl DROP COLUMN name",
+                 ALTER TABLE o_ddl DROP COLUMN name;
+                 ALTER TABLE o_ddl ADD CONSTRAINT o_ddl_positive CHECK (id > 0), ADD UNIQUE (id, added);
+                 ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_positive, DROP CONSTRAINT o_ddl_id_added_key;
+                 ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD CONSTRAINT o_ddl_pkey PRIMARY KEY (id)",
             )
             .unwrap();
         writer.batch_execute("INSERT INTO o_ddl VALUES (2, 'r2', 'on')").unwrap();

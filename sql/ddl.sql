@@ -1,6 +1,7 @@
 -- DDL on watched tables. DROP TABLE (or DROP SCHEMA ... CASCADE) of a watched table forgets its
--- watches; dropping a column a watch sends or filters on, or a watch's trigger, is refused. Runs
--- once per DDL command, never per row.
+-- watches; dropping a column a watch sends or filters on, a watch's trigger, or the primary key a
+-- watch identifies rows by (unless the same command puts back a NOT DEFERRABLE one on the same
+-- columns), is refused. Runs once per DDL command, never per row.
 CREATE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -13,17 +14,29 @@ BEGIN
     IF pgwatch.managing() THEN
         RETURN;
     END IF;
-    SELECT w.id, w.channel, w.tbl, d.object_type, d.address_names[3] AS name INTO broken
+    SELECT w.id, w.channel, w.tbl, w.key_columns, d.object_type, d.address_names[3] AS name INTO broken
       FROM pg_event_trigger_dropped_objects() d
       JOIN pgwatch.watches w ON
            (d.object_type = 'table column' AND d.objid = w.tbl::oid
             AND d.address_names[3] = ANY (w.key_columns || w.extra_columns || w.trigger_columns))
-        OR (d.object_type = 'trigger'
-            AND d.address_names[3] IN ('pgwatch_' || w.id, 'pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
-                                       'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate')
+        OR (d.object_type IN ('trigger', 'table constraint')
             AND (d.address_names[1], d.address_names[2]) =
                 (SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.oid = w.tbl))
+                  WHERE c.oid = w.tbl)
+            AND CASE d.object_type
+                WHEN 'trigger' THEN
+                    d.address_names[3] IN ('pgwatch_' || w.id, 'pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
+                                           'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate')
+                -- Keys that may repeat (no key, another one, a deferrable one) would let
+                -- coalescing fold different rows together.
+                ELSE NOT EXISTS (
+                    SELECT FROM pg_constraint k
+                     WHERE k.conrelid = w.tbl AND k.contype = 'p' AND NOT k.condeferrable
+                       AND ARRAY(SELECT a.attname::text
+                                   FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, n)
+                                   JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
+                                  ORDER BY u.n) = w.key_columns)
+                END)
      ORDER BY w.id
      LIMIT 1;
     IF broken.object_type = 'trigger' THEN
@@ -31,6 +44,12 @@ BEGIN
                 broken.name, broken.tbl, broken.id, broken.channel
             USING ERRCODE = 'dependent_objects_still_exist',
                   HINT = 'Remove the watch with unwatch_table(), which drops its triggers.';
+    ELSIF broken.object_type = 'table constraint' THEN
+        RAISE EXCEPTION 'cannot drop constraint % of table %: pgwatch watch % (channel "%") identifies rows by this primary key',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = format('Keep a NOT DEFERRABLE primary key on (%s), or unwatch the table first.',
+                                array_to_string(broken.key_columns, ', '));
     ELSIF broken.object_type IS NOT NULL THEN
         RAISE EXCEPTION 'cannot drop column % of table %: pgwatch watch % (channel "%") uses it',
                 broken.name, broken.tbl, broken.id, broken.channel

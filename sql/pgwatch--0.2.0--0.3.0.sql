@@ -1,6 +1,6 @@
--- pgwatch 0.2.0 → 0.3.0: payload 'compact' (rows as arrays of values under a "cols" header), and
--- statement triggers that read transition tables for plain tables. Leaves the same objects as
--- installing 0.3.0 (the upgrade test compares them).
+-- pgwatch 0.2.0 → 0.3.0: payload 'compact' (rows as arrays of values under a "cols" header),
+-- statement triggers that read transition tables for plain tables, and a watched table's primary
+-- key kept. Leaves the same objects as installing 0.3.0 (the upgrade test compares them).
 
 ALTER TABLE pgwatch.watches
     DROP CONSTRAINT watches_payload_check,
@@ -31,6 +31,65 @@ CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end
     WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_end();
 ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
+
+-- Dropping the primary key a watch identifies rows by is refused too (unless the same command
+-- puts back a NOT DEFERRABLE one on the same columns).
+CREATE OR REPLACE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    broken record;
+BEGIN
+    DELETE FROM pgwatch.watches w
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND w.tbl::oid = d.objid;
+    IF pgwatch.managing() THEN
+        RETURN;
+    END IF;
+    SELECT w.id, w.channel, w.tbl, w.key_columns, d.object_type, d.address_names[3] AS name INTO broken
+      FROM pg_event_trigger_dropped_objects() d
+      JOIN pgwatch.watches w ON
+           (d.object_type = 'table column' AND d.objid = w.tbl::oid
+            AND d.address_names[3] = ANY (w.key_columns || w.extra_columns || w.trigger_columns))
+        OR (d.object_type IN ('trigger', 'table constraint')
+            AND (d.address_names[1], d.address_names[2]) =
+                (SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = w.tbl)
+            AND CASE d.object_type
+                WHEN 'trigger' THEN
+                    d.address_names[3] IN ('pgwatch_' || w.id, 'pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
+                                           'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate')
+                -- Keys that may repeat (no key, another one, a deferrable one) would let
+                -- coalescing fold different rows together.
+                ELSE NOT EXISTS (
+                    SELECT FROM pg_constraint k
+                     WHERE k.conrelid = w.tbl AND k.contype = 'p' AND NOT k.condeferrable
+                       AND ARRAY(SELECT a.attname::text
+                                   FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, n)
+                                   JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
+                                  ORDER BY u.n) = w.key_columns)
+                END)
+     ORDER BY w.id
+     LIMIT 1;
+    IF broken.object_type = 'trigger' THEN
+        RAISE EXCEPTION 'cannot drop trigger % of table %: it belongs to pgwatch watch % (channel "%")',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Remove the watch with unwatch_table(), which drops its triggers.';
+    ELSIF broken.object_type = 'table constraint' THEN
+        RAISE EXCEPTION 'cannot drop constraint % of table %: pgwatch watch % (channel "%") identifies rows by this primary key',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = format('Keep a NOT DEFERRABLE primary key on (%s), or unwatch the table first.',
+                                array_to_string(broken.key_columns, ', '));
+    ELSIF broken.object_type IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot drop column % of table %: pgwatch watch % (channel "%") uses it',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Watch the table again without this column (SELECT watch_table(...)), or unwatch it, first.';
+    END IF;
+END
+$$;
 
 -- Each watch is defined again, so that a plain table's row triggers become statement triggers.
 -- A watch that cannot be defined again (its table changed since) keeps its triggers, which this

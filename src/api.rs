@@ -66,6 +66,13 @@ fn primary_key(rel: &PgRelation) -> Vec<String> {
             "pgwatch identifies rows by their primary key: add one with ALTER TABLE ... ADD PRIMARY KEY",
         );
     }
+    if catalog::primary_key_is_deferrable(rel.oid()) {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("the primary key of table {} is deferrable", TableName::of(rel).display),
+            "pgwatch folds a transaction's changes per key, which needs keys unique after every row: make the key NOT DEFERRABLE",
+        );
+    }
     keys
 }
 

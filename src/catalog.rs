@@ -216,6 +216,18 @@ pub fn primary_key(tbl: pg_sys::Oid) -> Vec<String> {
     )
 }
 
+/// Whether the table's primary key is deferrable: its keys may then repeat until the check at the
+/// end of the statement or transaction, and coalescing, which finds rows by key, would fold
+/// different rows together (`UPDATE ... SET id = id + 1` in key order).
+pub fn primary_key_is_deferrable(tbl: pg_sys::Oid) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = $1 AND contype = 'p' AND condeferrable)",
+        &[tbl.into()],
+    )
+    .unwrap_or_else(|e| error!("pgwatch: {e}"))
+    .unwrap_or(false)
+}
+
 /// The table's column names, in column order.
 pub fn column_names(rel: &PgRelation) -> Vec<String> {
     rel.tuple_desc().iter().filter(|attr| !attr.is_dropped()).map(|attr| attr.name().to_string()).collect()
