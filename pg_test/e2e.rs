@@ -482,6 +482,7 @@ fn bad_input_fails_with_its_sqlstate_and_changes_nothing() {
         .batch_execute(
             "CREATE TABLE e2e_bad (id int PRIMARY KEY, role_id int); CREATE TABLE e2e_bad_nokey (id int);
              CREATE TABLE e2e_bad_deferred (id int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE);
+             CREATE TEMP TABLE e2e_bad_temp (id int PRIMARY KEY);
              CREATE VIEW e2e_bad_view AS SELECT * FROM e2e_bad; CREATE SEQUENCE e2e_bad_seq;
              CREATE ROLE e2e_bad_role; GRANT SELECT ON e2e_bad TO e2e_bad_role;
              SELECT watch_table('e2e_bad', 'insert');
@@ -510,6 +511,7 @@ fn bad_input_fails_with_its_sqlstate_and_changes_nothing() {
         ("SELECT watch_table('e2e_bad_pkey')", "42809"),
         ("SELECT watch_table('e2e_bad_nokey')", "55000"),
         ("SELECT watch_table('e2e_bad_deferred')", "55000"),
+        ("SELECT watch_table('e2e_bad_temp')", "0A000"),
         ("SELECT watch_table('e2e_missing')", "42P01"),
         ("SELECT watch_table('e2e_bad', 'update', '{nope}')", "42703"),
         ("SELECT watch_table('e2e_bad', 'update', '{role_id,role_id}')", "42701"),

@@ -718,6 +718,66 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
 }
 
 #[test]
+fn keys_that_may_repeat_cannot_get_under_a_watch_and_drops_are_checked_under_replica() {
+    let _serial = serial();
+    let mut client = connect();
+    client
+        .batch_execute(
+            "CREATE TABLE o_defer (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE o_defer_1 (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED);
+             CREATE TABLE o_defer_2 (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE o_defer_2a (id int PRIMARY KEY DEFERRABLE);
+             ALTER TABLE o_defer ATTACH PARTITION o_defer_2 FOR VALUES FROM (100) TO (200);
+             SELECT watch_table('o_defer')",
+        )
+        .unwrap();
+    let id = watch_id(&mut client, "public.o_defer");
+    // PostgreSQL attaches a partition whose key is deferrable to a key that is not.
+    for (sql, table) in [
+        ("ALTER TABLE o_defer ATTACH PARTITION o_defer_1 FOR VALUES FROM (0) TO (100)", "public.o_defer_1"),
+        ("ALTER TABLE o_defer_2 ATTACH PARTITION o_defer_2a FOR VALUES FROM (100) TO (150)", "public.o_defer_2a"),
+    ] {
+        assert_eq!(
+            failure(&mut client, sql),
+            (
+                "2BP01".to_string(),
+                format!(
+                    r#"the primary key of table {table} is deferrable: pgwatch watch {id} (channel "public.o_defer") of table public.o_defer needs keys unique after every row"#
+                )
+            ),
+            "{sql}"
+        );
+    }
+    client
+        .batch_execute(
+            "SELECT unwatch_table('o_defer');
+             ALTER TABLE o_defer_2 ATTACH PARTITION o_defer_2a FOR VALUES FROM (100) TO (150)",
+        )
+        .unwrap();
+    assert_eq!(
+        failure(&mut client, "SELECT watch_table('o_defer')"),
+        ("55000".to_string(), "the primary key of table public.o_defer_2a is deferrable".to_string())
+    );
+    // DDL under session_replication_role = replica (a subscriber's, or a migration's) is checked
+    // and followed alike.
+    client
+        .batch_execute(
+            "CREATE TABLE o_replica (id int PRIMARY KEY); SELECT watch_table('o_replica');
+             SET session_replication_role = replica",
+        )
+        .unwrap();
+    let (code, _) = failure(&mut client, "ALTER TABLE o_replica DROP CONSTRAINT o_replica_pkey");
+    assert_eq!(code, "2BP01");
+    client.batch_execute("DROP TABLE o_replica; RESET session_replication_role").unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM pgwatch.watches WHERE channel = 'public.o_replica'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "DROP TABLE under replica left its watch behind");
+    client.batch_execute("DROP TABLE o_defer, o_defer_1").unwrap();
+}
+
+#[test]
 fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
     let _serial = serial();
     let mut admin = connect();

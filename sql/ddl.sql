@@ -1,7 +1,8 @@
 -- DDL on watched tables. DROP TABLE (or DROP SCHEMA ... CASCADE) of a watched table forgets its
 -- watches; dropping a column a watch sends or filters on, a watch's trigger, or the primary key a
 -- watch identifies rows by (unless the same command puts back a NOT DEFERRABLE one on the same
--- columns), is refused. Runs once per DDL command, never per row.
+-- columns), is refused. Runs once per DDL command, never per row; enabled ALWAYS, so that DDL
+-- under session_replication_role = replica is covered too.
 CREATE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -37,7 +38,7 @@ BEGIN
                                    JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
                                   ORDER BY u.n) = w.key_columns)
                 END)
-     ORDER BY w.id
+     ORDER BY w.id, d.object_type = 'table constraint'  -- a dropped key column is named
      LIMIT 1;
     IF broken.object_type = 'trigger' THEN
         RAISE EXCEPTION 'cannot drop trigger % of table %: it belongs to pgwatch watch % (channel "%")',
@@ -59,6 +60,7 @@ BEGIN
 END
 $$;
 CREATE EVENT TRIGGER pgwatch_sql_drop ON sql_drop EXECUTE FUNCTION pgwatch.on_sql_drop();
+ALTER EVENT TRIGGER pgwatch_sql_drop ENABLE ALWAYS;
 
 -- Renaming a watched table, its schema or a watched column: the watch follows; a watched table
 -- that now needs row triggers (a new trigger, a new place in an inheritance tree) gets them (see

@@ -33,7 +33,8 @@ CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end
 ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 
 -- Dropping the primary key a watch identifies rows by is refused too (unless the same command
--- puts back a NOT DEFERRABLE one on the same columns).
+-- puts back a NOT DEFERRABLE one on the same columns), also under session_replication_role =
+-- replica, where the trigger now fires as well.
 CREATE OR REPLACE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -69,7 +70,7 @@ BEGIN
                                    JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
                                   ORDER BY u.n) = w.key_columns)
                 END)
-     ORDER BY w.id
+     ORDER BY w.id, d.object_type = 'table constraint'  -- a dropped key column is named
      LIMIT 1;
     IF broken.object_type = 'trigger' THEN
         RAISE EXCEPTION 'cannot drop trigger % of table %: it belongs to pgwatch watch % (channel "%")',
@@ -90,6 +91,7 @@ BEGIN
     END IF;
 END
 $$;
+ALTER EVENT TRIGGER pgwatch_sql_drop ENABLE ALWAYS;
 
 -- Each watch is defined again, so that a plain table's row triggers become statement triggers.
 -- A watch that cannot be defined again (its table changed since) keeps its triggers, which this

@@ -45,6 +45,15 @@ fn watchable(tbl: Option<PgRelation>) -> PgRelation {
             &format!("it is {kind}; pgwatch watches ordinary and partitioned tables"),
         );
     }
+    // SAFETY: as above.
+    if unsafe { (*rel.rd_rel).relpersistence } as u8 == pg_sys::RELPERSISTENCE_TEMP {
+        // Its session's end drops it without event triggers, which would leave the watch behind.
+        fail(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("temporary table \"{}\" cannot be watched", TableName::of(&rel).display),
+            "pgwatch watches ordinary (also unlogged) and partitioned tables",
+        );
+    }
     // SAFETY: a plain ACL check of an existing relation for the current user.
     let allowed = unsafe { pg_sys::pg_class_aclcheck(rel.oid(), pg_sys::GetUserId(), pg_sys::ACL_TRIGGER as _) };
     if allowed != pg_sys::AclResult::ACLCHECK_OK {
@@ -66,10 +75,10 @@ fn primary_key(rel: &PgRelation) -> Vec<String> {
             "pgwatch identifies rows by their primary key: add one with ALTER TABLE ... ADD PRIMARY KEY",
         );
     }
-    if catalog::primary_key_is_deferrable(rel.oid()) {
+    if let Some(table) = catalog::deferrable_primary_key(rel.oid()) {
         fail(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("the primary key of table {} is deferrable", TableName::of(rel).display),
+            format!("the primary key of table {table} is deferrable"),
             "pgwatch folds a transaction's changes per key, which needs keys unique after every row: make the key NOT DEFERRABLE",
         );
     }

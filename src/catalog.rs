@@ -203,29 +203,39 @@ fn column<T: FromDatum + IntoDatum + Default>(query: &str, args: &[DatumWithOid<
     .unwrap_or_else(|e| error!("pgwatch: {e}"))
 }
 
-/// The table's primary key columns, in key order (none without a primary key).
+/// The table's primary key columns, in key order (none without a primary key); not the
+/// columns an `INCLUDE` clause adds to its index.
 pub fn primary_key(tbl: pg_sys::Oid) -> Vec<String> {
     column(
         "SELECT a.attname::text
            FROM pg_catalog.pg_index i,
                 unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n),
                 pg_catalog.pg_attribute a
-          WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum
+          WHERE i.indrelid = $1 AND i.indisprimary AND k.n <= i.indnkeyatts
+            AND a.attrelid = i.indrelid AND a.attnum = k.attnum
           ORDER BY k.n",
         &[tbl.into()],
     )
 }
 
-/// Whether the table's primary key is deferrable: its keys may then repeat until the check at the
-/// end of the statement or transaction, and coalescing, which finds rows by key, would fold
-/// different rows together (`UPDATE ... SET id = id + 1` in key order).
-pub fn primary_key_is_deferrable(tbl: pg_sys::Oid) -> bool {
-    Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = $1 AND contype = 'p' AND condeferrable)",
+/// The table, or the first partition under it, whose primary key is deferrable. Its keys may
+/// repeat until the check at the end of the statement or transaction, and coalescing, which finds
+/// rows by key, would fold different rows together (`UPDATE ... SET id = id + 1` in key order).
+/// A partition attached with a deferrable key is one: PostgreSQL does not compare deferrability.
+pub fn deferrable_primary_key(tbl: pg_sys::Oid) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+                   FROM (SELECT $1::pg_catalog.regclass AS relid, 0 AS level
+                         UNION ALL  -- (empty for a table that is neither partition nor partitioned)
+                         SELECT relid, level FROM pg_catalog.pg_partition_tree($1) WHERE level > 0) t
+                   JOIN pg_catalog.pg_constraint k ON k.conrelid = t.relid AND k.contype = 'p' AND k.condeferrable
+                   JOIN pg_catalog.pg_class c ON c.oid = t.relid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  ORDER BY t.level, c.relname
+                  LIMIT 1)",
         &[tbl.into()],
     )
     .unwrap_or_else(|e| error!("pgwatch: {e}"))
-    .unwrap_or(false)
 }
 
 /// The table's column names, in column order.
@@ -521,6 +531,18 @@ fn follow(id: i64, changes: &[Changed]) {
     // SAFETY: the table exists (its triggers do) and this transaction's DDL has it locked.
     let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
     let table = TableName::of(&rel);
+    if let Some(deferrable) = deferrable_primary_key(watch.tbl) {
+        // A partition attached with a deferrable key (the table's own key cannot become one,
+        // see `sql/ddl.sql`).
+        fail(
+            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            format!(
+                "the primary key of table {deferrable} is deferrable: pgwatch watch {id} (channel \"{}\") of table {} needs keys unique after every row",
+                watch.channel, table.display
+            ),
+            "attach only partitions whose primary key is not deferrable, or unwatch the table first",
+        );
+    }
     let renamed: Vec<(i32, String)> = changes
         .iter()
         .filter(|c| c.objid == watch.tbl && c.objsubid > 0 && c.object_type == "table column")
@@ -617,13 +639,16 @@ mod pgwatch {
         let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
         // A trigger created on a watched table may change what kind of triggers its watches need.
         let triggers = of_type(&["trigger"]);
-        // And any watched table in an inheritance tree that still has statement triggers: a
-        // parent that just gained a child (CREATE TABLE ... INHERITS, also inside CREATE SCHEMA;
-        // a foreign table's INHERITS) or a child whose command the ddl_command_start trigger did
-        // not see.
+        // So are a changed table's partition ancestors (a partition attached further down a
+        // watched tree is theirs), and any watched table in an inheritance tree that still has
+        // statement triggers: a parent that just gained a child (CREATE TABLE ... INHERITS, also
+        // inside CREATE SCHEMA; a foreign table's INHERITS) or a child whose command the
+        // ddl_command_start trigger did not see.
         let ids: Vec<i64> = column(
             "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
               WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2)
+                 OR c.oid IN (SELECT a.relid FROM unnest($2::pg_catalog.oid[]) AS t(oid),
+                                                  pg_catalog.pg_partition_ancestors(t.oid) AS a)
                  OR c.oid IN (SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid = ANY($3))
                  OR ((c.relispartition OR c.relhassubclass
                       OR EXISTS (SELECT FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid))
