@@ -290,13 +290,16 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
         println!("- W1, 32 clients: pgwatch-worker = {vs_none:.2} × none (target ≥ 0.90: {}; per round {}) and {vs_ecto:.1} × ectowatch (target ≥ 5: {})", check(vs_none >= 0.9), rounds.join(", "), check(vs_ecto >= 5.0));
     }
     let overhead = |v: &str| Some(overhead_ms(get("W3", 1, v)?, get("W3", 1, "none")?) * 10.0);
-    // tcn's µs per row in the interleaved runs that also ran `v` (each run has its own load: the
-    // inline run carries ectowatch's listener), and its single runs; pooled without such runs.
-    let tcn_beside = |v: &str| -> Option<(f64, Vec<f64>)> {
-        let tcn = get("W3", 1, "tcn")?;
-        let runs: Vec<usize> = get("W3", 1, v).map_or(Vec::new(), |m| m.gap_ms.iter().map(|&(run, _)| run).collect());
-        let beside: Vec<f64> =
-            tcn.gap_ms.iter().filter(|(run, _)| runs.contains(run)).map(|&(_, gap)| gap * 10.0).collect();
+    // tcn's µs per row in the interleaved runs a variant's `gaps` come from (each run has its own
+    // load: the inline run carries ectowatch's listener), and its single runs; pooled without
+    // such runs.
+    let tcn_beside = |gaps: &[(usize, f64)]| -> Option<(f64, Vec<f64>)> {
+        let beside: Vec<f64> = get("W3", 1, "tcn")?
+            .gap_ms
+            .iter()
+            .filter(|(run, _)| gaps.iter().any(|(same, _)| same == run))
+            .map(|&(_, gap)| gap * 10.0)
+            .collect();
         if beside.is_empty() {
             Some((overhead("tcn")?, Vec::new()))
         } else {
@@ -311,8 +314,9 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
         }
     };
     for v in ["pgwatch-inline", "pgwatch-worker", "pgwatch-compact"] {
-        let (Some(o), Some((tcn, tcn_runs))) = (overhead(v), tcn_beside(v)) else { continue };
-        let runs = get("W3", 1, v).map_or(Vec::new(), |m| m.gap_ms.iter().map(|&(_, gap)| gap * 10.0).collect());
+        let Some(m) = get("W3", 1, v) else { continue };
+        let (Some(o), Some((tcn, tcn_runs))) = (overhead(v), tcn_beside(&m.gap_ms)) else { continue };
+        let runs = m.gap_ms.iter().map(|&(_, gap)| gap * 10.0).collect();
         println!(
             "- W3, 1 client: {v} {o:.2} µs/row{}, tcn in the same runs {tcn:.2} µs/row{} (target ≤ tcn and ≤ 0.5: {})",
             per_run(runs),
