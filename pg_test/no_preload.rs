@@ -1,13 +1,11 @@
 //! pgwatch without `shared_preload_libraries`: its own server. Delivery is inline whatever
 //! `pgwatch.delivery` says, payloads carry no `seq`, there are no workers, and stats count per backend.
 
-use std::time::Duration;
-
 // Shared with the main suite, which uses all of it.
 #[allow(dead_code)]
 #[path = "support.rs"]
 mod support;
-use support::{seq_of, serial, stat, watched};
+use support::{seq_of, serial, stat, watched, WAIT};
 
 const CONF: &[&str] = &[];
 
@@ -21,7 +19,7 @@ fn without_preloading_delivery_is_inline() {
     );
     writer.batch_execute("INSERT INTO plain VALUES (1, 2)").unwrap();
     writer.batch_execute("UPDATE plain SET role_id = 3").unwrap();
-    let got = listener.receive_raw(2, Duration::from_secs(10));
+    let got = listener.receive_raw(2, WAIT);
     listener.expect_silence();
     let payloads: Vec<&str> = got.iter().map(|(_, p)| p.as_str()).collect();
     assert_eq!(

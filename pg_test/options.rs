@@ -1,11 +1,9 @@
 //! End-to-end tests of the watch options and of operations on watched tables: trigger columns,
 //! conditions, TRUNCATE, partitions, replicas, key-only payloads, DDL, upgrades, dump and restore.
 
-use std::time::Duration;
-
 use postgres::Client;
 
-use super::support::{connect, connect_to, failure, serial, watched, Listener, MODES};
+use super::support::{connect, connect_to, failure, serial, watched, Listener, MODES, WAIT};
 
 /// A fresh database `name` with pgwatch installed (at `version`, if given), and a connection to it.
 fn database(admin: &mut Client, name: &str, version: Option<&str>) -> Client {
@@ -519,7 +517,7 @@ fn fire_on_replica_notifies_changes_applied_by_logical_replication() {
         .unwrap();
     publisher.batch_execute("INSERT INTO r VALUES (1, 'x')").unwrap();
     // The subscription's apply worker runs as a replica: only the ENABLE ALWAYS trigger fires.
-    let got = listener.receive(1, Duration::from_secs(30));
+    let got = listener.receive(1, WAIT);
     assert_eq!(got, [("r_always".to_string(), r#"{"tbl":"public.r","op":"insert","rows":[{"id":1}]}"#.to_string())]);
     listener.expect_silence();
     // Local writes reach both.

@@ -3,13 +3,31 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
 /// Both ways of delivering: by the writing transaction, and by the database's worker.
 pub const MODES: [&str; 2] = ["inline", "worker"];
+
+/// How long to wait for something that must come (a notification, a worker): generous, since
+/// only a failing test waits it out, and a loaded machine can take seconds.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `done` every 10 ms until it holds or `WAIT` has passed; whether it held.
+pub fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// Counters are cluster-wide and several tests assert exact changes of them: tests run one at a time.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -91,7 +109,7 @@ impl Listener {
     pub fn receive_rows(&mut self, count: usize) -> (Vec<serde_json::Value>, Vec<usize>) {
         let (mut rows, mut sizes) = (Vec::new(), Vec::new());
         while rows.len() < count {
-            let Some((_, payload)) = self.receive(1, Duration::from_secs(10)).pop() else {
+            let Some((_, payload)) = self.receive(1, WAIT).pop() else {
                 panic!("only {} of {count} rows arrived", rows.len());
             };
             let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
@@ -103,16 +121,24 @@ impl Listener {
 
     /// Asserts that exactly these payloads (without seq) arrive, in this order, and nothing more.
     pub fn expect(&mut self, expected: &[&str]) {
-        let got: Vec<String> =
-            self.receive(expected.len(), Duration::from_secs(10)).into_iter().map(|(_, p)| p).collect();
+        let got: Vec<String> = self.receive(expected.len(), WAIT).into_iter().map(|(_, p)| p).collect();
         assert_eq!(got, expected);
         self.expect_silence();
+    }
+
+    /// Runs `sql` on `writer`, then asserts that exactly these payloads arrive, as `expect` does.
+    /// A test that expects each transaction's own payloads writes the next one only after them:
+    /// a worker folds together the changes of the transactions it drains in one batch (an update
+    /// and a delete of a row become one delete, two inserts one payload).
+    pub fn expect_after(&mut self, writer: &mut Client, sql: &str, expected: &[&str]) {
+        writer.batch_execute(sql).unwrap();
+        self.expect(expected);
     }
 
     /// Asserts that exactly these `(channel, payload)` notifications (without seq) arrive, in any
     /// order across channels, and nothing more.
     pub fn expect_on(&mut self, expected: &[(&str, &str)]) {
-        let mut got = self.receive(expected.len(), Duration::from_secs(10));
+        let mut got = self.receive(expected.len(), WAIT);
         let mut expected: Vec<(String, String)> =
             expected.iter().map(|(c, p)| (c.to_string(), p.to_string())).collect();
         got.sort();

@@ -145,8 +145,7 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
 /// `rel` must be an open relation.
 unsafe fn resolve(rel: pg_sys::Relation, names: &[Vec<u8>], compact: bool) -> Result<Vec<Column>, String> {
     // SAFETY: an open relation has a valid tuple descriptor.
-    let tupdesc = unsafe { &*(*rel).rd_att };
-    let attrs = unsafe { tupdesc.attrs.as_slice(tupdesc.natts as usize) };
+    let attrs = unsafe { attributes(&*(*rel).rd_att) };
     names
         .iter()
         .map(|name| {
@@ -165,6 +164,31 @@ unsafe fn resolve(rel: pg_sys::Relation, names: &[Vec<u8>], compact: bool) -> Re
             Ok(Column { attno: attr.attnum, prefix, encoding })
         })
         .collect()
+}
+
+/// The attributes of `tupdesc`, as `TupleDescAttr` reads them.
+///
+/// # Safety
+/// `tupdesc` must be a valid tuple descriptor.
+#[cfg(not(feature = "pg18"))]
+unsafe fn attributes(tupdesc: &pg_sys::TupleDescData) -> &[pg_sys::FormData_pg_attribute] {
+    // SAFETY: a valid descriptor holds `natts` attributes.
+    unsafe { tupdesc.attrs.as_slice(tupdesc.natts as usize) }
+}
+
+/// The attributes of `tupdesc`, as `TupleDescAttr` reads them: from PostgreSQL 18 on they follow
+/// the descriptor's `natts` compact attributes.
+///
+/// # Safety
+/// `tupdesc` must be a valid tuple descriptor.
+#[cfg(feature = "pg18")]
+unsafe fn attributes(tupdesc: &pg_sys::TupleDescData) -> &[pg_sys::FormData_pg_attribute] {
+    let natts = tupdesc.natts as usize;
+    // SAFETY: a valid descriptor holds `natts` compact attributes followed by `natts` attributes.
+    unsafe {
+        let first = tupdesc.compact_attrs.as_ptr().add(natts).cast::<pg_sys::FormData_pg_attribute>();
+        std::slice::from_raw_parts(first, natts)
+    }
 }
 
 /// # Safety
