@@ -17,6 +17,20 @@ pub const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'", "max_worker_
 #[path = "options.rs"]
 mod options;
 
+#[path = "trust.rs"]
+mod trust;
+
+#[path = "differential.rs"]
+mod differential;
+
+#[test]
+fn random_transactions_leave_every_subscriber_copy_equal_to_its_table() {
+    let _serial = serial();
+    for mode in MODES {
+        differential::run(&[1, 2, 3], 60, mode);
+    }
+}
+
 #[test]
 fn insert_update_delete_send_exact_payloads() {
     let _serial = serial();
@@ -80,8 +94,10 @@ fn composite_keys_and_key_changes() {
         listener.expect_after(
             &mut writer,
             "UPDATE e2e_members SET org_id = 11 WHERE user_id = 1",
+            // A key change is the delete of the old key and the insert of the new one.
             &[
-                r#"{"tbl":"public.e2e_members","op":"update","rows":[{"user_id":1,"org_id":11,"role":"admin","old":{"user_id":1,"org_id":10}}]}"#,
+                r#"{"tbl":"public.e2e_members","op":"delete","rows":[{"user_id":1,"org_id":10,"role":"admin"}]}"#,
+                r#"{"tbl":"public.e2e_members","op":"insert","rows":[{"user_id":1,"org_id":11,"role":"admin"}]}"#,
             ],
         );
         listener.expect_after(
@@ -289,7 +305,7 @@ fn a_10000_row_statement_delivers_every_key_once_in_full_payloads() {
 }
 
 /// The rows that arrive on each of `channels`, until `rows` have arrived on each; then silence.
-fn rows_by_channel(listener: &mut Listener, channels: &[&str], rows: usize) -> Vec<Vec<serde_json::Value>> {
+fn rows_by_channel(listener: &mut Listener, channels: &[&str], rows: usize) -> Vec<Vec<(String, serde_json::Value)>> {
     let mut got = vec![Vec::new(); channels.len()];
     while got.iter().any(|r| r.len() < rows) {
         let Some((channel, payload)) = listener.receive(1, WAIT).pop() else {
@@ -297,7 +313,8 @@ fn rows_by_channel(listener: &mut Listener, channels: &[&str], rows: usize) -> V
         };
         let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
         let i = channels.iter().position(|c| *c == channel).unwrap();
-        got[i].extend(v["rows"].as_array().unwrap().iter().cloned());
+        let op = v["op"].as_str().unwrap().to_string();
+        got[i].extend(v["rows"].as_array().unwrap().iter().map(|row| (op.clone(), row.clone())));
     }
     listener.expect_silence();
     got
@@ -335,20 +352,27 @@ fn transition_tables_are_read_whole_when_shared_and_when_spilled_to_disk() {
         writer.batch_execute("SET work_mem = '64kB'").unwrap();
         writer.batch_execute("INSERT INTO e2e_tt SELECT g, g % 7 FROM generate_series(1, 3000) g").unwrap();
         for rows in rows_by_channel(&mut listener, &channels, 3000) {
-            let ids: Vec<i64> = rows.iter().map(|row| row["id"].as_i64().unwrap()).collect();
+            let ids: Vec<i64> = rows.iter().map(|(_, row)| row["id"].as_i64().unwrap()).collect();
             assert_eq!(ids, (1..=3000).collect::<Vec<_>>(), "{mode}: every key once, in change order");
-            assert!(rows.iter().all(|row| row["role_id"].as_i64().unwrap() == row["id"].as_i64().unwrap() % 7));
+            assert!(
+                rows.iter()
+                    .all(|(op, row)| op == "insert"
+                        && row["role_id"].as_i64().unwrap() == row["id"].as_i64().unwrap() % 7)
+            );
         }
         let seen: i64 = writer.query_one("SELECT sum(rows)::int8 FROM e2e_tt_seen", &[]).unwrap().get(0);
         assert_eq!(seen, 3000, "{mode}: the user's trigger reads the whole table too");
-        // An update's old and new rows pair up, also from a spilled store.
+        // An update's old and new rows pair up, also from a spilled store: each moved key is the
+        // delete of the old one (deletes first) and the insert of the new one.
         writer.batch_execute("UPDATE e2e_tt SET role_id = role_id + 10, id = id + 5000 WHERE id <= 2500").unwrap();
-        for rows in rows_by_channel(&mut listener, &channels, 2500) {
-            for (i, row) in rows.iter().enumerate() {
-                let old = i as i64 + 1;
-                let expected = serde_json::json!({"id": old + 5000, "role_id": old % 7 + 10,
-                                                  "old": {"id": old, "role_id": old % 7}});
-                assert_eq!(row, &expected, "{mode}");
+        for rows in rows_by_channel(&mut listener, &channels, 5000) {
+            for (i, (op, row)) in rows.iter().enumerate() {
+                let old = i as i64 % 2500 + 1;
+                let expected = match i < 2500 {
+                    true => ("delete", serde_json::json!({"id": old, "role_id": old % 7})),
+                    false => ("insert", serde_json::json!({"id": old + 5000, "role_id": old % 7 + 10})),
+                };
+                assert_eq!((op.as_str(), row), (expected.0, &expected.1), "{mode}");
             }
         }
         writer.batch_execute("RESET work_mem; DELETE FROM e2e_tt WHERE id IN (2600, 7500)").unwrap();
@@ -674,6 +698,13 @@ fn the_delivery_setting_chooses_who_sends() {
         ("SET pgwatch.delivery = inline; INSERT INTO e2e_delivery VALUES (3)", 3, false),
         ("RESET pgwatch.delivery; INSERT INTO e2e_delivery VALUES (4)", 4, true),
     ] {
+        // Nothing of the channel is left queued, so an inline transaction has nothing to overtake
+        // (and no resync notice follows it).
+        assert!(eventually(|| {
+            let backlog: i64 =
+                writer.query_one("SELECT coalesce(sum(backlog), 0)::int8 FROM pgwatch.workers", &[]).unwrap().get(0);
+            backlog == 0
+        }));
         writer.batch_execute(sql).unwrap();
         let got = listener.receive_raw(1, WAIT);
         listener.expect_silence();

@@ -3,7 +3,7 @@
 
 use postgres::Client;
 
-use super::support::{connect, connect_to, failure, serial, watched, Listener, MODES, WAIT};
+use super::support::{connect, connect_to, failure, serial, watched, without_locations, Listener, MODES, WAIT};
 
 /// A fresh database `name` with pgwatch installed (at `version`, if given), and a connection to it.
 fn database(admin: &mut Client, name: &str, version: Option<&str>) -> Client {
@@ -422,13 +422,18 @@ fn keys_payload_sends_key_columns_only() {
             &["public.o_keys"],
         );
         // One statement at a time: a worker folds changes that reach it together.
-        for (sql, payload) in [
-            ("INSERT INTO o_keys VALUES (1, 's')", r#"{"tbl":"public.o_keys","op":"insert","rows":[{"id":1}]}"#),
-            ("UPDATE o_keys SET secret = 't'", r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":1}]}"#),
-            ("UPDATE o_keys SET id = 2", r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":2,"old":{"id":1}}]}"#),
+        for (sql, payloads) in [
+            ("INSERT INTO o_keys VALUES (1, 's')", &[r#"{"tbl":"public.o_keys","op":"insert","rows":[{"id":1}]}"#][..]),
+            ("UPDATE o_keys SET secret = 't'", &[r#"{"tbl":"public.o_keys","op":"update","rows":[{"id":1}]}"#]),
+            (
+                "UPDATE o_keys SET id = 2",
+                &[
+                    r#"{"tbl":"public.o_keys","op":"delete","rows":[{"id":1}]}"#,
+                    r#"{"tbl":"public.o_keys","op":"insert","rows":[{"id":2}]}"#,
+                ],
+            ),
         ] {
-            writer.batch_execute(sql).unwrap();
-            listener.expect(&[payload]);
+            listener.expect_after(&mut writer, sql, payloads);
         }
         let payload: String = writer
             .query_one("SELECT payload FROM pgwatch.watches WHERE channel = 'public.o_keys'", &[])
@@ -452,25 +457,32 @@ fn compact_payload_sends_rows_as_arrays_under_their_column_names() {
             format!(r#"{{"tbl":"public.o_compact","op":"{op}","cols":["region","id","role_id","body"],"rows":"#)
         };
         // One statement at a time: a worker folds changes that reach it together.
-        for (sql, op, rows) in [
+        for (sql, payloads) in [
             (
                 "INSERT INTO o_compact VALUES (1, 'eu', 7, 'a'), (2, 'us', NULL, 'b')",
-                "insert",
-                r#"[["eu",1,7,"a"],["us",2,null,"b"]]"#,
+                &[("insert", r#"[["eu",1,7,"a"],["us",2,null,"b"]]"#)][..],
             ),
-            ("UPDATE o_compact SET role_id = 8 WHERE id = 1", "update", r#"[["eu",1,8,"a",{"old":["eu",1,7,"a"]}]]"#),
+            (
+                "UPDATE o_compact SET role_id = 8 WHERE id = 1",
+                &[("update", r#"[["eu",1,8,"a",{"old":["eu",1,7,"a"]}]]"#)],
+            ),
             (
                 "UPDATE o_compact SET body = 'c' WHERE id = 2",
-                "update",
-                r#"[["us",2,null,"c",{"old":["us",2,null,"b"]}]]"#,
+                &[("update", r#"[["us",2,null,"c",{"old":["us",2,null,"b"]}]]"#)],
             ),
-            ("UPDATE o_compact SET id = 3 WHERE id = 2", "update", r#"[["us",3,null,"c",{"old":["us",2,null,"c"]}]]"#),
-            ("UPDATE o_compact SET region = region", "update", r#"[["eu",1,8,"a"],["us",3,null,"c"]]"#),
-            ("UPDATE o_compact SET body = repeat('x', 9000) WHERE id = 1", "update", r#"[["eu",1,{"partial":true}]]"#),
-            ("DELETE FROM o_compact WHERE id = 3", "delete", r#"[["us",3,null,"c"]]"#),
+            (
+                "UPDATE o_compact SET id = 3 WHERE id = 2",
+                &[("delete", r#"[["us",2,null,"c"]]"#), ("insert", r#"[["us",3,null,"c"]]"#)],
+            ),
+            ("UPDATE o_compact SET region = region", &[("update", r#"[["eu",1,8,"a"],["us",3,null,"c"]]"#)]),
+            (
+                "UPDATE o_compact SET body = repeat('x', 9000) WHERE id = 1",
+                &[("update", r#"[["eu",1,{"partial":true}]]"#)],
+            ),
+            ("DELETE FROM o_compact WHERE id = 3", &[("delete", r#"[["us",3,null,"c"]]"#)]),
         ] {
-            writer.batch_execute(sql).unwrap();
-            listener.expect(&[&format!("{}{rows}}}", head(op))]);
+            let expected: Vec<String> = payloads.iter().map(|(op, rows)| format!("{}{rows}}}", head(op))).collect();
+            listener.expect_after(&mut writer, sql, &expected.iter().map(String::as_str).collect::<Vec<_>>());
         }
         // A 10,000-row statement: every key once, in full payloads.
         writer
@@ -828,16 +840,28 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
     db.batch_execute(
         "CREATE TABLE users (id int PRIMARY KEY, role_id int, name text);
          SELECT watch_table('users', '*', '{role_id}');
-         SELECT watch_table('users', 'update', label => 'renamed_users', trigger_columns => '{name}')",
+         SELECT watch_table('users', 'update', label => 'renamed_users', trigger_columns => '{name}');
+         SELECT watch_table('users', 'insert', label => 'big_users', condition => $$NEW.role_id > 5$$)",
     )
     .unwrap();
+    let quals = |db: &mut Client| -> Vec<String> {
+        db.query("SELECT tgqual::text FROM pg_trigger WHERE tgrelid = 'users'::regclass AND tgqual IS NOT NULL ORDER BY tgname", &[])
+            .unwrap()
+            .iter()
+            .map(|row| without_locations(row.get(0)))
+            .collect()
+    };
+    let quals_before = quals(&mut db);
+    assert_eq!(quals_before.len(), 2);
     let failed = failure(&mut db, "SELECT watch_table('users', label => 'compact_users', payload => 'compact')");
     assert_eq!(failed.0, "23514", "0.2.0's catalog does not take compact watches: {}", failed.1);
     // Until the update adds the DDL event trigger statement triggers rely on, watches keep row
     // triggers (made by this library, which serves 0.2.0's SQL).
     assert_eq!(per_row(&mut db, "users"), [true, true, true, true]);
-    let mut listener =
-        Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users", "renamed_users", "compact_users"]);
+    let mut listener = Listener::new(
+        connect_to(&mut admin, "o_upgrade"),
+        &["public.users", "renamed_users", "compact_users", "big_users"],
+    );
     db.batch_execute("INSERT INTO users VALUES (0, 0, 'z')").unwrap();
     listener.expect_on(&[("public.users", r#"{"tbl":"public.users","op":"insert","rows":[{"id":0,"role_id":0}]}"#)]);
     db.batch_execute("UPDATE users SET name = 'y'").unwrap();
@@ -870,9 +894,19 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
             "pgwatch_1_delete statement 1",
             "pgwatch_1_insert statement 1",
             "pgwatch_1_update statement 1",
-            "pgwatch_2_update row 1"
+            "pgwatch_2_update row 1",
+            "pgwatch_3_insert row 1"
         ]
     );
+    // The WHEN conditions came through the update as PostgreSQL stored them, never parsed again.
+    assert_eq!(quals(&mut db), quals_before);
+    db.batch_execute("INSERT INTO users VALUES (7, 7, 'big')").unwrap();
+    listener.expect_on(&[
+        ("public.users", r#"{"tbl":"public.users","op":"insert","rows":[{"id":7,"role_id":7}]}"#),
+        ("big_users", r#"{"tbl":"public.users","op":"insert","rows":[{"id":7}]}"#),
+    ]);
+    db.batch_execute("DELETE FROM users").unwrap();
+    listener.expect_on(&[("public.users", r#"{"tbl":"public.users","op":"delete","rows":[{"id":7,"role_id":7}]}"#)]);
     db.batch_execute("SELECT watch_table('users', label => 'compact_users', payload => 'compact')").unwrap();
     db.batch_execute("INSERT INTO users VALUES (1, 1, 'a')").unwrap();
     listener.expect_on(&[

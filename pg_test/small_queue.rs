@@ -9,6 +9,17 @@ use support::{connect, eventually, serial, stat, watched, Listener, Replica, WAI
 
 const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'", "pgwatch.queue_size = '64kB'"];
 
+#[path = "differential.rs"]
+mod differential;
+
+/// Transactions that find the queue full are notified inline, and may overtake older queued ones:
+/// subscribers are told to refetch, and still end with an exact copy.
+#[test]
+fn random_transactions_with_a_small_queue_leave_every_copy_equal_to_its_table() {
+    let _serial = serial();
+    differential::run(&[11, 12, 13], 60, "worker");
+}
+
 /// `writers` connections, each running `each` transactions: `sql(writer, i)`.
 fn write_concurrently(writers: i64, each: i64, sql: impl Fn(i64, i64) -> String + Sync) {
     std::thread::scope(|scope| {

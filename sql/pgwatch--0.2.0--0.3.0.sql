@@ -93,17 +93,45 @@ END
 $$;
 ALTER EVENT TRIGGER pgwatch_sql_drop ENABLE ALWAYS;
 
--- Each watch is defined again, so that a plain table's row triggers become statement triggers.
--- A watch that cannot be defined again (its table changed since) keeps its triggers, which this
--- library still runs.
+-- Counters of the notices that tell subscribers to refetch, and of changes a worker could not send.
+DROP FUNCTION pgwatch.stats();
+CREATE FUNCTION pgwatch."stats"() RETURNS TABLE (
+	"rows_captured" bigint,
+	"rows_sent" bigint,
+	"notifications" bigint,
+	"payload_bytes" bigint,
+	"batches" bigint,
+	"rows_per_notification" double precision,
+	"partial_rows" bigint,
+	"overflows" bigint,
+	"inline_fallbacks" bigint,
+	"queue_high_water" bigint,
+	"worker_restarts" bigint,
+	"prepared_unsent" bigint,
+	"resyncs" bigint,
+	"skipped_records" bigint
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'stats_wrapper';
+
+CREATE FUNCTION pgwatch."renew_watch"("id" bigint) RETURNS void
+STRICT VOLATILE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'renew_watch_wrapper';
+
+-- Each watch's triggers are made again, so that a plain table's row triggers become statement
+-- triggers; their WHEN conditions are kept as PostgreSQL stored them (a condition's text is never
+-- parsed again). A watch whose triggers cannot be made again (its table changed since, e.g. a
+-- deferrable key) keeps its 0.2.0 triggers, which this library still runs.
 DO $$
 DECLARE
     w record;
 BEGIN
-    FOR w IN SELECT * FROM pgwatch.watches ORDER BY id LOOP
+    FOR w IN SELECT id, tbl FROM pgwatch.watches ORDER BY id LOOP
         BEGIN
-            PERFORM pgwatch.define_watch(w.tbl, array_to_string(w.events, ','), w.extra_columns, w.label,
-                                         w.trigger_columns, w.condition, w.payload, w.fire_on_replica);
+            PERFORM pgwatch.renew_watch(w.id);
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'pgwatch: watch % of table % keeps its 0.2.0 triggers: %', w.id, w.tbl, SQLERRM
                 USING HINT = 'Fix the table or the watch, then call watch_table() for it again.';

@@ -1,15 +1,15 @@
 //! `watch_table` and `unwatch_table`: check every argument and turn them into a [`Watch`], which
 //! the catalog module stores and installs. Bad input fails here, before anything is changed.
 
-use std::ffi::CString;
-
 use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::pgrx_sql_entity_graph::metadata::{ArgumentError, ReturnsError, ReturnsRef, SqlMappingRef, SqlTranslatable};
 use pgrx::prelude::*;
-use pgrx::{function_name, PgList, PgRelation, PgSqlErrorCode};
+use pgrx::{function_name, PgRelation, PgSqlErrorCode};
 
 use crate::catalog::{self, PayloadMode, Shape, TableName, Watch};
 use crate::events::{Event, Events, EventsError, ACCEPTED};
 use crate::payload::Op;
+use crate::when::{self, Images, When};
 
 /// Most extra columns one watch may list.
 pub const MAX_EXTRA_COLUMNS: usize = 64;
@@ -22,11 +22,73 @@ pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
     unreachable!("an ERROR does not return")
 }
 
-/// The table, checked to be watchable by the current user.
-fn watchable(tbl: Option<PgRelation>) -> PgRelation {
-    let Some(rel) = tbl else {
+/// A `regclass` argument, not opened yet. (pgrx's `PgRelation` opens the relation while it reads
+/// the argument, and an OID no relation has, such as `0::regclass`, fails there with XX000.)
+pub struct RegClass(pg_sys::Oid);
+
+impl FromDatum for RegClass {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _typoid: pg_sys::Oid) -> Option<RegClass> {
+        // SAFETY: a regclass datum is an OID.
+        (!is_null).then(|| RegClass(unsafe { pg_sys::Oid::from_datum(datum, false) }.unwrap_or(pg_sys::Oid::INVALID)))
+    }
+}
+
+// SAFETY: read from a regclass datum by FromDatum, as pgrx reads PgRelation.
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for RegClass {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        // SAFETY: the caller promised a non-null regclass argument.
+        unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or(RegClass(pg_sys::Oid::INVALID))
+    }
+}
+
+// SAFETY: a regclass argument, as pgrx maps PgRelation.
+unsafe impl SqlTranslatable for RegClass {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(RegClass);
+    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("regclass"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("regclass")));
+}
+
+/// The relation `tbl` names, open and locked for reading; 42P01 when there is none.
+fn open(tbl: Option<RegClass>) -> PgRelation {
+    let Some(RegClass(oid)) = tbl else {
         fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "tbl must not be NULL".into(), "pass a table name");
     };
+    // SAFETY: opens the relation if it exists, taking the lock PgRelation::with_lock takes.
+    let rel = unsafe { pg_sys::try_relation_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    if rel.is_null() {
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("relation with OID {} does not exist", oid.to_u32()),
+            "pass a table name, e.g. 'public.users'",
+        );
+    }
+    // SAFETY: the relation exists and is locked; PgRelation closes it with that lock (the lock
+    // is counted, and held until the transaction ends).
+    unsafe {
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        PgRelation::with_lock(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
+    }
+}
+
+/// Refuses the current user unless they may watch `rel`: what CREATE TRIGGER needs, ownership or
+/// the TRIGGER privilege.
+pub fn check_may_watch(rel: &PgRelation) {
+    // SAFETY: a plain ACL check of an existing relation for the current user.
+    let allowed = unsafe { pg_sys::pg_class_aclcheck(rel.oid(), pg_sys::GetUserId(), pg_sys::ACL_TRIGGER as _) };
+    if allowed != pg_sys::AclResult::ACLCHECK_OK {
+        fail(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to watch table {}", TableName::of(rel).display),
+            "watching needs what CREATE TRIGGER needs: ownership or the TRIGGER privilege on the table",
+        );
+    }
+}
+
+/// The table, checked to be watchable by the current user.
+fn watchable(tbl: Option<RegClass>) -> PgRelation {
+    let rel = open(tbl);
     // SAFETY: an open relation has its pg_class row.
     let relkind = unsafe { (*rel.rd_rel).relkind } as u8;
     if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
@@ -54,15 +116,7 @@ fn watchable(tbl: Option<PgRelation>) -> PgRelation {
             "pgwatch watches ordinary (also unlogged) and partitioned tables",
         );
     }
-    // SAFETY: a plain ACL check of an existing relation for the current user.
-    let allowed = unsafe { pg_sys::pg_class_aclcheck(rel.oid(), pg_sys::GetUserId(), pg_sys::ACL_TRIGGER as _) };
-    if allowed != pg_sys::AclResult::ACLCHECK_OK {
-        fail(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to watch table {}", TableName::of(&rel).display),
-            "watching needs what CREATE TRIGGER needs: ownership or the TRIGGER privilege on the table",
-        );
-    }
+    check_may_watch(&rel);
     rel
 }
 
@@ -185,8 +239,7 @@ fn parse_trigger_columns(rel: &PgRelation, events: Events, requested: Option<Vec
     columns
 }
 
-/// A WHEN condition: one SQL expression. Checked with PostgreSQL's own parser, so that it cannot
-/// reach past the WHEN clause it is put in; CREATE TRIGGER then checks what it refers to.
+/// A WHEN condition: one SQL expression (see `when`), checked here and resolved by [`whens`].
 fn parse_condition(events: Events, condition: Option<&str>) -> Option<String> {
     let condition = condition?;
     if condition.trim().is_empty() {
@@ -203,67 +256,36 @@ fn parse_condition(events: Events, condition: Option<&str>) -> Option<String> {
             "leave condition out",
         );
     }
-    let Ok(select) = CString::new(format!("SELECT {condition}\n")) else {
-        fail(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, "condition contains a NUL byte".into(), "");
-    };
-    // SAFETY: parsing builds nodes in the current memory context; a syntax error is raised as an
-    // ERROR with the parser's message.
-    let parsed = unsafe { PgList::<pg_sys::RawStmt>::from_pg(raw_parse(select.as_ptr())) };
-    // SAFETY: the parser returns RawStmts holding valid nodes, checked by tag before each cast.
-    let one_expression =
-        parsed.len() == 1 && unsafe { parsed.get_ptr(0).is_some_and(|raw| is_single_expression((*raw).stmt)) };
-    if !one_expression {
-        fail(
-            PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-            format!("condition is not a single SQL expression: {condition}"),
-            "pass a boolean expression over NEW and OLD, e.g. NEW.status = 'active'",
-        );
-    }
     Some(condition.to_string())
 }
 
-/// # Safety
-/// `sql` must be a NUL-terminated string.
-unsafe fn raw_parse(sql: *const std::ffi::c_char) -> *mut pg_sys::List {
-    // PG 14 added the parse mode argument.
-    #[cfg(feature = "pg13")]
-    // SAFETY: as the caller promised.
-    return unsafe { pg_sys::raw_parser(sql) };
-    #[cfg(not(feature = "pg13"))]
-    // SAFETY: as the caller promised.
-    return unsafe { pg_sys::raw_parser(sql, pg_sys::RawParseMode::RAW_PARSE_DEFAULT) };
-}
-
-/// Whether `stmt` is `SELECT <expression>` and nothing else.
-///
-/// # Safety
-/// `stmt` must be a valid parse node.
-unsafe fn is_single_expression(stmt: *mut pg_sys::Node) -> bool {
-    // SAFETY: checked to be a SelectStmt before the cast.
-    unsafe {
-        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_SelectStmt) {
-            return false;
-        }
-        let select = &*stmt.cast::<pg_sys::SelectStmt>();
-        let targets = PgList::<pg_sys::ResTarget>::from_pg(select.targetList);
-        let clauses = [
-            select.distinctClause,
-            select.fromClause,
-            select.groupClause,
-            select.windowClause,
-            select.valuesLists,
-            select.sortClause,
-            select.lockingClause,
-        ];
-        let expressions = [select.whereClause, select.havingClause, select.limitOffset, select.limitCount];
-        select.op == pg_sys::SetOperation::SETOP_NONE
-            && select.intoClause.is_null()
-            && select.withClause.is_null()
-            && clauses.iter().all(|list| list.is_null())
-            && expressions.iter().all(|node| node.is_null())
-            && targets.len() == 1
-            && targets.get_ptr(0).is_some_and(|target| (*target).name.is_null() && (*target).indirection.is_null())
-    }
+/// The WHEN of each of `watch`'s triggers: its condition, and for updates the comparisons of its
+/// trigger columns, resolved now as the calling user (see `when`).
+fn whens(rel: &PgRelation, watch: &Watch) -> Vec<(Event, Option<When>)> {
+    let condition = watch.condition.as_deref().map(when::parse_condition);
+    let comparisons = when::parse_comparisons(rel, &watch.trigger_columns);
+    let resolve = |expression, old, new| when::resolve(rel, expression, Images { old, new });
+    let row_condition = condition.map(|c| {
+        // Checked against the events that have it: OLD is not there for inserts, NEW not for deletes.
+        let (inserts, deletes) = (watch.events.has(Event::Row(Op::Insert)), watch.events.has(Event::Row(Op::Delete)));
+        resolve(c, !inserts, !deletes)
+    });
+    let comparisons = comparisons.map(|c| resolve(c, true, true));
+    watch
+        .events
+        .iter()
+        .map(|event| {
+            let when = match event {
+                Event::Row(Op::Update) => match (comparisons, row_condition) {
+                    (Some(changed), Some(condition)) => Some(changed.and(condition)),
+                    (changed, condition) => changed.or(condition),
+                },
+                Event::Row(_) => row_condition,
+                Event::Truncate => None,
+            };
+            (event, when)
+        })
+        .collect()
 }
 
 fn parse_payload(payload: Option<&str>, keys: &[String], extras: &[String]) -> PayloadMode {
@@ -300,10 +322,11 @@ fn parse_payload(payload: Option<&str>, keys: &[String], extras: &[String]) -> P
     mode
 }
 
-/// Checks the arguments of `watch_table` and makes the watch they describe.
+/// Checks the arguments of `watch_table` and makes the watch they describe, with the WHEN of each
+/// of its triggers.
 #[allow(clippy::too_many_arguments)]
 fn watch(
-    tbl: Option<PgRelation>,
+    tbl: Option<RegClass>,
     events: Option<&str>,
     extra_columns: Option<Vec<Option<String>>>,
     label: Option<&str>,
@@ -311,7 +334,7 @@ fn watch(
     condition: Option<&str>,
     payload: Option<&str>,
     fire_on_replica: Option<bool>,
-) -> (PgRelation, Watch) {
+) -> (PgRelation, Watch, Vec<(Event, Option<When>)>) {
     let rel = watchable(tbl);
     let events = parse_events(events);
     let keys = primary_key(&rel);
@@ -339,7 +362,18 @@ fn watch(
         payload,
         fire_on_replica,
     };
-    (rel, watch)
+    if let Some(reserved) = catalog::reserved_column(&watch) {
+        fail(
+            PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+            format!(
+                "column \"{reserved}\" of table {} cannot be sent in object rows: \"{reserved}\" names a member of the payload's rows",
+                TableName::of(&rel).display
+            ),
+            "watch the table with payload => 'compact', whose rows are arrays, or leave the column out of extra_columns",
+        );
+    }
+    let whens = whens(&rel, &watch);
+    (rel, watch, whens)
 }
 
 #[pg_schema]
@@ -352,7 +386,7 @@ mod pgwatch {
     #[search_path(pg_catalog, pg_temp)]
     #[allow(clippy::too_many_arguments)]
     fn define_watch(
-        tbl: Option<PgRelation>,
+        tbl: Option<RegClass>,
         events: Option<&str>,
         extra_columns: Option<Vec<Option<String>>>,
         label: Option<&str>,
@@ -361,9 +395,9 @@ mod pgwatch {
         payload: Option<&str>,
         fire_on_replica: Option<bool>,
     ) -> i64 {
-        let (rel, watch) =
+        let (rel, watch, whens) =
             watch(tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica);
-        catalog::save(rel, &watch, Shape::Current)
+        catalog::save(rel, &watch, &whens, Shape::Current)
     }
 
     /// 0.1.0's `watch_table()` calls this. It is kept, without SQL of its own, so that a database
@@ -371,13 +405,13 @@ mod pgwatch {
     #[pg_extern(volatile, sql = false)]
     #[search_path(pg_catalog, pg_temp)]
     fn apply_watch(
-        tbl: Option<PgRelation>,
+        tbl: Option<RegClass>,
         events: Option<&str>,
         extra_columns: Option<Vec<Option<String>>>,
         label: Option<&str>,
     ) -> i64 {
-        let (rel, watch) = watch(tbl, events, extra_columns, label, None, None, Some("full"), Some(false));
-        catalog::save(rel, &watch, Shape::V0_1)
+        let (rel, watch, whens) = watch(tbl, events, extra_columns, label, None, None, Some("full"), Some(false));
+        catalog::save(rel, &watch, &whens, Shape::V0_1)
     }
 }
 
@@ -385,7 +419,7 @@ mod pgwatch {
 /// their triggers. Returns how many watches were removed.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
-fn unwatch_table(tbl: Option<PgRelation>, label: default!(Option<&str>, "NULL")) -> i32 {
+fn unwatch_table(tbl: Option<RegClass>, label: default!(Option<&str>, "NULL")) -> i32 {
     let rel = watchable(tbl);
     catalog::remove(&rel, label)
 }

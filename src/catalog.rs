@@ -13,13 +13,14 @@ use std::collections::BTreeSet;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::spi::{quote_identifier, quote_literal};
+use pgrx::spi::quote_identifier;
 use pgrx::{PgRelation, PgSqlErrorCode};
 
 use crate::api::{channel_name, fail, MAX_CHANNEL_BYTES};
 use crate::args;
 use crate::events::{Event, Events};
 use crate::payload::Op;
+use crate::when::When;
 
 /// Which values a watch may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,6 +273,8 @@ struct Existing {
     name: String,
     args: Vec<String>,
     per_row: bool,
+    /// Its WHEN, as PostgreSQL stored it (`pg_trigger.tgqual`).
+    qual: Option<String>,
 }
 
 /// The triggers of watch `id` on its table.
@@ -279,7 +282,8 @@ fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
     Spi::connect(|client| {
         client
             .select(
-                "SELECT tgname::text, tgnargs::int4, tgargs, (tgtype::int4 & 1) = 1 FROM pg_catalog.pg_trigger
+                "SELECT tgname::text, tgnargs::int4, tgargs, (tgtype::int4 & 1) = 1, tgqual::text
+                   FROM pg_catalog.pg_trigger
                   WHERE tgrelid = $1 AND tgname = ANY($2)",
                 None,
                 &[tbl.into(), trigger_names(id).into()],
@@ -291,11 +295,44 @@ fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
                 // tgargs holds each argument followed by a NUL byte.
                 let args = args.split(|&b| b == 0).take(count).map(|a| String::from_utf8_lossy(a).into_owned());
                 let per_row = row.get::<bool>(4)?.unwrap_or(false);
-                Ok(Existing { name, args: args.collect(), per_row })
+                let qual = row.get::<String>(5)?;
+                Ok(Existing { name, args: args.collect(), per_row, qual })
             })
             .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
     })
     .unwrap_or_else(|e| error!("pgwatch: {e}"))
+}
+
+/// The WHEN of each event's trigger, as the triggers of watch `id` on `tbl` have them now: what
+/// a rebuild of those triggers keeps (see `when`). Refused when a trigger that must have one is
+/// missing.
+fn existing_whens(id: i64, watch: &Watch, existing: &[Existing]) -> Vec<(Event, Option<When>)> {
+    watch
+        .events
+        .iter()
+        .map(|event| {
+            let trigger = existing.iter().find(|t| t.name == trigger_name(id, event));
+            let needs_when = match event {
+                Event::Truncate => false,
+                Event::Row(op) => watch.condition.is_some() || (op == Op::Update && !watch.trigger_columns.is_empty()),
+            };
+            let when = match trigger.and_then(|t| t.qual.as_deref()) {
+                // SAFETY: a trigger's stored WHEN.
+                Some(qual) => Some(unsafe { When::from_stored(qual) }),
+                None if needs_when => fail(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "the {} trigger of pgwatch watch {id} (channel \"{}\") is missing its WHEN condition",
+                        event.as_str(),
+                        watch.channel
+                    ),
+                    "define the watch again with watch_table(), or unwatch the table",
+                ),
+                None => None,
+            };
+            (event, when)
+        })
+        .collect()
 }
 
 fn drop_triggers(id: i64, tbl: pg_sys::Oid, table: &TableName) {
@@ -304,85 +341,168 @@ fn drop_triggers(id: i64, tbl: pg_sys::Oid, table: &TableName) {
     }
 }
 
-/// `OLD.c IS DISTINCT FROM NEW.c` for each trigger column: an update that changes none of them
-/// sends nothing. A type without an equality operator (json, point, …) is compared as text.
-fn comparisons(rel: &PgRelation, columns: &[String]) -> Vec<String> {
-    let tupdesc = rel.tuple_desc();
-    columns
-        .iter()
-        .map(|column| {
-            let typid = tupdesc.iter().find(|a| !a.is_dropped() && a.name() == column).map(|a| a.type_oid().value());
-            // SAFETY: a type cache lookup of an existing column's type.
-            let comparable = typid.is_some_and(|typid| unsafe {
-                (*pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32)).eq_opr != pg_sys::Oid::INVALID
-            });
-            let column = quote_identifier(column);
-            let cast = if comparable { "" } else { "::text" };
-            format!("OLD.{column}{cast} IS DISTINCT FROM NEW.{column}{cast}")
-        })
-        .collect()
-}
-
-/// ` WHEN ((a) AND (b))`, or nothing without conditions. Each condition stands on lines of its
-/// own, so that a trailing `--` comment in it ends there.
-fn when_clause(conditions: &[String]) -> String {
-    if conditions.is_empty() {
-        return String::new();
-    }
-    let all: Vec<String> = conditions.iter().map(|c| format!("(\n{c}\n)")).collect();
-    format!(" WHEN ({})", all.join(" AND "))
-}
-
-/// Installs one trigger per event of watch `id`; `changed` holds the [`comparisons`] of its
-/// trigger columns, `table_needs_rows` what [`needs_row_triggers`] says of the table. The table
+/// Installs one trigger per event of watch `id` on table `tbl`, each with the WHEN `whens` gives
+/// for its event; `table_needs_rows` is what [`needs_row_triggers`] says of the table. The table
 /// must not be open in this backend: `ALTER TABLE` refuses a table in use.
-fn create_triggers(id: i64, watch: &Watch, table: &TableName, table_needs_rows: bool, changed: &[String]) {
-    let args: Vec<String> = trigger_args(watch, &table.display).into_iter().map(quote_literal).collect();
-    let args = args.join(", ");
-    let condition: Vec<String> = watch.condition.iter().cloned().collect();
-    for event in watch.events.iter() {
-        let name = quote_identifier(trigger_name(id, event));
-        let t = &table.quoted;
-        let spec = match event {
-            Event::Truncate => format!("AFTER TRUNCATE ON {t} FOR EACH STATEMENT"),
-            Event::Row(op) if !watch.fires_per_row(event, table_needs_rows) => {
-                let tables = match op {
-                    Op::Insert => "NEW TABLE AS pgwatch_new",
-                    Op::Update => "OLD TABLE AS pgwatch_old NEW TABLE AS pgwatch_new",
-                    Op::Delete => "OLD TABLE AS pgwatch_old",
-                };
-                format!("AFTER {} ON {t} REFERENCING {tables} FOR EACH STATEMENT", op.as_str().to_uppercase())
-            }
-            Event::Row(Op::Update) => {
-                let columns: Vec<String> = watch.trigger_columns.iter().map(quote_identifier).collect();
-                let of = if columns.is_empty() { String::new() } else { format!(" OF {}", columns.join(", ")) };
-                let changed = (!changed.is_empty()).then(|| changed.join(" OR "));
-                let conditions: Vec<String> = changed.into_iter().chain(condition.iter().cloned()).collect();
-                format!("AFTER UPDATE{of} ON {t} FOR EACH ROW{}", when_clause(&conditions))
-            }
-            Event::Row(op) => {
-                format!("AFTER {} ON {t} FOR EACH ROW{}", op.as_str().to_uppercase(), when_clause(&condition))
-            }
+fn create_triggers(
+    id: i64,
+    watch: &Watch,
+    tbl: pg_sys::Oid,
+    table: &TableName,
+    table_needs_rows: bool,
+    whens: &[(Event, Option<When>)],
+) {
+    let args = trigger_args(watch, &table.display);
+    for &(event, when) in whens {
+        let name = trigger_name(id, event);
+        let per_row = watch.fires_per_row(event, table_needs_rows);
+        let update_of = match event {
+            Event::Row(Op::Update) if per_row => &watch.trigger_columns[..],
+            _ => &[],
         };
-        run(&format!("CREATE TRIGGER {name} {spec} EXECUTE FUNCTION pgwatch.capture({args})"), &[]);
-        // Dropped with the extension, and dumped with that dependency.
-        run(&format!("ALTER TRIGGER {name} ON {t} DEPENDS ON EXTENSION pgwatch"), &[]);
+        // SAFETY: the table exists and is locked by this transaction (see save and follow).
+        unsafe { create_trigger(tbl, &name, event, per_row, update_of, when, &args) };
         if watch.fire_on_replica {
-            run(&format!("ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}"), &[]);
+            run(&format!("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}", table.quoted, quote_identifier(&name)), &[]);
         }
     }
 }
 
+/// Creates one trigger of pgwatch's: `AFTER <event> [OF update_of] ON tbl FOR EACH ROW|STATEMENT
+/// [REFERENCING ...] [WHEN when] EXECUTE FUNCTION pgwatch.capture(args)`, depending on the
+/// extension (dropped with it, dumped with that dependency). Made from parse nodes, not SQL text,
+/// so that `when` goes in as the expression tree it is (see `when`); its dependencies (columns,
+/// functions, operators) are recorded as CREATE TRIGGER records them.
+///
+/// # Safety
+/// `tbl` must be an existing table this transaction has locked.
+unsafe fn create_trigger(
+    tbl: pg_sys::Oid,
+    name: &str,
+    event: Event,
+    per_row: bool,
+    update_of: &[String],
+    when: Option<When>,
+    args: &[String],
+) {
+    let cstring = |text: &str| {
+        let text = std::ffi::CString::new(text).expect("names and trigger arguments hold no NUL byte");
+        // SAFETY: copies the string into the current memory context.
+        unsafe { pg_sys::pstrdup(text.as_ptr()) }
+    };
+    let strings = |items: &mut dyn Iterator<Item = &str>| {
+        let mut list = pgrx::PgList::<pg_sys::Node>::new();
+        // SAFETY: a String (Value) node of a copied string.
+        items.for_each(|item| list.push(unsafe { pg_sys::makeString(cstring(item)) }.cast()));
+        list.into_pg()
+    };
+    // SAFETY: a CreateTrigStmt filled in as the grammar fills one in for CREATE TRIGGER, passed to
+    // the function CREATE TRIGGER runs, with the WHEN already resolved; then the dependencies that
+    // CreateTrigger records only for a WHEN it resolves itself.
+    unsafe {
+        let mut stmt = pgrx::PgBox::<pg_sys::CreateTrigStmt>::alloc_node(pg_sys::NodeTag::T_CreateTrigStmt);
+        stmt.trigname = cstring(name);
+        let rel = PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        stmt.relation = pg_sys::makeRangeVar(cstring(rel.namespace()), cstring(rel.name()), -1);
+        stmt.funcname = strings(&mut ["pgwatch", "capture"].into_iter());
+        stmt.args = strings(&mut args.iter().map(String::as_str));
+        stmt.row = per_row;
+        stmt.timing = pg_sys::TRIGGER_TYPE_AFTER as i16;
+        stmt.events = match event {
+            Event::Row(Op::Insert) => pg_sys::TRIGGER_TYPE_INSERT,
+            Event::Row(Op::Update) => pg_sys::TRIGGER_TYPE_UPDATE,
+            Event::Row(Op::Delete) => pg_sys::TRIGGER_TYPE_DELETE,
+            Event::Truncate => pg_sys::TRIGGER_TYPE_TRUNCATE,
+        } as i16;
+        stmt.columns = strings(&mut update_of.iter().map(String::as_str));
+        if let (false, Event::Row(op)) = (per_row, event) {
+            let mut transitions = pgrx::PgList::<pg_sys::Node>::new();
+            let tables: &[(&std::ffi::CStr, bool)] = match op {
+                Op::Insert => &[(c"pgwatch_new", true)],
+                Op::Update => &[(c"pgwatch_old", false), (c"pgwatch_new", true)],
+                Op::Delete => &[(c"pgwatch_old", false)],
+            };
+            for &(table, is_new) in tables {
+                let mut transition =
+                    pgrx::PgBox::<pg_sys::TriggerTransition>::alloc_node(pg_sys::NodeTag::T_TriggerTransition);
+                transition.name = pg_sys::pstrdup(table.as_ptr());
+                transition.isNew = is_new;
+                transition.isTable = true;
+                transitions.push(transition.into_pg().cast());
+            }
+            stmt.transitionRels = transitions.into_pg();
+        }
+        let when = when.map_or(std::ptr::null_mut(), When::as_ptr);
+        let trigger = pg_sys::CreateTrigger(
+            stmt.into_pg(),
+            c"pgwatch".as_ptr(),
+            tbl,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            when,
+            false,
+            false,
+        );
+        if !when.is_null() {
+            let pstate = crate::when::old_and_new(&rel);
+            pg_sys::recordDependencyOnExpr(
+                &trigger,
+                when,
+                (*pstate).p_rtable,
+                pg_sys::DependencyType::DEPENDENCY_NORMAL,
+            );
+            pg_sys::free_parsestate(pstate);
+        }
+        let extension = pg_sys::ObjectAddress {
+            classId: pg_sys::ExtensionRelationId,
+            objectId: pg_sys::get_extension_oid(c"pgwatch".as_ptr(), false),
+            objectSubId: 0,
+        };
+        pg_sys::recordDependencyOn(&trigger, &extension, pg_sys::DependencyType::DEPENDENCY_AUTO_EXTENSION);
+        drop(rel);
+        pg_sys::CommandCounterIncrement();
+    }
+}
+
+/// Refuses `watch`'s channel if a watch of another table uses it: a channel belongs to one table,
+/// so that its sequence numbers count one table's changes, and no user can send on another's
+/// channel through pgwatch. The catalog is locked until the transaction ends, so that two
+/// definitions cannot take one channel at once.
+fn claim_channel(watch: &Watch, table: &TableName) {
+    run("LOCK TABLE pgwatch.watches IN SHARE ROW EXCLUSIVE MODE", &[]);
+    let taken = Spi::get_two_with_args::<i64, String>(
+        "SELECT id, tbl::pg_catalog.text FROM pgwatch.watches
+          WHERE channel OPERATOR(pg_catalog.=) $1 AND tbl OPERATOR(pg_catalog.<>) $2::pg_catalog.oid
+          ORDER BY id LIMIT 1",
+        &[watch.channel.as_str().into(), watch.tbl.into()],
+    );
+    if let Ok((Some(id), tbl)) = taken {
+        fail(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!(
+                "channel \"{}\" is already used by pgwatch watch {id} of table {}",
+                watch.channel,
+                tbl.unwrap_or_default()
+            ),
+            &format!("a channel carries one table's changes: give the watch of {} another label", table.display),
+        );
+    }
+}
+
 /// Stores `watch` (replacing the watch of its table and label, if any) and installs its
-/// triggers; returns its id.
-pub fn save(rel: PgRelation, watch: &Watch, shape: Shape) -> i64 {
+/// triggers, each event's with the WHEN `whens` gives (resolved by the caller, see `when`);
+/// returns its id.
+pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], shape: Shape) -> i64 {
     let table = TableName::of(&rel);
     let table_needs_rows = needs_row_triggers(&rel);
-    let changed = comparisons(&rel, &watch.trigger_columns);
     drop(rel);
     as_extension_owner(|| {
         let _managing = Managing::start();
         run(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", table.quoted), &[]);
+        claim_channel(watch, &table);
         let events: Vec<String> = watch.events.iter().map(|event| event.as_str().to_string()).collect();
         let fields: [DatumWithOid; 10] = [
             watch.tbl.into(),
@@ -421,7 +541,7 @@ pub fn save(rel: PgRelation, watch: &Watch, shape: Shape) -> i64 {
         let id = replaced.unwrap_or_else(|| {
             Spi::get_one_with_args::<i64>(insert, fields).ok().flatten().expect("INSERT ... RETURNING returns the id")
         });
-        create_triggers(id, watch, &table, table_needs_rows, &changed);
+        create_triggers(id, watch, watch.tbl, &table, table_needs_rows, whens);
         id
     })
 }
@@ -580,8 +700,19 @@ fn follow(id: i64, changes: &[Changed]) {
             "give the watch a short label first: SELECT watch_table(..., label => 'short_name')",
         );
     };
-    changed |= channel != watch.channel;
+    let moved = channel != watch.channel;
+    changed |= moved;
     watch.channel = channel;
+    if let Some(reserved) = reserved_column(&watch) {
+        fail(
+            PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+            format!(
+                "cannot rename a column of table {} to \"{reserved}\": pgwatch watch {id} (channel \"{}\") sends it, and \"{reserved}\" names a member of its payload rows",
+                table.display, watch.channel
+            ),
+            "choose another name, or watch the table with payload => 'compact' first",
+        );
+    }
     let args = trigger_args(&watch, &table.display);
     // The table's triggers or place in an inheritance tree may have changed what its watches need.
     let table_needs_rows = needs_row_triggers(&rel);
@@ -593,10 +724,21 @@ fn follow(id: i64, changes: &[Changed]) {
     if !changed && existing.iter().all(|trigger| trigger.args == args && wanted(trigger)) {
         return;
     }
-    let comparisons = comparisons(&rel, &watch.trigger_columns);
     drop(rel);
+    rebuild(id, &watch, &table, &existing, table_needs_rows, moved);
+}
+
+/// Makes the triggers of watch `id` again from `watch` (stored first, as it may have followed a
+/// rename), keeping the WHEN each of its `existing` triggers has: the one way pgwatch remakes a
+/// watch's triggers (following DDL, turning statement triggers into row triggers, upgrading).
+/// `claim`: the channel changed, and must not be another table's.
+fn rebuild(id: i64, watch: &Watch, table: &TableName, existing: &[Existing], table_needs_rows: bool, claim: bool) {
+    let whens = existing_whens(id, watch, existing);
     as_extension_owner(|| {
         let _managing = Managing::start();
+        if claim {
+            claim_channel(watch, table);
+        }
         run(
             "UPDATE pgwatch.watches SET channel = $2, key_columns = $3, extra_columns = $4, trigger_columns = $5
               WHERE id = $1",
@@ -608,10 +750,23 @@ fn follow(id: i64, changes: &[Changed]) {
                 watch.trigger_columns.clone().into(),
             ],
         );
-        drop_triggers(id, watch.tbl, &table);
-        create_triggers(id, &watch, &table, table_needs_rows, &comparisons);
+        drop_triggers(id, watch.tbl, table);
+        create_triggers(id, watch, watch.tbl, table, table_needs_rows, &whens);
     });
 }
+
+/// A column `watch` sends whose name is also the name of a member of its payload rows (`old`,
+/// `partial`): in an object row the two could not be told apart. Compact rows are arrays, with
+/// those members in a trailing object, so they can send any column.
+pub fn reserved_column(watch: &Watch) -> Option<&str> {
+    if watch.payload == PayloadMode::Compact {
+        return None;
+    }
+    watch.keys.iter().chain(&watch.extras).map(String::as_str).find(|c| RESERVED_COLUMNS.contains(c))
+}
+
+/// The members of an object row besides its columns.
+pub const RESERVED_COLUMNS: [&str; 2] = ["old", "partial"];
 
 #[pg_schema]
 mod pgwatch {
@@ -621,6 +776,37 @@ mod pgwatch {
     #[pg_extern(volatile)]
     fn managing() -> bool {
         MANAGING.get()
+    }
+
+    /// Makes the triggers of watch `id` again as this library makes them (statement triggers
+    /// where they suffice, one argument each), keeping their WHEN conditions as they are: what
+    /// `ALTER EXTENSION pgwatch UPDATE` does for the watches an earlier release made. Needs what
+    /// watching the table needs.
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn renew_watch(id: i64) {
+        let Some(watch) = load(id) else {
+            fail(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("pgwatch watch {id} does not exist"),
+                "see pgwatch.watches",
+            );
+        };
+        // SAFETY: the watched table exists (DROP TABLE removes its watches); locked for reading.
+        let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        let table = TableName::of(&rel);
+        crate::api::check_may_watch(&rel);
+        if let Some(deferrable) = deferrable_primary_key(watch.tbl) {
+            fail(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("the primary key of table {deferrable} is deferrable"),
+                "pgwatch folds a transaction's changes per key, which needs keys unique after every row: make the key NOT DEFERRABLE",
+            );
+        }
+        let existing = existing_triggers(id, watch.tbl);
+        let table_needs_rows = needs_row_triggers(&rel);
+        drop(rel);
+        rebuild(id, &watch, &table, &existing, table_needs_rows, false);
     }
 
     /// Called at the end of DDL that can change a watched table (see `sql/ddl.sql`): watches
@@ -679,19 +865,15 @@ fn use_row_triggers(relid: pg_sys::Oid) {
     for id in ids {
         let Some(watch) = load(id) else { continue };
         let truncate = trigger_name(id, Event::Truncate);
-        if existing_triggers(id, relid).iter().all(|t| t.per_row || t.name == truncate) {
+        let existing = existing_triggers(id, relid);
+        if existing.iter().all(|t| t.per_row || t.name == truncate) {
             continue;
         }
         // SAFETY: the table exists (its watch's triggers do); ALTER TABLE locks it next.
         let rel = unsafe { PgRelation::with_lock(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
         let table = TableName::of(&rel);
-        let comparisons = comparisons(&rel, &watch.trigger_columns);
         drop(rel);
-        as_extension_owner(|| {
-            let _managing = Managing::start();
-            drop_triggers(id, relid, &table);
-            create_triggers(id, &watch, &table, true, &comparisons);
-        });
+        rebuild(id, &watch, &table, &existing, true, false);
     }
 }
 

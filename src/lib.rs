@@ -18,6 +18,7 @@ mod queue;
 mod stats;
 mod trigger;
 mod unguarded;
+mod when;
 mod worker;
 mod xact;
 

@@ -6,7 +6,9 @@ use std::ffi::{c_char, CStr, CString};
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 
 use crate::coalesce::Folded;
-use crate::payload::{overflow_payload, truncate_payload, Op, Packer, Payload, PayloadBuf, MAX_PAYLOAD};
+use crate::payload::{
+    overflow_payload, resync_payload, truncate_payload, Op, Packer, Payload, PayloadBuf, MAX_PAYLOAD,
+};
 use crate::stats::{self, Counter};
 
 /// Where a watch's notifications go and how they are written: its channel, the table name
@@ -41,13 +43,15 @@ fn send_notice(channel: &CStr, notice: &PayloadBuf) {
     send(channel, &CString::new(notice.as_slice()).expect("JSON text holds no NUL byte"), 0);
 }
 
-/// Order in which a watch's rows are sent: a row that takes a freed key (a delete, or an update
-/// that moved a key away) is always sent after the change that freed it.
+/// Order in which a watch's rows are sent. The net changes are of distinct keys, so a copy that
+/// applies them in any order ends equal to the table; removals go first so that, in between, a
+/// value of another unique column freed by a delete is never held twice.
 const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 
 /// Sends the net effect of one watch's changes: first a truncate notice if the table was
 /// truncated, then the rows in as few payloads as fit, each numbered by `seq()` when that gives a
-/// number (worker delivery), and an overflow notice for each op whose rows could not all be listed.
+/// number (worker delivery), an overflow notice for each op whose rows could not all be listed,
+/// and last a resync notice if one is due.
 pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> Option<u64>) {
     if folded.truncated() {
         send_notice(&target.channel, &truncate_payload(&target.tbl, seq()));
@@ -78,5 +82,9 @@ pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> 
             stats::add(Counter::Overflows, 1);
             send_notice(&target.channel, &overflow_payload(&target.tbl, op, seq()));
         }
+    }
+    if folded.resync() {
+        stats::add(Counter::Resyncs, 1);
+        send_notice(&target.channel, &resync_payload(&target.tbl, seq()));
     }
 }

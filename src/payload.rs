@@ -10,6 +10,14 @@ use heapless::Vec as FixedVec;
 /// PostgreSQL rejects a payload of `NOTIFY_PAYLOAD_MAX_LENGTH` (8000) bytes or more.
 pub const MAX_PAYLOAD: usize = 7999;
 
+/// The longest table name a payload names: `schema.table`, 63 bytes each (NAMEDATALEN - 1), three
+/// times over for a name in another server encoding read as UTF-8 (each byte that is not UTF-8
+/// becomes U+FFFD). Escaped, it always leaves room for a compact watch's `"cols"` header and a row.
+pub const MAX_TABLE_NAME: usize = 3 * (2 * 63 + 1);
+
+/// The longest channel name NOTIFY accepts (NAMEDATALEN - 1).
+pub const MAX_CHANNEL: usize = 63;
+
 /// Room kept free in every payload for `"seq":N,`, so that rows sized for inline delivery also fit
 /// a worker's numbered payload.
 const SEQ_RESERVE: usize = r#""seq":18446744073709551615,"#.len();
@@ -372,40 +380,39 @@ pub struct NetRow<'a> {
 impl NetRow<'_> {
     /// Renders the row as payload JSON within `limit` bytes, as an object or, for `compact`
     /// watches, an array of values. An update carries, under `"old"`, the previous values of the
-    /// extra columns that changed and the whole previous key if the key changed (compact: all the
-    /// previous values, when any of them changed). A row that does not fit falls back to its key
-    /// columns with `"partial":true`; `Err(Full)` means not even that fits. Returns whether the
-    /// row is partial.
+    /// extra columns that changed (compact: all the previous values, when any of them changed);
+    /// its key never changes (see `coalesce`). A row whose values are not all known (an image cut
+    /// to its key because it was too big, its own or, for an update, the old one) or that does not
+    /// fit is sent as its key columns with `"partial":true`; `Err(Full)` means not even that
+    /// fits. Returns whether the row is partial.
     pub fn render(&self, out: &mut PayloadBuf, limit: usize, compact: bool) -> Result<bool, Full> {
         out.clear();
-        let (shown, other) = match self.op {
+        let (shown, old) = match self.op {
             Op::Delete => (self.before.expect("a delete has a before image"), None),
             _ => (self.after.expect("an insert or update has an after image"), self.before),
         };
-        let key_moved = other.is_some_and(|b| b.key() != shown.key());
-        let old_keys = || other.filter(|_| key_moved).into_iter().flat_map(Image::key_pairs);
-        let both_complete = other.is_some_and(|b| !b.partial && !shown.partial);
-        let changed_extras = || {
-            other.filter(|_| both_complete).into_iter().flat_map(|b| {
-                b.extra_pairs().zip(shown.extra_pairs()).filter(|(was, is)| was != is).map(|(was, _)| was)
-            })
-        };
-        let partial = shown.partial || other.is_some_and(|b| b.partial);
-        let written = if compact {
-            let old = other.filter(|_| key_moved || changed_extras().next().is_some()).map(Image::all_pairs);
-            write_array_row(out, limit, shown.all_pairs(), old, partial)
-        } else {
-            write_object_row(out, limit, shown.all_pairs(), old_keys().chain(changed_extras()), partial)
-        };
-        if written.is_ok() {
-            return Ok(partial);
+        if !shown.partial && old.is_none_or(|old| !old.partial) {
+            let changed = || {
+                old.into_iter().flat_map(|old| {
+                    old.extra_pairs().zip(shown.extra_pairs()).filter(|(was, is)| was != is).map(|(was, _)| was)
+                })
+            };
+            let written = if compact {
+                let old = old.filter(|_| changed().next().is_some()).map(Image::all_pairs);
+                write_array_row(out, limit, shown.all_pairs(), old, false)
+            } else {
+                write_object_row(out, limit, shown.all_pairs(), changed(), false)
+            };
+            if written.is_ok() {
+                return Ok(false);
+            }
+            out.clear();
         }
-        out.clear();
+        let no_old = std::iter::empty();
         let fallback = if compact {
-            let old = other.filter(|_| key_moved).map(Image::key_pairs);
-            write_array_row(out, limit, shown.key_pairs(), old, true)
+            write_array_row(out, limit, shown.key_pairs(), None::<std::iter::Empty<&[u8]>>, true)
         } else {
-            write_object_row(out, limit, shown.key_pairs(), old_keys(), true)
+            write_object_row(out, limit, shown.key_pairs(), no_old, true)
         };
         fallback.inspect_err(|_| out.clear())?;
         Ok(true)
@@ -474,6 +481,12 @@ fn notice(tbl: &str, op: &str, seq: Option<u64>, fields: &[u8]) -> PayloadBuf {
 /// The payload that tells subscribers of `tbl` to refetch: some `op` rows could not be listed.
 pub fn overflow_payload(tbl: &str, op: Op, seq: Option<u64>) -> PayloadBuf {
     notice(tbl, op.as_str(), seq, b",\"overflow\":true")
+}
+
+/// The payload that tells subscribers of `tbl` to refetch it: older changes may have reached them
+/// after newer ones (a transaction notified inline overtook queued ones).
+pub fn resync_payload(tbl: &str, seq: Option<u64>) -> PayloadBuf {
+    notice(tbl, "resync", seq, b"")
 }
 
 /// The payload that tells subscribers of `tbl` that it was truncated.
@@ -633,24 +646,15 @@ mod tests {
         );
         assert_eq!(render_compact(Op::Update, Some(&after), Some(&after), 500).unwrap(), r#"[1,"b","x"]"#);
         assert_eq!(render_compact(Op::Delete, Some(&before), None, 500).unwrap(), r#"[1,"a","x"]"#);
-        let moved = values(&["2"], &["a", "x"], 500);
-        assert_eq!(
-            render_compact(Op::Update, Some(&before), Some(&moved), 500).unwrap(),
-            r#"[2,"a","x",{"old":[1,"a","x"]}]"#
-        );
-        // Too big with its extras: the key, flagged partial; the old key still follows a move.
-        let big = values(&["3"], &[&"q".repeat(100)], 60);
+        // Too big with its extras: the key, flagged partial; so is an update whose old row was cut.
+        let big = values(&["1"], &[&"q".repeat(100)], 60);
         assert!(big.partial);
-        assert_eq!(render_compact(Op::Insert, None, Some(&big), 60).unwrap(), r#"[3,{"partial":true}]"#);
-        assert_eq!(
-            render_compact(Op::Update, Some(&before), Some(&big), 60).unwrap(),
-            r#"[3,{"old":[1,"a","x"],"partial":true}]"#
-        );
-        assert_eq!(
-            render_compact(Op::Update, Some(&before), Some(&moved), 30).unwrap(),
-            r#"[2,{"old":[1],"partial":true}]"#
-        );
-        assert_eq!(render_compact(Op::Update, Some(&before), Some(&moved), 29), Err(Full));
+        assert_eq!(render_compact(Op::Insert, None, Some(&big), 60).unwrap(), r#"[1,{"partial":true}]"#);
+        assert_eq!(render_compact(Op::Update, Some(&before), Some(&big), 60).unwrap(), r#"[1,{"partial":true}]"#);
+        assert_eq!(render_compact(Op::Update, Some(&big), Some(&after), 60).unwrap(), r#"[1,{"partial":true}]"#);
+        // Complete images that do not fit together: the key, flagged partial.
+        assert_eq!(render_compact(Op::Update, Some(&before), Some(&after), 30).unwrap(), r#"[1,{"partial":true}]"#);
+        assert_eq!(render_compact(Op::Update, Some(&before), Some(&after), 10), Err(Full));
     }
 
     #[test]
@@ -723,13 +727,14 @@ mod tests {
     }
 
     #[test]
-    fn update_of_the_key_lists_the_whole_old_key() {
-        let before = image(&[("a", "1"), ("b", "2")], &[("role", "r")], 500);
-        let after = image(&[("a", "1"), ("b", "3")], &[("role", "r")], 500);
-        assert_eq!(
-            render(Op::Update, Some(&before), Some(&after), 500).unwrap(),
-            r#"{"a":1,"b":3,"role":"r","old":{"a":1,"b":2}}"#
-        );
+    fn an_update_whose_old_row_was_cut_is_sent_as_its_key() {
+        let before = image(&[("a", "1"), ("b", "2")], &[("role", &"r".repeat(100))], 60);
+        let after = image(&[("a", "1"), ("b", "2")], &[("role", "s")], 60);
+        assert!(before.partial && !after.partial);
+        assert_eq!(render(Op::Update, Some(&before), Some(&after), 60).unwrap(), r#"{"a":1,"b":2,"partial":true}"#);
+        // A delete shows the old row, which is all there is.
+        assert_eq!(render(Op::Delete, Some(&before), None, 60).unwrap(), r#"{"a":1,"b":2,"partial":true}"#);
+        assert_eq!(render(Op::Insert, None, Some(&after), 60).unwrap(), r#"{"a":1,"b":2,"role":"s"}"#);
     }
 
     #[test]
@@ -774,13 +779,10 @@ mod tests {
     #[test]
     fn row_with_old_too_big_falls_back_to_keys() {
         let before = image(&[("id", "1")], &[("a", &"p".repeat(40))], 200);
-        let after = image(&[("id", "2")], &[("a", &"q".repeat(40))], 200);
+        let after = image(&[("id", "1")], &[("a", &"q".repeat(40))], 200);
         let full = render(Op::Update, Some(&before), Some(&after), 200).unwrap();
         assert!(full.len() > 60, "{full}");
-        assert_eq!(
-            render(Op::Update, Some(&before), Some(&after), 60).unwrap(),
-            r#"{"id":2,"old":{"id":1},"partial":true}"#
-        );
+        assert_eq!(render(Op::Update, Some(&before), Some(&after), 60).unwrap(), r#"{"id":1,"partial":true}"#);
         assert_eq!(render(Op::Update, Some(&before), Some(&after), 10), Err(Full));
     }
 
@@ -825,6 +827,19 @@ mod tests {
         assert_eq!(std::str::from_utf8(&p).unwrap(), r#"{"tbl":"s.\"q\"","op":"delete","overflow":true}"#);
         let p = overflow_payload("t", Op::Insert, Some(42));
         assert_eq!(std::str::from_utf8(&p).unwrap(), r#"{"tbl":"t","op":"insert","seq":42,"overflow":true}"#);
+    }
+
+    #[test]
+    fn resync_payload_names_the_table() {
+        assert_eq!(&resync_payload("public.t", Some(9))[..], br#"{"tbl":"public.t","op":"resync","seq":9}"#);
+    }
+
+    #[test]
+    fn the_longest_table_name_escaped_leaves_room_for_cols_and_a_row() {
+        let tbl = "\u{1}".repeat(MAX_TABLE_NAME);
+        let cols = cols_header(std::iter::repeat_n("n", 990)).unwrap();
+        assert!(cols.len() > MAX_COLS_HEADER - 40);
+        assert!(row_budget(&tbl, &cols) > 1000);
     }
 
     #[test]

@@ -89,19 +89,29 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     let args: Vec<&[u8]> =
         (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }.to_bytes()).collect();
     let fields = args::decode(&args);
-    let Some([channel, tbl, keys, names @ ..]) = fields.as_deref() else {
+    let refuse = |why: &str| -> ! {
         fail(
             PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-            "pgwatch.capture() was fired with arguments watch_table() never gives it".into(),
+            format!("pgwatch.capture() was fired with arguments watch_table() never gives it: {why}"),
             "watch tables with watch_table(), which creates pgwatch's triggers",
-        );
+        )
     };
+    let Some([channel, tbl, keys, names @ ..]) = fields.as_deref() else {
+        refuse("it takes the channel, the table name, the key count and the column names");
+    };
+    // What the delivery worker could not send must never reach its queue (see `queue`).
+    if channel.is_empty() || channel.len() > payload::MAX_CHANNEL {
+        refuse(&format!("a channel name of {} bytes (1 to {})", channel.len(), payload::MAX_CHANNEL));
+    }
     let keys = String::from_utf8_lossy(keys);
     let (keys, compact) = match keys.split_once(' ') {
         Some((keys, "compact")) => (keys, true),
         _ => (keys.as_ref(), false),
     };
-    let keys: usize = keys.parse().unwrap_or(usize::MAX);
+    let keys = match keys.parse::<usize>() {
+        Ok(keys) if (1..=names.len()).contains(&keys) => keys,
+        _ => refuse(&format!("a key count of \"{keys}\" for {} columns", names.len())),
+    };
     let cols = if compact {
         let names: Vec<_> = names.iter().map(|n| String::from_utf8_lossy(n)).collect();
         payload::cols_header(names.iter().map(|n| n.as_ref())).ok()
@@ -110,6 +120,9 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     };
     let channel = CString::new(channel.as_slice()).expect("a trigger argument holds no NUL byte");
     let tbl = String::from_utf8_lossy(tbl).into_owned();
+    if tbl.len() > payload::MAX_TABLE_NAME {
+        refuse(&format!("a table name of {} bytes (at most {})", tbl.len(), payload::MAX_TABLE_NAME));
+    }
     let target = Rc::new(Target { channel, tbl, cols: cols.clone().unwrap_or_default() });
     // SAFETY: rel is open for the trigger's whole run.
     let relid = unsafe { (*rel).rd_id };

@@ -16,7 +16,9 @@
 
 use std::ffi::CString;
 use std::mem::size_of;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::OnceLock;
 
 use pgrx::pg_sys;
@@ -24,7 +26,7 @@ use pgrx::pg_sys;
 use crate::coalesce::{Change, Folded};
 use crate::guc;
 use crate::notify::Target;
-use crate::payload::{Image, Op};
+use crate::payload::{Image, Op, MAX_CHANNEL, MAX_COLS_HEADER, MAX_TABLE_NAME};
 use crate::stats::COUNTERS;
 use crate::xact::clear_keeping;
 
@@ -32,6 +34,8 @@ use crate::xact::clear_keeping;
 pub const MAX_DATABASES: usize = 64;
 /// Channels whose sequence numbers are kept in shared memory (and so survive worker restarts).
 pub const MAX_CHANNELS: usize = 4096;
+/// How many of them one database may use.
+pub const MAX_CHANNELS_PER_DATABASE: usize = MAX_CHANNELS / 4;
 /// Record alignment: every aligned place has room for a header, even right before the ring's end.
 const ALIGN: usize = 32;
 
@@ -96,6 +100,10 @@ pub struct DbSlot {
     /// A DROP EXTENSION committed in the database: its worker is to check whether pgwatch is
     /// still installed (and exit if not).
     recheck_extension: AtomicBool,
+    /// A transaction notified inline when its resync record found no room: once every record
+    /// reserved before this ring position (+ 1; 0 = none) is sent, the worker tells every
+    /// channel it knows to refetch.
+    resync_after: AtomicU64,
 }
 
 impl DbSlot {
@@ -143,6 +151,17 @@ impl DbSlot {
         self.recheck_extension.swap(false, Ordering::AcqRel)
     }
 
+    /// The ring position (+ 1) before which records must be sent before every channel is told
+    /// to refetch (see `resync_after`); 0 when none is due.
+    pub fn resync_due_after(&self) -> u64 {
+        self.resync_after.load(Ordering::Acquire)
+    }
+
+    /// Marks the resync due after `after` as done, unless a later one was asked for meanwhile.
+    pub fn resync_done(&self, after: u64) {
+        let _ = self.resync_after.compare_exchange(after, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
     /// Called as the attached worker exits, however it exits.
     pub fn detach_worker(&self) {
         self.latch.store(0, Ordering::Release);
@@ -151,11 +170,25 @@ impl DbSlot {
     }
 }
 
+/// The last sequence number of one channel of one database. The channel is kept whole (the hash
+/// only speeds up the search), so that no two channels can share a number, whatever their names.
+/// Written under the exclusive lock, read under the shared one.
 #[repr(C)]
 struct ChannelSeq {
     dboid: AtomicU32,
+    len: AtomicU32,
     hash: AtomicU64,
     seq: AtomicU64,
+    name: [AtomicU8; MAX_CHANNEL],
+}
+
+impl ChannelSeq {
+    fn is(&self, dboid: u32, hash: u64, channel: &[u8]) -> bool {
+        self.dboid.load(Ordering::Relaxed) == dboid
+            && self.hash.load(Ordering::Relaxed) == hash
+            && self.len.load(Ordering::Relaxed) as usize == channel.len()
+            && self.name.iter().zip(channel).all(|(stored, &b)| stored.load(Ordering::Relaxed) == b)
+    }
 }
 
 #[repr(C)]
@@ -360,6 +393,7 @@ impl Shared {
         slot.backlog.store(0, Ordering::Relaxed);
         slot.last_send.store(0, Ordering::Relaxed);
         slot.recheck_extension.store(false, Ordering::Relaxed);
+        slot.resync_after.store(0, Ordering::Relaxed);
         slot.dropping.store(false, Ordering::Relaxed);
         // Release: writers find the slot without the lock, and must see it reset.
         slot.dboid.store(dboid, Ordering::Release);
@@ -441,6 +475,69 @@ impl Shared {
         self.header(reservation.at).state.store(DONE, Ordering::Release);
     }
 
+    /// Queues `body`, a committed transaction's resync record (see [`encode_resync`]), behind
+    /// every record reserved before it, for `dboid`'s worker to send in turn. Called at commit:
+    /// takes no lock and cannot fail. Without room in the ring, the worker is asked to tell every
+    /// channel it knows instead, once the records before this point are sent.
+    pub fn announce(&self, dboid: u32, body: &[u8]) {
+        let Some(slot_index) = self.find_slot_index(dboid) else { return };
+        let slot = &self.slots[slot_index];
+        let len = (HEADER + body.len()).div_ceil(ALIGN) * ALIGN;
+        match self.claim(len as u64) {
+            Some(at) => {
+                self.header(at).write(at, len as u32, dboid, body.len() as u32, RESERVED);
+                // SAFETY: as in reserve(): the claimed record is this backend's until published.
+                unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.record(at).add(HEADER), body.len()) };
+                self.publish(Reservation { at, slot: slot_index });
+            }
+            None => {
+                slot.resync_after.fetch_max(self.head.load(Ordering::Acquire) + 1, Ordering::AcqRel);
+                slot.wake();
+                if slot.pid.load(Ordering::Relaxed) == 0 {
+                    set_latch(&self.launcher_latch);
+                }
+            }
+        }
+    }
+
+    /// Whether a record of `dboid` not sent yet may hold changes on `channels`: one still being
+    /// written may, a published one does if it lists one of them.
+    pub fn unsent_on(&self, dboid: u32, channels: &[&[u8]]) -> bool {
+        let mut found = false;
+        let complete = self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| {
+            if header.dboid() == dboid {
+                found = match header.state.load(Ordering::Acquire) {
+                    RESERVED => true,
+                    PUBLISHED => {
+                        // SAFETY: a published record's body is complete and stays in place while
+                        // the lock is held (records are freed under the exclusive lock).
+                        let body =
+                            unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), header.body_len()) };
+                        decode(body).any(|watch| channels.contains(&watch.channel))
+                    }
+                    _ => false,
+                };
+            }
+            !found
+        });
+        found || !complete
+    }
+
+    /// Whether a record of `dboid` that starts before ring position `before` is still to be sent
+    /// (reserved or published, not yet done).
+    pub fn unsent_before(&self, dboid: u32, before: u64) -> bool {
+        let mut unsent = false;
+        let complete = self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| {
+            if at >= before {
+                return false;
+            }
+            unsent |= header.dboid() == dboid && matches!(header.state.load(Ordering::Acquire), RESERVED | PUBLISHED);
+            !unsent
+        });
+        // A header still being written before `before` may be this database's.
+        unsent || (!complete && self.tail.load(Ordering::Acquire) < before)
+    }
+
     /// Copies published records of `dboid` into `batch`, oldest first, up to about `max_bytes`;
     /// `false` when a header still being written stopped it first.
     ///
@@ -512,23 +609,28 @@ impl Shared {
     /// The last sequence number sent on `channel` of `dboid` (0 if none).
     pub fn last_seq(&self, dboid: u32, channel: &[u8]) -> u64 {
         let hash = channel_hash(channel);
-        self.channels
-            .iter()
-            .find(|c| c.dboid.load(Ordering::Relaxed) == dboid && c.hash.load(Ordering::Relaxed) == hash)
-            .map_or(0, |c| c.seq.load(Ordering::Relaxed))
+        let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
+        self.channels.iter().find(|c| c.is(dboid, hash, channel)).map_or(0, |c| c.seq.load(Ordering::Relaxed))
     }
 
-    /// Records the last sequence number sent on `channel` of `dboid`; `false` if the table is full.
+    /// Records the last sequence number sent on `channel` of `dboid`; `false` if the table is full,
+    /// or holds [`MAX_CHANNELS_PER_DATABASE`] of `dboid`'s channels (so that one database's
+    /// channels cannot take every entry).
     pub fn store_seq(&self, dboid: u32, channel: &[u8], seq: u64) -> bool {
         let hash = channel_hash(channel);
         let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let entry = self
-            .channels
-            .iter()
-            .find(|c| c.dboid.load(Ordering::Relaxed) == dboid && c.hash.load(Ordering::Relaxed) == hash)
-            .or_else(|| self.channels.iter().find(|c| c.dboid.load(Ordering::Relaxed) == 0));
+        let of_database = || self.channels.iter().filter(|c| c.dboid.load(Ordering::Relaxed) == dboid);
+        let entry = of_database().find(|c| c.is(dboid, hash, channel)).or_else(|| {
+            (of_database().count() < MAX_CHANNELS_PER_DATABASE && channel.len() <= MAX_CHANNEL)
+                .then(|| self.channels.iter().find(|c| c.dboid.load(Ordering::Relaxed) == 0))
+                .flatten()
+        });
         let Some(entry) = entry else { return false };
         entry.hash.store(hash, Ordering::Relaxed);
+        entry.len.store(channel.len() as u32, Ordering::Relaxed);
+        for (stored, &b) in entry.name.iter().zip(channel) {
+            stored.store(b, Ordering::Relaxed);
+        }
         entry.seq.store(seq, Ordering::Relaxed);
         entry.dboid.store(dboid, Ordering::Relaxed);
         true
@@ -659,6 +761,35 @@ impl<'a> WatchRecord<'a> {
         self.flags & (1 << op.index()) != 0
     }
 
+    /// Subscribers are to refetch once what came before is sent.
+    pub fn resync(&self) -> bool {
+        self.flags & RESYNC != 0
+    }
+
+    /// Why these changes cannot be sent, if they cannot: what a trigger of pgwatch's records
+    /// always can be, but a hand-made trigger's may not.
+    pub fn unsendable(&self) -> Option<String> {
+        if self.channel.is_empty() || self.channel.len() > MAX_CHANNEL || self.channel.contains(&0) {
+            return Some(format!("the channel name takes {} bytes (1 to {MAX_CHANNEL})", self.channel.len()));
+        }
+        if self.tbl.len() > MAX_TABLE_NAME {
+            return Some(format!("the table name takes {} bytes (at most {MAX_TABLE_NAME})", self.tbl.len()));
+        }
+        if self.cols.len() > MAX_COLS_HEADER {
+            return Some(format!("the column names take {} bytes (at most {MAX_COLS_HEADER})", self.cols.len()));
+        }
+        None
+    }
+
+    /// The channel and table, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "table \"{}\" on channel \"{}\"",
+            String::from_utf8_lossy(self.tbl),
+            String::from_utf8_lossy(self.channel)
+        )
+    }
+
     pub fn changes(&self) -> impl Iterator<Item = Change> + 'a {
         let (mut rest, count) = (self.changes, self.count);
         (0..count).map(move |at| {
@@ -681,33 +812,54 @@ impl<'a> WatchRecord<'a> {
         for op in Op::ALL.into_iter().filter(|&op| self.overflowed(op)) {
             folded.mark_overflow(op);
         }
+        if self.resync() {
+            folded.mark_resync();
+        }
     }
 }
 
 /// Bit of the flags byte that says the table was truncated; bits 0–2 are the per-op overflows.
 const TRUNCATED: u8 = 1 << 3;
+/// Bit of the flags byte that asks for a resync notice (see [`encode_resync`]).
+const RESYNC: u8 = 1 << 4;
+
+/// Appends a watch's resync request to a record body: no changes, only the request that its
+/// subscribers refetch once everything queued before it is sent. A transaction notified inline
+/// queues one, since its notifications may reach subscribers before older queued ones.
+pub fn encode_resync(out: &mut Vec<u8>, target: &Target) {
+    encode_header(out, target, RESYNC);
+    out.extend_from_slice(&[0; 8]);
+}
+
+fn encode_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// A watch's part of a record up to its rows: the target and the flags.
+fn encode_header(out: &mut Vec<u8>, target: &Target, flags: u8) {
+    encode_bytes(out, target.channel.as_bytes());
+    encode_bytes(out, target.tbl.as_bytes());
+    encode_bytes(out, &target.cols);
+    out.push(flags);
+}
 
 /// Appends one watch's net changes to a record body.
 pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
-    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-        out.extend_from_slice(b);
-    }
     fn image(out: &mut Vec<u8>, image: Option<&Image>) {
         if let Some(image) = image {
             let (data, key_len, partial) = image.parts();
             out.push(1 + u8::from(partial));
             out.extend_from_slice(&key_len.to_le_bytes());
-            bytes(out, data);
+            encode_bytes(out, data);
         } else {
             out.push(0);
         }
     }
-    bytes(out, target.channel.as_bytes());
-    bytes(out, target.tbl.as_bytes());
-    bytes(out, &target.cols);
     let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
-    out.push(overflow | if folded.truncated() { TRUNCATED } else { 0 });
+    let truncated = if folded.truncated() { TRUNCATED } else { 0 };
+    let resync = if folded.resync() { RESYNC } else { 0 };
+    encode_header(out, target, overflow | truncated | resync);
     // The row count, then the rows' bytes, length-prefixed so that a reader can step over them.
     let count_at = out.len();
     out.extend_from_slice(&[0; 8]);

@@ -32,9 +32,13 @@ pub enum Counter {
     WorkerRestarts,
     /// Rows of prepared (two-phase) transactions, which cannot notify.
     PreparedUnsent,
+    /// `"op":"resync"` notifications: older changes may have reached subscribers after newer ones.
+    Resyncs,
+    /// Watch records a delivery worker could not send (a hand-made trigger's), skipped with a WARNING.
+    SkippedRecords,
 }
 
-pub const COUNTERS: usize = Counter::PreparedUnsent as usize + 1;
+pub const COUNTERS: usize = Counter::SkippedRecords as usize + 1;
 
 /// This backend's totals, used when the shared segment is not there.
 static LOCAL: [AtomicU64; COUNTERS] = [const { AtomicU64::new(0) }; COUNTERS];
@@ -93,6 +97,8 @@ mod pgwatch {
             name!(queue_high_water, i64),
             name!(worker_restarts, i64),
             name!(prepared_unsent, i64),
+            name!(resyncs, i64),
+            name!(skipped_records, i64),
         ),
     > {
         flush();
@@ -111,6 +117,8 @@ mod pgwatch {
             high_water,
             get(Counter::WorkerRestarts),
             get(Counter::PreparedUnsent),
+            get(Counter::Resyncs),
+            get(Counter::SkippedRecords),
         ))
     }
 }

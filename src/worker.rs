@@ -8,6 +8,7 @@
 //! `ProcessUtility` hook stops it before `DROP DATABASE` (which it would otherwise block).
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
@@ -93,6 +94,11 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             break;
         }
     }
+    // Asked to stop (SIGTERM, e.g. pg_terminate_backend) or the postmaster died. Exit code 1 has
+    // the postmaster start the launcher again after its restart time; 0 would unregister it, and
+    // no worker would ever be started again. (A postmaster shutting down restarts nothing.)
+    // SAFETY: ends this process the way PostgreSQL's own background workers do.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 fn start_worker(dboid: u32) -> Option<DynamicBackgroundWorker> {
@@ -134,7 +140,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     // memory as long as this process; it runs on every exit, an ERROR's included.
     unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
     let mut worker =
-        Worker { shared, slot, dboid, seqs: HashMap::new(), last_batch: Instant::now(), batch: Batch::default() };
+        Worker { shared, slot, dboid, channels: HashMap::new(), last_batch: Instant::now(), batch: Batch::default() };
     let mut checked: Option<Instant> = None;
     while worker.drain() && !slot.dropping.load(Ordering::Relaxed) {
         // The catalog is read at start, after a DROP EXTENSION committed, and every 10 s: not
@@ -167,12 +173,19 @@ fn extension_installed() -> bool {
         != pg_sys::Oid::INVALID
 }
 
+/// A channel this worker has sent on.
+struct KnownChannel {
+    /// The table its latest notifications named.
+    tbl: String,
+    /// The last sequence number sent, also for channels past the shared table's capacity.
+    seq: u64,
+}
+
 struct Worker {
     shared: &'static Shared,
     slot: &'static DbSlot,
     dboid: u32,
-    /// Last sequence number per channel, also for channels past the shared table's capacity.
-    seqs: HashMap<Vec<u8>, u64>,
+    channels: HashMap<Vec<u8>, KnownChannel>,
     /// When the last batch was collected: the next one's transactions committed since.
     last_batch: Instant,
     /// The batch being sent; kept so that its buffers are reused.
@@ -191,9 +204,11 @@ impl Worker {
             if BackgroundWorker::sigterm_received() || self.slot.dropping.load(Ordering::Relaxed) {
                 return false;
             }
+            let resync_after = self.slot.resync_due_after();
             let complete = self.shared.collect(self.dboid, BATCH_BYTES, &mut self.batch);
             if self.batch.is_empty() {
                 if complete {
+                    self.resync_if_due(resync_after);
                     return true;
                 }
                 // A writer is between claiming ring space and writing its header, which takes it
@@ -206,6 +221,7 @@ impl Worker {
             let arrived_over = collected.duration_since(std::mem::replace(&mut self.last_batch, collected));
             self.slot.set_state(WorkerState::Sending);
             self.deliver();
+            self.resync_if_due(resync_after);
             self.slot.set_state(WorkerState::Idle);
             // A batch cut at its size limit leaves records waiting: no reason to wait for more.
             let cut = self.batch.bytes() >= BATCH_BYTES;
@@ -219,11 +235,18 @@ impl Worker {
         }
     }
 
-    /// Sends the collected batch in one transaction, then marks its records done.
+    /// Sends the collected batch in one transaction, then marks its records done. A watch's
+    /// changes that cannot be sent (a hand-made trigger's channel too long, say) are skipped and
+    /// counted, so that they never hold up the database's other notifications.
     fn deliver(&mut self) {
         let mut watches: Vec<(Target, Folded)> = Vec::new();
         for body in self.batch.bodies() {
             for record in queue::decode(body) {
+                if let Some(why) = record.unsendable() {
+                    stats::add(Counter::SkippedRecords, 1);
+                    warning!("pgwatch: skipped changes of {} that cannot be notified: {why}", record.describe());
+                    continue;
+                }
                 let at = match watches.iter().position(|(known, _)| record.is_for(known)) {
                     Some(at) => at,
                     None => {
@@ -234,32 +257,69 @@ impl Worker {
                 record.fold_into(&mut watches[at].1);
             }
         }
-        let (shared, dboid) = (self.shared, self.dboid);
-        let known = &self.seqs;
-        let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| {
-            watches
-                .iter()
-                .map(|(target, folded)| {
-                    let channel = target.channel.to_bytes();
-                    let mut seq = known.get(channel).copied().unwrap_or_else(|| shared.last_seq(dboid, channel));
-                    notify::send_changes(target, folded, &mut || {
-                        seq += 1;
-                        Some(seq)
-                    });
-                    (channel.to_vec(), seq)
-                })
-                .collect::<Vec<_>>()
-        }));
-        // Committed: the notifications are on their way, so the records are done.
-        for (channel, seq) in sent {
-            self.shared.store_seq(self.dboid, &channel, seq);
-            self.seqs.insert(channel, seq);
-        }
+        self.send(&watches);
         stats::add(Counter::Batches, 1);
         stats::flush();
         // SAFETY: reading the clock.
         self.slot.last_send.store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
         self.shared.finish(self.slot, self.batch.positions());
+    }
+
+    /// Sends each watch's folded changes in one transaction, numbering the payloads of each
+    /// channel on from its last number (one count per channel, whatever watches share it).
+    fn send(&mut self, watches: &[(Target, Folded)]) {
+        let (shared, dboid, known) = (self.shared, self.dboid, &self.channels);
+        let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            let mut last: Vec<(&[u8], &str, u64)> = Vec::new();
+            for (target, folded) in watches {
+                let channel = target.channel.to_bytes();
+                let at = last.iter().position(|(c, ..)| *c == channel).unwrap_or_else(|| {
+                    let seq = known.get(channel).map_or_else(|| shared.last_seq(dboid, channel), |c| c.seq);
+                    last.push((channel, &target.tbl, seq));
+                    last.len() - 1
+                });
+                let (_, tbl, seq) = &mut last[at];
+                *tbl = &target.tbl;
+                notify::send_changes(target, folded, &mut || {
+                    *seq += 1;
+                    Some(*seq)
+                });
+            }
+            last
+        }));
+        // Committed: the notifications are on their way.
+        for (channel, tbl, seq) in sent {
+            self.shared.store_seq(self.dboid, channel, seq);
+            self.channels.insert(channel.to_vec(), KnownChannel { tbl: tbl.to_string(), seq });
+        }
+    }
+
+    /// Tells every channel this worker knows to refetch, if a transaction notified inline asked
+    /// for it at ring position `after` (see `DbSlot::resync_due_after`) and every record reserved
+    /// before that is sent. A channel it has not sent on since it started has no older
+    /// notifications of its own that could arrive late.
+    fn resync_if_due(&mut self, after: u64) {
+        if after == 0 || self.shared.unsent_before(self.dboid, after - 1) {
+            return;
+        }
+        let watches: Vec<(Target, Folded)> = self
+            .channels
+            .iter()
+            .map(|(channel, known)| {
+                let target = Target {
+                    channel: CString::new(channel.as_slice()).expect("a sent channel holds no NUL"),
+                    tbl: known.tbl.clone(),
+                    cols: Box::default(),
+                };
+                let mut folded = Folded::default();
+                folded.mark_resync();
+                (target, folded)
+            })
+            .collect();
+        if !watches.is_empty() {
+            self.send(&watches);
+        }
+        self.slot.resync_done(after);
     }
 }
 

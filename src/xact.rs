@@ -89,12 +89,22 @@ thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
     /// This transaction's record in the delivery queue, between pre-commit and commit or abort.
     static QUEUED: Cell<Option<Reservation>> = const { Cell::new(None) };
+    /// This transaction was notified inline in a database that has a delivery worker: its
+    /// watches, whose subscribers are told to refetch if the worker still holds older changes
+    /// for them once it commits (see `announce_after_commit`).
+    static INLINE: RefCell<Vec<Rc<Target>>> = const { RefCell::new(Vec::new()) };
     /// This transaction ran DROP EXTENSION: once it commits, the database's worker checks
     /// whether pgwatch is still installed.
     static CHECK_EXTENSION: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Xact {
+    /// Row changes tracked in this transaction, over all its watches: what
+    /// `pgwatch.max_rows_per_xact` bounds.
+    fn tracked(&self) -> usize {
+        self.buffers.iter().map(Buffer::tracked).sum()
+    }
+
     fn buffer(&mut self, target: &Rc<Target>) -> usize {
         if let Some(i) = self.buffers.iter().position(|b| Rc::ptr_eq(&b.target, target) || b.target == *target) {
             return i;
@@ -161,7 +171,7 @@ pub fn record(target: &Rc<Target>, op: Op, change: Change) {
     let limit = guc::MAX_ROWS_PER_XACT.get() as usize;
     XACT.with_borrow_mut(|x| {
         let b = x.buffer(target);
-        let event = if x.buffers[b].tracked() >= limit { Recorded::Overflow(op) } else { Recorded::Row(change) };
+        let event = if x.tracked() >= limit { Recorded::Overflow(op) } else { Recorded::Row(change) };
         x.push(b, event);
     });
 }
@@ -172,7 +182,7 @@ pub fn expect_rows(target: &Rc<Target>, rows: usize) {
     let limit = guc::MAX_ROWS_PER_XACT.get() as usize;
     XACT.with_borrow_mut(|x| {
         let b = x.buffer(target);
-        let rows = rows.min(limit.saturating_sub(x.buffers[b].tracked()));
+        let rows = rows.min(limit.saturating_sub(x.tracked()));
         // SAFETY: a plain read of the current transaction's state, which cannot raise an ERROR.
         if unsafe { GetCurrentTransactionNestLevel() } <= 1 {
             x.buffers[b].folded.reserve(rows);
@@ -231,6 +241,42 @@ fn queue_for_worker(xact: &mut Xact) -> bool {
     }
 }
 
+/// Notes the watches of a transaction notified inline, for its commit to check (see
+/// `announce_after_commit`); a database that never queued anything has nothing older to wait for.
+fn note_inline(xact: &Xact) {
+    let Some(shared) = queue::shared() else { return };
+    // SAFETY: reading the id of the database this backend is connected to.
+    if shared.find_slot(unsafe { pg_sys::MyDatabaseId }.to_u32()).is_none() {
+        return;
+    }
+    INLINE.with_borrow_mut(|inline| inline.extend(xact.buffers.iter().map(|buffer| buffer.target.clone())));
+}
+
+/// Once a transaction notified inline has committed: if the database's worker still holds
+/// changes of the same channels committed before it, those reach subscribers after this
+/// transaction's notifications. Their subscribers are then told to refetch once they are sent
+/// (a resync record queued behind them, see `queue::announce`).
+fn announce_after_commit(shared: &queue::Shared) {
+    INLINE.with_borrow_mut(|inline| {
+        if inline.is_empty() {
+            return;
+        }
+        // SAFETY: reading the id of the database this backend is connected to.
+        let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+        let channels: Vec<&[u8]> = inline.iter().map(|target| target.channel.as_bytes()).collect();
+        let mut record = Vec::new();
+        for (target, channel) in inline.iter().zip(&channels) {
+            if shared.unsent_on(dboid, std::slice::from_ref(channel)) {
+                queue::encode_resync(&mut record, target);
+            }
+        }
+        if !record.is_empty() {
+            shared.announce(dboid, &record);
+        }
+        inline.clear();
+    });
+}
+
 /// This transaction's changes, to be handed back with `put_back` once sent.
 fn take() -> Xact {
     XACT.with_borrow_mut(std::mem::take)
@@ -258,6 +304,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
                 for buffer in &xact.buffers {
                     notify::send_changes(&buffer.target, &buffer.folded, &mut || None);
                 }
+                note_inline(&xact);
             }
             put_back(xact);
         }
@@ -283,6 +330,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
                 if let Some(queued) = QUEUED.take() {
                     shared.publish(queued);
                 }
+                announce_after_commit(shared);
                 if CHECK_EXTENSION.take() {
                     // SAFETY: reading the id of the database this backend is connected to.
                     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
@@ -293,6 +341,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         }
         XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             forget();
+            INLINE.with_borrow_mut(Vec::clear);
             CHECK_EXTENSION.set(false);
             if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
                 shared.cancel(queued);

@@ -1,0 +1,540 @@
+//! End-to-end tests of what a hostile table owner can and cannot do through pgwatch, and of
+//! payload streams a subscriber following the README's rules can rebuild each table from.
+
+use std::collections::BTreeMap;
+
+use postgres::Client;
+
+use super::support::{
+    connect, eventually, failure, seq_of, serial, stat, watched, without_locations, Listener, MODES, WAIT,
+};
+
+/// A connection acting as `mallory`, a role with no privileges but its own schema, where its
+/// tables go; dropped and made again for each test.
+fn mallory(admin: &mut Client) -> Client {
+    admin
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS mallory CASCADE; DROP SCHEMA IF EXISTS adm CASCADE; DROP ROLE IF EXISTS mallory;
+             CREATE ROLE mallory NOSUPERUSER; CREATE SCHEMA mallory AUTHORIZATION mallory",
+        )
+        .unwrap();
+    let mut client = connect();
+    client.batch_execute("SET ROLE mallory; SET search_path = mallory, public").unwrap();
+    client
+}
+
+fn is_superuser(admin: &mut Client, role: &str) -> bool {
+    admin.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role]).unwrap().get(0)
+}
+
+#[test]
+fn a_condition_is_never_parsed_again_under_other_settings() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    m.batch_execute("CREATE TABLE m (id int PRIMARY KEY, v text); CREATE TABLE m_seen (id int)").unwrap();
+    // Under standard_conforming_strings = on this is one expression; pasted again under off, the
+    // first string would end early and the rest run as statements of the extension's owner.
+    let condition = r#"NEW.v = '\' AND NEW.v = ')) EXECUTE FUNCTION pgwatch.capture($q${"a","b","1","id"}$q$); ALTER ROLE mallory SUPERUSER; CREATE TRIGGER zz AFTER INSERT ON mallory.m2 FOR EACH ROW WHEN ((true --'"#;
+    m.batch_execute(&format!(
+        "SET standard_conforming_strings = on;
+         SELECT watch_table('m', 'insert', condition => $c${condition}$c$);
+         SET standard_conforming_strings = off"
+    ))
+    .unwrap();
+    let stored: String =
+        admin.query_one("SELECT condition FROM pgwatch.watches WHERE tbl = 'mallory.m'::regclass", &[]).unwrap().get(0);
+    assert_eq!(stored, condition, "the condition is kept as given, for reference");
+    let qual = |admin: &mut Client| -> String {
+        admin
+            .query_one(
+                "SELECT tgqual::text FROM pg_trigger
+                  WHERE tgname LIKE 'pgwatch_%' AND tgrelid::regclass::text LIKE 'mallory.m%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let before = qual(&mut admin);
+    m.batch_execute("ALTER TABLE m RENAME TO m2").unwrap();
+    // The rebuilt trigger has the very expression the first one had (but the places in the
+    // condition's text that parse nodes remember for error messages).
+    assert_eq!(without_locations(&qual(&mut admin)), without_locations(&before));
+    m.batch_execute("RESET standard_conforming_strings").unwrap();
+    assert!(!is_superuser(&mut admin, "mallory"), "the condition ran as a statement");
+    let triggers: Vec<String> = admin
+        .query("SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'mallory.m2'::regclass ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(triggers.len(), 1, "{triggers:?}");
+    assert!(triggers[0].starts_with("pgwatch_") && triggers[0].ends_with("_insert"), "{triggers:?}");
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_condition_resolves_names_with_its_authors_rights() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    admin
+        .batch_execute(
+            "CREATE SCHEMA adm;
+             CREATE FUNCTION adm.privileged(text) RETURNS boolean LANGUAGE sql AS $$ SELECT true $$;
+             REVOKE ALL ON SCHEMA adm FROM PUBLIC",
+        )
+        .unwrap();
+    m.batch_execute("CREATE TABLE m (id int PRIMARY KEY)").unwrap();
+    let (code, message) = failure(&mut m, "SELECT watch_table('m', 'insert', condition => $$adm.privileged('x')$$)");
+    assert_eq!(code, "42501", "{message}");
+    let watches: i64 =
+        admin.query_one("SELECT count(*) FROM pgwatch.watches WHERE tbl::text LIKE 'mallory.%'", &[]).unwrap().get(0);
+    assert_eq!(watches, 0);
+    // With USAGE, the same condition is fine.
+    admin.batch_execute("GRANT USAGE ON SCHEMA adm TO mallory").unwrap();
+    m.batch_execute("SELECT watch_table('m', 'insert', condition => $$adm.privileged('x')$$)").unwrap();
+    drop(m);
+    // The watch's trigger depends on the function its condition calls: the table goes first.
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP SCHEMA adm CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_hand_made_trigger_cannot_stop_delivery_for_others() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE t_victim (id int PRIMARY KEY); SELECT watch_table('t_victim')",
+        &["public.t_victim"],
+    );
+    let long_channel = "c".repeat(70);
+    let long_table = "t".repeat(400);
+    m.batch_execute(&format!(
+        r#"CREATE TABLE evil (id int PRIMARY KEY);
+           CREATE TRIGGER evil AFTER INSERT ON evil REFERENCING NEW TABLE AS n FOR EACH STATEMENT
+             EXECUTE FUNCTION pgwatch.capture('{{"{long_channel}","mallory.evil","1","id"}}');
+           CREATE TABLE evil2 (id int PRIMARY KEY);
+           CREATE TRIGGER evil2 AFTER INSERT ON evil2 FOR EACH ROW
+             EXECUTE FUNCTION pgwatch.capture('{{"evil2","{long_table}","1","id"}}');
+           CREATE TABLE evil3 (id int PRIMARY KEY);
+           CREATE TRIGGER evil3 AFTER INSERT ON evil3 FOR EACH ROW
+             EXECUTE FUNCTION pgwatch.capture('{{"evil3","mallory.evil3","7","id"}}')"#
+    ))
+    .unwrap();
+    m.batch_execute("SET pgwatch.delivery = worker").unwrap();
+    for table in ["evil", "evil2", "evil3"] {
+        let (code, message) = failure(&mut m, &format!("INSERT INTO {table} VALUES (1)"));
+        assert_eq!(code, "39P01", "{table}: {message}");
+    }
+    listener.expect_after(
+        &mut writer,
+        "INSERT INTO t_victim VALUES (1)",
+        &[r#"{"tbl":"public.t_victim","op":"insert","rows":[{"id":1}]}"#],
+    );
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_channel_belongs_to_one_table() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS t_chan_a, t_chan_b, t_chan_c;
+             CREATE TABLE t_chan_a (id int PRIMARY KEY); CREATE TABLE t_chan_b (id int PRIMARY KEY);
+             CREATE TABLE t_chan_c (id int PRIMARY KEY);
+             SELECT watch_table('t_chan_a', label => 'shared'); SELECT watch_table('t_chan_c')",
+        )
+        .unwrap();
+    let watches =
+        |admin: &mut Client| -> i64 { admin.query_one("SELECT count(*) FROM pgwatch.watches", &[]).unwrap().get(0) };
+    let before = watches(&mut admin);
+    m.batch_execute("CREATE TABLE m (id int PRIMARY KEY)").unwrap();
+    for (by_mallory, sql) in [
+        (true, "SELECT watch_table('m', label => 'shared')"),
+        (true, "SELECT watch_table('m', label => 'public.t_chan_c')"),
+        (false, "SELECT watch_table('t_chan_b', label => 'shared')"),
+        (false, "SELECT watch_table('t_chan_a', label => 'public.t_chan_c')"),
+    ] {
+        let (code, message) = failure(if by_mallory { &mut m } else { &mut admin }, sql);
+        assert_eq!(code, "42710", "{sql}: {message}");
+    }
+    assert_eq!(watches(&mut admin), before);
+    // Replacing a watch keeps its channel; a rename onto another table's channel is refused.
+    admin.batch_execute("SELECT watch_table('t_chan_a', 'insert', label => 'shared')").unwrap();
+    admin.batch_execute("SELECT watch_table('t_chan_b'); DROP TABLE t_chan_c").unwrap();
+    admin.batch_execute("SELECT watch_table('t_chan_a', label => 'public.t_chan_c')").unwrap();
+    let (code, message) = failure(&mut admin, "ALTER TABLE t_chan_b RENAME TO t_chan_c");
+    assert_eq!(code, "42710", "{message}");
+    drop(m);
+    admin.batch_execute("DROP TABLE t_chan_a, t_chan_b; DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn sequence_numbers_count_once_per_channel_whatever_writes_to_it() {
+    let _serial = serial();
+    // A hand-made trigger on another table sends on a watch's channel (as pg_notify could):
+    // every payload on the channel still takes the next number.
+    let (mut writer, mut listener) = watched(
+        "worker",
+        r#"CREATE TABLE t_seq_a (id int PRIMARY KEY); CREATE TABLE t_seq_b (id int PRIMARY KEY);
+           SELECT watch_table('t_seq_a');
+           CREATE TRIGGER by_hand AFTER INSERT ON t_seq_b FOR EACH ROW
+             EXECUTE FUNCTION pgwatch.capture('{"public.t_seq_a","public.t_seq_b","1","id"}')"#,
+        &["public.t_seq_a"],
+    );
+    writer.batch_execute("BEGIN; INSERT INTO t_seq_a VALUES (1); INSERT INTO t_seq_b VALUES (1); COMMIT").unwrap();
+    let got = listener.receive_raw(2, WAIT);
+    let seqs: Vec<u64> = got.iter().map(|(_, payload)| seq_of(payload).expect("numbered").1).collect();
+    assert_eq!(seqs.len(), 2, "{got:?}");
+    assert_eq!(seqs[1], seqs[0] + 1, "{got:?}");
+}
+
+#[test]
+fn max_rows_per_xact_bounds_the_transaction_and_only_a_superuser_raises_it() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE t_rows_a (id int PRIMARY KEY); CREATE TABLE t_rows_b (id int PRIMARY KEY);
+             SELECT watch_table('t_rows_a'); SELECT watch_table('t_rows_b')",
+            &["public.t_rows_a", "public.t_rows_b"],
+        );
+        // 6 rows in each of two tables, 10 tracked in all: the last 2 are announced, not listed.
+        writer
+            .batch_execute(
+                "BEGIN; SET LOCAL pgwatch.max_rows_per_xact = 10;
+                 INSERT INTO t_rows_a SELECT generate_series(1, 6); INSERT INTO t_rows_b SELECT generate_series(1, 6);
+                 COMMIT",
+            )
+            .unwrap();
+        listener.expect_on(&[
+            ("public.t_rows_a", r#"{"tbl":"public.t_rows_a","op":"insert","rows":[{"id":1},{"id":2},{"id":3},{"id":4},{"id":5},{"id":6}]}"#),
+            ("public.t_rows_b", r#"{"tbl":"public.t_rows_b","op":"insert","rows":[{"id":1},{"id":2},{"id":3},{"id":4}]}"#),
+            ("public.t_rows_b", r#"{"tbl":"public.t_rows_b","op":"insert","overflow":true}"#),
+        ]);
+    }
+    m.batch_execute("SET pgwatch.max_rows_per_xact = 100000; SET pgwatch.max_rows_per_xact = 5").unwrap();
+    let (code, message) = failure(&mut m, "SET pgwatch.max_rows_per_xact = 100001");
+    assert_eq!(code, "42501", "{message}");
+    let (code, message) = failure(&mut m, "ALTER ROLE mallory SET pgwatch.max_rows_per_xact = 1000000");
+    assert_eq!(code, "42501", "{message}");
+    admin.batch_execute("SET pgwatch.max_rows_per_xact = 1000000; RESET pgwatch.max_rows_per_xact").unwrap();
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+/// Applies `payload` to `copy` by the README's rules for subscribers (without refetching: the
+/// tests using it expect no notice that asks for one).
+fn apply(copy: &mut BTreeMap<i64, String>, payload: &str) {
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+    let op = v["op"].as_str().unwrap();
+    assert!(["insert", "update", "delete"].contains(&op), "{payload}");
+    for row in v["rows"].as_array().unwrap() {
+        assert!(row.get("partial").is_none(), "{payload}");
+        let id = row["id"].as_i64().unwrap();
+        match op {
+            "delete" => {
+                copy.remove(&id);
+            }
+            _ => {
+                copy.insert(id, row["v"].as_str().unwrap().to_string());
+            }
+        }
+    }
+}
+
+fn table(client: &mut Client, name: &str) -> BTreeMap<i64, String> {
+    client
+        .query(&format!("SELECT id, v FROM {name}"), &[])
+        .unwrap()
+        .iter()
+        .map(|row| (i64::from(row.get::<_, i32>(0)), row.get(1)))
+        .collect()
+}
+
+#[test]
+fn key_changes_swaps_and_rotations_apply_row_by_row() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE t_keys (id int PRIMARY KEY, v text); SELECT watch_table('t_keys', '*', '{v}')",
+            &["public.t_keys"],
+        );
+        let mut copy = BTreeMap::new();
+        let mut step = |writer: &mut Client, listener: &mut Listener, sql: &str, expected: &[&str]| {
+            writer.batch_execute(sql).unwrap();
+            let got: Vec<String> = listener.receive(expected.len(), WAIT).into_iter().map(|(_, p)| p).collect();
+            listener.expect_silence();
+            assert_eq!(got, expected, "{mode}: {sql}");
+            got.iter().for_each(|payload| apply(&mut copy, payload));
+            assert_eq!(copy, table(writer, "t_keys"), "{mode}: {sql}");
+        };
+        step(
+            &mut writer,
+            &mut listener,
+            "INSERT INTO t_keys VALUES (1, 'x'), (2, 'a')",
+            &[r#"{"tbl":"public.t_keys","op":"insert","rows":[{"id":1,"v":"x"},{"id":2,"v":"a"}]}"#],
+        );
+        step(
+            &mut writer,
+            &mut listener,
+            "UPDATE t_keys SET v = v || '.'",
+            &[
+                r#"{"tbl":"public.t_keys","op":"update","rows":[{"id":1,"v":"x.","old":{"v":"x"}},{"id":2,"v":"a.","old":{"v":"a"}}]}"#,
+            ],
+        );
+        // The review's shuffle: row 1 changes, row 2 moves to 3, row 1 to 2.
+        step(
+            &mut writer,
+            &mut listener,
+            "BEGIN; UPDATE t_keys SET v = 'x2' WHERE id = 1; UPDATE t_keys SET id = 3 WHERE id = 2;
+             UPDATE t_keys SET id = 2 WHERE id = 1; COMMIT",
+            &[
+                r#"{"tbl":"public.t_keys","op":"delete","rows":[{"id":1,"v":"x."}]}"#,
+                r#"{"tbl":"public.t_keys","op":"update","rows":[{"id":2,"v":"x2","old":{"v":"a."}}]}"#,
+                r#"{"tbl":"public.t_keys","op":"insert","rows":[{"id":3,"v":"a."}]}"#,
+            ],
+        );
+        // A swap through a free key, and a rotation of three keys in one statement each.
+        step(
+            &mut writer,
+            &mut listener,
+            "BEGIN; UPDATE t_keys SET id = 4 WHERE id = 2; UPDATE t_keys SET id = 2 WHERE id = 3;
+             UPDATE t_keys SET id = 3 WHERE id = 4; COMMIT",
+            &[
+                r#"{"tbl":"public.t_keys","op":"update","rows":[{"id":2,"v":"a.","old":{"v":"x2"}},{"id":3,"v":"x2","old":{"v":"a."}}]}"#,
+            ],
+        );
+        step(
+            &mut writer,
+            &mut listener,
+            "INSERT INTO t_keys VALUES (10, 'p'), (11, 'q'), (12, 'r');
+             BEGIN; UPDATE t_keys SET id = 13 WHERE id = 10; UPDATE t_keys SET id = 10 WHERE id = 11;
+             UPDATE t_keys SET id = 11 WHERE id = 12; UPDATE t_keys SET id = 12 WHERE id = 13; COMMIT",
+            &[
+                r#"{"tbl":"public.t_keys","op":"insert","rows":[{"id":10,"v":"q"},{"id":11,"v":"r"},{"id":12,"v":"p"}]}"#,
+            ],
+        );
+    }
+}
+
+/// The database's delivery worker, stopped (SIGSTOP) until dropped: what commits meanwhile stays
+/// queued, and reaches it as one batch. It is stopped only while idle with nothing queued, so
+/// that it holds no lock of the queue.
+struct FrozenWorker(i32);
+
+impl FrozenWorker {
+    fn new(client: &mut Client) -> FrozenWorker {
+        let status = |client: &mut Client| -> (Option<i32>, String, i64) {
+            let row = client
+                .query_one("SELECT pid, state, backlog FROM pgwatch.workers WHERE database = current_database()", &[])
+                .unwrap();
+            (row.get(0), row.get(1), row.get(2))
+        };
+        let signal = |pid: i32, signal: &str| {
+            let done = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+            assert!(done.success(), "kill {signal} {pid}");
+        };
+        loop {
+            assert!(eventually(|| matches!(status(client), (Some(_), state, 0) if state == "idle")));
+            let (Some(pid), ..) = status(client) else { continue };
+            signal(pid, "-STOP");
+            if matches!(status(client), (Some(now), state, 0) if now == pid && state == "idle") {
+                return FrozenWorker(pid);
+            }
+            signal(pid, "-CONT");
+        }
+    }
+}
+
+impl Drop for FrozenWorker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+#[test]
+fn inline_notifications_never_overtake_queued_ones_unannounced() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE t_overtake (id int PRIMARY KEY, v text); INSERT INTO t_overtake VALUES (1, 'start');
+         SELECT watch_table('t_overtake', 'update', '{v}')",
+        &["public.t_overtake"],
+    );
+    listener.expect_after(
+        &mut writer,
+        "UPDATE t_overtake SET v = 'warm'",
+        &[r#"{"tbl":"public.t_overtake","op":"update","rows":[{"id":1,"v":"warm","old":{"v":"start"}}]}"#],
+    );
+    let resyncs = stat(&mut writer, "resyncs");
+    let frozen = FrozenWorker::new(&mut writer);
+    // T1 is queued for the worker; T2, notified by its own transaction, arrives first.
+    writer.batch_execute("UPDATE t_overtake SET v = 'queued'").unwrap();
+    listener.expect_after(
+        &mut writer,
+        "BEGIN; SET LOCAL pgwatch.delivery = inline; UPDATE t_overtake SET v = 'inline'; COMMIT",
+        &[r#"{"tbl":"public.t_overtake","op":"update","rows":[{"id":1,"v":"inline","old":{"v":"queued"}}]}"#],
+    );
+    drop(frozen);
+    // Then T1's older value, and right after it the notice to refetch (numbered in turn).
+    listener.expect(&[
+        r#"{"tbl":"public.t_overtake","op":"update","rows":[{"id":1,"v":"queued","old":{"v":"warm"}}]}"#,
+        r#"{"tbl":"public.t_overtake","op":"resync"}"#,
+    ]);
+    assert!(eventually(|| stat(&mut writer, "resyncs") > resyncs));
+    // Nothing queued any more: an inline transaction has nothing to overtake, and no notice follows.
+    assert!(eventually(|| {
+        let backlog: i64 = writer
+            .query_one("SELECT backlog FROM pgwatch.workers WHERE database = current_database()", &[])
+            .unwrap()
+            .get(0);
+        backlog == 0
+    }));
+    listener.expect_after(
+        &mut writer,
+        "BEGIN; SET LOCAL pgwatch.delivery = inline; UPDATE t_overtake SET v = 'alone'; COMMIT",
+        &[r#"{"tbl":"public.t_overtake","op":"update","rows":[{"id":1,"v":"alone","old":{"v":"inline"}}]}"#],
+    );
+}
+
+#[test]
+fn a_worker_folding_transactions_that_move_keys_sends_each_key_its_final_row() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE t_fold (id int PRIMARY KEY, v text); SELECT watch_table('t_fold', '*', '{v}')",
+        &["public.t_fold"],
+    );
+    listener.expect_after(
+        &mut writer,
+        "INSERT INTO t_fold VALUES (1, 'x'), (2, 'a')",
+        &[r#"{"tbl":"public.t_fold","op":"insert","rows":[{"id":1,"v":"x"},{"id":2,"v":"a"}]}"#],
+    );
+    let frozen = FrozenWorker::new(&mut writer);
+    writer.batch_execute("UPDATE t_fold SET v = v || '.'").unwrap();
+    writer
+        .batch_execute(
+            "BEGIN; UPDATE t_fold SET v = 'x2' WHERE id = 1; UPDATE t_fold SET id = 3 WHERE id = 2;
+             UPDATE t_fold SET id = 2 WHERE id = 1; COMMIT",
+        )
+        .unwrap();
+    drop(frozen);
+    // Both transactions in one batch, folded per key.
+    listener.expect(&[
+        r#"{"tbl":"public.t_fold","op":"delete","rows":[{"id":1,"v":"x"}]}"#,
+        r#"{"tbl":"public.t_fold","op":"update","rows":[{"id":2,"v":"x2","old":{"v":"a"}}]}"#,
+        r#"{"tbl":"public.t_fold","op":"insert","rows":[{"id":3,"v":"a."}]}"#,
+    ]);
+    let rows = table(&mut writer, "t_fold");
+    assert_eq!(rows, BTreeMap::from([(2, "x2".to_string()), (3, "a.".to_string())]));
+}
+
+/// The pid of this server's pgwatch launcher: a child of the postmaster (the parent of this
+/// connection's backend) titled so. It has no row in pg_stat_activity (it connects to no database).
+fn launcher_pid(client: &mut Client) -> Option<i32> {
+    let backend: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let parent = |pid: &str| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, so fields are counted after its ')'.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1).map(str::to_string)
+    };
+    let postmaster = parent(&backend.to_string())?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+        (parent(&pid)? == postmaster && title.contains("pgwatch launcher")).then(|| pid.parse().ok()).flatten()
+    })
+}
+
+#[test]
+fn the_launcher_comes_back_after_sigterm() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE t_launcher (id int PRIMARY KEY); SELECT watch_table('t_launcher')",
+        &["public.t_launcher"],
+    );
+    let first = launcher_pid(&mut writer).expect("a launcher runs");
+    let terminated = std::process::Command::new("kill").args(["-TERM", &first.to_string()]).status().unwrap();
+    assert!(terminated.success());
+    assert!(eventually(|| launcher_pid(&mut writer).is_some_and(|pid| pid != first)), "no new launcher");
+    // With no worker either, a commit still gets delivered: the new launcher starts one.
+    let worker: Option<i32> =
+        writer.query_one("SELECT pid FROM pgwatch.workers WHERE database = current_database()", &[]).unwrap().get(0);
+    if let Some(pid) = worker {
+        writer.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    }
+    listener.expect_after(
+        &mut writer,
+        "INSERT INTO t_launcher VALUES (1)",
+        &[r#"{"tbl":"public.t_launcher","op":"insert","rows":[{"id":1}]}"#],
+    );
+}
+
+#[test]
+fn columns_named_like_payload_members_need_compact_rows() {
+    let _serial = serial();
+    let mut client = connect();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS t_members, t_members_key, t_members_renamed;
+             CREATE TABLE t_members (id int PRIMARY KEY, old int, partial int);
+             CREATE TABLE t_members_key (partial int PRIMARY KEY);
+             CREATE TABLE t_members_renamed (id int PRIMARY KEY, v int, w int);
+             SELECT watch_table('t_members_renamed', '*', '{v}');
+             SELECT watch_table('t_members_renamed', '*', '{w}', label => 't_members_compact', payload => 'compact')",
+        )
+        .unwrap();
+    for sql in [
+        "SELECT watch_table('t_members', '*', '{old}')",
+        "SELECT watch_table('t_members', '*', '{partial}')",
+        "SELECT watch_table('t_members_key')",
+        "SELECT watch_table('t_members_key', payload => 'keys')",
+        // Renaming a column that a watch with object rows sends.
+        "ALTER TABLE t_members_renamed RENAME COLUMN v TO old",
+    ] {
+        let (code, message) = failure(&mut client, sql);
+        assert_eq!(code, "42939", "{sql}: {message}");
+    }
+    client
+        .batch_execute(
+            "SELECT watch_table('t_members', '*', '{old,partial}', payload => 'compact');
+             SELECT watch_table('t_members_key', payload => 'compact');
+             ALTER TABLE t_members_renamed RENAME COLUMN w TO partial",
+        )
+        .unwrap();
+    client.batch_execute("DROP TABLE t_members, t_members_key, t_members_renamed").unwrap();
+}
+
+#[test]
+fn a_row_whose_old_values_were_cut_is_sent_as_its_key_only() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE t_cut (id int PRIMARY KEY, body text); INSERT INTO t_cut VALUES (1, repeat('x', 9000));
+             SELECT watch_table('t_cut', 'update', '{body}')",
+            &["public.t_cut"],
+        );
+        listener.expect_after(
+            &mut writer,
+            "UPDATE t_cut SET body = 'small'",
+            &[r#"{"tbl":"public.t_cut","op":"update","rows":[{"id":1,"partial":true}]}"#],
+        );
+        listener.expect_after(
+            &mut writer,
+            "UPDATE t_cut SET body = 'smaller'",
+            &[r#"{"tbl":"public.t_cut","op":"update","rows":[{"id":1,"body":"smaller","old":{"body":"small"}}]}"#],
+        );
+    }
+}
