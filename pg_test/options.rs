@@ -857,7 +857,7 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
     assert_eq!(failed.0, "23514", "0.2.0's catalog does not take compact watches: {}", failed.1);
     // Until the update adds the DDL event trigger statement triggers rely on, watches keep row
     // triggers (made by this library, which serves 0.2.0's SQL).
-    assert_eq!(per_row(&mut db, "users"), [true, true, true, true]);
+    assert_eq!(per_row(&mut db, "users"), [true; 5]);
     let mut listener = Listener::new(
         connect_to(&mut admin, "o_upgrade"),
         &["public.users", "renamed_users", "compact_users", "big_users"],
