@@ -362,16 +362,27 @@ fn rows_changed_by_foreign_key_cascades_and_copy_are_reported() {
 fn triggers_with_one_argument_per_field_as_earlier_builds_made_them_still_fire() {
     let _serial = serial();
     for mode in MODES {
-        // What a watch with the extra column role_id got before its fields became one argument.
+        // What 0.1.0 made for a watch with the extra column role_id: one trigger, `pgwatch_<id>`,
+        // one argument per field (in place of the watch's own insert trigger).
         let (mut writer, mut listener) = watched(
             mode,
             "CREATE TABLE o_legacy (id int PRIMARY KEY, role_id int, name text);
-             CREATE TRIGGER pgwatch_legacy AFTER INSERT ON o_legacy FOR EACH ROW
-                 EXECUTE FUNCTION pgwatch.capture('public.o_legacy', 'public.o_legacy', '1', 'id', 'role_id')",
+             SELECT watch_table('o_legacy', 'insert', '{role_id}')",
             &["public.o_legacy"],
         );
-        writer.batch_execute("INSERT INTO o_legacy VALUES (1, 7, 'a')").unwrap();
-        listener.expect(&[r#"{"tbl":"public.o_legacy","op":"insert","rows":[{"id":1,"role_id":7}]}"#]);
+        let id = watch_id(&mut writer, "public.o_legacy");
+        writer
+            .batch_execute(&format!(
+                "ALTER TABLE o_legacy DISABLE TRIGGER pgwatch_{id}_insert;
+                 CREATE TRIGGER pgwatch_{id} AFTER INSERT ON o_legacy FOR EACH ROW
+                     EXECUTE FUNCTION pgwatch.capture('public.o_legacy', 'public.o_legacy', '1', 'id', 'role_id')"
+            ))
+            .unwrap();
+        listener.expect_after(
+            &mut writer,
+            "INSERT INTO o_legacy VALUES (1, 7, 'a')",
+            &[r#"{"tbl":"public.o_legacy","op":"insert","rows":[{"id":1,"role_id":7}]}"#],
+        );
     }
 }
 

@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 
 use postgres::Client;
 
-use super::support::{
-    connect, eventually, failure, seq_of, serial, stat, watched, without_locations, Listener, MODES, WAIT,
-};
+use super::support::{connect, eventually, failure, serial, stat, watched, without_locations, Listener, MODES, WAIT};
 
 /// A connection acting as `mallory`, a role with no privileges but its own schema, where its
 /// tables go; dropped and made again for each test.
@@ -165,6 +163,16 @@ fn a_channel_belongs_to_one_table() {
         assert_eq!(code, "42710", "{sql}: {message}");
     }
     assert_eq!(watches(&mut admin), before);
+    // Nor may a second watch of one table share its channel, or a label squat another table's name.
+    admin.batch_execute("DROP TABLE IF EXISTS t_chan_d; CREATE TABLE t_chan_d (id int PRIMARY KEY)").unwrap();
+    for (by_mallory, sql) in [
+        (false, "SELECT watch_table('t_chan_c', 'delete', label => 'public.t_chan_c')"),
+        (true, "SELECT watch_table('m', label => 'public.t_chan_d')"),
+    ] {
+        let (code, message) = failure(if by_mallory { &mut m } else { &mut admin }, sql);
+        assert_eq!(code, "42710", "{sql}: {message}");
+    }
+    admin.batch_execute("SELECT watch_table('t_chan_d')").unwrap();
     // Replacing a watch keeps its channel; a rename onto another table's channel is refused.
     admin.batch_execute("SELECT watch_table('t_chan_a', 'insert', label => 'shared')").unwrap();
     admin.batch_execute("SELECT watch_table('t_chan_b'); DROP TABLE t_chan_c").unwrap();
@@ -172,27 +180,47 @@ fn a_channel_belongs_to_one_table() {
     let (code, message) = failure(&mut admin, "ALTER TABLE t_chan_b RENAME TO t_chan_c");
     assert_eq!(code, "42710", "{message}");
     drop(m);
-    admin.batch_execute("DROP TABLE t_chan_a, t_chan_b; DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+    admin
+        .batch_execute("DROP TABLE t_chan_a, t_chan_b, t_chan_d; DROP SCHEMA mallory CASCADE; DROP ROLE mallory")
+        .unwrap();
 }
 
 #[test]
-fn sequence_numbers_count_once_per_channel_whatever_writes_to_it() {
+fn a_hand_made_trigger_cannot_send_on_a_watchs_channel() {
     let _serial = serial();
-    // A hand-made trigger on another table sends on a watch's channel (as pg_notify could):
-    // every payload on the channel still takes the next number.
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    // The victim's watch; mallory copies its trigger's argument, and even its name, onto her table:
+    // her changes would be folded into the victim's (a delete of hers cancelling an insert of theirs).
     let (mut writer, mut listener) = watched(
         "worker",
-        r#"CREATE TABLE t_seq_a (id int PRIMARY KEY); CREATE TABLE t_seq_b (id int PRIMARY KEY);
-           SELECT watch_table('t_seq_a');
-           CREATE TRIGGER by_hand AFTER INSERT ON t_seq_b FOR EACH ROW
-             EXECUTE FUNCTION pgwatch.capture('{"public.t_seq_a","public.t_seq_b","1","id"}')"#,
-        &["public.t_seq_a"],
+        "CREATE TABLE t_forged (id int PRIMARY KEY); SELECT watch_table('t_forged')",
+        &["public.t_forged"],
     );
-    writer.batch_execute("BEGIN; INSERT INTO t_seq_a VALUES (1); INSERT INTO t_seq_b VALUES (1); COMMIT").unwrap();
-    let got = listener.receive_raw(2, WAIT);
-    let seqs: Vec<u64> = got.iter().map(|(_, payload)| seq_of(payload).expect("numbered").1).collect();
-    assert_eq!(seqs.len(), 2, "{got:?}");
-    assert_eq!(seqs[1], seqs[0] + 1, "{got:?}");
+    let id: i64 =
+        writer.query_one("SELECT id FROM pgwatch.watches WHERE channel = 'public.t_forged'", &[]).unwrap().get(0);
+    m.batch_execute(&format!(
+        r#"CREATE TABLE f (id int PRIMARY KEY);
+           CREATE TRIGGER pgwatch_{id}_delete AFTER DELETE ON f FOR EACH ROW
+             EXECUTE FUNCTION pgwatch.capture('{{"public.t_forged","public.t_forged","1","id"}}');
+           CREATE TRIGGER by_hand AFTER INSERT ON f FOR EACH ROW
+             EXECUTE FUNCTION pgwatch.capture('{{"public.t_forged","public.t_forged","1","id"}}');
+           INSERT INTO f SELECT 1 WHERE false"#
+    ))
+    .unwrap();
+    let (code, message) = failure(&mut m, "INSERT INTO f VALUES (1)");
+    assert_eq!(code, "39P01", "{message}");
+    m.batch_execute("ALTER TABLE f DISABLE TRIGGER by_hand; INSERT INTO f VALUES (1)").unwrap();
+    let (code, message) = failure(&mut m, "BEGIN; SET LOCAL pgwatch.delivery = worker; DELETE FROM f; COMMIT");
+    assert_eq!(code, "39P01", "{message}");
+    m.batch_execute("ROLLBACK").unwrap();
+    listener.expect_after(
+        &mut writer,
+        "INSERT INTO t_forged VALUES (1)",
+        &[r#"{"tbl":"public.t_forged","op":"insert","rows":[{"id":1}]}"#],
+    );
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
 }
 
 #[test]
@@ -221,11 +249,15 @@ fn max_rows_per_xact_bounds_the_transaction_and_only_a_superuser_raises_it() {
             ("public.t_rows_b", r#"{"tbl":"public.t_rows_b","op":"insert","overflow":true}"#),
         ]);
     }
-    m.batch_execute("SET pgwatch.max_rows_per_xact = 100000; SET pgwatch.max_rows_per_xact = 5").unwrap();
-    let (code, message) = failure(&mut m, "SET pgwatch.max_rows_per_xact = 100001");
-    assert_eq!(code, "42501", "{message}");
-    let (code, message) = failure(&mut m, "ALTER ROLE mallory SET pgwatch.max_rows_per_xact = 1000000");
-    assert_eq!(code, "42501", "{message}");
+    // The bound is the superuser's to set.
+    for sql in [
+        "SET pgwatch.max_rows_per_xact = 1000000",
+        "SET LOCAL pgwatch.max_rows_per_xact = 5",
+        "ALTER ROLE mallory SET pgwatch.max_rows_per_xact = 1000000",
+    ] {
+        let (code, message) = failure(&mut m, sql);
+        assert_eq!(code, "42501", "{sql}: {message}");
+    }
     admin.batch_execute("SET pgwatch.max_rows_per_xact = 1000000; RESET pgwatch.max_rows_per_xact").unwrap();
     drop(m);
     admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
@@ -537,4 +569,75 @@ fn a_row_whose_old_values_were_cut_is_sent_as_its_key_only() {
             &[r#"{"tbl":"public.t_cut","op":"update","rows":[{"id":1,"body":"smaller","old":{"body":"small"}}]}"#],
         );
     }
+}
+
+#[test]
+fn a_when_is_taken_over_only_from_the_trigger_pgwatch_made_for_that_event() {
+    let _serial = serial();
+    let mut client = connect();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS t_swapped; CREATE TABLE t_swapped (id int PRIMARY KEY, v int);
+             SELECT watch_table('t_swapped', 'update, delete', trigger_columns => '{v}', condition => 'OLD.v > 0')",
+        )
+        .unwrap();
+    let id: i64 =
+        client.query_one("SELECT id FROM pgwatch.watches WHERE channel = 'public.t_swapped'", &[]).unwrap().get(0);
+    // The update trigger's WHEN reads NEW; on the delete trigger it would read a row that is not there.
+    client
+        .batch_execute(&format!(
+            "ALTER TRIGGER pgwatch_{id}_update ON t_swapped RENAME TO swap;
+             ALTER TRIGGER pgwatch_{id}_delete ON t_swapped RENAME TO pgwatch_{id}_update;
+             ALTER TRIGGER swap ON t_swapped RENAME TO pgwatch_{id}_delete"
+        ))
+        .unwrap();
+    let (code, message) = failure(&mut client, &format!("SELECT pgwatch.renew_watch({id})"));
+    assert_eq!(code, "55000", "{message}");
+    client
+        .batch_execute("INSERT INTO t_swapped VALUES (1, 1); UPDATE t_swapped SET v = 2; DELETE FROM t_swapped")
+        .unwrap();
+    client.batch_execute("DROP TABLE t_swapped").unwrap();
+}
+
+#[test]
+fn renames_through_other_commands_are_followed() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE t_via_index (id int PRIMARY KEY, v int); SELECT watch_table('t_via_index', '*', '{v}')",
+            &["public.t_via_renamed"],
+        );
+        writer
+            .batch_execute(
+                "DROP TABLE IF EXISTS t_via_renamed;
+                 ALTER INDEX t_via_index RENAME TO t_via_renamed;
+                 ALTER VIEW t_via_renamed RENAME COLUMN v TO w",
+            )
+            .unwrap();
+        listener.expect_after(
+            &mut writer,
+            "INSERT INTO t_via_renamed VALUES (1, 2)",
+            &[r#"{"tbl":"public.t_via_renamed","op":"insert","rows":[{"id":1,"w":2}]}"#],
+        );
+        writer.batch_execute("DROP TABLE t_via_renamed").unwrap();
+    }
+}
+
+#[test]
+fn a_transaction_that_watches_a_table_holds_up_no_one_elses_ddl() {
+    let _serial = serial();
+    let mut admin = connect();
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS t_slow_watch, t_other_drop;
+             CREATE TABLE t_slow_watch (id int PRIMARY KEY); CREATE TABLE t_other_drop (id int PRIMARY KEY)",
+        )
+        .unwrap();
+    let mut slow = connect();
+    slow.batch_execute("BEGIN; SELECT watch_table('t_slow_watch')").unwrap();
+    let mut other = connect();
+    other.batch_execute("SET lock_timeout = '10s'; DROP TABLE t_other_drop").unwrap();
+    slow.batch_execute("COMMIT").unwrap();
+    admin.batch_execute("DROP TABLE t_slow_watch").unwrap();
 }

@@ -19,6 +19,9 @@ CREATE TABLE pgwatch.watches (
     fire_on_replica boolean NOT NULL DEFAULT false
 );
 CREATE UNIQUE INDEX watches_tbl_label ON pgwatch.watches (tbl, coalesce(label, ''));
+-- A channel carries one watch's changes: its sequence numbers count them, and no one can send on
+-- another's channel through pgwatch.
+CREATE UNIQUE INDEX watches_channel ON pgwatch.watches (channel);
 GRANT SELECT ON pgwatch.watches TO PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('pgwatch.watches', '');
 SELECT pg_catalog.pg_extension_config_dump('pgwatch.watches_id_seq', '');

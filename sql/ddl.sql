@@ -77,7 +77,10 @@ BEGIN
 END
 $$;
 CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA',
+                 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE',
+                 -- PostgreSQL lets these rename a table or its columns too.
+                 'ALTER INDEX', 'ALTER VIEW', 'ALTER MATERIALIZED VIEW', 'ALTER SEQUENCE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_end();
 ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 

@@ -6,6 +6,24 @@ ALTER TABLE pgwatch.watches
     DROP CONSTRAINT watches_payload_check,
     ADD CONSTRAINT watches_payload_check CHECK (payload IN ('full', 'keys', 'compact'));
 
+-- A channel carries one watch's changes. Watches that share one are left for the administrator to
+-- tell apart: pgwatch does not pick which of them keeps the channel.
+DO $$
+DECLARE
+    shared text;
+BEGIN
+    SELECT string_agg(format('"%s" (watches %s)', channel, ids), ', ') INTO shared
+      FROM (SELECT channel, string_agg(id::text, ', ' ORDER BY id) AS ids
+              FROM pgwatch.watches GROUP BY channel HAVING count(*) > 1) AS d;
+    IF shared IS NOT NULL THEN
+        RAISE EXCEPTION 'pgwatch 0.3.0 gives each channel to one watch, and these share one: %', shared
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Give each but one of them a label of its own with watch_table(), or unwatch them, then update again.';
+    END IF;
+END
+$$;
+CREATE UNIQUE INDEX watches_channel ON pgwatch.watches (channel);
+
 -- Before ALTER TABLE: a watched table about to become a partition or an inheritance child gets row
 -- triggers first (a C function: it reads the parse tree).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
@@ -28,7 +46,10 @@ END
 $$;
 DROP EVENT TRIGGER pgwatch_ddl_command_end;
 CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA',
+                 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE',
+                 -- PostgreSQL lets these rename a table or its columns too.
+                 'ALTER INDEX', 'ALTER VIEW', 'ALTER MATERIALIZED VIEW', 'ALTER SEQUENCE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_end();
 ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 

@@ -263,14 +263,12 @@ fn parse_condition(events: Events, condition: Option<&str>) -> Option<String> {
 /// trigger columns, resolved now as the calling user (see `when`).
 fn whens(rel: &PgRelation, watch: &Watch) -> Vec<(Event, Option<When>)> {
     let condition = watch.condition.as_deref().map(when::parse_condition);
-    let comparisons = when::parse_comparisons(rel, &watch.trigger_columns);
-    let resolve = |expression, old, new| when::resolve(rel, expression, Images { old, new });
     let row_condition = condition.map(|c| {
         // Checked against the events that have it: OLD is not there for inserts, NEW not for deletes.
         let (inserts, deletes) = (watch.events.has(Event::Row(Op::Insert)), watch.events.has(Event::Row(Op::Delete)));
-        resolve(c, !inserts, !deletes)
+        when::resolve(rel, c, Images { old: !inserts, new: !deletes })
     });
-    let comparisons = comparisons.map(|c| resolve(c, true, true));
+    let comparisons = when::comparisons(rel, &watch.trigger_columns);
     watch
         .events
         .iter()

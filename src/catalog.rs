@@ -20,7 +20,7 @@ use crate::api::{channel_name, fail, MAX_CHANNEL_BYTES};
 use crate::args;
 use crate::events::{Event, Events};
 use crate::payload::Op;
-use crate::when::When;
+use crate::when::{self, Images, When};
 
 /// Which values a watch may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,10 +172,12 @@ impl Drop for Managing {
 /// Runs `f` as the extension's owner, so that callers need no rights on pgwatch's own objects.
 /// The caller's own right to watch the table is checked before.
 fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgwatch'")
-        .ok()
-        .flatten()
-        .expect("pgwatch is installed");
+    let owner = Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pgwatch'",
+    )
+    .ok()
+    .flatten()
+    .expect("pgwatch is installed");
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
     // SAFETY: the same switch PostgreSQL makes for SECURITY DEFINER functions; an ERROR in `f`
     // aborts the (sub)transaction, which restores the user.
@@ -259,6 +261,40 @@ fn trigger_args(watch: &Watch, display: &str) -> Vec<String> {
     vec![args::encode(&fields)]
 }
 
+/// The id of the watch a trigger named `name` belongs to, if pgwatch names its triggers so:
+/// `pgwatch_<id>_<event>`, or 0.1.0's `pgwatch_<id>`.
+fn watch_id_of(name: &str) -> Option<i64> {
+    let rest = name.strip_prefix("pgwatch_")?;
+    let (id, event) = rest.split_once('_').unwrap_or((rest, ""));
+    let known = event.is_empty() || Event::ALL.iter().any(|e| e.as_str() == event);
+    (known && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then(|| id.parse().ok()).flatten()
+}
+
+/// Whether trigger `name` on table `relid`, sending on `channel`, is one pgwatch made: a watch's
+/// trigger on the watch's table (or a partition under it, which has a clone of it) that sends on
+/// the watch's channel. A trigger of a user's own that runs `pgwatch.capture()` could otherwise
+/// send on any channel, with its changes folded into those of the watch that owns it. Read once
+/// per trigger and backend (see `plan`), never per row.
+pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, channel: &[u8]) -> bool {
+    let Some(id) = watch_id_of(name) else { return false };
+    with_safe_search_path(|| {
+        as_extension_owner(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (
+                    SELECT FROM pgwatch.watches w
+                     WHERE w.id OPERATOR(pg_catalog.=) $1
+                       AND pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()) OPERATOR(pg_catalog.=) $3
+                       AND (w.tbl::pg_catalog.oid OPERATOR(pg_catalog.=) $2
+                            OR w.tbl::pg_catalog.oid IN (SELECT a.relid::pg_catalog.oid
+                                                           FROM pg_catalog.pg_partition_ancestors($2::pg_catalog.regclass) a)))",
+                &[id.into(), relid.into(), channel.into()],
+            )
+            .unwrap_or_else(|e| error!("pgwatch: {e}"))
+            .unwrap_or(false)
+        })
+    })
+}
+
 fn trigger_name(id: i64, event: Event) -> String {
     format!("pgwatch_{id}_{}", event.as_str())
 }
@@ -273,8 +309,34 @@ struct Existing {
     name: String,
     args: Vec<String>,
     per_row: bool,
+    /// `pg_trigger.tgtype`.
+    tgtype: u32,
+    /// It runs `pgwatch.capture()`.
+    captures: bool,
     /// Its WHEN, as PostgreSQL stored it (`pg_trigger.tgqual`).
     qual: Option<String>,
+}
+
+impl Existing {
+    /// Whether this is the row trigger pgwatch makes for `event`: only such a trigger's WHEN is
+    /// taken over (a WHEN on another kind of trigger could read a row that is not there).
+    fn is_row_trigger_for(&self, event: Event) -> bool {
+        let bit = match event {
+            Event::Row(Op::Insert) => pg_sys::TRIGGER_TYPE_INSERT,
+            Event::Row(Op::Update) => pg_sys::TRIGGER_TYPE_UPDATE,
+            Event::Row(Op::Delete) => pg_sys::TRIGGER_TYPE_DELETE,
+            Event::Truncate => return false,
+        };
+        let timing = pg_sys::TRIGGER_TYPE_BEFORE | pg_sys::TRIGGER_TYPE_INSTEAD;
+        let events = pg_sys::TRIGGER_TYPE_INSERT
+            | pg_sys::TRIGGER_TYPE_UPDATE
+            | pg_sys::TRIGGER_TYPE_DELETE
+            | pg_sys::TRIGGER_TYPE_TRUNCATE;
+        self.captures
+            && self.tgtype & pg_sys::TRIGGER_TYPE_ROW != 0
+            && self.tgtype & timing == 0
+            && self.tgtype & events == bit
+    }
 }
 
 /// The triggers of watch `id` on its table.
@@ -282,9 +344,10 @@ fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
     Spi::connect(|client| {
         client
             .select(
-                "SELECT tgname::text, tgnargs::int4, tgargs, (tgtype::int4 & 1) = 1, tgqual::text
+                "SELECT tgname::text, tgnargs::int4, tgargs, tgtype::int4, tgqual::text,
+                        tgfoid OPERATOR(pg_catalog.=) 'pgwatch.capture()'::pg_catalog.regprocedure
                    FROM pg_catalog.pg_trigger
-                  WHERE tgrelid = $1 AND tgname = ANY($2)",
+                  WHERE tgrelid = $1 AND tgname OPERATOR(pg_catalog.=) ANY($2)",
                 None,
                 &[tbl.into(), trigger_names(id).into()],
             )?
@@ -294,42 +357,50 @@ fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
                 let args = row.get::<Vec<u8>>(3)?.unwrap_or_default();
                 // tgargs holds each argument followed by a NUL byte.
                 let args = args.split(|&b| b == 0).take(count).map(|a| String::from_utf8_lossy(a).into_owned());
-                let per_row = row.get::<bool>(4)?.unwrap_or(false);
+                let tgtype = row.get::<i32>(4)?.unwrap_or(0) as u32;
                 let qual = row.get::<String>(5)?;
-                Ok(Existing { name, args: args.collect(), per_row, qual })
+                let captures = row.get::<bool>(6)?.unwrap_or(false);
+                let per_row = tgtype & pg_sys::TRIGGER_TYPE_ROW != 0;
+                Ok(Existing { name, args: args.collect(), per_row, tgtype, captures, qual })
             })
             .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
     })
     .unwrap_or_else(|e| error!("pgwatch: {e}"))
 }
 
-/// The WHEN of each event's trigger, as the triggers of watch `id` on `tbl` have them now: what
-/// a rebuild of those triggers keeps (see `when`). Refused when a trigger that must have one is
-/// missing.
-fn existing_whens(id: i64, watch: &Watch, existing: &[Existing]) -> Vec<(Event, Option<When>)> {
+/// The WHEN of each event's trigger, as the triggers of watch `id` on `rel` have them now: what a
+/// rebuild of those triggers keeps (see `when`). A WHEN is taken only from pgwatch's own row
+/// trigger of the same event, and checked to read only the rows that event has; refused when a
+/// trigger that must have one has none that passes.
+fn existing_whens(id: i64, watch: &Watch, rel: &PgRelation, existing: &[Existing]) -> Vec<(Event, Option<When>)> {
     watch
         .events
         .iter()
         .map(|event| {
-            let trigger = existing.iter().find(|t| t.name == trigger_name(id, event));
+            let trigger = existing.iter().find(|t| t.name == trigger_name(id, event) && t.is_row_trigger_for(event));
             let needs_when = match event {
                 Event::Truncate => false,
                 Event::Row(op) => watch.condition.is_some() || (op == Op::Update && !watch.trigger_columns.is_empty()),
             };
-            let when = match trigger.and_then(|t| t.qual.as_deref()) {
-                // SAFETY: a trigger's stored WHEN.
-                Some(qual) => Some(unsafe { When::from_stored(qual) }),
-                None if needs_when => fail(
+            let images = match event {
+                Event::Row(op) => Images { old: op != Op::Insert, new: op != Op::Delete },
+                Event::Truncate => Images { old: false, new: false },
+            };
+            // SAFETY: a stored WHEN of a trigger on `rel`.
+            let when = trigger.and_then(|t| t.qual.as_deref()).map(|qual| unsafe { When::from_stored(qual) });
+            let when = when.filter(|when| when::reads_only(*when, images));
+            if when.is_none() && needs_when {
+                fail(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!(
-                        "the {} trigger of pgwatch watch {id} (channel \"{}\") is missing its WHEN condition",
+                        "the {} trigger of pgwatch watch {id} (channel \"{}\") of table {} is not the one pgwatch made",
                         event.as_str(),
-                        watch.channel
+                        watch.channel,
+                        TableName::of(rel).display
                     ),
                     "define the watch again with watch_table(), or unwatch the table",
-                ),
-                None => None,
-            };
+                );
+            }
             (event, when)
         })
         .collect()
@@ -356,6 +427,8 @@ fn create_triggers(
     for &(event, when) in whens {
         let name = trigger_name(id, event);
         let per_row = watch.fires_per_row(event, table_needs_rows);
+        // Only a row trigger has a WHEN (a watch with one never gets statement triggers).
+        let when = when.filter(|_| per_row);
         let update_of = match event {
             Event::Row(Op::Update) if per_row => &watch.trigger_columns[..],
             _ => &[],
@@ -467,19 +540,24 @@ unsafe fn create_trigger(
     }
 }
 
-/// Refuses `watch`'s channel if a watch of another table uses it: a channel belongs to one table,
-/// so that its sequence numbers count one table's changes, and no user can send on another's
-/// channel through pgwatch. The catalog is locked until the transaction ends, so that two
-/// definitions cannot take one channel at once.
-fn claim_channel(watch: &Watch, table: &TableName) {
-    run("LOCK TABLE pgwatch.watches IN SHARE ROW EXCLUSIVE MODE", &[]);
+/// Refuses `watch`'s channel if another watch uses it, or if it is a label that names another
+/// table (`schema.table`, the channel that table's watches get without a label): a channel carries
+/// one watch's changes, so that its sequence numbers count them and no one takes another table's
+/// channel through pgwatch. `id` is the watch's own, when it exists; a watch being replaced is
+/// the one of its table and label. The unique index on the channel (`sql/bootstrap.sql`) settles
+/// a race with a concurrent definition; this check words the refusal.
+fn claim_channel(watch: &Watch, table: &TableName, id: Option<i64>) {
     let taken = Spi::get_two_with_args::<i64, String>(
-        "SELECT id, tbl::pg_catalog.text FROM pgwatch.watches
-          WHERE channel OPERATOR(pg_catalog.=) $1 AND tbl OPERATOR(pg_catalog.<>) $2::pg_catalog.oid
-          ORDER BY id LIMIT 1",
-        &[watch.channel.as_str().into(), watch.tbl.into()],
-    );
-    if let Ok((Some(id), tbl)) = taken {
+        "SELECT w.id, w.tbl::text
+           FROM (SELECT) AS one
+           LEFT JOIN LATERAL (SELECT id, tbl FROM pgwatch.watches
+                               WHERE channel = $1 AND ($3::int8 IS NULL OR id <> $3)
+                                 AND ($3::int8 IS NOT NULL OR NOT (tbl = $2::oid AND label IS NOT DISTINCT FROM $4))
+                               ORDER BY id LIMIT 1) AS w ON true",
+        &[watch.channel.as_str().into(), watch.tbl.into(), id.into(), watch.label.as_deref().into()],
+    )
+    .unwrap_or_else(|e| error!("pgwatch: {e}"));
+    if let (Some(id), tbl) = taken {
         fail(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             format!(
@@ -487,7 +565,24 @@ fn claim_channel(watch: &Watch, table: &TableName) {
                 watch.channel,
                 tbl.unwrap_or_default()
             ),
-            &format!("a channel carries one table's changes: give the watch of {} another label", table.display),
+            &format!("a channel carries one watch's changes: give the watch of {} another label", table.display),
+        );
+    }
+    if watch.label.is_none() {
+        return;
+    }
+    let named = Spi::get_one_with_args::<String>(
+        "SELECT (SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND c.oid <> $2::oid AND n.nspname || '.' || c.relname = $1
+                  LIMIT 1)",
+        &[watch.channel.as_str().into(), watch.tbl.into()],
+    )
+    .unwrap_or_else(|e| error!("pgwatch: {e}"));
+    if let Some(other) = named {
+        fail(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("label \"{}\" is the channel of table {other}'s watches", watch.channel),
+            "a label may not be another table's schema.table name: choose another label",
         );
     }
 }
@@ -502,7 +597,7 @@ pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], sha
     as_extension_owner(|| {
         let _managing = Managing::start();
         run(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", table.quoted), &[]);
-        claim_channel(watch, &table);
+        claim_channel(watch, &table, None);
         let events: Vec<String> = watch.events.iter().map(|event| event.as_str().to_string()).collect();
         let fields: [DatumWithOid; 10] = [
             watch.tbl.into(),
@@ -733,11 +828,15 @@ fn follow(id: i64, changes: &[Changed]) {
 /// watch's triggers (following DDL, turning statement triggers into row triggers, upgrading).
 /// `claim`: the channel changed, and must not be another table's.
 fn rebuild(id: i64, watch: &Watch, table: &TableName, existing: &[Existing], table_needs_rows: bool, claim: bool) {
-    let whens = existing_whens(id, watch, existing);
+    let whens = {
+        // SAFETY: the table exists (its watch does) and is locked by the DDL that led here.
+        let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        existing_whens(id, watch, &rel, existing)
+    };
     as_extension_owner(|| {
         let _managing = Managing::start();
         if claim {
-            claim_channel(watch, table);
+            claim_channel(watch, table, Some(id));
         }
         run(
             "UPDATE pgwatch.watches SET channel = $2, key_columns = $3, extra_columns = $4, trigger_columns = $5
@@ -822,27 +921,30 @@ mod pgwatch {
         let of_type = |kind: &[&str]| -> Vec<pg_sys::Oid> {
             changes.iter().filter(|c| kind.contains(&c.object_type.as_str())).map(|c| c.objid).collect()
         };
-        let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column"]));
+        let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column", "foreign table"]));
         // A trigger created on a watched table may change what kind of triggers its watches need.
         let triggers = of_type(&["trigger"]);
         // So are a changed table's partition ancestors (a partition attached further down a
-        // watched tree is theirs), and any watched table in an inheritance tree that still has
-        // statement triggers: a parent that just gained a child (CREATE TABLE ... INHERITS, also
-        // inside CREATE SCHEMA; a foreign table's INHERITS) or a child whose command the
-        // ddl_command_start trigger did not see.
+        // watched tree is theirs), and a watched parent or child of a changed table that still
+        // has pgwatch's statement triggers: a parent that just gained a child (CREATE TABLE ...
+        // INHERITS, also inside CREATE SCHEMA; a foreign table's INHERITS) or a child whose
+        // command the ddl_command_start trigger did not see. Only tables the command touched
+        // lead to watches: one user's tables never make another user's DDL do work, or fail.
         let ids: Vec<i64> = column(
             "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
               WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2)
                  OR c.oid IN (SELECT a.relid FROM unnest($2::pg_catalog.oid[]) AS t(oid),
                                                   pg_catalog.pg_partition_ancestors(t.oid) AS a)
                  OR c.oid IN (SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid = ANY($3))
-                 OR ((c.relispartition OR c.relhassubclass
-                      OR EXISTS (SELECT FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid))
+                 OR (c.oid IN (SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = ANY($2)
+                               UNION ALL
+                               SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = ANY($2))
                      AND EXISTS (SELECT FROM pg_catalog.pg_trigger t
-                                  WHERE t.tgrelid = c.oid AND t.tgfoid = 'pgwatch.capture'::pg_catalog.regproc
-                                    AND (t.tgtype::int4 & 1) = 0 AND (t.tgtype::int4 & 28) <> 0))
+                                  WHERE t.tgrelid = c.oid AND t.tgname = ANY(ARRAY['pgwatch_' || w.id || '_insert',
+                                                          'pgwatch_' || w.id || '_update', 'pgwatch_' || w.id || '_delete'])
+                                    AND (t.tgtype::int4 & $4) = 0))
               ORDER BY w.id",
-            &[schemas.into(), tables.into(), triggers.into()],
+            &[schemas.into(), tables.into(), triggers.into(), (pg_sys::TRIGGER_TYPE_ROW as i32).into()],
         );
         for id in ids {
             follow(id, &changes);
@@ -965,4 +1067,27 @@ pub unsafe extern "C-unwind" fn pgwatch_on_ddl_command_start(fcinfo: pg_sys::Fun
 pub extern "C" fn pg_finfo_pgwatch_on_ddl_command_start() -> &'static pg_sys::Pg_finfo_record {
     static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
     &V1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::watch_id_of;
+
+    #[test]
+    fn only_the_names_pgwatch_gives_its_triggers_name_a_watch() {
+        assert_eq!(watch_id_of("pgwatch_12_update"), Some(12));
+        assert_eq!(watch_id_of("pgwatch_7"), Some(7));
+        assert_eq!(watch_id_of("pgwatch_7_truncate"), Some(7));
+        for name in [
+            "pgwatch_",
+            "pgwatch_x_insert",
+            "pgwatch_1_upsert",
+            "pgwatch_1_insert_",
+            "evil",
+            "pgwatch_-1",
+            "pgwatch_1 ",
+        ] {
+            assert_eq!(watch_id_of(name), None, "{name}");
+        }
+    }
 }

@@ -1,14 +1,11 @@
 //! Settings (`pgwatch.*` GUCs).
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use pgrx::{pg_guard, pg_sys, PgSqlErrorCode, PostgresGucEnum};
+use pgrx::PostgresGucEnum;
 
 /// Row changes one transaction may track, over all its watches, before the rest are reported as
-/// overflows.
-pub static MAX_ROWS_PER_XACT: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_ROWS_PER_XACT);
-
-/// The default of `pgwatch.max_rows_per_xact`, which only a superuser may raise.
-const DEFAULT_MAX_ROWS_PER_XACT: i32 = 100_000;
+/// overflows. Only a superuser may change it.
+pub static MAX_ROWS_PER_XACT: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 
 /// Silences this session's (or with SET LOCAL, this transaction's) changes, e.g. for bulk jobs.
 pub static MUTE: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -36,22 +33,16 @@ pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
 pub fn register() {
-    // SAFETY: the check hook is guarded against panics.
-    unsafe {
-        GucRegistry::define_int_guc_with_hooks(
-            c"pgwatch.max_rows_per_xact",
-            c"Rows one transaction may track, over all its watches, before the rest are sent as overflow notices.",
-            c"Bounds the memory a large write uses: past the limit, subscribers get {\"overflow\":true} and refetch. Anyone may lower it; only a superuser may raise it above 100000.",
-            &MAX_ROWS_PER_XACT,
-            1,
-            i32::MAX,
-            GucContext::Userset,
-            GucFlags::default(),
-            Some(check_max_rows_per_xact),
-            None,
-            None,
-        );
-    }
+    GucRegistry::define_int_guc(
+        c"pgwatch.max_rows_per_xact",
+        c"Rows one transaction may track, over all its watches, before the rest are sent as overflow notices.",
+        c"Bounds the memory a large write uses: past the limit, subscribers get {\"overflow\":true} and refetch. Only a superuser may change it, since it bounds what any user's transaction may take.",
+        &MAX_ROWS_PER_XACT,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"pgwatch.mute",
         c"Records no changes: the current session's (or, with SET LOCAL, transaction's) writes send nothing.",
@@ -92,29 +83,4 @@ pub fn register_preloaded() {
         GucContext::Postmaster,
         GucFlags::UNIT_KB,
     );
-}
-
-/// Refuses a `pgwatch.max_rows_per_xact` above the default unless a superuser sets it: the bound
-/// keeps one user's transaction from taking a backend's memory. The server's configuration file
-/// and command line may set any value.
-#[pg_guard]
-unsafe extern "C-unwind" fn check_max_rows_per_xact(
-    value: *mut std::ffi::c_int,
-    _extra: *mut *mut std::ffi::c_void,
-    source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: PostgreSQL passes the proposed value; the user id is known for every source after
-    // the configuration file's (settings of databases and roles, the client, SET).
-    unsafe {
-        if *value <= DEFAULT_MAX_ROWS_PER_XACT || source <= pg_sys::GucSource::PGC_S_GLOBAL || pg_sys::superuser() {
-            return true;
-        }
-        pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
-        pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(
-            c"only a superuser may raise pgwatch.max_rows_per_xact above its default of 100000".as_ptr(),
-        );
-        pg_sys::GUC_check_errhint_string =
-            pg_sys::pstrdup(c"Split the work into smaller transactions, or ask a superuser to raise it.".as_ptr());
-    }
-    false
 }

@@ -171,6 +171,14 @@ impl Image {
         Image { data: ImageBytes::new(data), key_len: key_len.min(data.len() as u32), partial }
     }
 
+    /// Bytes this image holds outside itself (a larger image is boxed).
+    pub fn heap_bytes(&self) -> usize {
+        match &self.data {
+            ImageBytes::Inline { .. } => 0,
+            ImageBytes::Boxed(bytes) => bytes.len(),
+        }
+    }
+
     /// The stored bytes, the length of their key part, and whether the image is partial.
     pub fn parts(&self) -> (&[u8], u32, bool) {
         (&self.data, self.key_len, self.partial)

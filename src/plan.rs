@@ -14,7 +14,7 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::{pg_guard, warning, PgSqlErrorCode};
 
 use crate::api::fail;
-use crate::args;
+use crate::{args, catalog};
 
 use crate::fxhash::FxHashMap;
 use crate::notify::Target;
@@ -112,6 +112,14 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
         Ok(keys) if (1..=names.len()).contains(&keys) => keys,
         _ => refuse(&format!("a key count of \"{keys}\" for {} columns", names.len())),
     };
+    // SAFETY: a firing trigger's name is a NUL-terminated string; rel is open.
+    let (name, relid) = unsafe { (CStr::from_ptr(trigger.tgname).to_string_lossy(), (*rel).rd_id) };
+    if !catalog::made_by_pgwatch(&name, relid, channel) {
+        refuse(&format!(
+            "trigger \"{name}\" is not a trigger of a watch of this table on channel \"{}\"",
+            String::from_utf8_lossy(channel)
+        ));
+    }
     let cols = if compact {
         let names: Vec<_> = names.iter().map(|n| String::from_utf8_lossy(n)).collect();
         payload::cols_header(names.iter().map(|n| n.as_ref())).ok()
@@ -124,8 +132,6 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
         refuse(&format!("a table name of {} bytes (at most {})", tbl.len(), payload::MAX_TABLE_NAME));
     }
     let target = Rc::new(Target { channel, tbl, cols: cols.clone().unwrap_or_default() });
-    // SAFETY: rel is open for the trigger's whole run.
-    let relid = unsafe { (*rel).rd_id };
     let columns = unsafe { resolve(rel, names, compact) };
     let columns = match (columns, cols) {
         (Ok(list), Some(cols)) if keys <= list.len() => {

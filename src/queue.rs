@@ -101,9 +101,37 @@ pub struct DbSlot {
     /// still installed (and exit if not).
     recheck_extension: AtomicBool,
     /// A transaction notified inline when its resync record found no room: once every record
-    /// reserved before this ring position (+ 1; 0 = none) is sent, the worker tells every
-    /// channel it knows to refetch.
+    /// reserved before this ring position (+ 1; 0 = none) is sent, the worker tells the channels
+    /// it knows in `resync_buckets` to refetch.
     resync_after: AtomicU64,
+    /// Channel buckets (see [`bucket`]) of the channels `resync_after` is for, one bit each.
+    resync_buckets: [AtomicU64; BUCKETS / 64],
+    /// Bytes of this database's records in the ring that are not sent yet (reserved or
+    /// published): a database may hold at most [`DATABASE_SHARE`] of the ring.
+    unsent_bytes: AtomicU64,
+    /// Per channel bucket, how many of this database's records not sent yet have changes on a
+    /// channel of that bucket: whether a transaction notified inline may overtake older ones.
+    unsent_channels: [AtomicU32; BUCKETS],
+}
+
+/// Channel buckets of a database slot: a channel's changes are counted under its hash's bucket,
+/// so that a commit finds out without a lock or a walk of the ring whether older changes of its
+/// channels are still queued (two channels share a bucket at most rarely, which only costs a
+/// resync notice that was not needed).
+const BUCKETS: usize = 1024;
+
+/// How much of the ring one database's records not sent yet may take: the rest is always left
+/// to the other databases.
+const DATABASE_SHARE: (u64, u64) = (3, 4);
+
+fn bucket(channel: &[u8]) -> usize {
+    (channel_hash(channel) % BUCKETS as u64) as usize
+}
+
+/// Whether `channel`'s bucket is among `buckets` (see [`DbSlot::take_resync`]).
+pub fn in_buckets(buckets: &[u64; BUCKETS / 64], channel: &[u8]) -> bool {
+    let bucket = bucket(channel);
+    buckets[bucket / 64] & (1 << (bucket % 64)) != 0
 }
 
 impl DbSlot {
@@ -157,9 +185,39 @@ impl DbSlot {
         self.resync_after.load(Ordering::Acquire)
     }
 
-    /// Marks the resync due after `after` as done, unless a later one was asked for meanwhile.
-    pub fn resync_done(&self, after: u64) {
-        let _ = self.resync_after.compare_exchange(after, 0, Ordering::AcqRel, Ordering::Relaxed);
+    /// Takes the channel buckets the resync due after `after` is for, and marks it done; `None`
+    /// when a later one was asked for meanwhile (its buckets are left for it, with these).
+    pub fn take_resync(&self, after: u64) -> Option<[u64; BUCKETS / 64]> {
+        let buckets = self.resync_buckets.each_ref().map(|bits| bits.swap(0, Ordering::AcqRel));
+        if self.resync_after.compare_exchange(after, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            return Some(buckets);
+        }
+        for (bits, taken) in self.resync_buckets.iter().zip(buckets) {
+            bits.fetch_or(taken, Ordering::AcqRel);
+        }
+        None
+    }
+
+    /// Whether a record not sent yet may have changes on `channel`.
+    pub fn may_hold(&self, channel: &[u8]) -> bool {
+        self.unsent_channels[bucket(channel)].load(Ordering::Acquire) > 0
+    }
+
+    /// Counts (`up`) or stops counting a record of `len` bytes with body `body` as not sent yet.
+    fn count_unsent(&self, len: u64, body: &[u8], up: bool) {
+        if up {
+            self.unsent_bytes.fetch_add(len, Ordering::AcqRel);
+        } else {
+            self.unsent_bytes.fetch_sub(len, Ordering::AcqRel);
+        }
+        for watch in decode(body) {
+            let counter = &self.unsent_channels[bucket(watch.channel)];
+            if up {
+                counter.fetch_add(1, Ordering::AcqRel);
+            } else {
+                counter.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Called as the attached worker exits, however it exits.
@@ -394,6 +452,9 @@ impl Shared {
         slot.last_send.store(0, Ordering::Relaxed);
         slot.recheck_extension.store(false, Ordering::Relaxed);
         slot.resync_after.store(0, Ordering::Relaxed);
+        slot.resync_buckets.iter().for_each(|bits| bits.store(0, Ordering::Relaxed));
+        slot.unsent_bytes.store(0, Ordering::Relaxed);
+        slot.unsent_channels.iter().for_each(|count| count.store(0, Ordering::Relaxed));
         slot.dropping.store(false, Ordering::Relaxed);
         // Release: writers find the slot without the lock, and must see it reset.
         slot.dboid.store(dboid, Ordering::Release);
@@ -408,7 +469,8 @@ impl Shared {
         self.slots.iter().position(|s| s.dboid.load(Ordering::Acquire) == dboid)
     }
 
-    /// Reserves room for `body` and copies it in, unpublished.
+    /// Reserves room for `body` and copies it in, unpublished. A record larger than half the
+    /// ring, or one that would give its database more than its share, does not go in.
     pub fn reserve(&self, dboid: u32, body: &[u8]) -> Result<Reservation, NotQueued> {
         let len = (HEADER + body.len()).div_ceil(ALIGN) * ALIGN;
         let slot = match self.find_slot_index(dboid) {
@@ -418,6 +480,11 @@ impl Shared {
         if self.slots[slot].dropping.load(Ordering::Relaxed) {
             return Err(NotQueued::NoSlot);
         }
+        let share = self.capacity / DATABASE_SHARE.1 * DATABASE_SHARE.0;
+        if len as u64 > self.capacity / 2 || self.slots[slot].unsent_bytes.load(Ordering::Acquire) + len as u64 > share
+        {
+            return Err(NotQueued::Full);
+        }
         let at = match self.claim(len as u64) {
             Some(at) => at,
             None => {
@@ -426,12 +493,31 @@ impl Shared {
                 self.claim(len as u64).ok_or(NotQueued::Full)?
             }
         };
+        self.slots[slot].count_unsent(len as u64, body, true);
         self.header(at).write(at, len as u32, dboid, body.len() as u32, RESERVED);
         self.high_water.fetch_max(self.used(), Ordering::Relaxed);
         // SAFETY: the reserved record is this backend's alone until it is published or dropped,
         // and it has room for the body after the header.
         unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.record(at).add(HEADER), body.len()) };
         Ok(Reservation { at, slot })
+    }
+
+    /// The body of the record at `at`.
+    ///
+    /// # Safety
+    /// The record must be written and not freed while the slice is used.
+    unsafe fn body(&self, at: u64) -> &[u8] {
+        let len = self.header(at).body_len();
+        // SAFETY: as the caller promised; the body follows the header.
+        unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), len) }
+    }
+
+    /// Marks the record at `at` done, and no longer counted as not sent.
+    fn done(&self, slot: &DbSlot, at: u64) {
+        // SAFETY: the record is still the caller's (reserved, or published and being finished):
+        // its space is not freed before it is marked done below.
+        slot.count_unsent(self.header(at).len(), unsafe { self.body(at) }, false);
+        self.header(at).state.store(DONE, Ordering::Release);
     }
 
     /// Moves the head past `len` bytes of free ring space (and the end of the ring when they do
@@ -470,27 +556,36 @@ impl Shared {
         }
     }
 
-    /// Drops a reserved record of a transaction that aborted. Cannot fail.
+    /// Drops a reserved record of a transaction that aborted. Cannot fail. The worker is woken:
+    /// it stops at a reserved record (see [`Shared::collect`]), and may wait behind this one.
     pub fn cancel(&self, reservation: Reservation) {
-        self.header(reservation.at).state.store(DONE, Ordering::Release);
+        let slot = &self.slots[reservation.slot];
+        self.done(slot, reservation.at);
+        slot.wake();
     }
 
-    /// Queues `body`, a committed transaction's resync record (see [`encode_resync`]), behind
-    /// every record reserved before it, for `dboid`'s worker to send in turn. Called at commit:
-    /// takes no lock and cannot fail. Without room in the ring, the worker is asked to tell every
-    /// channel it knows instead, once the records before this point are sent.
-    pub fn announce(&self, dboid: u32, body: &[u8]) {
+    /// Queues `body`, a committed transaction's resync record (see [`encode_resync`]) for
+    /// `channels`, behind every record reserved before it, for `dboid`'s worker to send in turn.
+    /// Called at commit: takes no lock and cannot fail. Without room in the ring, the worker is
+    /// asked instead to tell those of `channels` it knows, once the records before this point are
+    /// sent.
+    pub fn announce(&self, dboid: u32, body: &[u8], channels: &[&[u8]]) {
         let Some(slot_index) = self.find_slot_index(dboid) else { return };
         let slot = &self.slots[slot_index];
         let len = (HEADER + body.len()).div_ceil(ALIGN) * ALIGN;
         match self.claim(len as u64) {
             Some(at) => {
+                slot.count_unsent(len as u64, body, true);
                 self.header(at).write(at, len as u32, dboid, body.len() as u32, RESERVED);
                 // SAFETY: as in reserve(): the claimed record is this backend's until published.
                 unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.record(at).add(HEADER), body.len()) };
                 self.publish(Reservation { at, slot: slot_index });
             }
             None => {
+                for channel in channels {
+                    let bucket = bucket(channel);
+                    slot.resync_buckets[bucket / 64].fetch_or(1 << (bucket % 64), Ordering::AcqRel);
+                }
                 slot.resync_after.fetch_max(self.head.load(Ordering::Acquire) + 1, Ordering::AcqRel);
                 slot.wake();
                 if slot.pid.load(Ordering::Relaxed) == 0 {
@@ -498,29 +593,6 @@ impl Shared {
                 }
             }
         }
-    }
-
-    /// Whether a record of `dboid` not sent yet may hold changes on `channels`: one still being
-    /// written may, a published one does if it lists one of them.
-    pub fn unsent_on(&self, dboid: u32, channels: &[&[u8]]) -> bool {
-        let mut found = false;
-        let complete = self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| {
-            if header.dboid() == dboid {
-                found = match header.state.load(Ordering::Acquire) {
-                    RESERVED => true,
-                    PUBLISHED => {
-                        // SAFETY: a published record's body is complete and stays in place while
-                        // the lock is held (records are freed under the exclusive lock).
-                        let body =
-                            unsafe { std::slice::from_raw_parts(self.record(at).add(HEADER), header.body_len()) };
-                        decode(body).any(|watch| channels.contains(&watch.channel))
-                    }
-                    _ => false,
-                };
-            }
-            !found
-        });
-        found || !complete
     }
 
     /// Whether a record of `dboid` that starts before ring position `before` is still to be sent
@@ -541,6 +613,10 @@ impl Shared {
     /// Copies published records of `dboid` into `batch`, oldest first, up to about `max_bytes`;
     /// `false` when a header still being written stopped it first.
     ///
+    /// It stops at a record of `dboid` still reserved: that transaction may have committed (it
+    /// publishes just after), and a later one may already have changed the same rows; sending the
+    /// later one first would leave subscribers with the older values.
+    ///
     /// Only finding them holds the lock: a published record keeps its place until its database's
     /// worker (the caller) marks it done.
     pub fn collect(&self, dboid: u32, max_bytes: usize, batch: &mut Batch) -> bool {
@@ -550,10 +626,16 @@ impl Shared {
             if bytes >= max_bytes {
                 return false;
             }
-            if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
-                bytes += header.body_len();
-                batch.positions.push(at);
-                batch.ends.push(bytes);
+            if header.dboid() == dboid {
+                match header.state.load(Ordering::Acquire) {
+                    PUBLISHED => {
+                        bytes += header.body_len();
+                        batch.positions.push(at);
+                        batch.ends.push(bytes);
+                    }
+                    RESERVED => return false,
+                    _ => {}
+                }
             }
             true
         });
@@ -572,7 +654,7 @@ impl Shared {
     /// Marks delivered records done and frees what it can.
     pub fn finish(&self, slot: &DbSlot, delivered: &[u64]) {
         for &at in delivered {
-            self.header(at).state.store(DONE, Ordering::Release);
+            self.done(slot, at);
         }
         slot.backlog.fetch_sub(delivered.len() as u64, Ordering::Relaxed);
         let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);

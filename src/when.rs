@@ -38,11 +38,20 @@ impl When {
 
     /// Both conditions: what an update trigger with trigger columns and a condition checks.
     pub fn and(self, other: When) -> When {
+        self.combine(other, pg_sys::BoolExprType::AND_EXPR)
+    }
+
+    /// Either condition.
+    pub fn or(self, other: When) -> When {
+        self.combine(other, pg_sys::BoolExprType::OR_EXPR)
+    }
+
+    fn combine(self, other: When, op: pg_sys::BoolExprType::Type) -> When {
         let mut args = PgList::<Node>::new();
         args.push(self.0);
         args.push(other.0);
-        // SAFETY: two boolean expressions make a boolean AND expression.
-        When(unsafe { pg_sys::makeBoolExpr(pg_sys::BoolExprType::AND_EXPR, args.into_pg(), -1) }.cast())
+        // SAFETY: two boolean expressions make a boolean expression.
+        When(unsafe { pg_sys::makeBoolExpr(op, args.into_pg(), -1) }.cast())
     }
 }
 
@@ -59,28 +68,52 @@ pub fn parse_condition(condition: &str) -> *mut Node {
     expression
 }
 
-/// `OLD.c IS DISTINCT FROM NEW.c OR ...` for each trigger column, parsed: an update that changes
-/// none of them sends nothing. A type without an equality operator (json, point, …) is compared
-/// as text. Built from quoted names only, so nothing a user wrote is parsed here.
-pub fn parse_comparisons(rel: &PgRelation, columns: &[String]) -> Option<*mut Node> {
-    if columns.is_empty() {
-        return None;
-    }
+/// `OLD.c IS DISTINCT FROM NEW.c OR ...` for each trigger column, resolved: an update that
+/// changes none of them sends nothing. Each comparison uses the equality operator of the
+/// column's type, as the type cache has it (whatever schema it is in); a type without one (json,
+/// point, …) is compared as text. Made from nodes (or, for text, from quoted names only): nothing
+/// a user wrote is parsed here.
+pub fn comparisons(rel: &PgRelation, columns: &[String]) -> Option<When> {
     let tupdesc = rel.tuple_desc();
-    let comparisons: Vec<String> = columns
+    let compared: Vec<When> = columns
         .iter()
         .map(|column| {
-            let typid = tupdesc.iter().find(|a| !a.is_dropped() && a.name() == column).map(|a| a.type_oid().value());
+            let attr = tupdesc
+                .iter()
+                .find(|a| !a.is_dropped() && a.name() == column)
+                .expect("trigger columns are checked to exist");
+            let typid = attr.type_oid().value();
             // SAFETY: a type cache lookup of an existing column's type.
-            let comparable = typid.is_some_and(|typid| unsafe {
-                (*pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32)).eq_opr != pg_sys::Oid::INVALID
-            });
-            let column = quote_identifier(column);
-            let cast = if comparable { "" } else { "::pg_catalog.text" };
-            format!("OLD.{column}{cast} IS DISTINCT FROM NEW.{column}{cast}")
+            let eq = unsafe { (*pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32)).eq_opr };
+            if eq == pg_sys::Oid::INVALID {
+                let column = quote_identifier(column);
+                let text = format!("OLD.{column}::pg_catalog.text IS DISTINCT FROM NEW.{column}::pg_catalog.text");
+                let expression = parse_expression(&text).expect("pgwatch's comparisons are one expression");
+                return resolve(rel, expression, Images { old: true, new: true });
+            }
+            // SAFETY: a DistinctExpr node over the old and new values of an existing column,
+            // as the parser makes for IS DISTINCT FROM with the type's equality operator.
+            unsafe {
+                let var = |varno: u32| {
+                    pg_sys::makeVar(varno as _, attr.attnum, typid, attr.atttypmod, attr.attcollation, 0).cast::<Node>()
+                };
+                let mut args = PgList::<Node>::new();
+                args.push(var(pg_sys::PRS2_OLD_VARNO));
+                args.push(var(pg_sys::PRS2_NEW_VARNO));
+                let mut distinct = pgrx::PgBox::<pg_sys::OpExpr>::alloc_node(pg_sys::NodeTag::T_DistinctExpr);
+                distinct.opno = eq;
+                distinct.opfuncid = pg_sys::get_opcode(eq);
+                distinct.opresulttype = pg_sys::BOOLOID;
+                distinct.opretset = false;
+                distinct.opcollid = pg_sys::InvalidOid;
+                distinct.inputcollid = attr.attcollation;
+                distinct.args = args.into_pg();
+                distinct.location = -1;
+                When(distinct.into_pg().cast())
+            }
         })
         .collect();
-    Some(parse_expression(&comparisons.join(" OR ")).expect("pgwatch's comparisons are one expression"))
+    compared.into_iter().reduce(When::or)
 }
 
 /// The expression `text` holds, if it holds exactly one; syntax errors are raised as PostgreSQL
@@ -171,23 +204,41 @@ pub fn resolve(rel: &PgRelation, expression: *mut Node, images: Images) -> When 
         );
         let when = pg_sys::coerce_to_boolean(pstate, when, c"WHEN".as_ptr());
         pg_sys::assign_expr_collations(pstate, when);
-        // The same checks as CreateTrigger's (pull_var_clause suffices: no subqueries).
-        for var in PgList::<pg_sys::Var>::from_pg(pg_sys::pull_var_clause(when, 0)).iter_ptr() {
-            let (message, allowed) = match (*var).varno as u32 {
-                pg_sys::PRS2_OLD_VARNO => ("INSERT trigger's WHEN condition cannot reference OLD values", images.old),
-                _ => ("DELETE trigger's WHEN condition cannot reference NEW values", images.new),
-            };
-            if !allowed {
-                fail(
-                    PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
-                    message.into(),
-                    "an insert has no OLD row and a delete no NEW row: watch only the events the condition applies to",
-                );
-            }
+        // The same checks as CreateTrigger's.
+        let when = When(when);
+        let refused = if !reads_only(when, Images { old: images.old, new: true }) {
+            Some("INSERT trigger's WHEN condition cannot reference OLD values")
+        } else if !reads_only(when, Images { old: true, new: images.new }) {
+            Some("DELETE trigger's WHEN condition cannot reference NEW values")
+        } else {
+            None
+        };
+        if let Some(message) = refused {
+            fail(
+                PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+                message.into(),
+                "an insert has no OLD row and a delete no NEW row: watch only the events the condition applies to",
+            );
         }
         pg_sys::free_parsestate(pstate);
-        When(when)
+        when
     }
+}
+
+/// Whether `when` reads only the row images `images` allows (a stored WHEN taken over for a new
+/// trigger must not read a row its event does not have: the executor would read a missing row).
+pub fn reads_only(when: When, images: Images) -> bool {
+    // SAFETY: a resolved WHEN has no subqueries, so pull_var_clause sees every Var.
+    let vars = unsafe { PgList::<pg_sys::Var>::from_pg(pg_sys::pull_var_clause(when.0, 0)) };
+    let allowed = vars.iter_ptr().all(|var| {
+        // SAFETY: pull_var_clause returns Vars.
+        match unsafe { (*var).varno } as u32 {
+            pg_sys::PRS2_OLD_VARNO => images.old,
+            pg_sys::PRS2_NEW_VARNO => images.new,
+            _ => false,
+        }
+    });
+    allowed
 }
 
 /// A parse state whose range table holds `rel` as OLD (1) and NEW (2), as a trigger's WHEN sees

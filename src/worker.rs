@@ -294,17 +294,20 @@ impl Worker {
         }
     }
 
-    /// Tells every channel this worker knows to refetch, if a transaction notified inline asked
-    /// for it at ring position `after` (see `DbSlot::resync_due_after`) and every record reserved
-    /// before that is sent. A channel it has not sent on since it started has no older
-    /// notifications of its own that could arrive late.
+    /// Tells channels to refetch when a transaction notified inline asked for it at ring position
+    /// `after` without room for its resync record (see `DbSlot::resync_due_after`), once every
+    /// record reserved before that is sent: the channels this worker knows in the buckets it
+    /// asked for. A channel it has not sent on since it started has no older notifications of
+    /// its own that could arrive late.
     fn resync_if_due(&mut self, after: u64) {
         if after == 0 || self.shared.unsent_before(self.dboid, after - 1) {
             return;
         }
+        let Some(buckets) = self.slot.take_resync(after) else { return };
         let watches: Vec<(Target, Folded)> = self
             .channels
             .iter()
+            .filter(|(channel, _)| queue::in_buckets(&buckets, channel))
             .map(|(channel, known)| {
                 let target = Target {
                     channel: CString::new(channel.as_slice()).expect("a sent channel holds no NUL"),
@@ -319,7 +322,6 @@ impl Worker {
         if !watches.is_empty() {
             self.send(&watches);
         }
-        self.slot.resync_done(after);
     }
 }
 

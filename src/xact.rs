@@ -16,7 +16,7 @@ use pgrx::{pg_guard, warning};
 use crate::coalesce::{Change, Folded};
 use crate::guc::{self, Delivery};
 use crate::notify::{self, Target};
-use crate::payload::Op;
+use crate::payload::{Image, Op};
 use crate::queue::{self, Reservation};
 use crate::stats::{self, Counter};
 use crate::unguarded::{GetCurrentSubTransactionId, GetCurrentTransactionNestLevel};
@@ -67,7 +67,14 @@ struct Xact {
     /// This transaction's record for the delivery queue, built at pre-commit in memory kept
     /// from earlier transactions.
     record: Vec<u8>,
+    /// Bytes of row images held outside the tracked rows themselves (see `MAX_IMAGE_BYTES`).
+    image_bytes: usize,
 }
+
+/// The most bytes of boxed row images one transaction holds: with `pgwatch.max_rows_per_xact`,
+/// the bound on what a large write keeps in its backend's memory. Past it, changes are
+/// announced as overflows, like rows past the row limit.
+const MAX_IMAGE_BYTES: usize = 64 << 20;
 
 /// What an emptied transaction keeps for the next: memory for this many rows per watch (and in
 /// the subtransaction tail), for this many watches, and for a queue record of this many bytes.
@@ -124,6 +131,7 @@ impl Xact {
             }
         }
         clear_keeping(&mut self.record, KEPT_RECORD_BYTES);
+        self.image_bytes = 0;
     }
 
     fn fold_tail(&mut self) {
@@ -171,7 +179,13 @@ pub fn record(target: &Rc<Target>, op: Op, change: Change) {
     let limit = guc::MAX_ROWS_PER_XACT.get() as usize;
     XACT.with_borrow_mut(|x| {
         let b = x.buffer(target);
-        let event = if x.tracked() >= limit { Recorded::Overflow(op) } else { Recorded::Row(change) };
+        let bytes = change.before.iter().chain(&change.after).map(Image::heap_bytes).sum::<usize>();
+        let event = if x.tracked() >= limit || x.image_bytes + bytes > MAX_IMAGE_BYTES {
+            Recorded::Overflow(op)
+        } else {
+            x.image_bytes += bytes;
+            Recorded::Row(change)
+        };
         x.push(b, event);
     });
 }
@@ -252,26 +266,23 @@ fn note_inline(xact: &Xact) {
     INLINE.with_borrow_mut(|inline| inline.extend(xact.buffers.iter().map(|buffer| buffer.target.clone())));
 }
 
-/// Once a transaction notified inline has committed: if the database's worker still holds
-/// changes of the same channels committed before it, those reach subscribers after this
-/// transaction's notifications. Their subscribers are then told to refetch once they are sent
-/// (a resync record queued behind them, see `queue::announce`).
+/// Once a transaction notified inline has committed: if the database's worker may still hold
+/// changes of its channels committed before it, those reach subscribers after this transaction's
+/// notifications. Their subscribers are then told to refetch once they are sent (a resync record
+/// queued behind them, see `queue::announce`). Whether older changes are held is read from the
+/// slot's counters: no lock, no walk of the queue.
 fn announce_after_commit(shared: &queue::Shared) {
     INLINE.with_borrow_mut(|inline| {
-        if inline.is_empty() {
-            return;
-        }
         // SAFETY: reading the id of the database this backend is connected to.
         let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
-        let channels: Vec<&[u8]> = inline.iter().map(|target| target.channel.as_bytes()).collect();
-        let mut record = Vec::new();
-        for (target, channel) in inline.iter().zip(&channels) {
-            if shared.unsent_on(dboid, std::slice::from_ref(channel)) {
-                queue::encode_resync(&mut record, target);
-            }
-        }
-        if !record.is_empty() {
-            shared.announce(dboid, &record);
+        let slot = shared.find_slot(dboid);
+        let overtaking =
+            || inline.iter().filter(|target| slot.is_some_and(|slot| slot.may_hold(target.channel.as_bytes())));
+        if overtaking().next().is_some() {
+            let mut record = Vec::new();
+            overtaking().for_each(|target| queue::encode_resync(&mut record, target));
+            let channels: Vec<&[u8]> = overtaking().map(|target| target.channel.as_bytes()).collect();
+            shared.announce(dboid, &record, &channels);
         }
         inline.clear();
     });
