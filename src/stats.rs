@@ -80,7 +80,7 @@ fn get(counter: Counter) -> i64 {
 mod pgwatch {
     use super::*;
 
-    /// One row of counters: see the README's "Stats" section.
+    /// One row of counters: see docs/api.md (`pgwatch.stats()`).
     #[pg_extern(volatile, parallel_safe)]
     fn stats() -> TableIterator<
         'static,

@@ -273,6 +273,9 @@ fn note_inline(xact: &Xact) {
 /// slot's counters: no lock, no walk of the queue.
 fn announce_after_commit(shared: &queue::Shared) {
     INLINE.with_borrow_mut(|inline| {
+        if inline.is_empty() {
+            return;
+        }
         // SAFETY: reading the id of the database this backend is connected to.
         let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
         let slot = shared.find_slot(dboid);
