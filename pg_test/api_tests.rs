@@ -20,6 +20,13 @@ mod tests {
         ))
     }
 
+    /// pgrx-tests boots its server only while running a `#[pg_test]` by name: the end-to-end
+    /// suites run this one first (see `support::connect`).
+    #[pg_test]
+    fn the_test_server_has_pgwatch_installed() {
+        assert_eq!(count("SELECT count(*) FROM pg_extension WHERE extname = 'pgwatch'"), 1);
+    }
+
     #[pg_test]
     fn watch_table_returns_the_watch() {
         users();

@@ -17,6 +17,12 @@ pub const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'", "max_worker_
 #[path = "options.rs"]
 mod options;
 
+#[path = "ddl.rs"]
+mod ddl;
+
+#[path = "upgrade.rs"]
+mod upgrade;
+
 #[path = "trust.rs"]
 mod trust;
 

@@ -35,9 +35,10 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A connection to the test database, booting the test server on first use.
+/// A connection to the test database, booting the test server on first use (pgrx-tests boots
+/// it only while running a `#[pg_test]`, so this runs the one that checks the extension is there).
 pub fn connect() -> Client {
-    pgrx_tests::run_test("watch_table_returns_the_watch", None, super::CONF.to_vec()).unwrap();
+    pgrx_tests::run_test("the_test_server_has_pgwatch_installed", None, super::CONF.to_vec()).unwrap();
     pgrx_tests::client().unwrap().0
 }
 
@@ -46,6 +47,16 @@ pub fn connect_to(via: &mut Client, dbname: &str) -> Client {
     let row = via.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
     let (port, user): (i32, String) = (row.get(0), row.get(1));
     postgres::Config::new().host("localhost").port(port as u16).user(&user).dbname(dbname).connect(NoTls).unwrap()
+}
+
+/// A fresh database `name` with pgwatch installed (at `version`, if given), and a connection to it.
+pub fn database(admin: &mut Client, name: &str, version: Option<&str>) -> Client {
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut db = connect_to(admin, name);
+    let version = version.map(|v| format!(" VERSION '{v}'")).unwrap_or_default();
+    db.batch_execute(&format!("CREATE EXTENSION pgwatch{version}")).unwrap();
+    db
 }
 
 /// A writer delivering in `mode` that ran `setup`, and a listener already listening on `channels`.
@@ -238,4 +249,23 @@ fn seq_is_found_only_in_the_header() {
         (seq, format!("{}{}", &truncate[..start], &truncate[end..])),
         (3, r#"{"tbl":"t","op":"truncate"}"#.into())
     );
+}
+
+/// The id of the watch on `channel`.
+pub fn watch_id(client: &mut Client, channel: &str) -> i64 {
+    client.query_one("SELECT id FROM pgwatch.watches WHERE channel = $1", &[&channel]).unwrap().get(0)
+}
+
+/// Per pgwatch trigger on `table`, in name order: whether it fires per row.
+pub fn per_row(client: &mut Client, table: &str) -> Vec<bool> {
+    client
+        .query(
+            "SELECT (tgtype & 1) = 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass
+                AND tgfoid = 'pgwatch.capture'::regproc ORDER BY tgname",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
 }

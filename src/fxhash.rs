@@ -1,13 +1,17 @@
 //! A fast hash for backend-local maps keyed by row keys and trigger OIDs (the Fx hash of rustc).
 //!
-//! Not resistant to crafted collisions, which is fine here: the keys come from the transaction's
-//! own writes, so only the writer could slow down its own transaction. SipHash cost about 1200
-//! instructions per captured row. Fx alone leaves the low bits (which pick a hash table's bucket)
-//! depending only on the low bits of the last word, so keys such as `"id":12345` crowded into a
-//! few buckets; `finish` mixes all bits down (MurmurHash3's fmix64).
+//! The row keys come from users' writes, and a delivery worker folds many users' transactions in
+//! one batch: keys made to collide would slow everyone's delivery. So the hash of a key starts
+//! from a value drawn once per process, which an attacker does not know (SipHash, std's keyed
+//! default, would cost as much as the rest of capturing a row). Fx alone leaves the low bits
+//! (which pick a hash table's bucket) depending only on the low bits of the last word, so keys
+//! such as `"id":12345` crowded into a few buckets; `finish` mixes all bits down (MurmurHash3's
+//! fmix64).
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::OnceLock;
 
 const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
@@ -60,9 +64,15 @@ impl Hasher for FxHasher {
 
 pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// The Fx hash of a byte string.
+/// The Fx hash of a byte string, started from this process's key.
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    BuildHasherDefault::<FxHasher>::default().hash_one(bytes)
+    static KEY: OnceLock<u64> = OnceLock::new();
+    // RandomState draws its keys from the operating system.
+    let key = *KEY.get_or_init(|| RandomState::new().build_hasher().finish());
+    let mut hasher = FxHasher { hash: key };
+    hasher.write_usize(bytes.len());
+    hasher.write(bytes);
+    hasher.finish()
 }
 
 #[cfg(test)]

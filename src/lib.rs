@@ -1,26 +1,27 @@
 //! pgwatch: table changes as compact, coalesced LISTEN/NOTIFY messages.
 //!
-//! Wiring only; each concern has its module.
+//! Wiring only. The source is laid out the way a change flows:
+//! - `model`: what a watch is (events, definition, target, trigger argument); pure.
+//! - `define`: the cold path: checking `watch_table`'s arguments, the catalog, making triggers,
+//!   following DDL.
+//! - `capture`: the hot path: the trigger, its plan, reading transition tables.
+//! - `encode`: row images, payload JSON, folding, the queue's record format; pure.
+//! - `deliver`: transaction callbacks, NOTIFY, the shared-memory queue, the workers.
+//! - `sql`: every function PostgreSQL calls; `guc`, `stats`, `error`: settings, counters, errors.
 
 use pgrx::prelude::*;
 
-mod api;
-mod args;
-mod catalog;
-mod coalesce;
-mod events;
+mod capture;
+mod define;
+mod deliver;
+mod encode;
+mod error;
 mod fxhash;
 mod guc;
-mod notify;
-mod payload;
-mod plan;
-mod queue;
+mod model;
+mod sql;
 mod stats;
-mod trigger;
 mod unguarded;
-mod when;
-mod worker;
-mod xact;
 
 ::pgrx::pg_module_magic!();
 
@@ -31,14 +32,14 @@ pgrx::extension_sql_file!("../sql/api.sql", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
-    xact::register_callbacks();
-    plan::register_invalidation();
+    deliver::xact::register_callbacks();
+    capture::plan::register_invalidation();
     // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         guc::register_preloaded();
-        queue::init();
-        worker::register_launcher();
-        worker::install_drop_database_hook();
+        deliver::shmem::init();
+        deliver::launcher::register_launcher();
+        deliver::utility::install_drop_database_hook();
     }
 }
 

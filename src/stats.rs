@@ -6,11 +6,7 @@
 //! line.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use pgrx::prelude::*;
-
-use crate::queue;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 #[derive(Clone, Copy)]
 pub enum Counter {
@@ -40,16 +36,30 @@ pub enum Counter {
 
 pub const COUNTERS: usize = Counter::SkippedRecords as usize + 1;
 
+/// The totals: in the shared segment, or this backend's own.
+pub type Counters = [AtomicU64; COUNTERS];
+
 /// This backend's totals, used when the shared segment is not there.
-static LOCAL: [AtomicU64; COUNTERS] = [const { AtomicU64::new(0) }; COUNTERS];
+static LOCAL: Counters = [const { AtomicU64::new(0) }; COUNTERS];
+
+/// The totals in the shared segment, once it is set up (see `deliver::shmem`).
+static SHARED: AtomicPtr<Counters> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Counts into `counters` from now on: the shared segment's, set up by the postmaster before any
+/// backend forks.
+pub fn attach(counters: &'static Counters) {
+    SHARED.store(std::ptr::from_ref(counters).cast_mut(), Ordering::Release);
+}
 
 thread_local! {
     /// Counted since the last flush.
     static PENDING: [Cell<u64>; COUNTERS] = const { [const { Cell::new(0) }; COUNTERS] };
 }
 
-fn totals() -> &'static [AtomicU64; COUNTERS] {
-    queue::shared().map_or(&LOCAL, |shared| &shared.counters)
+fn totals() -> &'static Counters {
+    // SAFETY: set once, before any backend forks, to counters in shared memory that live as long
+    // as the postmaster.
+    unsafe { SHARED.load(Ordering::Acquire).as_ref() }.unwrap_or(&LOCAL)
 }
 
 pub fn add(counter: Counter, n: u64) {
@@ -72,53 +82,6 @@ pub fn flush() {
     });
 }
 
-fn get(counter: Counter) -> i64 {
+pub fn get(counter: Counter) -> i64 {
     totals()[counter as usize].load(Ordering::Relaxed) as i64
-}
-
-#[pg_schema]
-mod pgwatch {
-    use super::*;
-
-    /// One row of counters: see docs/api.md (`pgwatch.stats()`).
-    #[pg_extern(volatile, parallel_safe)]
-    fn stats() -> TableIterator<
-        'static,
-        (
-            name!(rows_captured, i64),
-            name!(rows_sent, i64),
-            name!(notifications, i64),
-            name!(payload_bytes, i64),
-            name!(batches, i64),
-            name!(rows_per_notification, f64),
-            name!(partial_rows, i64),
-            name!(overflows, i64),
-            name!(inline_fallbacks, i64),
-            name!(queue_high_water, i64),
-            name!(worker_restarts, i64),
-            name!(prepared_unsent, i64),
-            name!(resyncs, i64),
-            name!(skipped_records, i64),
-        ),
-    > {
-        flush();
-        let notifications = get(Counter::Notifications);
-        let high_water = queue::shared().map_or(0, |s| s.high_water.load(Ordering::Relaxed) as i64);
-        TableIterator::once((
-            get(Counter::RowsCaptured),
-            get(Counter::RowsSent),
-            notifications,
-            get(Counter::PayloadBytes),
-            get(Counter::Batches),
-            get(Counter::RowsSent) as f64 / notifications.max(1) as f64,
-            get(Counter::PartialRows),
-            get(Counter::Overflows),
-            get(Counter::InlineFallbacks),
-            high_water,
-            get(Counter::WorkerRestarts),
-            get(Counter::PreparedUnsent),
-            get(Counter::Resyncs),
-            get(Counter::SkippedRecords),
-        ))
-    }
 }

@@ -1,7 +1,7 @@
 //! PostgreSQL functions called on the per-row path without pgrx's error guard.
 //!
-//! pgrx wraps every `pg_sys` call in a `sigsetjmp` (about 150 instructions with its bookkeeping)
-//! so that an ERROR raised in C becomes a Rust panic. The functions bound here cannot raise an
+//! pgrx wraps every `pg_sys` call in a `sigsetjmp` and its bookkeeping, so that an ERROR raised
+//! in C becomes a Rust panic. The functions bound here cannot raise an
 //! ERROR for the arguments pgwatch passes them, so the guard buys nothing and costs a large share
 //! of what capturing a row costs.
 

@@ -1,127 +1,44 @@
-//! Delivery workers (with pgwatch preloaded).
+//! A database's delivery worker (with pgwatch preloaded).
 //!
-//! NOTIFY is per database, so each database that receives changes gets its own worker. A launcher
-//! starts it when the first record of that database is published, and again whenever it stopped
-//! with records left. The worker copies its database's published records, folds them across
+//! NOTIFY is per database, so each database that receives changes gets its own worker, started by
+//! the launcher. The worker copies its database's published records, folds them across
 //! transactions in commit order, sends them in its own transaction with `synchronous_commit` off,
-//! and only after that commit marks them done. It exits after `DROP EXTENSION`, and a
-//! `ProcessUtility` hook stops it before `DROP DATABASE` (which it would otherwise block).
+//! and only after that commit marks them done. It exits after `DROP EXTENSION`, and when `DROP
+//! DATABASE` asks it to (see `utility`).
 
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::pg_guard;
 use pgrx::prelude::*;
-use pgrx::{pg_guard, PgTryBuilder};
 
-use crate::coalesce::Folded;
+use super::notify;
+use super::ring::Batch;
+use super::shmem::{self, Shared};
+use super::slots::{in_buckets, DbSlot, WorkerState};
+use crate::encode::fold::Folded;
+use crate::encode::record::decode;
 use crate::guc;
-use crate::notify::{self, Target};
-use crate::queue::{self, Batch, DbSlot, Shared, WorkerState, MAX_DATABASES};
+use crate::model::watch::{Rows, Target};
 use crate::stats::{self, Counter};
 
 /// Bytes of record bodies one worker transaction collects; the record that crosses it is included.
 const BATCH_BYTES: usize = 1 << 20;
+
 /// How often a worker checks that pgwatch is still installed when no DROP EXTENSION asked it to
 /// (one committed by COMMIT PREPARED, or pgwatch dropped with its schema or owner).
 const EXTENSION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
-/// How long DROP DATABASE waits for the database's worker to exit.
-const DROP_WAIT: Duration = Duration::from_secs(10);
-
-/// Registers the launcher; called from `_PG_init` while preloading.
-pub fn register_launcher() {
-    BackgroundWorkerBuilder::new("pgwatch launcher")
-        .set_type("pgwatch launcher")
-        .set_library("pgwatch")
-        .set_function("pgwatch_launcher_main")
-        .enable_shmem_access(None)
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
-}
-
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let shared = queue::shared().expect("the launcher runs only with pgwatch preloaded");
-    shared.attach_launcher();
-    let mut workers: Vec<Option<DynamicBackgroundWorker>> = (0..MAX_DATABASES).map(|_| None).collect();
-    let mut started = [false; MAX_DATABASES];
-    let mut warned = [false; MAX_DATABASES];
-    loop {
-        for (i, slot) in shared.slots.iter().enumerate() {
-            let dboid = slot.dboid.load(Ordering::Relaxed);
-            let alive = workers[i].as_ref().is_some_and(|w| match w.pid() {
-                Ok(_) => true,
-                Err(status) => matches!(status, pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted),
-            });
-            // Attached: a worker this launcher started before it restarted.
-            let attached = slot.pid.load(Ordering::Acquire) != 0;
-            if alive || attached || dboid == 0 || slot.dropping.load(Ordering::Relaxed) {
-                continue;
-            }
-            if slot.backlog.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            slot.set_state(WorkerState::Starting);
-            match start_worker(dboid) {
-                Some(worker) => {
-                    if std::mem::replace(&mut started[i], true) {
-                        stats::add(Counter::WorkerRestarts, 1);
-                        // The launcher runs no transactions, whose end would flush the count.
-                        stats::flush();
-                    }
-                    workers[i] = Some(worker);
-                    warned[i] = false;
-                }
-                None => {
-                    slot.set_state(WorkerState::Stopped);
-                    if !std::mem::replace(&mut warned[i], true) {
-                        warning!("pgwatch: no background worker slot for database {dboid}; raise max_worker_processes");
-                    }
-                }
-            }
-        }
-        // Woken by commits that find no worker, and by the postmaster when a worker starts or stops.
-        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
-            break;
-        }
-    }
-    // Asked to stop (SIGTERM, e.g. pg_terminate_backend) or the postmaster died. Exit code 1 has
-    // the postmaster start the launcher again after its restart time; 0 would unregister it, and
-    // no worker would ever be started again. (A postmaster shutting down restarts nothing.)
-    // SAFETY: ends this process the way PostgreSQL's own background workers do.
-    unsafe { pg_sys::proc_exit(1) };
-}
-
-fn start_worker(dboid: u32) -> Option<DynamicBackgroundWorker> {
-    BackgroundWorkerBuilder::new(&format!("pgwatch delivery for database {dboid}"))
-        .set_type("pgwatch delivery")
-        .set_library("pgwatch")
-        .set_function("pgwatch_worker_main")
-        .set_argument(Some(pg_sys::Datum::from(dboid)))
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(None)
-        // SAFETY: reading this process's pid.
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
-        .load_dynamic()
-        .ok()
-}
 
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let dboid = arg.value() as u32;
-    let shared = queue::shared().expect("workers run only with pgwatch preloaded");
+    let shared = shmem::shared().expect("workers run only with pgwatch preloaded");
     let Some(slot) = shared.find_slot(dboid) else { return };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
     // SAFETY: setting a GUC of this process's own session, outside any transaction.
@@ -241,7 +158,7 @@ impl Worker {
     fn deliver(&mut self) {
         let mut watches: Vec<(Target, Folded)> = Vec::new();
         for body in self.batch.bodies() {
-            for record in queue::decode(body) {
+            for record in decode(body) {
                 if let Some(why) = record.unsendable() {
                     stats::add(Counter::SkippedRecords, 1);
                     warning!("pgwatch: skipped changes of {} that cannot be notified: {why}", record.describe());
@@ -307,12 +224,12 @@ impl Worker {
         let watches: Vec<(Target, Folded)> = self
             .channels
             .iter()
-            .filter(|(channel, _)| queue::in_buckets(&buckets, channel))
+            .filter(|(channel, _)| in_buckets(&buckets, channel))
             .map(|(channel, known)| {
                 let target = Target {
                     channel: CString::new(channel.as_slice()).expect("a sent channel holds no NUL"),
                     tbl: known.tbl.clone(),
-                    cols: Box::default(),
+                    rows: Rows::Objects,
                 };
                 let mut folded = Folded::default();
                 folded.mark_resync();
@@ -343,150 +260,6 @@ fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration) 
         longest
     } else {
         WAIT_PER_COMMIT_RATE.mul_f64(rate)
-    }
-}
-
-static PREV_UTILITY: OnceLock<pg_sys::ProcessUtility_hook_type> = OnceLock::new();
-
-/// Installs the DROP DATABASE hook; called from `_PG_init` while preloading.
-pub fn install_drop_database_hook() {
-    // SAFETY: hooks are installed by the postmaster while it loads preloaded libraries.
-    unsafe {
-        PREV_UTILITY.get_or_init(|| pg_sys::ProcessUtility_hook);
-        pg_sys::ProcessUtility_hook = Some(on_utility);
-    }
-}
-
-// PG 14 added `readOnlyTree`; the hook is otherwise the same.
-#[cfg(feature = "pg13")]
-#[pg_guard]
-unsafe extern "C-unwind" fn on_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
-    around_utility(pstmt, || unsafe {
-        match PREV_UTILITY.get().copied().flatten() {
-            Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
-        }
-    });
-}
-
-#[cfg(not(feature = "pg13"))]
-#[pg_guard]
-#[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn on_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
-    around_utility(pstmt, || unsafe {
-        match PREV_UTILITY.get().copied().flatten() {
-            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
-        }
-    });
-}
-
-/// Runs a utility statement. DROP DATABASE first stops that database's worker (so the drop is not
-/// refused for it) and afterwards forgets the database's queued records; DROP EXTENSION has the
-/// worker check, once committed, whether pgwatch is still there.
-fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
-    // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
-    let stmt = unsafe { (*pstmt).utilityStmt };
-    // SAFETY: a DropStmt node, checked by its tag.
-    if unsafe { pgrx::is_a(stmt, pg_sys::NodeTag::T_DropStmt) }
-        && unsafe { (*stmt.cast::<pg_sys::DropStmt>()).removeType } == pg_sys::ObjectType::OBJECT_EXTENSION
-    {
-        crate::xact::check_extension_at_commit();
-    }
-    let dropped = dropped_database(stmt);
-    let Some((dboid, slot)) = dropped.and_then(|d| queue::shared().and_then(|s| Some((d, s.find_slot(d)?)))) else {
-        return run();
-    };
-    slot.dropping.store(true, Ordering::Relaxed);
-    slot.wake();
-    let deadline = Instant::now() + DROP_WAIT;
-    while slot.pid.load(Ordering::Relaxed) != 0 && Instant::now() < deadline {
-        // SAFETY: sleeping 10 ms, then honouring a cancel request.
-        unsafe { pg_sys::pg_usleep(10_000) };
-        pgrx::check_for_interrupts!();
-    }
-    PgTryBuilder::new(AssertUnwindSafe(run))
-        .catch_others(|error| {
-            slot.dropping.store(false, Ordering::Relaxed);
-            error.rethrow()
-        })
-        .execute();
-    if let Some(shared) = queue::shared() {
-        shared.forget_database(dboid);
-    }
-}
-
-/// The database a DROP DATABASE statement drops, if it exists.
-fn dropped_database(stmt: *mut pg_sys::Node) -> Option<u32> {
-    // SAFETY: a valid parse node, cast only after checking its tag.
-    unsafe {
-        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
-            return None;
-        }
-        let drop = stmt.cast::<pg_sys::DropdbStmt>();
-        let oid = pg_sys::get_database_oid((*drop).dbname, true);
-        (oid != pg_sys::Oid::INVALID).then(|| oid.to_u32())
-    }
-}
-
-#[pg_schema]
-mod pgwatch {
-    use super::*;
-
-    /// The delivery workers: one row per database that uses worker delivery.
-    #[pg_extern(volatile)]
-    fn worker_status() -> TableIterator<
-        'static,
-        (
-            name!(database, Option<String>),
-            name!(pid, Option<i32>),
-            name!(state, String),
-            name!(last_send, Option<pgrx::datetime::TimestampWithTimeZone>),
-            name!(backlog, i64),
-        ),
-    > {
-        let Some(shared) = queue::shared() else { return TableIterator::new(Vec::new()) };
-        let rows: Vec<_> = shared
-            .slots
-            .iter()
-            .filter(|slot| slot.dboid.load(Ordering::Relaxed) != 0)
-            .map(|slot| {
-                let dboid = pg_sys::Oid::from(slot.dboid.load(Ordering::Relaxed));
-                // SAFETY: a syscache lookup; NULL for a database dropped meanwhile.
-                let name = unsafe { pg_sys::get_database_name(dboid) };
-                let name =
-                    (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into());
-                let pid = slot.pid.load(Ordering::Relaxed);
-                let last_send = slot.last_send.load(Ordering::Relaxed);
-                (
-                    name,
-                    (pid != 0).then_some(pid),
-                    slot.state().as_str().to_string(),
-                    (last_send != 0).then(|| last_send.try_into().ok()).flatten(),
-                    slot.backlog.load(Ordering::Relaxed) as i64,
-                )
-            })
-            .collect();
-        TableIterator::new(rows)
     }
 }
 

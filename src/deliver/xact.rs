@@ -13,11 +13,15 @@ use std::rc::Rc;
 use pgrx::pg_sys::{self, SubTransactionId, SubXactEvent, XactEvent};
 use pgrx::{pg_guard, warning};
 
-use crate::coalesce::{Change, Folded};
+use super::notify;
+use super::ring::{clear_keeping, Reservation};
+use super::shmem::{self, Shared};
+use crate::encode::fold::{Change, Folded};
+use crate::encode::image::Image;
+use crate::encode::record;
 use crate::guc::{self, Delivery};
-use crate::notify::{self, Target};
-use crate::payload::{Image, Op};
-use crate::queue::{self, Reservation};
+use crate::model::events::Op;
+use crate::model::watch::Target;
 use crate::stats::{self, Counter};
 use crate::unguarded::{GetCurrentSubTransactionId, GetCurrentTransactionNestLevel};
 
@@ -83,14 +87,6 @@ const MAX_IMAGE_BYTES: usize = 64 << 20;
 const KEPT_ROWS: usize = 256;
 const KEPT_FOLDS: usize = 8;
 const KEPT_RECORD_BYTES: usize = 16 * 1024;
-
-/// Empties `items`, keeping its memory unless it grew past `kept` of them.
-pub fn clear_keeping<T>(items: &mut Vec<T>, kept: usize) {
-    items.clear();
-    if items.capacity() > kept {
-        *items = Vec::new();
-    }
-}
 
 thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
@@ -234,12 +230,12 @@ pub fn check_extension_at_commit() {
 fn queue_for_worker(xact: &mut Xact) -> bool {
     let shared = match guc::DELIVERY.get() {
         Delivery::Inline => None,
-        Delivery::Auto | Delivery::Worker => queue::shared(),
+        Delivery::Auto | Delivery::Worker => shmem::shared(),
     };
     let Some(shared) = shared else { return false };
     let Xact { buffers, record, .. } = xact;
     for buffer in buffers.iter() {
-        queue::encode(record, &buffer.target, &buffer.folded);
+        record::encode(record, &buffer.target, &buffer.folded);
     }
     // SAFETY: reading the id of the database this backend is connected to.
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
@@ -258,7 +254,7 @@ fn queue_for_worker(xact: &mut Xact) -> bool {
 /// Notes the watches of a transaction notified inline, for its commit to check (see
 /// `announce_after_commit`); a database that never queued anything has nothing older to wait for.
 fn note_inline(xact: &Xact) {
-    let Some(shared) = queue::shared() else { return };
+    let Some(shared) = shmem::shared() else { return };
     // SAFETY: reading the id of the database this backend is connected to.
     if shared.find_slot(unsafe { pg_sys::MyDatabaseId }.to_u32()).is_none() {
         return;
@@ -271,7 +267,7 @@ fn note_inline(xact: &Xact) {
 /// notifications. Their subscribers are then told to refetch once they are sent (a resync record
 /// queued behind them, see `queue::announce`). Whether older changes are held is read from the
 /// slot's counters: no lock, no walk of the queue.
-fn announce_after_commit(shared: &queue::Shared) {
+fn announce_after_commit(shared: &Shared) {
     INLINE.with_borrow_mut(|inline| {
         if inline.is_empty() {
             return;
@@ -283,7 +279,7 @@ fn announce_after_commit(shared: &queue::Shared) {
             || inline.iter().filter(|target| slot.is_some_and(|slot| slot.may_hold(target.channel.as_bytes())));
         if overtaking().next().is_some() {
             let mut record = Vec::new();
-            overtaking().for_each(|target| queue::encode_resync(&mut record, target));
+            overtaking().for_each(|target| record::encode_resync(&mut record, target));
             let channels: Vec<&[u8]> = overtaking().map(|target| target.channel.as_bytes()).collect();
             shared.announce(dboid, &record, &channels);
         }
@@ -340,7 +336,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         }
         XactEvent::XACT_EVENT_COMMIT => {
             forget();
-            if let Some(shared) = queue::shared() {
+            if let Some(shared) = shmem::shared() {
                 if let Some(queued) = QUEUED.take() {
                     shared.publish(queued);
                 }
@@ -357,7 +353,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             forget();
             INLINE.with_borrow_mut(Vec::clear);
             CHECK_EXTENSION.set(false);
-            if let (Some(queued), Some(shared)) = (QUEUED.take(), queue::shared()) {
+            if let (Some(queued), Some(shared)) = (QUEUED.take(), shmem::shared()) {
                 shared.cancel(queued);
             }
             stats::flush();

@@ -14,7 +14,7 @@ use pgrx::pg_sys::{self, Node};
 use pgrx::spi::quote_identifier;
 use pgrx::{PgList, PgRelation, PgSqlErrorCode};
 
-use crate::api::fail;
+use crate::error::fail;
 
 /// A resolved WHEN expression, in the current memory context.
 #[derive(Clone, Copy)]

@@ -5,21 +5,12 @@ use std::ffi::{c_char, CStr, CString};
 
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 
-use crate::coalesce::Folded;
-use crate::payload::{
-    overflow_payload, resync_payload, truncate_payload, Op, Packer, Payload, PayloadBuf, MAX_PAYLOAD,
-};
+use crate::encode::fold::Folded;
+use crate::encode::image::{PayloadBuf, MAX_PAYLOAD};
+use crate::encode::packer::{overflow_payload, resync_payload, truncate_payload, Packer, Payload};
+use crate::model::events::Op;
+use crate::model::watch::Target;
 use crate::stats::{self, Counter};
-
-/// Where a watch's notifications go and how they are written: its channel, the table name
-/// subscribers see, and for a compact watch the `"cols"` header of its payloads (empty when rows
-/// are objects).
-#[derive(Debug, PartialEq, Eq)]
-pub struct Target {
-    pub channel: CString,
-    pub tbl: String,
-    pub cols: Box<[u8]>,
-}
 
 unsafe extern "C-unwind" {
     /// The C function behind `NOTIFY`/`pg_notify()`; pgrx does not bind it.
@@ -58,15 +49,15 @@ pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> 
     }
     let mut row = PayloadBuf::new();
     let mut deliver = |p: Payload<'_>| send(&target.channel, p.text, p.rows);
-    let mut packer = Packer::new(&target.tbl, &target.cols, Op::Insert);
+    let mut packer = Packer::new(&target.tbl, target.cols(), Op::Insert);
     for op in SEND_ORDER {
         let mut overflowed = folded.overflowed(op);
         if !overflowed && !folded.net_rows().any(|net| net.op == op) {
             continue;
         }
-        packer.start(&target.tbl, &target.cols, op);
+        packer.start(&target.tbl, target.cols(), op);
         for net in folded.net_rows().filter(|net| net.op == op) {
-            match net.render(&mut row, packer.row_budget(), !target.cols.is_empty()) {
+            match net.render(&mut row, packer.row_budget(), target.compact()) {
                 Ok(partial) => {
                     stats::add(Counter::PartialRows, u64::from(partial));
                     if !packer.push(&row) {

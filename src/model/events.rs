@@ -1,6 +1,28 @@
-//! The `events` argument of `watch_table`: which changes a watch reports.
+//! What a watch reports: the row operations and TRUNCATE, as its `events` argument names them.
 
-use crate::payload::Op;
+/// The net kind of a row change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub const ALL: [Op; 3] = [Op::Insert, Op::Update, Op::Delete];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// A non-empty set of events: row operations, and TRUNCATE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

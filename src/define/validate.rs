@@ -1,26 +1,19 @@
-//! `watch_table` and `unwatch_table`: check every argument and turn them into a [`Watch`], which
-//! the catalog module stores and installs. Bad input fails here, before anything is changed.
+//! The arguments of `watch_table` and `unwatch_table`, checked and turned into a [`Watch`] with the
+//! WHEN of each of its triggers. Bad input fails here, before anything is changed.
 
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::pgrx_sql_entity_graph::metadata::{ArgumentError, ReturnsError, ReturnsRef, SqlMappingRef, SqlTranslatable};
 use pgrx::prelude::*;
-use pgrx::{function_name, PgRelation, PgSqlErrorCode};
+use pgrx::{PgRelation, PgSqlErrorCode};
 
-use crate::catalog::{self, PayloadMode, Shape, TableName, Watch};
-use crate::events::{Event, Events, EventsError, ACCEPTED};
-use crate::payload::Op;
-use crate::when::{self, Images, When};
+use super::store;
+use super::when::{self, Images, When};
+use crate::encode::packer::{cols_header, MAX_COLS_HEADER};
+use crate::error::fail;
+use crate::model::events::{Event, Events, EventsError, Op, ACCEPTED};
+use crate::model::watch::{channel_name, PayloadMode, TableName, Watch, MAX_CHANNEL};
 
 /// Most extra columns one watch may list.
 pub const MAX_EXTRA_COLUMNS: usize = 64;
-/// Longest channel name PostgreSQL accepts (NAMEDATALEN - 1).
-pub const MAX_CHANNEL_BYTES: usize = 63;
-
-/// Raises an ERROR with a SQLSTATE, a message and a hint.
-pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
-    ErrorReport::new(code, message, function_name!()).set_hint(hint).report(PgLogLevel::ERROR);
-    unreachable!("an ERROR does not return")
-}
 
 /// A `regclass` argument, not opened yet. (pgrx's `PgRelation` opens the relation while it reads
 /// the argument, and an OID no relation has, such as `0::regclass`, fails there with XX000.)
@@ -87,7 +80,7 @@ pub fn check_may_watch(rel: &PgRelation) {
 }
 
 /// The table, checked to be watchable by the current user.
-fn watchable(tbl: Option<RegClass>) -> PgRelation {
+pub fn watchable(tbl: Option<RegClass>) -> PgRelation {
     let rel = open(tbl);
     // SAFETY: an open relation has its pg_class row.
     let relkind = unsafe { (*rel.rd_rel).relkind } as u8;
@@ -121,7 +114,7 @@ fn watchable(tbl: Option<RegClass>) -> PgRelation {
 }
 
 fn primary_key(rel: &PgRelation) -> Vec<String> {
-    let keys = catalog::primary_key(rel.oid());
+    let keys = store::primary_key(rel.oid());
     if keys.is_empty() {
         fail(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -129,7 +122,7 @@ fn primary_key(rel: &PgRelation) -> Vec<String> {
             "pgwatch identifies rows by their primary key: add one with ALTER TABLE ... ADD PRIMARY KEY",
         );
     }
-    if let Some(table) = catalog::deferrable_primary_key(rel.oid()) {
+    if let Some(table) = store::deferrable_primary_key(rel.oid()) {
         fail(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("the primary key of table {table} is deferrable"),
@@ -141,7 +134,7 @@ fn primary_key(rel: &PgRelation) -> Vec<String> {
 
 /// A list of column names of `rel`: each exists, is given once, and is not NULL.
 fn column_list(rel: &PgRelation, argument: &str, requested: Option<Vec<Option<String>>>) -> Vec<String> {
-    let existing = catalog::column_names(rel);
+    let existing = store::column_names(rel);
     let mut columns: Vec<String> = Vec::new();
     for column in requested.unwrap_or_default() {
         let Some(column) = column else {
@@ -203,12 +196,6 @@ fn parse_events(events: Option<&str>) -> Events {
     })
 }
 
-/// The channel: the label if given, else `schema.table`; `None` when it is too long.
-pub fn channel_name(display: &str, label: Option<&str>) -> Option<String> {
-    let channel = label.unwrap_or(display);
-    (channel.len() <= MAX_CHANNEL_BYTES).then(|| channel.to_string())
-}
-
 fn channel(rel: &PgRelation, label: Option<&str>) -> String {
     if label == Some("") {
         fail(
@@ -221,7 +208,7 @@ fn channel(rel: &PgRelation, label: Option<&str>) -> String {
     channel_name(&display, label).unwrap_or_else(|| {
         fail(
             PgSqlErrorCode::ERRCODE_NAME_TOO_LONG,
-            format!("channel name \"{}\" is longer than {MAX_CHANNEL_BYTES} bytes", label.unwrap_or(&display)),
+            format!("channel name \"{}\" is longer than {MAX_CHANNEL} bytes", label.unwrap_or(&display)),
             "pass a shorter label: watch_table(..., label => 'short_name'); the label is the channel",
         )
     })
@@ -310,29 +297,32 @@ fn parse_payload(payload: Option<&str>, keys: &[String], extras: &[String]) -> P
         );
     }
     let names = keys.iter().chain(extras).map(String::as_str);
-    if mode == PayloadMode::Compact && crate::payload::cols_header(names).is_err() {
+    if mode == PayloadMode::Compact && cols_header(names).is_err() {
         fail(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!("the column names of a compact payload take more than {} bytes", crate::payload::MAX_COLS_HEADER),
+            format!("the column names of a compact payload take more than {} bytes", MAX_COLS_HEADER),
             "watch fewer extra columns, or use payload 'full'",
         );
     }
     mode
 }
 
+/// The arguments of `watch_table`, as SQL passes them (NULL as `None`).
+pub struct WatchArgs<'a> {
+    pub tbl: Option<RegClass>,
+    pub events: Option<&'a str>,
+    pub extra_columns: Option<Vec<Option<String>>>,
+    pub label: Option<&'a str>,
+    pub trigger_columns: Option<Vec<Option<String>>>,
+    pub condition: Option<&'a str>,
+    pub payload: Option<&'a str>,
+    pub fire_on_replica: Option<bool>,
+}
+
 /// Checks the arguments of `watch_table` and makes the watch they describe, with the WHEN of each
 /// of its triggers.
-#[allow(clippy::too_many_arguments)]
-fn watch(
-    tbl: Option<RegClass>,
-    events: Option<&str>,
-    extra_columns: Option<Vec<Option<String>>>,
-    label: Option<&str>,
-    trigger_columns: Option<Vec<Option<String>>>,
-    condition: Option<&str>,
-    payload: Option<&str>,
-    fire_on_replica: Option<bool>,
-) -> (PgRelation, Watch, Vec<(Event, Option<When>)>) {
+pub fn watch(args: WatchArgs<'_>) -> (PgRelation, Watch, Vec<(Event, Option<When>)>) {
+    let WatchArgs { tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica } = args;
     let rel = watchable(tbl);
     let events = parse_events(events);
     let keys = primary_key(&rel);
@@ -360,7 +350,7 @@ fn watch(
         payload,
         fire_on_replica,
     };
-    if let Some(reserved) = catalog::reserved_column(&watch) {
+    if let Some(reserved) = watch.reserved_column() {
         fail(
             PgSqlErrorCode::ERRCODE_RESERVED_NAME,
             format!(
@@ -372,52 +362,4 @@ fn watch(
     }
     let whens = whens(&rel, &watch);
     (rel, watch, whens)
-}
-
-#[pg_schema]
-mod pgwatch {
-    use super::*;
-
-    /// Creates or replaces the watch of `tbl` named `label`; returns its id. Called by
-    /// `watch_table()`, which returns the catalog row.
-    #[pg_extern(volatile)]
-    #[search_path(pg_catalog, pg_temp)]
-    #[allow(clippy::too_many_arguments)]
-    fn define_watch(
-        tbl: Option<RegClass>,
-        events: Option<&str>,
-        extra_columns: Option<Vec<Option<String>>>,
-        label: Option<&str>,
-        trigger_columns: Option<Vec<Option<String>>>,
-        condition: Option<&str>,
-        payload: Option<&str>,
-        fire_on_replica: Option<bool>,
-    ) -> i64 {
-        let (rel, watch, whens) =
-            watch(tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica);
-        catalog::save(rel, &watch, &whens, Shape::Current)
-    }
-
-    /// 0.1.0's `watch_table()` calls this. It is kept, without SQL of its own, so that a database
-    /// still on 0.1.0's SQL keeps working with this library until `ALTER EXTENSION pgwatch UPDATE`.
-    #[pg_extern(volatile, sql = false)]
-    #[search_path(pg_catalog, pg_temp)]
-    fn apply_watch(
-        tbl: Option<RegClass>,
-        events: Option<&str>,
-        extra_columns: Option<Vec<Option<String>>>,
-        label: Option<&str>,
-    ) -> i64 {
-        let (rel, watch, whens) = watch(tbl, events, extra_columns, label, None, None, Some("full"), Some(false));
-        catalog::save(rel, &watch, &whens, Shape::V0_1)
-    }
-}
-
-/// Removes the watch of `tbl` named `label`, or every watch of `tbl` when `label` is NULL, with
-/// their triggers. Returns how many watches were removed.
-#[pg_extern(volatile)]
-#[search_path(pg_catalog, pg_temp)]
-fn unwatch_table(tbl: Option<RegClass>, label: default!(Option<&str>, "NULL")) -> i32 {
-    let rel = watchable(tbl);
-    catalog::remove(&rel, label)
 }

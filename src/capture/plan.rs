@@ -13,13 +13,14 @@ use std::rc::Rc;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::{pg_guard, warning, PgSqlErrorCode};
 
-use crate::api::fail;
-use crate::{args, catalog};
-
+use super::transition::TransitionSlots;
+use crate::define::store::made_by_pgwatch;
+use crate::encode::image::{pair_prefix, Full, ImageBuilder, MAX_PAYLOAD};
+use crate::encode::packer::{cols_header, row_budget, MAX_TABLE_NAME};
+use crate::error::fail;
 use crate::fxhash::FxHashMap;
-use crate::notify::Target;
-use crate::payload::{self, pair_prefix, ImageBuilder};
-use crate::trigger::TransitionSlots;
+use crate::model::trigger_arg::{Layout, TriggerArg};
+use crate::model::watch::{Rows, Target};
 use crate::unguarded;
 
 /// How a column's value becomes JSON.
@@ -88,7 +89,6 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     // SAFETY: tgargs holds tgnargs NUL-terminated strings.
     let args: Vec<&[u8]> =
         (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }.to_bytes()).collect();
-    let fields = args::decode(&args);
     let refuse = |why: &str| -> ! {
         fail(
             PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
@@ -96,47 +96,36 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
             "watch tables with watch_table(), which creates pgwatch's triggers",
         )
     };
-    let Some([channel, tbl, keys, names @ ..]) = fields.as_deref() else {
-        refuse("it takes the channel, the table name, the key count and the column names");
-    };
-    // What the delivery worker could not send must never reach its queue (see `queue`).
-    if channel.is_empty() || channel.len() > payload::MAX_CHANNEL {
-        refuse(&format!("a channel name of {} bytes (1 to {})", channel.len(), payload::MAX_CHANNEL));
-    }
-    let keys = String::from_utf8_lossy(keys);
-    let (keys, compact) = match keys.split_once(' ') {
-        Some((keys, "compact")) => (keys, true),
-        _ => (keys.as_ref(), false),
-    };
-    let keys = match keys.parse::<usize>() {
-        Ok(keys) if (1..=names.len()).contains(&keys) => keys,
-        _ => refuse(&format!("a key count of \"{keys}\" for {} columns", names.len())),
-    };
+    // What the delivery worker could not send must never reach its queue.
+    let arg = TriggerArg::read(&args).unwrap_or_else(|why| refuse(&why));
     // SAFETY: a firing trigger's name is a NUL-terminated string; rel is open.
     let (name, relid) = unsafe { (CStr::from_ptr(trigger.tgname).to_string_lossy(), (*rel).rd_id) };
-    if !catalog::made_by_pgwatch(&name, relid, channel) {
+    if !made_by_pgwatch(&name, relid, &arg.channel) {
         refuse(&format!(
             "trigger \"{name}\" is not a trigger of a watch of this table on channel \"{}\"",
-            String::from_utf8_lossy(channel)
+            String::from_utf8_lossy(&arg.channel)
         ));
     }
-    let cols = if compact {
-        let names: Vec<_> = names.iter().map(|n| String::from_utf8_lossy(n)).collect();
-        payload::cols_header(names.iter().map(|n| n.as_ref())).ok()
+    let compact = arg.layout == Layout::Compact;
+    let rows = if compact {
+        let names: Vec<_> = arg.columns.iter().map(|n| String::from_utf8_lossy(n)).collect();
+        cols_header(names.iter().map(|n| n.as_ref())).ok().map(Rows::Compact)
     } else {
-        Some(Box::default())
+        Some(Rows::Objects)
     };
-    let channel = CString::new(channel.as_slice()).expect("a trigger argument holds no NUL byte");
-    let tbl = String::from_utf8_lossy(tbl).into_owned();
-    if tbl.len() > payload::MAX_TABLE_NAME {
-        refuse(&format!("a table name of {} bytes (at most {})", tbl.len(), payload::MAX_TABLE_NAME));
+    let channel = CString::new(arg.channel).expect("a trigger argument holds no NUL byte");
+    let tbl = String::from_utf8_lossy(&arg.tbl).into_owned();
+    if tbl.len() > MAX_TABLE_NAME {
+        refuse(&format!("a table name of {} bytes (at most {MAX_TABLE_NAME})", tbl.len()));
     }
-    let target = Rc::new(Target { channel, tbl, cols: cols.clone().unwrap_or_default() });
-    let columns = unsafe { resolve(rel, names, compact) };
-    let columns = match (columns, cols) {
-        (Ok(list), Some(cols)) if keys <= list.len() => {
+    let target = Rc::new(Target { channel, tbl, rows: rows.clone().unwrap_or(Rows::Objects) });
+    // SAFETY: rel is open for the trigger's whole run.
+    let columns = unsafe { resolve(rel, &arg.columns, compact) };
+    let columns = match (columns, rows) {
+        (Ok(list), Some(_)) if arg.keys <= list.len() => {
             let last_attno = list.iter().map(|c| c.attno).max().unwrap_or(0);
-            Some(Columns { list, keys, row_budget: payload::row_budget(&target.tbl, &cols), last_attno })
+            let row_budget = row_budget(&target.tbl, target.cols());
+            Some(Columns { list, keys: arg.keys, row_budget, last_attno })
         }
         (Ok(_), None) => {
             warning!(
@@ -169,10 +158,11 @@ unsafe fn resolve(rel: pg_sys::Relation, names: &[Vec<u8>], compact: bool) -> Re
         .iter()
         .map(|name| {
             let missing = || String::from_utf8_lossy(name).into_owned();
-            let attr = attrs
-                .iter()
-                .find(|a| !a.attisdropped && unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes() == name)
-                .ok_or_else(missing)?;
+            let named = |a: &&pg_sys::FormData_pg_attribute| {
+                // SAFETY: an attribute's name is a NUL-terminated string in its NameData.
+                unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes() == name
+            };
+            let attr = attrs.iter().find(|a| !a.attisdropped && named(a)).ok_or_else(missing)?;
             let prefix = if compact {
                 Box::default()
             } else {
@@ -265,7 +255,7 @@ impl Columns {
         &self,
         tuple: pg_sys::HeapTuple,
         tupdesc: pg_sys::TupleDesc,
-    ) -> Option<payload::Image> {
+    ) -> Option<crate::encode::image::Image> {
         self.image(|attno| {
             let mut isnull = false;
             // SAFETY: as the caller promised; attno is a live column of this descriptor (checked
@@ -279,7 +269,7 @@ impl Columns {
     ///
     /// # Safety
     /// `slot` must hold a row of the table this plan was built for.
-    pub unsafe fn image_of_slot(&self, slot: *mut pg_sys::TupleTableSlot) -> Option<payload::Image> {
+    pub unsafe fn image_of_slot(&self, slot: *mut pg_sys::TupleTableSlot) -> Option<crate::encode::image::Image> {
         // SAFETY: as the caller promised; afterwards tts_values and tts_isnull hold the first
         // last_attno columns.
         let (values, nulls) = unsafe {
@@ -292,7 +282,7 @@ impl Columns {
 
     /// Builds the image from `value(attno)`: key columns, then extras while they fit.
     #[inline(always)]
-    fn image(&self, value: impl Fn(i16) -> (pg_sys::Datum, bool)) -> Option<payload::Image> {
+    fn image(&self, value: impl Fn(i16) -> (pg_sys::Datum, bool)) -> Option<crate::encode::image::Image> {
         let mut builder = ImageBuilder::new(self.row_budget);
         for column in &self.list[..self.keys] {
             let (datum, isnull) = value(column.attno);
@@ -316,7 +306,7 @@ impl Columns {
 impl Column {
     /// # Safety
     /// Unless `isnull`, `datum` must be a value of the column's type.
-    unsafe fn write(&self, out: &mut ImageBuilder, datum: pg_sys::Datum, isnull: bool) -> Result<(), payload::Full> {
+    unsafe fn write(&self, out: &mut ImageBuilder, datum: pg_sys::Datum, isnull: bool) -> Result<(), Full> {
         let prefix = &self.prefix[..];
         if isnull {
             return out.raw_pair(prefix, b"null");
@@ -331,8 +321,8 @@ impl Column {
                 // SAFETY: a non-null text datum is a varlena; checking its raw size first means an
                 // oversized value is never detoasted.
                 unsafe {
-                    if pg_sys::toast_raw_datum_size(datum) > payload::MAX_PAYLOAD {
-                        return Err(payload::Full);
+                    if pg_sys::toast_raw_datum_size(datum) > MAX_PAYLOAD {
+                        return Err(Full);
                     }
                     let text = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
                     out.string_pair(prefix, pgrx::varlena::varlena_to_byte_slice(text))

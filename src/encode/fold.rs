@@ -15,8 +15,10 @@
 
 use hashbrown::HashTable;
 
+use super::image::Image;
+use super::row::NetRow;
 use crate::fxhash;
-use crate::payload::{Image, NetRow, Op};
+use crate::model::events::Op;
 
 /// One row change as a trigger saw it (its key may change), or the folded net change of one key.
 #[derive(Clone, Debug)]
@@ -203,9 +205,9 @@ impl Folded {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::payload::{pair_prefix, ImageBuilder, PayloadBuf};
+    use crate::encode::image::{pair_prefix, ImageBuilder, PayloadBuf};
 
     fn img(id: i64, role: &str) -> Image {
         let mut b = ImageBuilder::new(1000);
@@ -235,7 +237,8 @@ mod tests {
         render(&folded)
     }
 
-    fn render(folded: &Folded) -> Vec<String> {
+    /// The net rows of `folded` as `op json`, in sending order (also used by the record tests).
+    pub(crate) fn render(folded: &Folded) -> Vec<String> {
         folded
             .net_rows()
             .map(|row| {

@@ -1,0 +1,251 @@
+//! End-to-end tests of DDL on watched tables: renames are followed, changes that would break a
+//! watch are refused with writes left working, and keys that may repeat cannot get under a watch.
+
+use postgres::Client;
+
+use super::support::{connect, failure, serial, watch_id, watched, MODES};
+
+#[test]
+fn renamed_tables_schemas_and_columns_are_followed() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "DROP SCHEMA IF EXISTS o_s CASCADE; DROP SCHEMA IF EXISTS o_s2 CASCADE;
+             CREATE SCHEMA o_s;
+             CREATE TABLE o_s.o_ren (id int PRIMARY KEY, role_id int, flag bool);
+             INSERT INTO o_s.o_ren VALUES (1, 1, false);
+             SELECT watch_table('o_s.o_ren', '*', '{role_id}', trigger_columns => '{role_id,flag}');
+             SELECT watch_table('o_s.o_ren', 'insert', label => 'o_ren_label')",
+            &["o_s.o_ren", "o_s.o_renamed", "o_s2.o_renamed", "public.o_renamed", "o_ren_label"],
+        );
+        writer
+            .batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN role_id TO role; UPDATE o_s.o_ren SET role = 2")
+            .unwrap();
+        listener.expect_on(&[(
+            "o_s.o_ren",
+            r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2,"old":{"role":1}}]}"#,
+        )]);
+        writer
+            .batch_execute(
+                r#"ALTER TABLE o_s.o_ren RENAME COLUMN flag TO "is on"; UPDATE o_s.o_ren SET "is on" = true"#,
+            )
+            .unwrap();
+        listener.expect_on(&[("o_s.o_ren", r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2}]}"#)]);
+        writer
+            .batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN id TO key; INSERT INTO o_s.o_ren VALUES (2, 3)")
+            .unwrap();
+        let inserted = r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2,"role":3}]}"#;
+        listener.expect_on(&[
+            ("o_s.o_ren", inserted),
+            ("o_ren_label", r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2}]}"#),
+        ]);
+        // A table without a label changes channel with its name; a labelled one keeps it.
+        writer
+            .batch_execute("ALTER TABLE o_s.o_ren RENAME TO o_renamed; DELETE FROM o_s.o_renamed WHERE key = 2")
+            .unwrap();
+        listener
+            .expect_on(&[("o_s.o_renamed", r#"{"tbl":"o_s.o_renamed","op":"delete","rows":[{"key":2,"role":3}]}"#)]);
+        writer.batch_execute("ALTER SCHEMA o_s RENAME TO o_s2; INSERT INTO o_s2.o_renamed VALUES (3, 3)").unwrap();
+        listener.expect_on(&[
+            ("o_s2.o_renamed", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3,"role":3}]}"#),
+            ("o_ren_label", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3}]}"#),
+        ]);
+        writer
+            .batch_execute("ALTER TABLE o_s2.o_renamed SET SCHEMA public; UPDATE o_renamed SET role = 4 WHERE key = 3")
+            .unwrap();
+        listener.expect_on(&[(
+            "public.o_renamed",
+            r#"{"tbl":"public.o_renamed","op":"update","rows":[{"key":3,"role":4,"old":{"role":3}}]}"#,
+        )]);
+        let row = writer
+            .query_one(
+                "SELECT channel, key_columns, extra_columns, trigger_columns FROM pgwatch.watches
+                  WHERE tbl = 'o_renamed'::regclass AND label IS NULL",
+                &[],
+            )
+            .unwrap();
+        let catalog: (String, Vec<String>, Vec<String>, Vec<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            catalog,
+            ("public.o_renamed".into(), vec!["key".into()], vec!["role".into()], vec!["role".into(), "is on".into()])
+        );
+        writer.batch_execute("DROP TABLE o_renamed; DROP SCHEMA o_s2").unwrap();
+    }
+}
+
+#[test]
+fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_ddl (id int PRIMARY KEY, role_id int, status text, name text);
+             SELECT watch_table('o_ddl', '*', '{role_id}');
+             SELECT watch_table('o_ddl', 'update', label => 'o_ddl_cond', condition => $$NEW.status IS NOT NULL$$)",
+            &["public.o_ddl", "o_ddl_cond"],
+        );
+        let plain = watch_id(&mut writer, "public.o_ddl");
+        let conditional = watch_id(&mut writer, "o_ddl_cond");
+        let catalog = |client: &mut Client| -> String {
+            client
+                .query_one(
+                    "SELECT (SELECT string_agg(w::text, ';' ORDER BY id) FROM pgwatch.watches w WHERE tbl = 'o_ddl'::regclass)
+                         || (SELECT string_agg(tgname || pg_get_triggerdef(oid), ';' ORDER BY tgname) FROM pg_trigger
+                              WHERE tgrelid = 'o_ddl'::regclass)",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        };
+        let before = catalog(&mut writer);
+        for (sql, code, message) in [
+            (
+                "ALTER TABLE o_ddl DROP COLUMN role_id",
+                "2BP01",
+                format!(
+                    r#"cannot drop column role_id of table public.o_ddl: pgwatch watch {plain} (channel "public.o_ddl") uses it"#
+                ),
+            ),
+            (
+                "DROP TRIGGER pgwatch_{plain}_insert ON o_ddl",
+                "2BP01",
+                format!(
+                    r#"cannot drop trigger pgwatch_{plain}_insert of table public.o_ddl: it belongs to pgwatch watch {plain} (channel "public.o_ddl")"#
+                ),
+            ),
+            // The condition's trigger depends on status: PostgreSQL refuses, and with CASCADE pgwatch does.
+            ("ALTER TABLE o_ddl DROP COLUMN status", "2BP01", String::new()),
+            (
+                "ALTER TABLE o_ddl DROP COLUMN status CASCADE",
+                "2BP01",
+                format!(
+                    r#"cannot drop trigger pgwatch_{conditional}_update of table public.o_ddl: it belongs to pgwatch watch {conditional} (channel "o_ddl_cond")"#
+                ),
+            ),
+            (
+                "ALTER TABLE o_ddl RENAME COLUMN status TO state",
+                "2BP01",
+                format!(
+                    r#"cannot rename column "state" of table public.o_ddl: pgwatch watch {conditional} (channel "o_ddl_cond") has a condition that refers to it"#
+                ),
+            ),
+            ("ALTER TABLE o_ddl ALTER COLUMN status TYPE varchar(10)", "0A000", String::new()),
+            (
+                "ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey",
+                "2BP01",
+                format!(
+                    r#"cannot drop constraint o_ddl_pkey of table public.o_ddl: pgwatch watch {plain} (channel "public.o_ddl") identifies rows by this primary key"#
+                ),
+            ),
+            // Keys that may repeat until the check would let coalescing fold different rows.
+            ("ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD PRIMARY KEY (id) DEFERRABLE", "2BP01", String::new()),
+            ("ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD PRIMARY KEY (id, role_id)", "2BP01", String::new()),
+        ] {
+            let sql = sql.replace("{plain}", &plain.to_string());
+            let (got, got_message) = failure(&mut writer, &sql);
+            assert_eq!(got, code, "{sql}: {got_message}");
+            if !message.is_empty() {
+                assert_eq!(got_message, message, "{sql}");
+            }
+            assert_eq!(catalog(&mut writer), before, "{sql} changed the watch");
+            // One statement at a time: a worker folds changes that reach it together.
+            writer.batch_execute("INSERT INTO o_ddl VALUES (1, 1, 'on', 'a')").unwrap();
+            listener.expect_on(&[(
+                "public.o_ddl",
+                r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":1,"role_id":1}]}"#,
+            )]);
+            writer.batch_execute("DELETE FROM o_ddl").unwrap();
+            listener.expect_on(&[(
+                "public.o_ddl",
+                r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#,
+            )]);
+        }
+        // Changes the watches can follow: new types (the key's index is rebuilt), new and dropped
+        // unwatched columns and constraints, the primary key put back as it was.
+        writer
+            .batch_execute(
+                "ALTER TABLE o_ddl ALTER COLUMN role_id TYPE text USING 'r' || role_id;
+                 ALTER TABLE o_ddl ALTER COLUMN id TYPE bigint;
+                 ALTER TABLE o_ddl ADD COLUMN added int DEFAULT 5;
+                 ALTER TABLE o_ddl DROP COLUMN name;
+                 ALTER TABLE o_ddl ADD CONSTRAINT o_ddl_positive CHECK (id > 0), ADD UNIQUE (id, added);
+                 ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_positive, DROP CONSTRAINT o_ddl_id_added_key;
+                 ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD CONSTRAINT o_ddl_pkey PRIMARY KEY (id)",
+            )
+            .unwrap();
+        writer.batch_execute("INSERT INTO o_ddl VALUES (2, 'r2', 'on')").unwrap();
+        listener
+            .expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":2,"role_id":"r2"}]}"#)]);
+        writer.batch_execute("UPDATE o_ddl SET added = 6").unwrap();
+        listener.expect_on(&[
+            ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"update","rows":[{"id":2,"role_id":"r2"}]}"#),
+            ("o_ddl_cond", r#"{"tbl":"public.o_ddl","op":"update","rows":[{"id":2}]}"#),
+        ]);
+        // What unwatch_table and DROP TABLE drop is not refused.
+        writer
+            .batch_execute("SELECT unwatch_table('o_ddl', 'o_ddl_cond'); ALTER TABLE o_ddl DROP COLUMN status")
+            .unwrap();
+        writer.batch_execute("DROP TABLE o_ddl").unwrap();
+    }
+}
+
+#[test]
+fn keys_that_may_repeat_cannot_get_under_a_watch_and_drops_are_checked_under_replica() {
+    let _serial = serial();
+    let mut client = connect();
+    client
+        .batch_execute(
+            "CREATE TABLE o_defer (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE o_defer_1 (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED);
+             CREATE TABLE o_defer_2 (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE o_defer_2a (id int PRIMARY KEY DEFERRABLE);
+             ALTER TABLE o_defer ATTACH PARTITION o_defer_2 FOR VALUES FROM (100) TO (200);
+             SELECT watch_table('o_defer')",
+        )
+        .unwrap();
+    let id = watch_id(&mut client, "public.o_defer");
+    // PostgreSQL attaches a partition whose key is deferrable to a key that is not.
+    for (sql, table) in [
+        ("ALTER TABLE o_defer ATTACH PARTITION o_defer_1 FOR VALUES FROM (0) TO (100)", "public.o_defer_1"),
+        ("ALTER TABLE o_defer_2 ATTACH PARTITION o_defer_2a FOR VALUES FROM (100) TO (150)", "public.o_defer_2a"),
+    ] {
+        assert_eq!(
+            failure(&mut client, sql),
+            (
+                "2BP01".to_string(),
+                format!(
+                    r#"the primary key of table {table} is deferrable: pgwatch watch {id} (channel "public.o_defer") of table public.o_defer needs keys unique after every row"#
+                )
+            ),
+            "{sql}"
+        );
+    }
+    client
+        .batch_execute(
+            "SELECT unwatch_table('o_defer');
+             ALTER TABLE o_defer_2 ATTACH PARTITION o_defer_2a FOR VALUES FROM (100) TO (150)",
+        )
+        .unwrap();
+    assert_eq!(
+        failure(&mut client, "SELECT watch_table('o_defer')"),
+        ("55000".to_string(), "the primary key of table public.o_defer_2a is deferrable".to_string())
+    );
+    // DDL under session_replication_role = replica (a subscriber's, or a migration's) is checked
+    // and followed alike.
+    client
+        .batch_execute(
+            "CREATE TABLE o_replica (id int PRIMARY KEY); SELECT watch_table('o_replica');
+             SET session_replication_role = replica",
+        )
+        .unwrap();
+    let (code, _) = failure(&mut client, "ALTER TABLE o_replica DROP CONSTRAINT o_replica_pkey");
+    assert_eq!(code, "2BP01");
+    client.batch_execute("DROP TABLE o_replica; RESET session_replication_role").unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM pgwatch.watches WHERE channel = 'public.o_replica'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "DROP TABLE under replica left its watch behind");
+    client.batch_execute("DROP TABLE o_defer, o_defer_1").unwrap();
+}

@@ -1,0 +1,164 @@
+//! The trigger each watch installs: encodes the changed rows' watched columns (or notes a
+//! TRUNCATE) and records them for this transaction. No SPI, no catalog lookups and nothing that can
+//! fail a user's write.
+//!
+//! Plain tables get statement triggers that read the statement's transition tables: PostgreSQL
+//! then only appends each row to a tuplestore, instead of queueing an AFTER-trigger event per row
+//! and fetching the row again to fire it. Row triggers remain where a statement trigger would
+//! miss rows or see them out of order, or cannot express the watch (`catalog` decides).
+
+use std::convert::Infallible;
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use super::plan::{self, Columns, Plan};
+use super::transition::{RowMemory, TransitionSlots, TransitionTable};
+use crate::deliver::xact;
+use crate::encode::fold::Change;
+use crate::encode::image::Image;
+use crate::error::fail;
+use crate::model::events::Op;
+use crate::{guc, unguarded};
+
+/// What `pgwatch.capture()` does when it fires (see `sql.rs`).
+pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    if guc::MUTE.get() {
+        return Ok(None);
+    }
+    let data = trigger.trigger_data();
+    let event = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let is_row = data.tg_event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    let op = match event {
+        pg_sys::TRIGGER_EVENT_INSERT => Op::Insert,
+        pg_sys::TRIGGER_EVENT_UPDATE => Op::Update,
+        pg_sys::TRIGGER_EVENT_DELETE => Op::Delete,
+        _ if !is_row => {
+            // SAFETY: this is a firing trigger of pgwatch.capture.
+            xact::record_truncate(&unsafe { plan::for_trigger(data) }.target);
+            return Ok(None);
+        }
+        _ => misfired("a row trigger on TRUNCATE"),
+    };
+    let missing_tables = match op {
+        Op::Insert => data.tg_newtable.is_null(),
+        Op::Update => data.tg_oldtable.is_null() || data.tg_newtable.is_null(),
+        Op::Delete => data.tg_oldtable.is_null(),
+    };
+    if !is_row && missing_tables {
+        misfired("a statement trigger without the transition tables watch_table() asks for");
+    }
+    // A statement that changed no row has nothing to report, not even an overflow.
+    let table = if op == Op::Delete { data.tg_oldtable } else { data.tg_newtable };
+    // SAFETY: a transition table of the firing statement, checked above to be there.
+    let statement_rows = if is_row { 1 } else { unsafe { unguarded::tuplestore_tuple_count(table) } };
+    if statement_rows <= 0 {
+        return Ok(None);
+    }
+    // SAFETY: this is a firing trigger of pgwatch.capture.
+    let plan = unsafe { plan::for_trigger(data) };
+    let Some(columns) = &plan.columns else {
+        xact::record_overflow(&plan.target, op);
+        return Ok(None);
+    };
+    if is_row {
+        // SAFETY: a row trigger's tuples are valid and described by its relation's descriptor:
+        // the old row (or the inserted one) in tg_trigtuple, the new row of an update in
+        // tg_newtuple.
+        let image = |tuple| unsafe { columns.image_of_tuple(tuple, (*data.tg_relation).rd_att) };
+        let (before, after) = match op {
+            Op::Insert => (None, Some(data.tg_trigtuple)),
+            Op::Update => (Some(data.tg_trigtuple), Some(data.tg_newtuple)),
+            Op::Delete => (Some(data.tg_trigtuple), None),
+        };
+        record(&plan, op, before.map(image), after.map(image));
+    } else {
+        // SAFETY: the transition tables of a firing statement trigger on the plan's table.
+        unsafe { record_transition_tables(data, &plan, columns, op, statement_rows) };
+    }
+    Ok(None)
+}
+
+/// Records one row's change from its images (`Some(None)`: an image that does not fit).
+fn record(plan: &Plan, op: Op, before: Option<Option<Image>>, after: Option<Option<Image>>) {
+    match (before, after) {
+        (Some(None), _) | (_, Some(None)) => xact::record_overflow(&plan.target, op),
+        (before, after) => xact::record(&plan.target, op, Change { before: before.flatten(), after: after.flatten() }),
+    }
+}
+
+/// Records every row of a statement (`rows` of them) from its transition tables. An update's old
+/// and new rows are stored pairwise, in the order the rows changed, so the two tables are read in
+/// step.
+///
+/// # Safety
+/// `data` must be a firing statement trigger's, with the transition tables `op` needs, on the
+/// table `plan` was built for.
+unsafe fn record_transition_tables(data: &pg_sys::TriggerData, plan: &Plan, columns: &Columns, op: Op, rows: i64) {
+    // SAFETY: as the caller promised, the transition tables hold rows of the plan's table.
+    let tupdesc = unsafe { (*data.tg_relation).rd_att };
+    // SAFETY: the statement's transition tables hold rows `tupdesc` describes.
+    let kept = plan.transition_slots.get_or_init(|| unsafe { TransitionSlots::new(tupdesc) });
+    // A statement of the same trigger fired while this one reads would read through its own.
+    let nested;
+    let lent = match kept.lend() {
+        Some(lent) => lent,
+        None => {
+            // SAFETY: as above.
+            nested = unsafe { TransitionSlots::new(tupdesc) };
+            nested.lend().expect("new slots are free")
+        }
+    };
+    let [old_slot, new_slot] = lent.0.slots;
+    let open = |table: *mut pg_sys::Tuplestorestate, slot| {
+        // SAFETY: a transition table of this statement, holding rows of the trigger's table, each
+        // read through a slot of its own.
+        (!table.is_null()).then(|| unsafe { TransitionTable::open(table, slot) })
+    };
+    let (mut old, mut new) = match op {
+        Op::Insert => (None, open(data.tg_newtable, new_slot)),
+        Op::Update => (open(data.tg_oldtable, old_slot), open(data.tg_newtable, new_slot)),
+        Op::Delete => (open(data.tg_oldtable, old_slot), None),
+    };
+    xact::expect_rows(&plan.target, usize::try_from(rows).unwrap_or(0));
+    let per_row = columns.allocates().then(RowMemory::new);
+    loop {
+        // Per table: None when the op has no such table, Some(None) once it is read to its end.
+        let (old_row, new_row) = (old.as_mut().map(TransitionTable::next), new.as_mut().map(TransitionTable::next));
+        match (old_row, new_row) {
+            (None | Some(None), None | Some(None)) => break,
+            // Old and new rows of an update come in pairs; if one table ran out first, the rest
+            // cannot be listed, only announced.
+            (Some(None), Some(Some(_))) | (Some(Some(_)), Some(None)) => {
+                xact::record_overflow(&plan.target, op);
+                break;
+            }
+            (old_row, new_row) => {
+                // SAFETY: each slot holds a row of the trigger's table until its next read. The
+                // rows are read outside per_row, so a slot never holds a tuple its reset frees.
+                let image = |row: Option<Option<_>>| {
+                    row.flatten().map(|slot| {
+                        // SAFETY: as above.
+                        let image = || unsafe { columns.image_of_slot(slot) };
+                        match &per_row {
+                            Some(memory) => memory.run(image),
+                            None => image(),
+                        }
+                    })
+                };
+                // A row whose key does not fit a payload is recorded as an overflow; the
+                // statement's other rows are still listed.
+                record(plan, op, image(old_row), image(new_row));
+            }
+        }
+    }
+}
+
+/// pgwatch.capture() was attached by hand in a way watch_table() never does.
+fn misfired(how: &str) -> ! {
+    fail(
+        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+        format!("pgwatch.capture() was fired as {how}"),
+        "watch tables with watch_table(), which creates pgwatch's triggers",
+    )
+}

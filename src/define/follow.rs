@@ -1,0 +1,253 @@
+//! Following DDL on watched tables: a renamed table, schema or column is followed, a table that
+//! now needs row triggers gets them, and DDL that would break a watch is refused. Runs once per
+//! DDL command, from pgwatch's event triggers (see `sql/ddl.sql`), never per row.
+
+use std::collections::BTreeSet;
+
+use pgrx::prelude::*;
+use pgrx::{PgRelation, PgSqlErrorCode};
+
+use super::owner::{column, managing, with_safe_search_path};
+use super::store::{column_names, deferrable_primary_key, load};
+use super::triggers::{existing_triggers, needs_row_triggers, trigger_name, triggers_refer_to, Existing};
+use super::watches::rebuild;
+use crate::error::{self, fail};
+use crate::model::events::Event;
+use crate::model::trigger_arg::TriggerArg;
+use crate::model::watch::{channel_name, TableName, MAX_CHANNEL};
+
+/// One object a DDL command changed, as `pg_event_trigger_ddl_commands()` lists it.
+struct Changed {
+    objid: pg_sys::Oid,
+    objsubid: i32,
+    object_type: String,
+}
+
+fn ddl_commands() -> Vec<Changed> {
+    Spi::connect(|client| {
+        client
+            .select("SELECT objid, objsubid, object_type FROM pg_catalog.pg_event_trigger_ddl_commands()", None, &[])?
+            .map(|row| {
+                Ok(Changed {
+                    objid: row.get(1)?.unwrap_or(pg_sys::Oid::INVALID),
+                    objsubid: row.get(2)?.unwrap_or(0),
+                    object_type: row.get(3)?.unwrap_or_default(),
+                })
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .unwrap_or_else(|e| error::spi_failed("pg_event_trigger_ddl_commands()", e))
+}
+
+/// Brings watch `id` in step with its table after `changes`: a renamed table, schema or watched
+/// column is followed; a rename the watch cannot follow is refused with an ERROR.
+fn follow(id: i64, changes: &[Changed]) {
+    let Some(mut watch) = load(id) else { return };
+    let existing = existing_triggers(id, watch.tbl);
+    if !watch.events.iter().all(|event| existing.iter().any(|t| t.name == trigger_name(id, event))) {
+        // Not all its triggers are there (yet): pg_restore creates them one by one, after the
+        // table's other DDL.
+        return;
+    }
+    // SAFETY: the table exists (its triggers do) and this transaction's DDL has it locked.
+    let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    let table = TableName::of(&rel);
+    if let Some(deferrable) = deferrable_primary_key(watch.tbl) {
+        // A partition attached with a deferrable key (the table's own key cannot become one,
+        // see `sql/ddl.sql`).
+        fail(
+            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            format!(
+                "the primary key of table {deferrable} is deferrable: pgwatch watch {id} (channel \"{}\") of table {} needs keys unique after every row",
+                watch.channel, table.display
+            ),
+            "attach only partitions whose primary key is not deferrable, or unwatch the table first",
+        );
+    }
+    let renamed: Vec<(i32, String)> = changes
+        .iter()
+        .filter(|c| c.objid == watch.tbl && c.objsubid > 0 && c.object_type == "table column")
+        .filter_map(|c| rel.tuple_desc().get(c.objsubid as usize - 1).map(|a| (c.objsubid, a.name().to_string())))
+        .collect();
+    if watch.condition.is_some() {
+        if let Some((_, name)) = renamed.iter().find(|(attnum, _)| triggers_refer_to(id, watch.tbl, *attnum)) {
+            fail(
+                PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!(
+                    "cannot rename column \"{name}\" of table {}: pgwatch watch {id} (channel \"{}\") has a condition that refers to it",
+                    table.display, watch.channel
+                ),
+                "unwatch the table, rename the column, then watch it again with the condition written for the new name",
+            );
+        }
+    }
+    let columns = column_names(&rel);
+    let listed = || watch.keys.iter().chain(&watch.extras).chain(&watch.trigger_columns);
+    let missing: BTreeSet<String> = listed().filter(|c| !columns.contains(c)).cloned().collect();
+    let mut changed = false;
+    if let ([old], [(_, new)]) = (&missing.into_iter().collect::<Vec<_>>()[..], &renamed[..]) {
+        for list in [&mut watch.keys, &mut watch.extras, &mut watch.trigger_columns] {
+            list.iter_mut().filter(|c| *c == old).for_each(|c| c.clone_from(new));
+        }
+        changed = true;
+    }
+    let Some(channel) = channel_name(&table.display, watch.label.as_deref()) else {
+        fail(
+            PgSqlErrorCode::ERRCODE_NAME_TOO_LONG,
+            format!(
+                "the channel of pgwatch watch {id} would be \"{}\", longer than {MAX_CHANNEL} bytes",
+                table.display
+            ),
+            "give the watch a short label first: SELECT watch_table(..., label => 'short_name')",
+        );
+    };
+    let moved = channel != watch.channel;
+    changed |= moved;
+    watch.channel = channel;
+    if let Some(reserved) = watch.reserved_column() {
+        fail(
+            PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+            format!(
+                "cannot rename a column of table {} to \"{reserved}\": pgwatch watch {id} (channel \"{}\") sends it, and \"{reserved}\" names a member of its payload rows",
+                table.display, watch.channel
+            ),
+            "choose another name, or watch the table with payload => 'compact' first",
+        );
+    }
+    let args = TriggerArg::write(&watch, &table.display);
+    // The table's triggers or place in an inheritance tree may have changed what its watches need.
+    let table_needs_rows = needs_row_triggers(&rel);
+    let wanted = |trigger: &Existing| {
+        watch.events.iter().any(|event| {
+            trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, table_needs_rows)
+        })
+    };
+    if !changed && existing.iter().all(|trigger| trigger.args == [args.clone()] && wanted(trigger)) {
+        return;
+    }
+    drop(rel);
+    rebuild(id, &watch, &table, &existing, table_needs_rows, moved);
+}
+
+/// Gives the watches of `relid`, a table about to become a partition or an inheritance child, row
+/// triggers in place of statement triggers (see [`needs_row_triggers`]). It must happen before the
+/// command: PostgreSQL 13 refuses to attach or inherit a table that has triggers with transition
+/// tables.
+fn use_row_triggers(relid: pg_sys::Oid) {
+    // Only for a user who may run the command (it needs ownership): anyone else's fails anyway,
+    // and should not lock the table for a rebuild first.
+    let ids: Vec<i64> = column(
+        "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
+          WHERE w.tbl = $1 AND pg_catalog.pg_has_role(c.relowner, 'USAGE') ORDER BY w.id",
+        &[relid.into()],
+    );
+    for id in ids {
+        let Some(watch) = load(id) else { continue };
+        let truncate = trigger_name(id, Event::Truncate);
+        let existing = existing_triggers(id, relid);
+        if existing.iter().all(|t| t.per_row || t.name == truncate) {
+            continue;
+        }
+        // SAFETY: the table exists (its watch's triggers do); ALTER TABLE locks it next.
+        let rel = unsafe { PgRelation::with_lock(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        let table = TableName::of(&rel);
+        drop(rel);
+        rebuild(id, &watch, &table, &existing, true, false);
+    }
+}
+
+/// Called at the end of DDL that can change a watched table (see `sql/ddl.sql`): watches
+/// follow renamed tables, schemas and columns, and get row triggers where the table now needs
+/// them (a new trigger, a new place in an inheritance tree).
+pub fn follow_ddl() {
+    if managing() {
+        return;
+    }
+    let changes = ddl_commands();
+    let of_type = |kind: &[&str]| -> Vec<pg_sys::Oid> {
+        changes.iter().filter(|c| kind.contains(&c.object_type.as_str())).map(|c| c.objid).collect()
+    };
+    let (schemas, tables) = (of_type(&["schema"]), of_type(&["table", "table column", "foreign table"]));
+    // A trigger created on a watched table may change what kind of triggers its watches need.
+    let triggers = of_type(&["trigger"]);
+    // So are a changed table's partition ancestors (a partition attached further down a
+    // watched tree is theirs), and a watched parent or child of a changed table that still
+    // has pgwatch's statement triggers: a parent that just gained a child (CREATE TABLE ...
+    // INHERITS, also inside CREATE SCHEMA; a foreign table's INHERITS) or a child whose
+    // command the ddl_command_start trigger did not see. Only tables the command touched
+    // lead to watches: one user's tables never make another user's DDL do work, or fail.
+    let ids: Vec<i64> = column(
+        "SELECT w.id FROM pgwatch.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl
+          WHERE c.relnamespace = ANY($1) OR c.oid = ANY($2)
+             OR c.oid IN (SELECT a.relid FROM unnest($2::pg_catalog.oid[]) AS t(oid),
+                                              pg_catalog.pg_partition_ancestors(t.oid) AS a)
+             OR c.oid IN (SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid = ANY($3))
+             OR (c.oid IN (SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = ANY($2)
+                           UNION ALL
+                           SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = ANY($2))
+                 AND EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                              WHERE t.tgrelid = c.oid AND t.tgname = ANY(ARRAY['pgwatch_' || w.id || '_insert',
+                                                      'pgwatch_' || w.id || '_update', 'pgwatch_' || w.id || '_delete'])
+                                AND (t.tgtype::int4 & $4) = 0))
+          ORDER BY w.id",
+        &[schemas.into(), tables.into(), triggers.into(), (pg_sys::TRIGGER_TYPE_ROW as i32).into()],
+    );
+    for id in ids {
+        follow(id, &changes);
+    }
+}
+
+/// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`): a
+/// watched table about to become a partition or an inheritance child gets row triggers first. It
+/// needs the parse tree, which only a C function can read. (A watched parent that gains a child is
+/// followed at `ddl_command_end`, in `follow_ddl`.)
+///
+/// # Safety
+/// `fcinfo` must be the call of PostgreSQL running an event trigger function.
+pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
+    // SAFETY: fcinfo is this call's; an event trigger's context is its EventTriggerData, checked
+    // by tag before the cast, as is every node read below.
+    unsafe {
+        let context = (*fcinfo).context;
+        if !pgrx::is_a(context, pg_sys::NodeTag::T_EventTriggerData) {
+            fail(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
+                "pgwatch.on_ddl_command_start() was not called as an event trigger".into(),
+                "it is pgwatch's own ddl_command_start event trigger",
+            );
+        }
+        let stmt = (*context.cast::<pg_sys::EventTriggerData>()).parsetree;
+        if managing() {
+            return;
+        }
+        let table = |rv: *mut pg_sys::RangeVar| {
+            let relid = pg_sys::RangeVarGetRelidExtended(
+                rv,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            (relid != pg_sys::Oid::INVALID).then_some(relid)
+        };
+        let mut joining = Vec::new();
+        if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
+            let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+            for cmd in pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds).iter_ptr() {
+                let def = (*cmd).def;
+                match (*cmd).subtype {
+                    pg_sys::AlterTableType::AT_AttachPartition if pgrx::is_a(def, pg_sys::NodeTag::T_PartitionCmd) => {
+                        joining.extend(table((*def.cast::<pg_sys::PartitionCmd>()).name));
+                    }
+                    pg_sys::AlterTableType::AT_AddInherit => joining.extend(table((*alter).relation)),
+                    _ => {}
+                }
+            }
+        }
+        // Names were resolved with the command's search_path; pgwatch's own SQL runs with a safe
+        // one.
+        if !joining.is_empty() {
+            with_safe_search_path(|| joining.into_iter().for_each(use_row_triggers));
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `pgwatch.watches`, the catalog of watches: what is read from it and written to it, and the
+//! rules it keeps (one watch per channel; a capture trigger must be a watch's).
+
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::{PgRelation, PgSqlErrorCode};
+
+use super::owner::{as_extension_owner, column, first, with_safe_search_path};
+use super::triggers::watch_id_of;
+use crate::error::{self, fail};
+use crate::model::events::Events;
+use crate::model::watch::{PayloadMode, Shape, TableName, Watch};
+
+/// The table's primary key columns, in key order (none without a primary key); not the
+/// columns an `INCLUDE` clause adds to its index.
+pub fn primary_key(tbl: pg_sys::Oid) -> Vec<String> {
+    column(
+        "SELECT a.attname::text
+           FROM pg_catalog.pg_index i,
+                unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n),
+                pg_catalog.pg_attribute a
+          WHERE i.indrelid = $1 AND i.indisprimary AND k.n <= i.indnkeyatts
+            AND a.attrelid = i.indrelid AND a.attnum = k.attnum
+          ORDER BY k.n",
+        &[tbl.into()],
+    )
+}
+
+/// The table, or the first partition under it, whose primary key is deferrable. Its keys may
+/// repeat until the check at the end of the statement or transaction, and coalescing, which finds
+/// rows by key, would fold different rows together (`UPDATE ... SET id = id + 1` in key order).
+/// A partition attached with a deferrable key is one: PostgreSQL does not compare deferrability.
+pub fn deferrable_primary_key(tbl: pg_sys::Oid) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+                   FROM (SELECT $1::pg_catalog.regclass AS relid, 0 AS level
+                         UNION ALL  -- (empty for a table that is neither partition nor partitioned)
+                         SELECT relid, level FROM pg_catalog.pg_partition_tree($1) WHERE level > 0) t
+                   JOIN pg_catalog.pg_constraint k ON k.conrelid = t.relid AND k.contype = 'p' AND k.condeferrable
+                   JOIN pg_catalog.pg_class c ON c.oid = t.relid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  ORDER BY t.level, c.relname
+                  LIMIT 1)",
+        &[tbl.into()],
+    )
+    .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e))
+}
+
+/// The table's column names, in column order.
+pub fn column_names(rel: &PgRelation) -> Vec<String> {
+    rel.tuple_desc().iter().filter(|attr| !attr.is_dropped()).map(|attr| attr.name().to_string()).collect()
+}
+
+/// The stored definition of watch `id`.
+pub fn load(id: i64) -> Option<Watch> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT tbl::oid, label, channel, array_to_string(events, ','), key_columns, extra_columns,
+                    trigger_columns, condition, payload, fire_on_replica
+               FROM pgwatch.watches WHERE id = $1",
+            None,
+            &[id.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else { return Ok(None) };
+        let events = row.get::<String>(4)?.unwrap_or_default();
+        Ok(Some(Watch {
+            tbl: row.get(1)?.unwrap_or(pg_sys::Oid::INVALID),
+            label: row.get(2)?,
+            channel: row.get(3)?.unwrap_or_default(),
+            events: Events::parse(&events).unwrap_or_else(|_| error!("pgwatch: watch {id} has events {events}")),
+            keys: row.get(5)?.unwrap_or_default(),
+            extras: row.get(6)?.unwrap_or_default(),
+            trigger_columns: row.get(7)?.unwrap_or_default(),
+            condition: row.get(8)?,
+            payload: {
+                let payload = row.get::<String>(9)?.unwrap_or_default();
+                PayloadMode::ALL.into_iter().find(|mode| mode.as_str() == payload).unwrap_or(PayloadMode::Full)
+            },
+            fire_on_replica: row.get(10)?.unwrap_or(false),
+        }))
+    })
+    .unwrap_or_else(|e: pgrx::spi::SpiError| error::spi_failed("pgwatch.watches", e))
+}
+
+/// Refuses `watch`'s channel if another watch uses it, or if it is a label that names another
+/// table (`schema.table`, the channel that table's watches get without a label): a channel carries
+/// one watch's changes, so that its sequence numbers count them and no one takes another table's
+/// channel through pgwatch. `id` is the watch's own, when it exists; a watch being replaced is
+/// the one of its table and label. The unique index on the channel (`sql/bootstrap.sql`) settles
+/// a race with a concurrent definition; this check words the refusal.
+pub fn claim_channel(watch: &Watch, table: &TableName, id: Option<i64>) {
+    let taken = Spi::get_two_with_args::<i64, String>(
+        "SELECT w.id, w.tbl::text
+           FROM (SELECT) AS one
+           LEFT JOIN LATERAL (SELECT id, tbl FROM pgwatch.watches
+                               WHERE channel = $1 AND ($3::int8 IS NULL OR id <> $3)
+                                 AND ($3::int8 IS NOT NULL OR NOT (tbl = $2::oid AND label IS NOT DISTINCT FROM $4))
+                               ORDER BY id LIMIT 1) AS w ON true",
+        &[watch.channel.as_str().into(), watch.tbl.into(), id.into(), watch.label.as_deref().into()],
+    )
+    .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e));
+    if let (Some(id), tbl) = taken {
+        fail(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!(
+                "channel \"{}\" is already used by pgwatch watch {id} of table {}",
+                watch.channel,
+                tbl.unwrap_or_default()
+            ),
+            &format!("a channel carries one watch's changes: give the watch of {} another label", table.display),
+        );
+    }
+    if watch.label.is_none() {
+        return;
+    }
+    let named = Spi::get_one_with_args::<String>(
+        "SELECT (SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND c.oid <> $2::oid AND n.nspname || '.' || c.relname = $1
+                  LIMIT 1)",
+        &[watch.channel.as_str().into(), watch.tbl.into()],
+    )
+    .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e));
+    if let Some(other) = named {
+        fail(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("label \"{}\" is the channel of table {other}'s watches", watch.channel),
+            "a label may not be another table's schema.table name: choose another label",
+        );
+    }
+}
+
+/// Whether trigger `name` on table `relid`, sending on `channel`, is one pgwatch made: a watch's
+/// trigger on the watch's table (or a partition under it, which has a clone of it) that sends on
+/// the watch's channel. A trigger of a user's own that runs `pgwatch.capture()` could otherwise
+/// send on any channel, with its changes folded into those of the watch that owns it. Read once
+/// per trigger and backend (see `plan`), never per row.
+pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, channel: &[u8]) -> bool {
+    let Some(id) = watch_id_of(name) else { return false };
+    with_safe_search_path(|| {
+        as_extension_owner(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (
+                    SELECT FROM pgwatch.watches w
+                     WHERE w.id OPERATOR(pg_catalog.=) $1
+                       AND pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()) OPERATOR(pg_catalog.=) $3
+                       AND (w.tbl::pg_catalog.oid OPERATOR(pg_catalog.=) $2
+                            OR w.tbl::pg_catalog.oid IN (SELECT a.relid::pg_catalog.oid
+                                                           FROM pg_catalog.pg_partition_ancestors($2::pg_catalog.regclass) a)))",
+                &[id.into(), relid.into(), channel.into()],
+            )
+            .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e))
+            .unwrap_or(false)
+        })
+    })
+}
+
+/// Stores `watch`, replacing the watch of its table and label if there is one (in the columns
+/// `shape` has); returns its id and whether it replaced one.
+pub fn upsert(watch: &Watch, shape: Shape) -> (i64, bool) {
+    let events: Vec<String> = watch.events.iter().map(|event| event.as_str().to_string()).collect();
+    let fields: [DatumWithOid; 10] = [
+        watch.tbl.into(),
+        watch.label.as_deref().into(),
+        watch.channel.as_str().into(),
+        events.into(),
+        watch.extras.clone().into(),
+        watch.keys.clone().into(),
+        watch.trigger_columns.clone().into(),
+        watch.condition.as_deref().into(),
+        watch.payload.as_str().into(),
+        watch.fire_on_replica.into(),
+    ];
+    let (update, insert, fields) = match shape {
+        Shape::V0_1 => (
+            "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6
+          WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
+            "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns)
+         VALUES ($1::regclass, $2, $3, $4, $5, $6) RETURNING id",
+            &fields[..6],
+        ),
+        Shape::Current => (
+            "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6,
+            trigger_columns = $7, condition = $8, payload = $9, fire_on_replica = $10
+          WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
+            "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns,
+                          trigger_columns, condition, payload, fire_on_replica)
+         VALUES ($1::regclass, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+            &fields[..],
+        ),
+    };
+    if let Some(id) = first::<i64>(update, fields) {
+        return (id, true);
+    }
+    (first::<i64>(insert, fields).expect("INSERT ... RETURNING returns the id"), false)
+}
+
+/// Removes the watch of table `tbl` named `label`, or all of them when `label` is NULL; their ids.
+pub fn delete(tbl: pg_sys::Oid, label: Option<&str>) -> Vec<i64> {
+    column(
+        "DELETE FROM pgwatch.watches WHERE tbl = $1::regclass AND ($2::text IS NULL OR label = $2)
+         RETURNING id",
+        &[tbl.into(), label.into()],
+    )
+}
+
+/// Stores what following a rename changed of watch `id`: its channel and column names.
+pub fn store_names(id: i64, watch: &Watch) {
+    super::owner::run(
+        "UPDATE pgwatch.watches SET channel = $2, key_columns = $3, extra_columns = $4, trigger_columns = $5
+          WHERE id = $1",
+        &[
+            id.into(),
+            watch.channel.as_str().into(),
+            watch.keys.clone().into(),
+            watch.extras.clone().into(),
+            watch.trigger_columns.clone().into(),
+        ],
+    );
+}

@@ -1,0 +1,100 @@
+//! Defining, removing and remaking a watch: its catalog row and its triggers, changed together
+//! as the extension's owner (callers check the user's own right first).
+
+use pgrx::prelude::*;
+use pgrx::{PgRelation, PgSqlErrorCode};
+
+use super::owner::{as_extension_owner, run, Managing};
+use super::store;
+use super::triggers::{
+    create_triggers, drop_triggers, existing_triggers, existing_whens, needs_row_triggers, Existing,
+};
+use super::validate::check_may_watch;
+use super::when::When;
+use crate::error::fail;
+use crate::model::events::Event;
+use crate::model::watch::{Shape, TableName, Watch};
+
+/// Stores `watch` (replacing the watch of its table and label, if any) and installs its
+/// triggers, each event's with the WHEN `whens` gives (resolved by the caller, see `when`);
+/// returns its id.
+pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], shape: Shape) -> i64 {
+    let table = TableName::of(&rel);
+    let table_needs_rows = needs_row_triggers(&rel);
+    drop(rel);
+    as_extension_owner(|| {
+        let _managing = Managing::start();
+        run(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", table.quoted), &[]);
+        store::claim_channel(watch, &table, None);
+        let (id, replaced) = store::upsert(watch, shape);
+        if replaced {
+            drop_triggers(id, watch.tbl, &table);
+        }
+        create_triggers(id, watch, watch.tbl, &table, table_needs_rows, whens);
+        id
+    })
+}
+
+/// Removes the watch of `rel` named `label`, or all of them when `label` is NULL, with their
+/// triggers; returns how many were removed.
+pub fn remove(rel: &PgRelation, label: Option<&str>) -> i32 {
+    let table = TableName::of(rel);
+    as_extension_owner(|| {
+        let _managing = Managing::start();
+        let ids = store::delete(rel.oid(), label);
+        for &id in &ids {
+            drop_triggers(id, rel.oid(), &table);
+        }
+        ids.len() as i32
+    })
+}
+
+/// Makes the triggers of watch `id` again from `watch` (stored first, as it may have followed a
+/// rename), keeping the WHEN each of its `existing` triggers has: the one way pgwatch remakes a
+/// watch's triggers (following DDL, turning statement triggers into row triggers, upgrading).
+/// `claim`: the channel changed, and must not be another table's.
+pub fn rebuild(id: i64, watch: &Watch, table: &TableName, existing: &[Existing], table_needs_rows: bool, claim: bool) {
+    let whens = {
+        // SAFETY: the table exists (its watch does) and is locked by the DDL that led here.
+        let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        existing_whens(id, watch, &rel, existing)
+    };
+    as_extension_owner(|| {
+        let _managing = Managing::start();
+        if claim {
+            store::claim_channel(watch, table, Some(id));
+        }
+        store::store_names(id, watch);
+        drop_triggers(id, watch.tbl, table);
+        create_triggers(id, watch, watch.tbl, table, table_needs_rows, &whens);
+    });
+}
+
+/// Makes the triggers of watch `id` again as this library makes them (statement triggers
+/// where they suffice, one argument each), keeping their WHEN conditions as they are: what
+/// `ALTER EXTENSION pgwatch UPDATE` does for the watches an earlier release made. Needs what
+/// watching the table needs.
+pub fn renew(id: i64) {
+    let Some(watch) = store::load(id) else {
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("pgwatch watch {id} does not exist"),
+            "see pgwatch.watches",
+        );
+    };
+    // SAFETY: the watched table exists (DROP TABLE removes its watches); locked for reading.
+    let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    let table = TableName::of(&rel);
+    check_may_watch(&rel);
+    if let Some(deferrable) = store::deferrable_primary_key(watch.tbl) {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("the primary key of table {deferrable} is deferrable"),
+            "pgwatch folds a transaction's changes per key, which needs keys unique after every row: make the key NOT DEFERRABLE",
+        );
+    }
+    let existing = existing_triggers(id, watch.tbl);
+    let table_needs_rows = needs_row_triggers(&rel);
+    drop(rel);
+    rebuild(id, &watch, &table, &existing, table_needs_rows, false);
+}

@@ -1,0 +1,12 @@
+//! Getting changes to subscribers: the transaction callbacks that send them inline or queue them,
+//! sending NOTIFYs, and, with pgwatch preloaded, the shared-memory queue, its database slots, the
+//! launcher, the delivery workers and the DROP DATABASE hook.
+
+pub mod launcher;
+pub mod notify;
+pub mod ring;
+pub mod shmem;
+pub mod slots;
+pub mod utility;
+pub mod worker;
+pub mod xact;

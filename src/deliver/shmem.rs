@@ -1,0 +1,187 @@
+//! The shared-memory segment of the delivery queue (needs `shared_preload_libraries = 'pgwatch'`):
+//! its layout, how it is asked for and set up, its lock, and the lookups of database slots and
+//! channel sequence numbers.
+//!
+//! Beside the ring the segment holds one slot per database (its worker and backlog), the last
+//! sequence number of each channel, and the cluster-wide counters.
+
+use std::mem::size_of;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use pgrx::pg_sys;
+
+use super::slots::{channel_hash, ChannelSeq, DbSlot, MAX_CHANNELS, MAX_CHANNELS_PER_DATABASE, MAX_DATABASES};
+use crate::guc;
+use crate::model::watch::MAX_CHANNEL;
+use crate::stats::{self, Counters};
+
+#[repr(C)]
+pub struct Shared {
+    lock: AtomicPtr<pg_sys::LWLock>,
+    pub capacity: u64,
+    /// Byte positions since start: the ring holds [tail, head).
+    pub head: AtomicU64,
+    pub tail: AtomicU64,
+    pub high_water: AtomicU64,
+    pub launcher_latch: AtomicUsize,
+    pub slots: [DbSlot; MAX_DATABASES],
+    pub channels: [ChannelSeq; MAX_CHANNELS],
+    pub counters: Counters,
+}
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+
+static PREV_SHMEM_STARTUP: OnceLock<pg_sys::shmem_startup_hook_type> = OnceLock::new();
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static PREV_SHMEM_REQUEST: OnceLock<pg_sys::shmem_request_hook_type> = OnceLock::new();
+
+/// Record alignment: every aligned place has room for a header, even right before the ring's end.
+pub const ALIGN: usize = 32;
+
+const NAME: &std::ffi::CStr = c"pgwatch";
+
+fn ring_bytes() -> usize {
+    (guc::QUEUE_SIZE_KB.get() as usize * 1024) / ALIGN * ALIGN
+}
+
+fn segment_size() -> usize {
+    size_of::<Shared>() + ring_bytes()
+}
+
+/// The shared segment, once this backend has it (only when pgwatch is preloaded).
+pub fn shared() -> Option<&'static Shared> {
+    // SAFETY: set once in the postmaster before any backend forks, to memory that lives until
+    // the postmaster exits; all fields are atomics or written before publication.
+    unsafe { SHARED.load(Ordering::Acquire).as_ref() }
+}
+
+/// Asks for the segment and its lock; called from `_PG_init` while preloading.
+pub fn init() {
+    // SAFETY: hooks are installed by the postmaster while it loads preloaded libraries, single-threaded.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        request();
+        // PG 15 moved shared memory requests into a hook that runs after every library is loaded.
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_SHMEM_REQUEST.get_or_init(|| pg_sys::shmem_request_hook);
+            pg_sys::shmem_request_hook = Some(on_shmem_request);
+        }
+        PREV_SHMEM_STARTUP.get_or_init(|| pg_sys::shmem_startup_hook);
+        pg_sys::shmem_startup_hook = Some(on_shmem_startup);
+    }
+}
+
+/// # Safety
+/// Only while shared memory is being requested.
+unsafe fn request() {
+    // SAFETY: as the caller promised.
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(segment_size());
+        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+    }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_shmem_request() {
+    // SAFETY: chained hook call, then our request, while shared memory is being sized.
+    unsafe {
+        if let Some(Some(prev)) = PREV_SHMEM_REQUEST.get() {
+            prev();
+        }
+        request();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_shmem_startup() {
+    // SAFETY: chained hook call; the segment is created (or found) under AddinShmemInitLock and
+    // zero-initialised, which is a valid state for every field (all atomics), before publication.
+    unsafe {
+        if let Some(Some(prev)) = PREV_SHMEM_STARTUP.get() {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let shared = pg_sys::ShmemInitStruct(NAME.as_ptr(), segment_size(), &mut found).cast::<Shared>();
+        assert!(shared.is_aligned(), "shared memory is not aligned");
+        if !found {
+            std::ptr::write_bytes(shared.cast::<u8>(), 0, segment_size());
+            (*shared).capacity = ring_bytes() as u64;
+            (*shared).lock.store(&raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock, Ordering::Relaxed);
+        }
+        stats::attach(&(*shared).counters);
+        SHARED.store(shared, Ordering::Release);
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// Holds the queue's lock until dropped.
+pub struct Locked<'a>(&'a Shared);
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // During an ERROR the transaction abort releases every LWLock itself.
+        if !std::thread::panicking() {
+            // SAFETY: acquired by Shared::lock.
+            unsafe { pg_sys::LWLockRelease(self.0.lock.load(Ordering::Relaxed)) };
+        }
+    }
+}
+
+impl Shared {
+    pub fn lock(&self, mode: pg_sys::LWLockMode::Type) -> Locked<'_> {
+        // SAFETY: the lock was set up with the segment.
+        unsafe { pg_sys::LWLockAcquire(self.lock.load(Ordering::Relaxed), mode) };
+        Locked(self)
+    }
+
+    pub fn find_slot(&self, dboid: u32) -> Option<&DbSlot> {
+        self.find_slot_index(dboid).map(|i| &self.slots[i])
+    }
+
+    pub fn find_slot_index(&self, dboid: u32) -> Option<usize> {
+        self.slots.iter().position(|s| s.dboid.load(Ordering::Acquire) == dboid)
+    }
+
+    /// The last sequence number sent on `channel` of `dboid` (0 if none).
+    pub fn last_seq(&self, dboid: u32, channel: &[u8]) -> u64 {
+        let hash = channel_hash(channel);
+        let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
+        self.channels.iter().find(|c| c.is(dboid, hash, channel)).map_or(0, |c| c.seq.load(Ordering::Relaxed))
+    }
+
+    /// Records the last sequence number sent on `channel` of `dboid`; `false` if the table is full,
+    /// or holds [`MAX_CHANNELS_PER_DATABASE`] of `dboid`'s channels (so that one database's
+    /// channels cannot take every entry).
+    pub fn store_seq(&self, dboid: u32, channel: &[u8], seq: u64) -> bool {
+        let hash = channel_hash(channel);
+        let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let of_database = || self.channels.iter().filter(|c| c.dboid.load(Ordering::Relaxed) == dboid);
+        let entry = of_database().find(|c| c.is(dboid, hash, channel)).or_else(|| {
+            (of_database().count() < MAX_CHANNELS_PER_DATABASE && channel.len() <= MAX_CHANNEL)
+                .then(|| self.channels.iter().find(|c| c.dboid.load(Ordering::Relaxed) == 0))
+                .flatten()
+        });
+        let Some(entry) = entry else { return false };
+        entry.hash.store(hash, Ordering::Relaxed);
+        entry.len.store(channel.len() as u32, Ordering::Relaxed);
+        for (stored, &b) in entry.name.iter().zip(channel) {
+            stored.store(b, Ordering::Relaxed);
+        }
+        entry.seq.store(seq, Ordering::Relaxed);
+        entry.dboid.store(dboid, Ordering::Relaxed);
+        true
+    }
+
+    /// Called by the launcher once it runs: commits needing a worker wake it.
+    pub fn attach_launcher(&self) {
+        // SAFETY: as in DbSlot::attach_worker.
+        let latch = unsafe { std::ptr::addr_of_mut!((*pg_sys::MyProc).procLatch) } as usize;
+        self.launcher_latch.store(latch, Ordering::Release);
+    }
+}

@@ -1,0 +1,106 @@
+//! A `ProcessUtility` hook (with pgwatch preloaded): DROP DATABASE first stops that database's
+//! worker (which would otherwise make the drop fail), and afterwards forgets its queued records;
+//! DROP EXTENSION has the worker check, once committed, whether pgwatch is still there.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+use pgrx::{pg_guard, PgTryBuilder};
+
+use super::{shmem, xact};
+
+/// How long DROP DATABASE waits for the database's worker to exit.
+const DROP_WAIT: Duration = Duration::from_secs(10);
+
+static PREV_UTILITY: OnceLock<pg_sys::ProcessUtility_hook_type> = OnceLock::new();
+
+/// Installs the DROP DATABASE hook; called from `_PG_init` while preloading.
+pub fn install_drop_database_hook() {
+    // SAFETY: hooks are installed by the postmaster while it loads preloaded libraries.
+    unsafe {
+        PREV_UTILITY.get_or_init(|| pg_sys::ProcessUtility_hook);
+        pg_sys::ProcessUtility_hook = Some(on_utility);
+    }
+}
+
+// PG 14 added `readOnlyTree`; the hook is otherwise the same.
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn on_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    #[cfg(not(feature = "pg13"))] read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
+    around_utility(pstmt, || unsafe {
+        let prev = PREV_UTILITY.get().copied().flatten();
+        #[cfg(feature = "pg13")]
+        match prev {
+            Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
+        }
+        #[cfg(not(feature = "pg13"))]
+        match prev {
+            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
+        }
+    });
+}
+
+/// Runs a utility statement. DROP DATABASE first stops that database's worker (so the drop is not
+/// refused for it) and afterwards forgets the database's queued records; DROP EXTENSION has the
+/// worker check, once committed, whether pgwatch is still there.
+fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
+    // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: a DropStmt node, checked by its tag.
+    let drops_extension = unsafe {
+        pgrx::is_a(stmt, pg_sys::NodeTag::T_DropStmt)
+            && (*stmt.cast::<pg_sys::DropStmt>()).removeType == pg_sys::ObjectType::OBJECT_EXTENSION
+    };
+    if drops_extension {
+        xact::check_extension_at_commit();
+    }
+    let dropped = dropped_database(stmt);
+    let Some((dboid, slot)) = dropped.and_then(|d| shmem::shared().and_then(|s| Some((d, s.find_slot(d)?)))) else {
+        return run();
+    };
+    slot.dropping.store(true, Ordering::Relaxed);
+    slot.wake();
+    let deadline = Instant::now() + DROP_WAIT;
+    while slot.pid.load(Ordering::Relaxed) != 0 && Instant::now() < deadline {
+        // SAFETY: sleeping 10 ms, then honouring a cancel request.
+        unsafe { pg_sys::pg_usleep(10_000) };
+        pgrx::check_for_interrupts!();
+    }
+    PgTryBuilder::new(AssertUnwindSafe(run))
+        .catch_others(|error| {
+            slot.dropping.store(false, Ordering::Relaxed);
+            error.rethrow()
+        })
+        .execute();
+    if let Some(shared) = shmem::shared() {
+        shared.forget_database(dboid);
+    }
+}
+
+/// The database a DROP DATABASE statement drops, if it exists.
+fn dropped_database(stmt: *mut pg_sys::Node) -> Option<u32> {
+    // SAFETY: a valid parse node, cast only after checking its tag.
+    unsafe {
+        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
+            return None;
+        }
+        let drop = stmt.cast::<pg_sys::DropdbStmt>();
+        let oid = pg_sys::get_database_oid((*drop).dbname, true);
+        (oid != pg_sys::Oid::INVALID).then(|| oid.to_u32())
+    }
+}

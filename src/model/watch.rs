@@ -1,0 +1,142 @@
+//! A watch's definition, the channel and table name its notifications carry, and the target a
+//! trigger records changes for.
+
+use std::ffi::CString;
+
+use pgrx::pg_sys;
+use pgrx::spi::quote_identifier;
+use pgrx::PgRelation;
+
+use super::events::{Event, Events, Op};
+
+/// Longest channel name PostgreSQL accepts (NAMEDATALEN - 1).
+pub const MAX_CHANNEL: usize = 63;
+
+/// Which values a watch may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadMode {
+    /// Key and extra columns.
+    Full,
+    /// Key columns only, for tables whose other values must not reach listeners.
+    Keys,
+    /// Key and extra columns, each row an array of values under the payload's `"cols"`.
+    Compact,
+}
+
+impl PayloadMode {
+    pub const ALL: [PayloadMode; 3] = [PayloadMode::Full, PayloadMode::Keys, PayloadMode::Compact];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayloadMode::Full => "full",
+            PayloadMode::Keys => "keys",
+            PayloadMode::Compact => "compact",
+        }
+    }
+}
+
+/// The catalog's columns: a database still on 0.1.0's SQL (before `ALTER EXTENSION pgwatch
+/// UPDATE`) has only the first seven.
+pub enum Shape {
+    V0_1,
+    Current,
+}
+
+/// A watch's definition.
+pub struct Watch {
+    pub tbl: pg_sys::Oid,
+    pub label: Option<String>,
+    pub channel: String,
+    pub events: Events,
+    pub keys: Vec<String>,
+    pub extras: Vec<String>,
+    pub trigger_columns: Vec<String>,
+    pub condition: Option<String>,
+    pub payload: PayloadMode,
+    pub fire_on_replica: bool,
+}
+
+impl Watch {
+    /// A column this watch sends whose name is also the name of a member of its payload rows
+    /// (`old`, `partial`): in an object row the two could not be told apart. Compact rows are
+    /// arrays, with those members in a trailing object, so they can send any column.
+    pub fn reserved_column(&self) -> Option<&str> {
+        if self.payload == PayloadMode::Compact {
+            return None;
+        }
+        self.keys.iter().chain(&self.extras).map(String::as_str).find(|c| RESERVED_COLUMNS.contains(c))
+    }
+
+    /// Whether `event`'s trigger fires per row, rather than once per statement over the
+    /// statement's transition tables (cheaper per row): where the table needs it
+    /// (`table_needs_rows`, see `define::triggers::needs_row_triggers`), and for what a statement trigger cannot
+    /// express (a WHEN condition; UPDATE OF with transition tables; changes applied by logical
+    /// replication, whose apply worker fires row triggers only).
+    pub fn fires_per_row(&self, event: Event, table_needs_rows: bool) -> bool {
+        match event {
+            Event::Truncate => false,
+            Event::Row(op) => {
+                table_needs_rows
+                    || self.condition.is_some()
+                    || self.fire_on_replica
+                    || (op == Op::Update && !self.trigger_columns.is_empty())
+            }
+        }
+    }
+}
+
+/// The members of an object row besides its columns.
+pub const RESERVED_COLUMNS: [&str; 2] = ["old", "partial"];
+
+/// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted).
+pub struct TableName {
+    pub display: String,
+    pub quoted: String,
+}
+
+impl TableName {
+    pub fn of(rel: &PgRelation) -> TableName {
+        TableName {
+            display: format!("{}.{}", rel.namespace(), rel.name()),
+            quoted: format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name())),
+        }
+    }
+}
+
+/// The channel: the label if given, else `schema.table`; `None` when it is too long.
+pub fn channel_name(display: &str, label: Option<&str>) -> Option<String> {
+    let channel = label.unwrap_or(display);
+    (channel.len() <= MAX_CHANNEL).then(|| channel.to_string())
+}
+
+/// How a watch's rows are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Objects of named values.
+    Objects,
+    /// Arrays of values, their names written once per payload: this `"cols":[...],` header.
+    Compact(Box<[u8]>),
+}
+
+/// Where a watch's notifications go and how they are written: its channel, the table name
+/// subscribers see, and the shape of its rows.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    pub channel: CString,
+    pub tbl: String,
+    pub rows: Rows,
+}
+
+impl Target {
+    /// The `"cols"` header of a compact watch's payloads; empty for object rows.
+    pub fn cols(&self) -> &[u8] {
+        match &self.rows {
+            Rows::Objects => b"",
+            Rows::Compact(cols) => cols,
+        }
+    }
+
+    pub fn compact(&self) -> bool {
+        matches!(self.rows, Rows::Compact(_))
+    }
+}

@@ -1,0 +1,212 @@
+//! The SQL interface: every function and trigger PostgreSQL calls, as thin shims over the modules
+//! that do the work. What the extension installs besides (the catalog table, the event triggers,
+//! `watch_table()`) is SQL, in `sql/`.
+//!
+//! The C symbols (`<name>_wrapper`) are what earlier releases' SQL names: a database still on an
+//! older version's SQL keeps working with this library until `ALTER EXTENSION pgwatch UPDATE`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+
+use pgrx::prelude::*;
+
+use crate::capture;
+use crate::define::validate::{watchable, RegClass, WatchArgs};
+use crate::define::{follow, owner, validate, watches};
+use crate::deliver::shmem;
+use crate::model::watch::Shape;
+use crate::stats::{self, Counter};
+
+#[pg_schema]
+mod pgwatch {
+    use super::*;
+
+    /// Creates or replaces the watch of `tbl` named `label`; returns its id. Called by
+    /// `watch_table()`, which returns the catalog row.
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    #[allow(clippy::too_many_arguments)]
+    fn define_watch(
+        tbl: Option<RegClass>,
+        events: Option<&str>,
+        extra_columns: Option<Vec<Option<String>>>,
+        label: Option<&str>,
+        trigger_columns: Option<Vec<Option<String>>>,
+        condition: Option<&str>,
+        payload: Option<&str>,
+        fire_on_replica: Option<bool>,
+    ) -> i64 {
+        let args =
+            WatchArgs { tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica };
+        let (rel, watch, whens) = validate::watch(args);
+        watches::save(rel, &watch, &whens, Shape::Current)
+    }
+
+    /// 0.1.0's `watch_table()` calls this. It is kept, without SQL of its own, so that a database
+    /// still on 0.1.0's SQL keeps working with this library until `ALTER EXTENSION pgwatch UPDATE`.
+    #[pg_extern(volatile, sql = false)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn apply_watch(
+        tbl: Option<RegClass>,
+        events: Option<&str>,
+        extra_columns: Option<Vec<Option<String>>>,
+        label: Option<&str>,
+    ) -> i64 {
+        let args = WatchArgs {
+            tbl,
+            events,
+            extra_columns,
+            label,
+            trigger_columns: None,
+            condition: None,
+            payload: Some("full"),
+            fire_on_replica: Some(false),
+        };
+        let (rel, watch, whens) = validate::watch(args);
+        watches::save(rel, &watch, &whens, Shape::V0_1)
+    }
+
+    /// Whether pgwatch itself is running the current DDL (read by its event triggers).
+    #[pg_extern(volatile)]
+    fn managing() -> bool {
+        owner::managing()
+    }
+
+    /// Makes the triggers of watch `id` again as this library makes them (statement triggers
+    /// where they suffice, one argument each), keeping their WHEN conditions as they are: what
+    /// `ALTER EXTENSION pgwatch UPDATE` does for the watches an earlier release made. Needs what
+    /// watching the table needs.
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn renew_watch(id: i64) {
+        watches::renew(id)
+    }
+
+    /// Called at the end of DDL that can change a watched table (see `sql/ddl.sql`): watches
+    /// follow renamed tables, schemas and columns, and get row triggers where the table now needs
+    /// them (a new trigger, a new place in an inheritance tree).
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn follow_ddl() {
+        follow::follow_ddl()
+    }
+
+    /// One row of counters: see docs/api.md (`pgwatch.stats()`).
+    #[pg_extern(volatile, parallel_safe)]
+    #[allow(clippy::type_complexity)] // pgrx reads the column names from the signature
+    fn stats() -> TableIterator<
+        'static,
+        (
+            name!(rows_captured, i64),
+            name!(rows_sent, i64),
+            name!(notifications, i64),
+            name!(payload_bytes, i64),
+            name!(batches, i64),
+            name!(rows_per_notification, f64),
+            name!(partial_rows, i64),
+            name!(overflows, i64),
+            name!(inline_fallbacks, i64),
+            name!(queue_high_water, i64),
+            name!(worker_restarts, i64),
+            name!(prepared_unsent, i64),
+            name!(resyncs, i64),
+            name!(skipped_records, i64),
+        ),
+    > {
+        stats::flush();
+        let notifications = stats::get(Counter::Notifications);
+        let high_water = shmem::shared().map_or(0, |s| s.high_water.load(Ordering::Relaxed) as i64);
+        TableIterator::once((
+            stats::get(Counter::RowsCaptured),
+            stats::get(Counter::RowsSent),
+            notifications,
+            stats::get(Counter::PayloadBytes),
+            stats::get(Counter::Batches),
+            stats::get(Counter::RowsSent) as f64 / notifications.max(1) as f64,
+            stats::get(Counter::PartialRows),
+            stats::get(Counter::Overflows),
+            stats::get(Counter::InlineFallbacks),
+            high_water,
+            stats::get(Counter::WorkerRestarts),
+            stats::get(Counter::PreparedUnsent),
+            stats::get(Counter::Resyncs),
+            stats::get(Counter::SkippedRecords),
+        ))
+    }
+
+    /// The delivery workers: one row per database that uses worker delivery.
+    #[pg_extern(volatile)]
+    #[allow(clippy::type_complexity)] // pgrx reads the column names from the signature
+    fn worker_status() -> TableIterator<
+        'static,
+        (
+            name!(database, Option<String>),
+            name!(pid, Option<i32>),
+            name!(state, String),
+            name!(last_send, Option<pgrx::datetime::TimestampWithTimeZone>),
+            name!(backlog, i64),
+        ),
+    > {
+        let Some(shared) = shmem::shared() else { return TableIterator::new(Vec::new()) };
+        let rows: Vec<_> = shared
+            .slots
+            .iter()
+            .filter(|slot| slot.dboid.load(Ordering::Relaxed) != 0)
+            .map(|slot| {
+                let dboid = pg_sys::Oid::from(slot.dboid.load(Ordering::Relaxed));
+                // SAFETY: a syscache lookup; NULL for a database dropped meanwhile.
+                let name = unsafe { pg_sys::get_database_name(dboid) };
+                // SAFETY: a database name is a NUL-terminated string.
+                let name =
+                    (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into());
+                let pid = slot.pid.load(Ordering::Relaxed);
+                let last_send = slot.last_send.load(Ordering::Relaxed);
+                (
+                    name,
+                    (pid != 0).then_some(pid),
+                    slot.state().as_str().to_string(),
+                    (last_send != 0).then(|| last_send.try_into().ok()).flatten(),
+                    slot.backlog.load(Ordering::Relaxed) as i64,
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+}
+
+/// Removes the watch of `tbl` named `label`, or every watch of `tbl` when `label` is NULL, with
+/// their triggers. Returns how many watches were removed.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn unwatch_table(tbl: Option<RegClass>, label: default!(Option<&str>, "NULL")) -> i32 {
+    let rel = watchable(tbl);
+    watches::remove(&rel, label)
+}
+
+/// The trigger of every watch (see `capture::trigger`).
+#[pg_trigger(
+    sql = "CREATE FUNCTION pgwatch.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    capture::trigger::capture(trigger)
+}
+
+/// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`, see
+/// `define::follow`): a C function, since it reads the command's parse tree.
+///
+/// # Safety
+/// Called by PostgreSQL as an event trigger function.
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pgwatch_on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: as PostgreSQL calls it.
+    unsafe { follow::on_ddl_command_start(fcinfo) };
+    pg_sys::Datum::from(0)
+}
+
+/// Marks `pgwatch_on_ddl_command_start` as a version-1 C function.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_pgwatch_on_ddl_command_start() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
