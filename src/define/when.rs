@@ -232,7 +232,10 @@ pub fn reads_only(when: When, images: Images) -> bool {
     let vars = unsafe { PgList::<pg_sys::Var>::from_pg(pg_sys::pull_var_clause(when.0, 0)) };
     let allowed = vars.iter_ptr().all(|var| {
         // SAFETY: pull_var_clause returns Vars.
-        match unsafe { (*var).varno } as u32 {
+        let varno = unsafe { (*var).varno };
+        // `Var.varno` is an `Index` (u32) on PostgreSQL 13 and an int from 14.
+        #[allow(clippy::unnecessary_cast)]
+        match varno as u32 {
             pg_sys::PRS2_OLD_VARNO => images.old,
             pg_sys::PRS2_NEW_VARNO => images.new,
             _ => false,

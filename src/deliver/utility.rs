@@ -26,13 +26,13 @@ pub fn install_drop_database_hook() {
     }
 }
 
-// PG 14 added `readOnlyTree`; the hook is otherwise the same.
+// PG 14 added `readOnlyTree`; the hook is otherwise the same, and its work is in
+// `around_utility`. (`#[pg_guard]` does not keep a `#[cfg]` on a parameter: one hook per signature.)
+#[cfg(feature = "pg13")]
 #[pg_guard]
-#[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn on_utility(
     pstmt: *mut pg_sys::PlannedStmt,
     query: *const std::ffi::c_char,
-    #[cfg(not(feature = "pg13"))] read_only_tree: bool,
     context: pg_sys::ProcessUtilityContext::Type,
     params: pg_sys::ParamListInfo,
     env: *mut pg_sys::QueryEnvironment,
@@ -41,14 +41,29 @@ unsafe extern "C-unwind" fn on_utility(
 ) {
     // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
     around_utility(pstmt, || unsafe {
-        let prev = PREV_UTILITY.get().copied().flatten();
-        #[cfg(feature = "pg13")]
-        match prev {
+        match PREV_UTILITY.get().copied().flatten() {
             Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
             None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
         }
-        #[cfg(not(feature = "pg13"))]
-        match prev {
+    });
+}
+
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn on_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
+    around_utility(pstmt, || unsafe {
+        match PREV_UTILITY.get().copied().flatten() {
             Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
             None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
         }
