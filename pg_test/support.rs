@@ -35,11 +35,23 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A connection to the test database, booting the test server on first use (pgrx-tests boots
-/// it only while running a `#[pg_test]`, so this runs the one that checks the extension is there).
+/// The database the end-to-end tests use: their own, so that what they commit (tables,
+/// watches) never shows in pgrx's database, where the `#[pg_test]`s run at the same time.
+const DATABASE: &str = "pgwatch_e2e";
+
+/// A connection to the end-to-end tests' database, booting the test server on first use
+/// (pgrx-tests boots it only while running a `#[pg_test]`, so this runs the one that checks the
+/// extension is there) and making the database.
 pub fn connect() -> Client {
+    static MADE: std::sync::Once = std::sync::Once::new();
     pgrx_tests::run_test("the_test_server_has_pgwatch_installed", None, super::CONF.to_vec()).unwrap();
-    pgrx_tests::client().unwrap().0
+    let mut admin = pgrx_tests::client().unwrap().0;
+    MADE.call_once(|| {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {DATABASE}")).unwrap();
+        connect_to(&mut admin, DATABASE).batch_execute("CREATE EXTENSION pgwatch").unwrap();
+    });
+    connect_to(&mut admin, DATABASE)
 }
 
 /// A connection to another database of the test server.
