@@ -15,11 +15,15 @@ use postgres::Client;
 use super::support::{connect, Listener, WAIT};
 
 /// The watched tables: object rows, a compact watch, and keys only.
-const TABLES: [(&str, &str); 3] = [
+const TABLES: [(&str, &str); 4] = [
     ("d_obj", "SELECT watch_table('d_obj', '*, truncate', '{v,n}')"),
     ("d_cmp", "SELECT watch_table('d_cmp', '*, truncate', '{v,n}', payload => 'compact')"),
     ("d_key", "SELECT watch_table('d_key', 'insert, delete, update, truncate', payload => 'keys')"),
+    // Always delivered by the worker, whatever the writer's pgwatch.delivery, and logged.
+    ("d_ret", "SELECT watch_table('d_ret', '*, truncate', '{v,n}', retain => '1 hour')"),
 ];
+/// The table whose payloads are kept: replay must return exactly those it notified.
+const RETAINED: &str = "d_ret";
 /// Written only with pgwatch.mute on: nothing may arrive for it.
 const MUTED: &str = "d_muted";
 const KEYS: i64 = 24;
@@ -156,7 +160,7 @@ impl Copy {
             self.seq = Some(seq);
         }
         let op = v["op"].as_str().unwrap();
-        if v.get("overflow").is_some() || op == "resync" {
+        if v.get("overflow").is_some() || op == "resync" || op == "reset" {
             return self.refetch(db, table);
         }
         if op == "truncate" {
@@ -225,6 +229,9 @@ pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
         let muted_channel = format!("public.{MUTED}");
         all.push(&muted_channel);
         let mut listener = Listener::new(connect(), &all);
+        let retained_start: i64 =
+            admin.query_one("SELECT pgwatch.position($1)", &[&format!("public.{RETAINED}")]).unwrap().get(0);
+        let mut retained_sent: Vec<(i64, String)> = Vec::new();
         let committed = Mutex::new(Vec::new());
         std::thread::scope(|scope| {
             for writer in 0..4u64 {
@@ -270,11 +277,30 @@ pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
                 assert_ne!(channel, muted_channel, "seed {seed}: a muted change was sent: {payload}");
                 let i = channels.iter().position(|c| *c == channel).unwrap();
                 let table = TABLES[i].0;
+                if table == RETAINED {
+                    // Those notified inline (the queue was full) carry no seq and are not logged.
+                    if let Some(seq) = serde_json::from_str::<serde_json::Value>(&payload).unwrap()["seq"].as_i64() {
+                        retained_sent.push((seq, payload.clone()));
+                    }
+                }
                 copies[i].apply(&mut db, table, &payload);
                 seen[i] |= lists(&payload, if round == 0 { "insert" } else { "delete" }, 9999);
             }
         }
         listener.expect_silence();
+        // The log holds exactly what was notified on the retained channel, in order.
+        let channel = format!("public.{RETAINED}");
+        let mut replayed: Vec<(i64, String)> = Vec::new();
+        let mut after = retained_start;
+        loop {
+            let rows = db.query("SELECT seq, payload FROM pgwatch.replay($1, $2, 500)", &[&channel, &after]).unwrap();
+            if rows.is_empty() {
+                break;
+            }
+            replayed.extend(rows.iter().map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1))));
+            after = replayed.last().unwrap().0;
+        }
+        assert_eq!(replayed, retained_sent, "seed {seed}, {mode}: replay differs from what was notified");
         for (i, (table, _)) in TABLES.iter().enumerate() {
             let expected = fetch(&mut db, table, None);
             if copies[i].rows != expected {
@@ -288,6 +314,6 @@ pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
             }
         }
         drop(listener);
-        admin.batch_execute(&format!("DROP TABLE {MUTED}, d_obj, d_cmp, d_key")).unwrap();
+        admin.batch_execute(&format!("DROP TABLE {MUTED}, d_obj, d_cmp, d_key, d_ret")).unwrap();
     }
 }

@@ -101,3 +101,45 @@ fn many_writers_lapping_a_small_queue_deliver_every_row_once() {
     let inline = stat(&mut admin, "inline_fallbacks") - fallbacks;
     assert!(inline < 6400 - 1000, "{inline} of 6400 transactions fell back to inline");
 }
+
+/// A retained watch's transactions that find the queue full are notified inline, outside its
+/// log: a reset marker takes their place there, in sequence, so replay never skips them silently.
+#[test]
+fn a_full_queue_leaves_a_reset_marker_in_a_retained_channels_log() {
+    let _serial = serial();
+    let (mut admin, mut listener) = watched(
+        "worker",
+        "CREATE TABLE kept (id bigint PRIMARY KEY, body text);
+         SELECT watch_table('kept', 'insert', '{body}', retain => '1 hour')",
+        &["public.kept"],
+    );
+    let channel = "public.kept";
+    let start: i64 = admin.query_one("SELECT pgwatch.position($1)", &[&channel]).unwrap().get(0);
+    let fallbacks = stat(&mut admin, "inline_fallbacks");
+    write_concurrently(8, 50, |t, i| {
+        let first = (t * 50 + i) * 20;
+        format!("INSERT INTO kept SELECT g, repeat('x', 1000) FROM generate_series({}, {}) g", first + 1, first + 20)
+    });
+    assert!(stat(&mut admin, "inline_fallbacks") > fallbacks, "the queue never filled");
+    // Every payload notified with a seq is in the log, in order, with the markers among them.
+    let mut notified: Vec<(i64, String)> = Vec::new();
+    let mut markers = 0;
+    while let Some((_, payload)) = listener.receive_raw(1, Duration::from_secs(3)).pop() {
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        if let Some(seq) = v["seq"].as_i64() {
+            markers += usize::from(v["op"] == "reset" && v["reason"] == "fallback");
+            notified.push((seq, payload));
+        }
+    }
+    assert!(markers > 0, "no reset marker took the place of the inline notifications");
+    let mut replayed: Vec<(i64, String)> = Vec::new();
+    let mut after = start;
+    loop {
+        let rows = admin.query("SELECT seq, payload FROM pgwatch.replay($1, $2, 500)", &[&channel, &after]).unwrap();
+        let Some(last) = rows.last() else { break };
+        after = last.get(0);
+        replayed.extend(rows.iter().map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1))));
+    }
+    assert_eq!(replayed, notified);
+    admin.batch_execute("DROP TABLE kept").unwrap();
+}

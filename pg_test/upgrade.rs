@@ -190,6 +190,50 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
 }
 
 #[test]
+fn watches_made_with_0_3_0_keep_firing_after_update_and_can_keep_their_payloads() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut db = released(&mut admin, "o_upgrade", "0.3.0", include_str!("../sql/released/pgwatch--0.3.0.sql"));
+    db.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         SELECT watch_table('users', extra_columns => '{name}', payload => 'compact')",
+    )
+    .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users"]);
+    // This library with 0.3.0's SQL: the watch fires, and pgwatch.stats() still answers.
+    listener.expect_after(
+        &mut db,
+        "INSERT INTO users VALUES (1, 'a')",
+        &[r#"{"tbl":"public.users","op":"insert","cols":["id","name"],"rows":[[1,"a"]]}"#],
+    );
+    db.batch_execute("SELECT * FROM pgwatch.stats()").unwrap();
+    db.batch_execute("ALTER EXTENSION pgwatch UPDATE").unwrap();
+    listener.expect_after(
+        &mut db,
+        "UPDATE users SET name = 'b'",
+        &[r#"{"tbl":"public.users","op":"update","cols":["id","name"],"rows":[[1,"b",{"old":[1,"a"]}]]}"#],
+    );
+    db.batch_execute(
+        "SELECT watch_table('users', extra_columns => '{name}', payload => 'compact', retain => '1 hour')",
+    )
+    .unwrap();
+    let start: i64 = db.query_one("SELECT pgwatch.position('public.users')", &[]).unwrap().get(0);
+    // A new feed numbers on from the clock: a subscriber sees the jump, and refetches once.
+    let mut listener = Listener::new(connect_to(&mut admin, "o_upgrade"), &["public.users"]);
+    listener.expect_after(
+        &mut db,
+        "DELETE FROM users",
+        &[r#"{"tbl":"public.users","op":"delete","cols":["id","name"],"rows":[[1,"b"]]}"#],
+    );
+    let replayed: i64 =
+        db.query_one("SELECT count(*) FROM pgwatch.replay('public.users', $1)", &[&start]).unwrap().get(0);
+    assert_eq!(replayed, 1);
+    same_objects_as_a_fresh_install(&mut admin, &mut db);
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE o_upgrade WITH (FORCE)").unwrap();
+}
+
+#[test]
 fn pg_dump_and_pg_restore_keep_watches() {
     let _serial = serial();
     let mut admin = connect();
@@ -209,7 +253,7 @@ fn pg_dump_and_pg_restore_keep_watches() {
              CREATE TABLE tree (id int PRIMARY KEY, parent int REFERENCES tree ON DELETE CASCADE);
              SELECT watch_table('tree', payload => 'compact');
              CREATE TABLE notes (id int PRIMARY KEY);
-             SELECT watch_table('notes')",
+             SELECT watch_table('notes', retain => '2 hours')",
         )
         .unwrap();
     let watches = |client: &mut Client| -> Vec<String> {

@@ -8,14 +8,48 @@ CREATE FUNCTION watch_table(
     trigger_columns text[] DEFAULT '{}',
     condition text DEFAULT NULL,
     payload text DEFAULT 'full',
-    fire_on_replica boolean DEFAULT false
+    fire_on_replica boolean DEFAULT false,
+    retain interval DEFAULT NULL
 ) RETURNS pgwatch.watches
     LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT pgwatch.define_watch(tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica);
+    SELECT pgwatch.define_watch(tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica,
+                                extract(epoch FROM retain)::float8);
     SELECT w.* FROM pgwatch.watches w WHERE w.tbl = $1 AND w.label IS NOT DISTINCT FROM $4;
 $$;
 
 -- One row per database that uses worker delivery (empty unless pgwatch is preloaded).
 CREATE VIEW pgwatch.workers AS SELECT * FROM pgwatch.worker_status();
 GRANT SELECT ON pgwatch.workers TO PUBLIC;
+
+-- The replay of a retained channel (see docs/replay.md). The channel and the payloads travel as
+-- bytes in the database's encoding between these and the functions that read the log.
+CREATE FUNCTION pgwatch.position(channel text) RETURNS bigint
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgwatch.read_position(convert_to(channel, getdatabaseencoding()));
+$$;
+
+CREATE FUNCTION pgwatch.replay(channel text, after_seq bigint, max_payloads int DEFAULT 1000)
+    RETURNS TABLE (seq bigint, payload text)
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.seq, convert_from(r.payload, getdatabaseencoding())
+      FROM pgwatch.read_replay(convert_to(channel, getdatabaseencoding()), after_seq, max_payloads) AS r;
+$$;
+
+-- One row per retained channel whose table the caller may read.
+CREATE VIEW pgwatch.channels WITH (security_barrier) AS
+SELECT w.channel, w.tbl, w.retain,
+       coalesce(f.seq, w.feed_start - 1) AS last_seq,
+       l.oldest_seq,
+       coalesce(l.payloads, 0) AS payloads,
+       coalesce(l.bytes, 0) AS bytes,
+       coalesce(f.cut_short, 0) AS cut_short,
+       f.last_reset, f.reset_reason
+  FROM pgwatch.watches w
+  LEFT JOIN pgwatch.feeds f ON f.channel = w.channel AND f.feed = w.feed_start
+  LEFT JOIN LATERAL (SELECT min(g.seq) AS oldest_seq, count(*) AS payloads, sum(octet_length(g.payload)) AS bytes
+                       FROM pgwatch.log g WHERE g.channel = w.channel AND g.feed = w.feed_start) l ON true
+ WHERE w.retain IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT');
+GRANT SELECT ON pgwatch.channels TO PUBLIC;

@@ -16,7 +16,12 @@ CREATE TABLE pgwatch.watches (
     trigger_columns text[] NOT NULL DEFAULT '{}',
     condition       text,
     payload         text NOT NULL DEFAULT 'full' CHECK (payload IN ('full', 'keys', 'compact')),
-    fire_on_replica boolean NOT NULL DEFAULT false
+    fire_on_replica boolean NOT NULL DEFAULT false,
+    -- How long the watch's payloads are kept for replay (NULL: not kept), and the clock reading
+    -- (microseconds since 2000) that names its current feed: see docs/replay.md.
+    retain          interval,
+    feed_start      bigint,
+    CONSTRAINT watches_feed_start_with_retain CHECK ((retain IS NULL) = (feed_start IS NULL))
 );
 CREATE UNIQUE INDEX watches_tbl_label ON pgwatch.watches (tbl, coalesce(label, ''));
 -- A channel carries one watch's changes: its sequence numbers count them, and no one can send on

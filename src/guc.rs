@@ -29,6 +29,9 @@ pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery
 /// The longest a worker lets its next batch gather (it waits in proportion to the commit rate), in ms.
 pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
+/// The most the replay log of one database may take, in MB (see `feed::prune`).
+pub static LOG_MAX_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
 /// Size of the shared-memory queue, in kB.
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
@@ -68,6 +71,16 @@ pub fn register() {
         1000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pgwatch.log_max_size",
+        c"The most a database's replay log may take before payloads are pruned ahead of their retention.",
+        c"Counted as payload bytes plus 100 bytes per payload. A channel pruned short of its retain is counted in pgwatch.channels.cut_short.",
+        &LOG_MAX_SIZE_MB,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
     );
 }
 

@@ -7,6 +7,7 @@
 //! - `capture`: the hot path: the trigger, its plan, reading transition tables.
 //! - `encode`: row images, payload JSON, folding, the queue's record format; pure.
 //! - `deliver`: transaction callbacks, NOTIFY, the shared-memory queue, the workers.
+//! - `feed`: retained watches' replay log: what the worker writes, pruning, `replay()`.
 //! - `sql`: every function PostgreSQL calls; `guc`, `stats`, `error`: settings, counters, errors.
 
 use pgrx::prelude::*;
@@ -16,6 +17,7 @@ mod define;
 mod deliver;
 mod encode;
 mod error;
+mod feed;
 mod fxhash;
 mod guc;
 mod model;
@@ -27,6 +29,7 @@ mod unguarded;
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", bootstrap);
 pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl");
+pgrx::extension_sql_file!("../sql/feed.sql", name = "feed");
 pgrx::extension_sql_file!("../sql/api.sql", finalize);
 
 #[pg_guard]

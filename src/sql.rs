@@ -14,6 +14,7 @@ use crate::capture;
 use crate::define::validate::{watchable, RegClass, WatchArgs};
 use crate::define::{follow, owner, validate, watches};
 use crate::deliver::shmem;
+use crate::feed;
 use crate::model::watch::Shape;
 use crate::stats::{self, Counter};
 
@@ -22,8 +23,40 @@ mod pgwatch {
     use super::*;
 
     /// Creates or replaces the watch of `tbl` named `label`; returns its id. Called by
-    /// `watch_table()`, which returns the catalog row.
-    #[pg_extern(volatile)]
+    /// `watch_table()`, which returns the catalog row. `retain` comes in seconds.
+    #[pg_extern(volatile, name = "define_watch")]
+    #[search_path(pg_catalog, pg_temp)]
+    #[allow(clippy::too_many_arguments)]
+    fn define_retained_watch(
+        tbl: Option<RegClass>,
+        events: Option<&str>,
+        extra_columns: Option<Vec<Option<String>>>,
+        label: Option<&str>,
+        trigger_columns: Option<Vec<Option<String>>>,
+        condition: Option<&str>,
+        payload: Option<&str>,
+        fire_on_replica: Option<bool>,
+        retain: Option<f64>,
+    ) -> i64 {
+        let args = WatchArgs {
+            tbl,
+            events,
+            extra_columns,
+            label,
+            trigger_columns,
+            condition,
+            payload,
+            fire_on_replica,
+            retain,
+        };
+        let (rel, watch, whens) = validate::watch(args);
+        watches::save(rel, &watch, &whens, Shape::Current)
+    }
+
+    /// 0.3.0's `watch_table()` calls this (0.2.0's too): kept, without SQL of its own, so that a
+    /// database still on that SQL keeps working with this library until `ALTER EXTENSION
+    /// pgwatch UPDATE`.
+    #[pg_extern(volatile, sql = false)]
     #[search_path(pg_catalog, pg_temp)]
     #[allow(clippy::too_many_arguments)]
     fn define_watch(
@@ -36,10 +69,19 @@ mod pgwatch {
         payload: Option<&str>,
         fire_on_replica: Option<bool>,
     ) -> i64 {
-        let args =
-            WatchArgs { tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica };
+        let args = WatchArgs {
+            tbl,
+            events,
+            extra_columns,
+            label,
+            trigger_columns,
+            condition,
+            payload,
+            fire_on_replica,
+            retain: None,
+        };
         let (rel, watch, whens) = validate::watch(args);
-        watches::save(rel, &watch, &whens, Shape::Current)
+        watches::save(rel, &watch, &whens, Shape::V0_3)
     }
 
     /// 0.1.0's `watch_table()` calls this. It is kept, without SQL of its own, so that a database
@@ -61,6 +103,7 @@ mod pgwatch {
             condition: None,
             payload: Some("full"),
             fire_on_replica: Some(false),
+            retain: None,
         };
         let (rel, watch, whens) = validate::watch(args);
         watches::save(rel, &watch, &whens, Shape::V0_1)
@@ -111,6 +154,13 @@ mod pgwatch {
             name!(prepared_unsent, i64),
             name!(resyncs, i64),
             name!(skipped_records, i64),
+            name!(log_payloads, i64),
+            name!(log_bytes, i64),
+            name!(pruned_payloads, i64),
+            name!(pruned_bytes, i64),
+            name!(prunes_skipped, i64),
+            name!(feed_resets, i64),
+            name!(retained_unlogged, i64),
         ),
     > {
         stats::flush();
@@ -131,7 +181,34 @@ mod pgwatch {
             stats::get(Counter::PreparedUnsent),
             stats::get(Counter::Resyncs),
             stats::get(Counter::SkippedRecords),
+            stats::get(Counter::LogPayloads),
+            stats::get(Counter::LogBytes),
+            stats::get(Counter::PrunedPayloads),
+            stats::get(Counter::PrunedBytes),
+            stats::get(Counter::PrunesSkipped),
+            stats::get(Counter::FeedResets),
+            stats::get(Counter::RetainedUnlogged),
         ))
+    }
+
+    /// The last sequence number sent on a retained channel (`pgwatch.position()`, which passes
+    /// the channel in the database's encoding).
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn read_position(channel: Option<&[u8]>) -> i64 {
+        feed::read::position(channel)
+    }
+
+    /// The payloads of a retained channel after `after_seq` (`pgwatch.replay()`, which turns
+    /// them into text of the database's encoding).
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn read_replay(
+        channel: Option<&[u8]>,
+        after_seq: Option<i64>,
+        max_payloads: Option<i32>,
+    ) -> TableIterator<'static, (name!(seq, i64), name!(payload, Vec<u8>))> {
+        TableIterator::new(feed::read::replay(channel, after_seq, max_payloads))
     }
 
     /// The delivery workers: one row per database that uses worker delivery.

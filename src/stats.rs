@@ -32,9 +32,22 @@ pub enum Counter {
     Resyncs,
     /// Watch records a delivery worker could not send (a hand-made trigger's), skipped with a WARNING.
     SkippedRecords,
+    /// Payloads written to the replay log, and their bytes.
+    LogPayloads,
+    LogBytes,
+    /// Payloads pruned from the log, and their bytes.
+    PrunedPayloads,
+    PrunedBytes,
+    /// Prunes that found a log segment in use by a reader and deleted its rows instead of
+    /// truncating it (autovacuum reclaims the space).
+    PrunesSkipped,
+    /// Reset markers written: gaps in a retained channel's feed that replay cannot fill.
+    FeedResets,
+    /// Retained watches' transactions notified inline without a slot to announce the gap through.
+    RetainedUnlogged,
 }
 
-pub const COUNTERS: usize = Counter::SkippedRecords as usize + 1;
+pub const COUNTERS: usize = Counter::RetainedUnlogged as usize + 1;
 
 /// The totals: in the shared segment, or this backend's own.
 pub type Counters = [AtomicU64; COUNTERS];

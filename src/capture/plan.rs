@@ -100,7 +100,7 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     let arg = TriggerArg::read(&args).unwrap_or_else(|why| refuse(&why));
     // SAFETY: a firing trigger's name is a NUL-terminated string; rel is open.
     let (name, relid) = unsafe { (CStr::from_ptr(trigger.tgname).to_string_lossy(), (*rel).rd_id) };
-    if !made_by_pgwatch(&name, relid, &arg.channel) {
+    if !made_by_pgwatch(&name, relid, &arg.channel, arg.retained) {
         refuse(&format!(
             "trigger \"{name}\" is not a trigger of a watch of this table on channel \"{}\"",
             String::from_utf8_lossy(&arg.channel)
@@ -118,7 +118,7 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     if tbl.len() > MAX_TABLE_NAME {
         refuse(&format!("a table name of {} bytes (at most {MAX_TABLE_NAME})", tbl.len()));
     }
-    let target = Rc::new(Target { channel, tbl, rows: rows.clone().unwrap_or(Rows::Objects) });
+    let target = Rc::new(Target { channel, tbl, rows: rows.clone().unwrap_or(Rows::Objects), retained: arg.retained });
     // SAFETY: rel is open for the trigger's whole run.
     let columns = unsafe { resolve(rel, &arg.columns, compact) };
     let columns = match (columns, rows) {

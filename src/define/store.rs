@@ -56,8 +56,10 @@ pub fn load(id: i64) -> Option<Watch> {
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT tbl::oid, label, channel, array_to_string(events, ','), key_columns, extra_columns,
-                    trigger_columns, condition, payload, fire_on_replica
-               FROM pgwatch.watches WHERE id = $1",
+                    trigger_columns, condition, payload, fire_on_replica,
+                    -- (read so, since a database still on 0.3.0's SQL has no such column)
+                    (extract(epoch FROM (to_jsonb(w) ->> 'retain')::interval) * 1000000)::int8
+               FROM pgwatch.watches w WHERE id = $1",
             None,
             &[id.into()],
         )?;
@@ -77,6 +79,7 @@ pub fn load(id: i64) -> Option<Watch> {
                 PayloadMode::ALL.into_iter().find(|mode| mode.as_str() == payload).unwrap_or(PayloadMode::Full)
             },
             fire_on_replica: row.get(10)?.unwrap_or(false),
+            retain: row.get(11)?,
         }))
     })
     .unwrap_or_else(|e: pgrx::spi::SpiError| error::spi_failed("pgwatch.watches", e))
@@ -134,7 +137,7 @@ pub fn claim_channel(watch: &Watch, table: &TableName, id: Option<i64>) {
 /// the watch's channel. A trigger of a user's own that runs `pgwatch.capture()` could otherwise
 /// send on any channel, with its changes folded into those of the watch that owns it. Read once
 /// per trigger and backend (see `plan`), never per row.
-pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, channel: &[u8]) -> bool {
+pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, channel: &[u8], retained: bool) -> bool {
     let Some(id) = watch_id_of(name) else { return false };
     with_safe_search_path(|| {
         as_extension_owner(|| {
@@ -143,10 +146,11 @@ pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, channel: &[u8]) -> bool {
                     SELECT FROM pgwatch.watches w
                      WHERE w.id OPERATOR(pg_catalog.=) $1
                        AND pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()) OPERATOR(pg_catalog.=) $3
+                       AND ((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'retain') IS NOT NULL) OPERATOR(pg_catalog.=) $4
                        AND (w.tbl::pg_catalog.oid OPERATOR(pg_catalog.=) $2
                             OR w.tbl::pg_catalog.oid IN (SELECT a.relid::pg_catalog.oid
                                                            FROM pg_catalog.pg_partition_ancestors($2::pg_catalog.regclass) a)))",
-                &[id.into(), relid.into(), channel.into()],
+                &[id.into(), relid.into(), channel.into(), retained.into()],
             )
             .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e))
             .unwrap_or(false)
@@ -158,7 +162,9 @@ pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, channel: &[u8]) -> bool {
 /// `shape` has); returns its id and whether it replaced one.
 pub fn upsert(watch: &Watch, shape: Shape) -> (i64, bool) {
     let events: Vec<String> = watch.events.iter().map(|event| event.as_str().to_string()).collect();
-    let fields: [DatumWithOid; 10] = [
+    // SAFETY: reading the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let fields: [DatumWithOid; 12] = [
         watch.tbl.into(),
         watch.label.as_deref().into(),
         watch.channel.as_str().into(),
@@ -169,6 +175,8 @@ pub fn upsert(watch: &Watch, shape: Shape) -> (i64, bool) {
         watch.condition.as_deref().into(),
         watch.payload.as_str().into(),
         watch.fire_on_replica.into(),
+        watch.retain.into(),
+        now.into(),
     ];
     let (update, insert, fields) = match shape {
         Shape::V0_1 => (
@@ -178,13 +186,29 @@ pub fn upsert(watch: &Watch, shape: Shape) -> (i64, bool) {
          VALUES ($1::regclass, $2, $3, $4, $5, $6) RETURNING id",
             &fields[..6],
         ),
-        Shape::Current => (
+        Shape::V0_3 => (
             "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6,
             trigger_columns = $7, condition = $8, payload = $9, fire_on_replica = $10
           WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
             "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns,
                           trigger_columns, condition, payload, fire_on_replica)
          VALUES ($1::regclass, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+            &fields[..10],
+        ),
+        // A feed goes on while its watch keeps retention and its channel; otherwise a new one
+        // starts (see `feed`).
+        Shape::Current => (
+            "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6,
+            trigger_columns = $7, condition = $8, payload = $9, fire_on_replica = $10,
+            retain = $11 * interval '1 microsecond',
+            feed_start = CASE WHEN $11 IS NULL THEN NULL
+                              WHEN retain IS NOT NULL AND channel = $3 THEN feed_start
+                              ELSE $12 END
+          WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
+            "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns,
+                          trigger_columns, condition, payload, fire_on_replica, retain, feed_start)
+         VALUES ($1::regclass, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 * interval '1 microsecond',
+                 CASE WHEN $11 IS NULL THEN NULL ELSE $12 END) RETURNING id",
             &fields[..],
         ),
     };
@@ -203,8 +227,17 @@ pub fn delete(tbl: pg_sys::Oid, label: Option<&str>) -> Vec<i64> {
     )
 }
 
-/// Stores what following a rename changed of watch `id`: its channel and column names.
+/// Stores what following a rename changed of watch `id`: its channel and column names. A
+/// retained watch whose channel changed starts a new feed.
 pub fn store_names(id: i64, watch: &Watch) {
+    if watch.retain.is_some() {
+        // SAFETY: reading the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        super::owner::run(
+            "UPDATE pgwatch.watches SET feed_start = $3 WHERE id = $1 AND channel IS DISTINCT FROM $2",
+            &[id.into(), watch.channel.as_str().into(), now.into()],
+        );
+    }
     super::owner::run(
         "UPDATE pgwatch.watches SET channel = $2, key_columns = $3, extra_columns = $4, trigger_columns = $5
           WHERE id = $1",

@@ -10,7 +10,7 @@ use super::when::{self, Images, When};
 use crate::encode::packer::{cols_header, MAX_COLS_HEADER};
 use crate::error::fail;
 use crate::model::events::{Event, Events, EventsError, Op, ACCEPTED};
-use crate::model::watch::{channel_name, PayloadMode, TableName, Watch, MAX_CHANNEL};
+use crate::model::watch::{channel_name, PayloadMode, TableName, Watch, MAX_CHANNEL, RETAIN_RANGE};
 
 /// Most extra columns one watch may list.
 pub const MAX_EXTRA_COLUMNS: usize = 64;
@@ -317,12 +317,38 @@ pub struct WatchArgs<'a> {
     pub condition: Option<&'a str>,
     pub payload: Option<&'a str>,
     pub fire_on_replica: Option<bool>,
+    /// `retain` in seconds (`extract(epoch FROM retain)`); `None`: NULL, payloads not kept.
+    pub retain: Option<f64>,
+}
+
+/// How long a watch keeps its payloads, in microseconds: 1 second to 365 days, and only where
+/// the delivery worker runs, which writes the log.
+fn parse_retain(retain: Option<f64>) -> Option<i64> {
+    let seconds = retain?;
+    let (shortest, longest) = RETAIN_RANGE;
+    let micros = seconds * 1e6;
+    if !(shortest as f64..=longest as f64).contains(&micros) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("retain must be between 1 second and 365 days, not {seconds} seconds"),
+            "pass an interval such as '1 hour', or NULL to keep no payloads",
+        );
+    }
+    if crate::deliver::shmem::shared().is_none() {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "retain needs pgwatch's delivery worker, which runs only when pgwatch is preloaded".into(),
+            "add pgwatch to shared_preload_libraries in postgresql.conf and restart the server",
+        );
+    }
+    Some(micros.round() as i64)
 }
 
 /// Checks the arguments of `watch_table` and makes the watch they describe, with the WHEN of each
 /// of its triggers.
 pub fn watch(args: WatchArgs<'_>) -> (PgRelation, Watch, Vec<(Event, Option<When>)>) {
-    let WatchArgs { tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica } = args;
+    let WatchArgs { tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica, retain } =
+        args;
     let rel = watchable(tbl);
     let events = parse_events(events);
     let keys = primary_key(&rel);
@@ -331,6 +357,7 @@ pub fn watch(args: WatchArgs<'_>) -> (PgRelation, Watch, Vec<(Event, Option<When
     let trigger_columns = parse_trigger_columns(&rel, events, trigger_columns);
     let condition = parse_condition(events, condition);
     let payload = parse_payload(payload, &keys, &extras);
+    let retain = parse_retain(retain);
     let Some(fire_on_replica) = fire_on_replica else {
         fail(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -349,6 +376,7 @@ pub fn watch(args: WatchArgs<'_>) -> (PgRelation, Watch, Vec<(Event, Option<When
         condition,
         payload,
         fire_on_replica,
+        retain,
     };
     if let Some(reserved) = watch.reserved_column() {
         fail(

@@ -47,7 +47,7 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             if alive || attached || dboid == 0 || slot.dropping.load(Ordering::Relaxed) {
                 continue;
             }
-            if slot.backlog.load(Ordering::Relaxed) == 0 {
+            if slot.backlog.load(Ordering::Relaxed) == 0 && !slot.worker_wanted.load(Ordering::Acquire) {
                 continue;
             }
             slot.set_state(WorkerState::Starting);

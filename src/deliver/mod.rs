@@ -5,6 +5,7 @@
 pub mod launcher;
 pub mod notify;
 pub mod ring;
+pub mod runs;
 pub mod shmem;
 pub mod slots;
 pub mod utility;

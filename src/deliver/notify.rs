@@ -7,7 +7,9 @@ use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 
 use crate::encode::fold::Folded;
 use crate::encode::image::{PayloadBuf, MAX_PAYLOAD};
-use crate::encode::packer::{overflow_payload, resync_payload, truncate_payload, Packer, Payload};
+use crate::encode::packer::{
+    overflow_payload, reset_payload, resync_payload, truncate_payload, Packer, Payload, ResetReason,
+};
 use crate::model::events::Op;
 use crate::model::watch::Target;
 use crate::stats::{self, Counter};
@@ -18,7 +20,7 @@ unsafe extern "C-unwind" {
 }
 
 /// Queues `payload` on `channel` for delivery when the current transaction commits.
-fn send(channel: &CStr, payload: &CStr, rows: usize) {
+pub fn send(channel: &CStr, payload: &CStr, rows: usize) {
     let len = payload.to_bytes().len();
     assert!(len <= MAX_PAYLOAD, "payloads are built under the NOTIFY limit");
     // SAFETY: both are NUL-terminated strings that outlive the call; Async_Notify copies them,
@@ -29,11 +31,6 @@ fn send(channel: &CStr, payload: &CStr, rows: usize) {
     stats::add(Counter::RowsSent, rows as u64);
 }
 
-/// Sends a payload that lists no rows (a truncate or overflow notice).
-fn send_notice(channel: &CStr, notice: &PayloadBuf) {
-    send(channel, &CString::new(notice.as_slice()).expect("JSON text holds no NUL byte"), 0);
-}
-
 /// Order in which a watch's rows are sent. The net changes are of distinct keys, so a copy that
 /// applies them in any order ends equal to the table; removals go first so that, in between, a
 /// value of another unique column freed by a delete is never held twice.
@@ -42,13 +39,24 @@ const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 /// Sends the net effect of one watch's changes: first a truncate notice if the table was
 /// truncated, then the rows in as few payloads as fit, each numbered by `seq()` when that gives a
 /// number (worker delivery), an overflow notice for each op whose rows could not all be listed,
-/// and last a resync notice if one is due.
-pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> Option<u64>) {
+/// and last a resync notice if one is due (on a retained channel a reset marker: the log has a
+/// gap there). `sent` sees each payload's text as it is sent.
+pub fn send_changes(
+    target: &Target,
+    folded: &Folded,
+    seq: &mut impl FnMut() -> Option<u64>,
+    sent: &mut impl FnMut(&[u8]),
+) {
+    let mut emit = |text: &CStr, rows: usize| {
+        send(&target.channel, text, rows);
+        sent(text.to_bytes());
+    };
+    // A notice lists no rows (truncate, overflow, resync, reset).
+    let notice = |notice: PayloadBuf| CString::new(notice.as_slice()).expect("JSON text holds no NUL byte");
     if folded.truncated() {
-        send_notice(&target.channel, &truncate_payload(&target.tbl, seq()));
+        emit(&notice(truncate_payload(&target.tbl, seq())), 0);
     }
     let mut row = PayloadBuf::new();
-    let mut deliver = |p: Payload<'_>| send(&target.channel, p.text, p.rows);
     let mut packer = Packer::new(&target.tbl, target.cols(), Op::Insert);
     for op in SEND_ORDER {
         let mut overflowed = folded.overflowed(op);
@@ -61,21 +69,26 @@ pub fn send_changes(target: &Target, folded: &Folded, seq: &mut impl FnMut() -> 
                 Ok(partial) => {
                     stats::add(Counter::PartialRows, u64::from(partial));
                     if !packer.push(&row) {
-                        packer.flush(seq, &mut deliver);
+                        packer.flush(seq, &mut |p: Payload<'_>| emit(p.text, p.rows));
                         assert!(packer.push(&row), "a row within the budget fits an empty payload");
                     }
                 }
                 Err(_) => overflowed = true,
             }
         }
-        packer.flush(seq, &mut deliver);
+        packer.flush(seq, &mut |p: Payload<'_>| emit(p.text, p.rows));
         if overflowed {
             stats::add(Counter::Overflows, 1);
-            send_notice(&target.channel, &overflow_payload(&target.tbl, op, seq()));
+            emit(&notice(overflow_payload(&target.tbl, op, seq())), 0);
         }
     }
     if folded.resync() {
         stats::add(Counter::Resyncs, 1);
-        send_notice(&target.channel, &resync_payload(&target.tbl, seq()));
+        let payload = if target.retained {
+            reset_payload(&target.tbl, seq(), ResetReason::Fallback)
+        } else {
+            resync_payload(&target.tbl, seq())
+        };
+        emit(&notice(payload), 0);
     }
 }

@@ -134,9 +134,20 @@ impl Shared {
         slot.unsent_bytes.store(0, Ordering::Relaxed);
         slot.unsent_channels.iter().for_each(|count| count.store(0, Ordering::Relaxed));
         slot.dropping.store(false, Ordering::Relaxed);
+        slot.feeds_ready.store(self.started_clean.load(Ordering::Relaxed), Ordering::Relaxed);
+        slot.worker_wanted.store(false, Ordering::Relaxed);
         // Release: writers find the slot without the lock, and must see it reset.
         slot.dboid.store(dboid, Ordering::Release);
         Some(free)
+    }
+
+    /// The slot of `dboid`, taking a free one if it has none; `None` when every slot is taken.
+    pub fn claim_slot(&self, dboid: u32) -> Option<&DbSlot> {
+        let index = match self.find_slot_index(dboid) {
+            Some(index) => index,
+            None => self.slot_of(dboid, &self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE))?,
+        };
+        Some(&self.slots[index])
     }
 
     /// Reserves room for `body` and copies it in, unpublished. A record larger than half the

@@ -6,7 +6,7 @@
 //! sequence number of each channel, and the cluster-wide counters.
 
 use std::mem::size_of;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use pgrx::pg_sys;
@@ -25,6 +25,9 @@ pub struct Shared {
     pub tail: AtomicU64,
     pub high_water: AtomicU64,
     pub launcher_latch: AtomicUsize,
+    /// This server run began where a clean shutdown left off (see `runs`): retained feeds go on
+    /// without a reset marker.
+    pub started_clean: AtomicBool,
     pub slots: [DbSlot; MAX_DATABASES],
     pub channels: [ChannelSeq; MAX_CHANNELS],
     pub counters: Counters,
@@ -113,6 +116,9 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
             std::ptr::write_bytes(shared.cast::<u8>(), 0, segment_size());
             (*shared).capacity = ring_bytes() as u64;
             (*shared).lock.store(&raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock, Ordering::Relaxed);
+            if !pg_sys::IsUnderPostmaster {
+                super::runs::begin_run(&*shared);
+            }
         }
         stats::attach(&(*shared).counters);
         SHARED.store(shared, Ordering::Release);

@@ -70,6 +70,12 @@ pub struct DbSlot {
     /// Per channel bucket, how many of this database's records not sent yet have changes on a
     /// channel of that bucket: whether a transaction notified inline may overtake older ones.
     pub unsent_channels: [AtomicU32; BUCKETS],
+    /// The database's retained feeds are ready to be read: the server started clean, or its
+    /// worker has written their reset markers (see `feed`).
+    pub feeds_ready: AtomicBool,
+    /// A reader of the feeds waits for them to be ready: the launcher starts a worker even with
+    /// no backlog.
+    pub worker_wanted: AtomicBool,
 }
 
 /// Channel buckets of a database slot: a channel's changes are counted under its hash's bucket,

@@ -6,6 +6,7 @@
 //! and only after that commit marks them done. It exits after `DROP EXTENSION`, and when `DROP
 //! DATABASE` asks it to (see `utility`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
@@ -21,7 +22,10 @@ use super::ring::Batch;
 use super::shmem::{self, Shared};
 use super::slots::{in_buckets, DbSlot, WorkerState};
 use crate::encode::fold::Folded;
+use crate::encode::packer::{reset_payload, ResetReason};
 use crate::encode::record::decode;
+use crate::feed::log::Logged;
+use crate::feed::prune::Ring;
 use crate::guc;
 use crate::model::watch::{Rows, Target};
 use crate::stats::{self, Counter};
@@ -33,6 +37,23 @@ const BATCH_BYTES: usize = 1 << 20;
 /// (one committed by COMMIT PREPARED, or pgwatch dropped with its schema or owner).
 const EXTENSION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long a worker asked to stop goes on sending what is queued (a clean shutdown's last
+/// changes reach the log, see `runs`): until the queue has been empty for `QUIET`, at most `LAST`.
+const QUIET: Duration = Duration::from_millis(100);
+const LAST: Duration = Duration::from_secs(2);
+
+/// Settings every worker transaction runs with, whatever the database or its owner set: names
+/// resolve in pg_catalog only; nothing is read-only, times out, or waits on a replica's role.
+const SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 7] = [
+    (c"synchronous_commit", c"off"),
+    (c"search_path", c"pg_catalog, pg_temp"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"statement_timeout", c"0"),
+    (c"lock_timeout", c"0"),
+    (c"session_replication_role", c"origin"),
+];
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
@@ -41,14 +62,16 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     let shared = shmem::shared().expect("workers run only with pgwatch preloaded");
     let Some(slot) = shared.find_slot(dboid) else { return };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
-    // SAFETY: setting a GUC of this process's own session, outside any transaction.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+    for (name, value) in SETTINGS {
+        // SAFETY: setting a GUC of this process's own session, outside any transaction.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
     }
     if !slot.attach_worker() {
         return;
@@ -56,23 +79,42 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     // SAFETY: registers a plain function with the address of the slot, which lives in shared
     // memory as long as this process; it runs on every exit, an ERROR's included.
     unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
-    let mut worker =
-        Worker { shared, slot, dboid, channels: HashMap::new(), last_batch: Instant::now(), batch: Batch::default() };
+    let mut worker = Worker {
+        shared,
+        slot,
+        dboid,
+        channels: HashMap::new(),
+        last_batch: Instant::now(),
+        batch: Batch::default(),
+        ring: None,
+        arrived_over: Duration::ZERO,
+    };
+    worker.start_feeds();
     let mut checked: Option<Instant> = None;
     while worker.drain() && !slot.dropping.load(Ordering::Relaxed) {
         // The catalog is read at start, after a DROP EXTENSION committed, and every 10 s: not
         // for every wake-up, which would cost a transaction per batch at light load.
         if slot.extension_check_requested() || checked.is_none_or(|at| at.elapsed() >= EXTENSION_CHECK_INTERVAL) {
             if !extension_installed() {
-                break;
+                return;
             }
             checked = Some(Instant::now());
         }
-        if !BackgroundWorker::wait_latch(Some(EXTENSION_CHECK_INTERVAL)) {
+        worker.prune_if_due();
+        // While the log holds payloads, the worker wakes every second to prune it.
+        let wake =
+            if worker.ring.as_ref().is_some_and(|ring| ring.active) { PRUNE_WAKE } else { EXTENSION_CHECK_INTERVAL };
+        if !BackgroundWorker::wait_latch(Some(wake)) {
             break;
         }
     }
+    if !slot.dropping.load(Ordering::Relaxed) {
+        worker.drain_before_exit();
+    }
 }
+
+/// How often a worker whose log holds payloads looks after its segments.
+const PRUNE_WAKE: Duration = Duration::from_secs(1);
 
 /// Frees the database's slot for the next worker as this one exits.
 ///
@@ -107,6 +149,20 @@ struct Worker {
     last_batch: Instant,
     /// The batch being sent; kept so that its buffers are reused.
     batch: Batch,
+    /// The replay log's segments, once the database has them (its pgwatch is 0.4.0 or later).
+    ring: Option<Ring>,
+    /// Over how long the last batch's transactions committed.
+    arrived_over: Duration,
+}
+
+/// What one look at the queue did.
+enum Step {
+    /// Nothing of this database is queued.
+    Empty,
+    /// A batch was sent.
+    Sent,
+    /// A writer was still writing a record header; look again.
+    Incomplete,
 }
 
 impl Worker {
@@ -121,34 +177,70 @@ impl Worker {
             if BackgroundWorker::sigterm_received() || self.slot.dropping.load(Ordering::Relaxed) {
                 return false;
             }
-            let resync_after = self.slot.resync_due_after();
-            let complete = self.shared.collect(self.dboid, BATCH_BYTES, &mut self.batch);
-            if self.batch.is_empty() {
-                if complete {
-                    self.resync_if_due(resync_after);
-                    return true;
-                }
-                // A writer is between claiming ring space and writing its header, which takes it
-                // a moment; records behind it may be this database's, woken for already.
-                // SAFETY: a plain sleep; signals are looked at right after.
-                unsafe { pg_sys::pg_usleep(100) };
-                continue;
+            match self.step() {
+                Step::Empty => return true,
+                Step::Sent => self.gather(),
+                Step::Incomplete => {}
             }
+        }
+    }
+
+    /// Once asked to stop: sends what is queued until the queue has been quiet for a moment (at
+    /// a clean shutdown, the last commits publish their records just before the workers are
+    /// told to stop), within a bound.
+    fn drain_before_exit(&mut self) {
+        let (start, mut quiet_since) = (Instant::now(), None::<Instant>);
+        while start.elapsed() < LAST && !self.slot.dropping.load(Ordering::Relaxed) {
+            match self.step() {
+                Step::Empty => {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= QUIET {
+                        return;
+                    }
+                    // SAFETY: a plain sleep.
+                    unsafe { pg_sys::pg_usleep(5_000) };
+                }
+                Step::Sent | Step::Incomplete => quiet_since = None,
+            }
+        }
+    }
+
+    /// Collects and sends one batch.
+    fn step(&mut self) -> Step {
+        let resync_after = self.slot.resync_due_after();
+        let complete = self.shared.collect(self.dboid, BATCH_BYTES, &mut self.batch);
+        if self.batch.is_empty() {
+            if complete {
+                self.resync_if_due(resync_after);
+                return Step::Empty;
+            }
+            // A writer is between claiming ring space and writing its header, which takes it
+            // a moment; records behind it may be this database's, woken for already.
+            // SAFETY: a plain sleep; signals are looked at right after.
+            unsafe { pg_sys::pg_usleep(100) };
+            return Step::Incomplete;
+        }
+        {
             let collected = Instant::now();
-            let arrived_over = collected.duration_since(std::mem::replace(&mut self.last_batch, collected));
+            self.arrived_over = collected.duration_since(std::mem::replace(&mut self.last_batch, collected));
             self.slot.set_state(WorkerState::Sending);
             self.deliver();
             self.resync_if_due(resync_after);
             self.slot.set_state(WorkerState::Idle);
-            // A batch cut at its size limit leaves records waiting: no reason to wait for more.
-            let cut = self.batch.bytes() >= BATCH_BYTES;
-            let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
-            let delay = gather_delay(self.batch.len(), arrived_over, longest);
-            let micros = delay.as_micros() as i64;
-            if !cut && micros > 0 {
-                // SAFETY: a plain sleep; signals are looked at right after.
-                unsafe { pg_sys::pg_usleep(micros) };
-            }
+        }
+        Step::Sent
+    }
+
+    /// Lets the next batch gather after one was sent (see [`gather_delay`]).
+    fn gather(&self) {
+        // A batch cut at its size limit leaves records waiting: no reason to wait for more.
+        let cut = self.batch.bytes() >= BATCH_BYTES;
+        let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
+        let delay = gather_delay(self.batch.len(), self.arrived_over, longest);
+        let micros = delay.as_micros() as i64;
+        if !cut && micros > 0 {
+            // SAFETY: a plain sleep; signals are looked at right after.
+            unsafe { pg_sys::pg_usleep(micros) };
         }
     }
 
@@ -185,11 +277,32 @@ impl Worker {
     /// Sends each watch's folded changes in one transaction, numbering the payloads of each
     /// channel on from its last number (one count per channel, whatever watches share it).
     fn send(&mut self, watches: &[(Target, Folded)]) {
+        if self.ring.is_none() && watches.iter().any(|(target, _)| target.retained) {
+            // The database was updated to a release with the log since this worker started.
+            self.start_feeds();
+        }
         let (shared, dboid, known) = (self.shared, self.dboid, &self.channels);
+        let segment = self.ring.as_ref().map(Ring::current);
+        let retained: Vec<&[u8]> =
+            watches.iter().filter(|(target, _)| target.retained).map(|(target, _)| target.channel.to_bytes()).collect();
         let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            // A retained watch's payloads are numbered by its feed and logged as they are sent.
+            let logged = RefCell::new(match segment {
+                Some(_) if !retained.is_empty() => Logged::open(Some(&retained)),
+                _ => Logged::default(),
+            });
             let mut last: Vec<(&[u8], &str, u64)> = Vec::new();
             for (target, folded) in watches {
                 let channel = target.channel.to_bytes();
+                if target.retained && logged.borrow().has(channel) {
+                    notify::send_changes(
+                        target,
+                        folded,
+                        &mut || Some(logged.borrow_mut().next_seq(channel)),
+                        &mut |payload| logged.borrow_mut().sent(channel, payload),
+                    );
+                    continue;
+                }
                 let at = last.iter().position(|(c, ..)| *c == channel).unwrap_or_else(|| {
                     let seq = known.get(channel).map_or_else(|| shared.last_seq(dboid, channel), |c| c.seq);
                     last.push((channel, &target.tbl, seq));
@@ -197,17 +310,70 @@ impl Worker {
                 });
                 let (_, tbl, seq) = &mut last[at];
                 *tbl = &target.tbl;
-                notify::send_changes(target, folded, &mut || {
-                    *seq += 1;
-                    Some(*seq)
-                });
+                notify::send_changes(
+                    target,
+                    folded,
+                    &mut || {
+                        *seq += 1;
+                        Some(*seq)
+                    },
+                    &mut |_| {},
+                );
             }
-            last
+            let logged = segment.is_some_and(|segment| logged.into_inner().write(segment));
+            (last, logged)
         }));
+        let (sent, logged) = sent;
+        if logged {
+            self.ring.as_mut().expect("logged into it").active = true;
+        }
         // Committed: the notifications are on their way.
         for (channel, tbl, seq) in sent {
             self.shared.store_seq(self.dboid, channel, seq);
             self.channels.insert(channel.to_vec(), KnownChannel { tbl: tbl.to_string(), seq });
+        }
+    }
+
+    /// Once per server run and database, unless the server started clean (see `runs`): moves
+    /// every retained feed past what a crash may have lost, with a reset marker that subscribers
+    /// see and replay returns in sequence. Readers of the feeds wait for this.
+    fn start_feeds(&mut self) {
+        let ready = self.slot.feeds_ready.load(Ordering::Acquire);
+        self.ring = BackgroundWorker::transaction(|| {
+            // A database still on an older release's SQL has no log (and no retained watch).
+            let has_log = Spi::get_one::<bool>("SELECT to_regclass('pgwatch.log_segments') IS NOT NULL")
+                .unwrap_or_else(|e| crate::error::spi_failed("pgwatch.log_segments", e))
+                .unwrap_or(false);
+            if !has_log {
+                return None;
+            }
+            let ring = Ring::load();
+            if !ready {
+                let mut logged = Logged::open(None);
+                let feeds: Vec<(Vec<u8>, String)> =
+                    logged.channels().map(|(channel, tbl)| (channel.to_vec(), tbl.to_string())).collect();
+                for (channel, tbl) in feeds {
+                    logged.reset(&channel, ResetReason::Restart);
+                    let seq = logged.next_seq(&channel);
+                    let marker = reset_payload(&tbl, Some(seq), ResetReason::Restart);
+                    let marker = CString::new(marker.as_slice()).expect("JSON text holds no NUL byte");
+                    notify::send(&CString::new(channel.clone()).expect("a channel holds no NUL"), &marker, 0);
+                    logged.sent(&channel, marker.to_bytes());
+                }
+                let mut ring = ring;
+                ring.active |= logged.write(ring.current());
+                return Some(ring);
+            }
+            Some(ring)
+        });
+        self.slot.feeds_ready.store(true, Ordering::Release);
+        self.slot.worker_wanted.store(false, Ordering::Release);
+    }
+
+    /// Looks after the log's segments, once a second while they hold payloads.
+    fn prune_if_due(&mut self) {
+        if let Some(ring) = self.ring.as_mut().filter(|ring| ring.due()) {
+            BackgroundWorker::transaction(AssertUnwindSafe(|| ring.prune()));
         }
     }
 
@@ -221,20 +387,35 @@ impl Worker {
             return;
         }
         let Some(buckets) = self.slot.take_resync(after) else { return };
+        let resync = |channel: &[u8], tbl: &str, retained: bool| {
+            let target = Target {
+                channel: CString::new(channel).expect("a sent channel holds no NUL"),
+                tbl: tbl.to_string(),
+                rows: Rows::Objects,
+                retained,
+            };
+            let mut folded = Folded::default();
+            folded.mark_resync();
+            (target, folded)
+        };
+        // Retained channels get a reset marker in their log, whether or not this worker has sent
+        // on them: what was notified inline is not in the log.
+        let retained: Vec<(Vec<u8>, String)> = match self.ring {
+            Some(_) => BackgroundWorker::transaction(|| {
+                Logged::open(None)
+                    .channels()
+                    .filter(|(channel, _)| in_buckets(&buckets, channel))
+                    .map(|(channel, tbl)| (channel.to_vec(), tbl.to_string()))
+                    .collect()
+            }),
+            None => Vec::new(),
+        };
         let watches: Vec<(Target, Folded)> = self
             .channels
             .iter()
-            .filter(|(channel, _)| in_buckets(&buckets, channel))
-            .map(|(channel, known)| {
-                let target = Target {
-                    channel: CString::new(channel.as_slice()).expect("a sent channel holds no NUL"),
-                    tbl: known.tbl.clone(),
-                    rows: Rows::Objects,
-                };
-                let mut folded = Folded::default();
-                folded.mark_resync();
-                (target, folded)
-            })
+            .filter(|(channel, _)| in_buckets(&buckets, channel) && !retained.iter().any(|(c, _)| c == *channel))
+            .map(|(channel, known)| resync(channel, &known.tbl, false))
+            .chain(retained.iter().map(|(channel, tbl)| resync(channel, tbl, true)))
             .collect();
         if !watches.is_empty() {
             self.send(&watches);

@@ -225,12 +225,14 @@ pub fn check_extension_at_commit() {
     CHECK_EXTENSION.set(true);
 }
 
-/// Reserves this transaction's record in the delivery queue when worker delivery applies;
-/// `false` means notify inline (the queue is full or has no slot: counted as a fallback).
+/// Reserves this transaction's record in the delivery queue when worker delivery applies (always
+/// for a retained watch's changes, which the worker writes to the log); `false` means notify
+/// inline (the queue is full or has no slot: counted as a fallback).
 fn queue_for_worker(xact: &mut Xact) -> bool {
+    let retained = xact.buffers.iter().any(|buffer| buffer.target.retained);
     let shared = match guc::DELIVERY.get() {
-        Delivery::Inline => None,
-        Delivery::Auto | Delivery::Worker => shmem::shared(),
+        Delivery::Inline if !retained => None,
+        Delivery::Inline | Delivery::Auto | Delivery::Worker => shmem::shared(),
     };
     let Some(shared) = shared else { return false };
     let Xact { buffers, record, .. } = xact;
@@ -253,10 +255,19 @@ fn queue_for_worker(xact: &mut Xact) -> bool {
 
 /// Notes the watches of a transaction notified inline, for its commit to check (see
 /// `announce_after_commit`); a database that never queued anything has nothing older to wait for.
+/// A retained watch's changes notified inline are not in the log: without a slot to announce the
+/// gap through, they are counted and warned about.
 fn note_inline(xact: &Xact) {
     let Some(shared) = shmem::shared() else { return };
     // SAFETY: reading the id of the database this backend is connected to.
     if shared.find_slot(unsafe { pg_sys::MyDatabaseId }.to_u32()).is_none() {
+        let unlogged = xact.buffers.iter().filter(|buffer| buffer.target.retained).count();
+        if unlogged > 0 {
+            stats::add(Counter::RetainedUnlogged, unlogged as u64);
+            warning!(
+                "pgwatch: changes of {unlogged} retained watches were notified without being logged: no delivery slot is free for this database"
+            );
+        }
         return;
     }
     INLINE.with_borrow_mut(|inline| inline.extend(xact.buffers.iter().map(|buffer| buffer.target.clone())));
@@ -266,7 +277,8 @@ fn note_inline(xact: &Xact) {
 /// changes of its channels committed before it, those reach subscribers after this transaction's
 /// notifications. Their subscribers are then told to refetch once they are sent (a resync record
 /// queued behind them, see `queue::announce`). Whether older changes are held is read from the
-/// slot's counters: no lock, no walk of the queue.
+/// slot's counters: no lock, no walk of the queue. A retained watch's channel always gets one:
+/// what was notified inline is not in its log, and the reset marker takes its place there.
 fn announce_after_commit(shared: &Shared) {
     INLINE.with_borrow_mut(|inline| {
         if inline.is_empty() {
@@ -275,8 +287,11 @@ fn announce_after_commit(shared: &Shared) {
         // SAFETY: reading the id of the database this backend is connected to.
         let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
         let slot = shared.find_slot(dboid);
-        let overtaking =
-            || inline.iter().filter(|target| slot.is_some_and(|slot| slot.may_hold(target.channel.as_bytes())));
+        let overtaking = || {
+            inline
+                .iter()
+                .filter(|target| slot.is_some_and(|slot| target.retained || slot.may_hold(target.channel.as_bytes())))
+        };
         if overtaking().next().is_some() {
             let mut record = Vec::new();
             overtaking().for_each(|target| record::encode_resync(&mut record, target));
@@ -312,7 +327,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             xact.buffers.retain(|buffer| buffer.folded.has_news());
             if !xact.buffers.is_empty() && !queue_for_worker(&mut xact) {
                 for buffer in &xact.buffers {
-                    notify::send_changes(&buffer.target, &buffer.folded, &mut || None);
+                    notify::send_changes(&buffer.target, &buffer.folded, &mut || None, &mut |_| {});
                 }
                 note_inline(&xact);
             }

@@ -74,6 +74,30 @@ pub fn resync_payload(tbl: &str, seq: Option<u64>) -> PayloadBuf {
     notice(tbl, "resync", seq, b"")
 }
 
+/// Why a retained channel's feed has a gap that replay cannot fill (see [`reset_payload`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The server restarted without a clean shutdown (a crash, an immediate stop, a promoted
+    /// standby): changes committed but not yet sent were lost.
+    Restart,
+    /// A transaction was notified inline (the queue was full), outside the log.
+    Fallback,
+}
+
+impl ResetReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::Restart => "restart",
+            ResetReason::Fallback => "fallback",
+        }
+    }
+}
+
+/// The reset marker of a retained channel: subscribers refetch `tbl`; replay goes on from here.
+pub fn reset_payload(tbl: &str, seq: Option<u64>, reason: ResetReason) -> PayloadBuf {
+    notice(tbl, "reset", seq, format!(",\"reason\":\"{}\"", reason.as_str()).as_bytes())
+}
+
 /// The payload that tells subscribers of `tbl` that it was truncated.
 pub fn truncate_payload(tbl: &str, seq: Option<u64>) -> PayloadBuf {
     notice(tbl, "truncate", seq, b"")
@@ -238,6 +262,14 @@ mod tests {
         let cols = cols_header(std::iter::repeat_n("n", 990)).unwrap();
         assert!(cols.len() > MAX_COLS_HEADER - 40);
         assert!(row_budget(&tbl, &cols) > 1000);
+    }
+
+    #[test]
+    fn reset_payload_names_the_table_and_the_reason() {
+        assert_eq!(
+            &reset_payload("public.t", Some(7), ResetReason::Restart)[..],
+            br#"{"tbl":"public.t","op":"reset","seq":7,"reason":"restart"}"#
+        );
     }
 
     #[test]

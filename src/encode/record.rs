@@ -22,7 +22,10 @@ pub struct WatchRecord<'a> {
 
 impl<'a> WatchRecord<'a> {
     pub fn is_for(&self, target: &Target) -> bool {
-        target.channel.as_bytes() == self.channel && target.tbl.as_bytes() == self.tbl && target.cols() == self.cols
+        target.channel.as_bytes() == self.channel
+            && target.tbl.as_bytes() == self.tbl
+            && target.cols() == self.cols
+            && target.retained == self.retained()
     }
 
     pub fn target(&self) -> Target {
@@ -30,7 +33,13 @@ impl<'a> WatchRecord<'a> {
             channel: CString::new(self.channel).expect("channels have no NUL"),
             tbl: String::from_utf8_lossy(self.tbl).into_owned(),
             rows: if self.cols.is_empty() { Rows::Objects } else { Rows::Compact(self.cols.into()) },
+            retained: self.retained(),
         }
+    }
+
+    /// The watch keeps its payloads for replay.
+    pub fn retained(&self) -> bool {
+        self.flags & RETAINED != 0
     }
 
     pub fn channel(&self) -> &'a [u8] {
@@ -109,11 +118,22 @@ const TRUNCATED: u8 = 1 << 3;
 /// Bit of the flags byte that asks for a resync notice (see [`encode_resync`]).
 const RESYNC: u8 = 1 << 4;
 
+/// Bit of the flags byte that says the watch keeps its payloads for replay.
+const RETAINED: u8 = 1 << 5;
+
+fn retained_flag(target: &Target) -> u8 {
+    if target.retained {
+        RETAINED
+    } else {
+        0
+    }
+}
+
 /// Appends a watch's resync request to a record body: no changes, only the request that its
 /// subscribers refetch once everything queued before it is sent. A transaction notified inline
 /// queues one, since its notifications may reach subscribers before older queued ones.
 pub fn encode_resync(out: &mut Vec<u8>, target: &Target) {
-    encode_header(out, target, RESYNC);
+    encode_header(out, target, RESYNC | retained_flag(target));
     out.extend_from_slice(&[0; 8]);
 }
 
@@ -145,7 +165,7 @@ pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
     let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
     let truncated = if folded.truncated() { TRUNCATED } else { 0 };
     let resync = if folded.resync() { RESYNC } else { 0 };
-    encode_header(out, target, overflow | truncated | resync);
+    encode_header(out, target, overflow | truncated | resync | retained_flag(target));
     // The row count, then the rows' bytes, length-prefixed so that a reader can step over them.
     let count_at = out.len();
     out.extend_from_slice(&[0; 8]);
@@ -221,6 +241,7 @@ mod tests {
             channel: c"chan".into(),
             tbl: "public.t".into(),
             rows: Rows::Compact((*b"\"cols\":[\"id\"],").into()),
+            retained: true,
         };
         let mut first = Folded::default();
         first.apply(Change { before: None, after: Some(img(1, "a", false)) });
@@ -252,7 +273,7 @@ mod tests {
 
     #[test]
     fn op_order_of_decoded_changes_is_kept() {
-        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects };
+        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
         let mut folded = Folded::default();
         folded.apply(Change { before: None, after: Some(img(5, "x", false)) });
         let mut body = Vec::new();
@@ -264,7 +285,7 @@ mod tests {
 
     #[test]
     fn a_truncate_clears_earlier_transactions_but_not_its_own_later_rows() {
-        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects };
+        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
         let mut earlier = Folded::default();
         earlier.apply(Change { before: None, after: Some(img(1, "a", false)) });
         earlier.mark_overflow(Op::Delete);
@@ -282,7 +303,7 @@ mod tests {
 
     #[test]
     fn a_resync_part_carries_no_rows_and_asks_for_a_resync() {
-        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects };
+        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
         let mut body = Vec::new();
         encode_resync(&mut body, &target);
         let part = decode(&body).next().unwrap();
@@ -295,7 +316,12 @@ mod tests {
     #[test]
     fn a_part_that_cannot_be_sent_says_why() {
         let mut body = Vec::new();
-        let long = Target { channel: CString::new("c".repeat(64)).unwrap(), tbl: "t".into(), rows: Rows::Objects };
+        let long = Target {
+            channel: CString::new("c".repeat(64)).unwrap(),
+            tbl: "t".into(),
+            rows: Rows::Objects,
+            retained: false,
+        };
         encode_resync(&mut body, &long);
         assert!(decode(&body).next().unwrap().unsendable().is_some());
     }

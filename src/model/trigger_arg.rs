@@ -11,7 +11,8 @@
 use super::watch::{PayloadMode, Watch, MAX_CHANNEL};
 
 /// How a watch's rows are written, as its trigger argument says: the key count is followed by
-/// ` compact` for arrays of values.
+/// ` compact` for arrays of values (and by ` retained` for a watch whose payloads are kept, see
+/// [`TriggerArg::retained`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Objects,
@@ -26,6 +27,8 @@ pub struct TriggerArg {
     /// How many of `columns`, from the first, are key columns.
     pub keys: usize,
     pub layout: Layout,
+    /// The watch keeps its payloads for replay.
+    pub retained: bool,
     /// Key columns, then extra columns.
     pub columns: Vec<Vec<u8>>,
 }
@@ -33,10 +36,13 @@ pub struct TriggerArg {
 impl TriggerArg {
     /// The one argument of `watch`'s triggers on the table subscribers know as `tbl`.
     pub fn write(watch: &Watch, tbl: &str) -> String {
-        let keys = match watch.payload {
-            PayloadMode::Compact => format!("{} compact", watch.keys.len()),
-            PayloadMode::Full | PayloadMode::Keys => watch.keys.len().to_string(),
-        };
+        let mut keys = watch.keys.len().to_string();
+        if watch.payload == PayloadMode::Compact {
+            keys.push_str(" compact");
+        }
+        if watch.retain.is_some() {
+            keys.push_str(" retained");
+        }
         let fields: Vec<String> = [watch.channel.clone(), tbl.to_string(), keys]
             .into_iter()
             .chain(watch.keys.iter().cloned())
@@ -55,15 +61,21 @@ impl TriggerArg {
             return Err(format!("a channel name of {} bytes (1 to {MAX_CHANNEL})", channel.len()));
         }
         let keys = String::from_utf8_lossy(keys);
-        let (count, layout) = match keys.split_once(' ') {
-            Some((count, "compact")) => (count, Layout::Compact),
-            _ => (keys.as_ref(), Layout::Objects),
-        };
+        let mut words = keys.split(' ');
+        let count = words.next().unwrap_or_default();
+        let (mut layout, mut retained) = (Layout::Objects, false);
+        for word in words {
+            match word {
+                "compact" if layout == Layout::Objects && !retained => layout = Layout::Compact,
+                "retained" if !retained => retained = true,
+                _ => return Err(format!("a key count of \"{keys}\"")),
+            }
+        }
         let keys = match count.parse::<usize>() {
             Ok(keys) if (1..=columns.len()).contains(&keys) => keys,
             _ => return Err(format!("a key count of \"{keys}\" for {} columns", columns.len())),
         };
-        Ok(TriggerArg { channel: channel.clone(), tbl: tbl.clone(), keys, layout, columns: columns.to_vec() })
+        Ok(TriggerArg { channel: channel.clone(), tbl: tbl.clone(), keys, layout, retained, columns: columns.to_vec() })
     }
 }
 
@@ -155,10 +167,15 @@ mod tests {
                 tbl: b"public.t".to_vec(),
                 keys: 2,
                 layout: Layout::Compact,
+                retained: false,
                 columns: bytes(&["a", "b", "c"])
             })
         );
         assert_eq!(read(arg(&["ch", "t", "1", "id"])).map(|a| a.layout), Ok(Layout::Objects));
+        let retained = read(arg(&["ch", "t", "1 compact retained", "id"])).unwrap();
+        assert_eq!((retained.layout, retained.retained), (Layout::Compact, true));
+        let retained = read(arg(&["ch", "t", "1 retained", "id"])).unwrap();
+        assert_eq!((retained.layout, retained.retained), (Layout::Objects, true));
         for bad in [
             arg(&["ch", "t", "1"]),
             arg(&["", "t", "1", "id"]),
@@ -166,6 +183,9 @@ mod tests {
             arg(&["ch", "t", "2", "id"]),
             arg(&["ch", "t", "0", "id"]),
             arg(&["ch", "t", "1 sparse", "id"]),
+            arg(&["ch", "t", "1 retained compact", "id"]),
+            arg(&["ch", "t", "1 retained retained", "id"]),
+            arg(&["ch", "t", "1 compact compact", "id"]),
             "ch".to_string(),
         ] {
             assert!(read(bad.clone()).is_err(), "{bad}");

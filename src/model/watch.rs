@@ -35,12 +35,18 @@ impl PayloadMode {
     }
 }
 
-/// The catalog's columns: a database still on 0.1.0's SQL (before `ALTER EXTENSION pgwatch
-/// UPDATE`) has only the first seven.
+/// The catalog's columns: a database still on an older release's SQL (before `ALTER EXTENSION
+/// pgwatch UPDATE`) has only that release's: 0.1.0's first seven, 0.3.0's all but `retain` and
+/// `feed_start`.
 pub enum Shape {
     V0_1,
+    V0_3,
     Current,
 }
+
+/// Shortest and longest retention of a watch's payloads (`watch_table(..., retain)`), in
+/// microseconds: a second, and 365 days.
+pub const RETAIN_RANGE: (i64, i64) = (1_000_000, 365 * 86_400 * 1_000_000);
 
 /// A watch's definition.
 pub struct Watch {
@@ -54,6 +60,8 @@ pub struct Watch {
     pub condition: Option<String>,
     pub payload: PayloadMode,
     pub fire_on_replica: bool,
+    /// How long its payloads are kept for replay, in microseconds; `None`: not kept.
+    pub retain: Option<i64>,
 }
 
 impl Watch {
@@ -125,6 +133,9 @@ pub struct Target {
     pub channel: CString,
     pub tbl: String,
     pub rows: Rows,
+    /// Its payloads are kept for replay (see `feed`): always delivered by the worker, which
+    /// writes them to the log in the transaction that sends them.
+    pub retained: bool,
 }
 
 impl Target {

@@ -1,0 +1,318 @@
+//! Retained feeds across restarts, on clusters of their own (started, stopped, crashed and promoted
+//! here, with the binaries of the test server): a clean restart goes on without a gap, a crash
+//! restart and a standby's promotion leave a reset marker above everything sent before.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+
+// Shared with the main suite, which uses all of it.
+#[allow(dead_code)]
+#[path = "support.rs"]
+mod support;
+use support::{serial, WAIT};
+
+const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'"];
+
+const CHANNEL: &str = "public.feed";
+
+/// A cluster of the test server's PostgreSQL, run by the postgres user.
+struct Cluster {
+    bindir: String,
+    dir: PathBuf,
+    port: u16,
+}
+
+fn as_postgres(program: &str, args: &[&str]) -> std::process::Output {
+    let output = Command::new("sudo").args(["-u", "postgres", program]).args(args).output().unwrap();
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+impl Cluster {
+    /// The test server's binary directory (the server has pgwatch installed).
+    fn bindir() -> String {
+        pgrx_tests::run_test("the_test_server_has_pgwatch_installed", None, CONF.to_vec()).unwrap();
+        let mut admin = pgrx_tests::client().unwrap().0;
+        admin.query_one("SELECT setting FROM pg_config WHERE name = 'BINDIR'", &[]).unwrap().get(0)
+    }
+
+    fn empty(name: &str, port: u16) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("pgwatch-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Command::new("chown").args(["postgres:postgres"]).arg(&dir).status().unwrap();
+        Cluster { bindir: Cluster::bindir(), dir, port }
+    }
+
+    /// A new cluster with pgwatch preloaded, started.
+    fn new(name: &str, port: u16) -> Cluster {
+        let cluster = Cluster::empty(name, port);
+        let data = cluster.data();
+        as_postgres(&cluster.bin("initdb"), &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"]);
+        cluster.configure();
+        cluster.pg_ctl(&["start"]);
+        cluster
+    }
+
+    /// A streaming standby of `primary`, started.
+    fn standby_of(primary: &Cluster, name: &str, port: u16) -> Cluster {
+        let cluster = Cluster::empty(name, port);
+        let data = cluster.data();
+        as_postgres(
+            &cluster.bin("pg_basebackup"),
+            &["-h", "localhost", "-p", &primary.port.to_string(), "-U", "postgres", "-D", &data, "-R", "-X", "stream"],
+        );
+        cluster.configure();
+        // The connection string pg_basebackup writes may name options the server's libpq (the
+        // system's) does not know.
+        let path = format!("{data}/postgresql.auto.conf");
+        let conf = std::fs::read_to_string(&path).unwrap()
+            + &format!("primary_conninfo = 'host=localhost port={} user=postgres'\n", primary.port);
+        std::fs::write(&path, conf).unwrap();
+        cluster.pg_ctl(&["start"]);
+        cluster
+    }
+
+    fn configure(&self) {
+        let conf = format!(
+            "port = {}\nlisten_addresses = 'localhost'\nunix_socket_directories = '{}'\nshared_preload_libraries = 'pgwatch'\nwal_level = replica\nmax_wal_senders = 4\nfsync = off\n",
+            self.port,
+            self.dir.display()
+        );
+        let path = format!("{}/postgresql.auto.conf", self.data());
+        let mut current = std::fs::read_to_string(&path).unwrap_or_default();
+        current += &conf;
+        std::fs::write(&path, current).unwrap();
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn bin(&self, program: &str) -> String {
+        format!("{}/{program}", self.bindir)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let log = self.dir.join("log").display().to_string();
+        let data = self.data();
+        let mut all = vec!["-D", data.as_str(), "-l", log.as_str(), "-w", "-t", "120"];
+        all.extend_from_slice(args);
+        as_postgres(&self.bin("pg_ctl"), &all);
+    }
+
+    fn try_connect(&self) -> Result<Client, postgres::Error> {
+        postgres::Config::new().host("localhost").port(self.port).user("postgres").dbname("postgres").connect(NoTls)
+    }
+
+    /// A connection, waiting for the server to accept one (after a restart).
+    fn connect(&self) -> Client {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let answer = self.try_connect().and_then(|mut client| client.batch_execute("SELECT 1").map(|()| client));
+            match answer {
+                Ok(client) => return client,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => panic!("the server at port {} does not answer: {e}", self.port),
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = Command::new("sudo")
+            .args(["-u", "postgres", &self.bin("pg_ctl"), "-D", &data, "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// Payloads of the retained channel `CHANNEL` in the log, from `after` on, as (seq, payload).
+fn replay_all(db: &mut Client, after: i64) -> Vec<(i64, serde_json::Value)> {
+    let mut all = Vec::new();
+    let mut after = after;
+    loop {
+        let rows = db.query("SELECT seq, payload FROM pgwatch.replay($1, $2, 1000)", &[&CHANNEL, &after]).unwrap();
+        let Some(last) = rows.last() else { return all };
+        after = last.get(0);
+        all.extend(rows.iter().map(|r| (r.get::<_, i64>(0), serde_json::from_str(r.get::<_, &str>(1)).unwrap())));
+    }
+}
+
+fn position(db: &mut Client) -> i64 {
+    db.query_one("SELECT pgwatch.position($1)", &[&CHANNEL]).unwrap().get(0)
+}
+
+fn setup(db: &mut Client) -> i64 {
+    db.batch_execute(
+        "CREATE EXTENSION pgwatch;
+         CREATE TABLE feed (id int PRIMARY KEY);
+         SELECT watch_table('feed', 'insert', retain => '1 hour')",
+    )
+    .unwrap();
+    position(db)
+}
+
+/// Inserts ids one per transaction until `stop`, reconnecting after failures; the ids whose
+/// commit was acknowledged.
+fn write_until(cluster: &Cluster, stop: &AtomicBool, committed: &Mutex<Vec<i32>>, first: i32) {
+    let mut id = first;
+    let mut db = cluster.connect();
+    while !stop.load(Ordering::Relaxed) {
+        match db.batch_execute(&format!("INSERT INTO feed VALUES ({id})")) {
+            Ok(()) => committed.lock().unwrap().push(id),
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                if let Ok(fresh) = cluster.try_connect() {
+                    db = fresh;
+                }
+            }
+        }
+        id += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The ids the insert payloads list.
+fn ids(payloads: &[(i64, serde_json::Value)]) -> Vec<i32> {
+    payloads
+        .iter()
+        .filter(|(_, p)| p["op"] == "insert")
+        .flat_map(|(_, p)| p["rows"].as_array().unwrap().iter().map(|r| r["id"].as_i64().unwrap() as i32))
+        .collect()
+}
+
+#[test]
+fn a_clean_restart_under_load_continues_the_feed_without_a_gap() {
+    let _serial = serial();
+    let cluster = Cluster::new("clean", 28_950);
+    let mut db = cluster.connect();
+    let start = setup(&mut db);
+    let (stop, committed) = (AtomicBool::new(false), Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        scope.spawn(|| write_until(&cluster, &stop, &committed, 1));
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.pg_ctl(&["restart", "-m", "fast"]);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let mut db = cluster.connect();
+    let committed = committed.into_inner().unwrap();
+    let deadline = Instant::now() + WAIT;
+    let logged = loop {
+        let logged = replay_all(&mut db, start);
+        let sent = ids(&logged);
+        if committed.iter().all(|id| sent.contains(id)) || Instant::now() > deadline {
+            break logged;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Unbroken (replay checks the chain), no reset, every committed row logged once (a commit
+    // whose acknowledgement the shutdown cut off may be logged too).
+    assert!(logged.iter().all(|(_, p)| p["op"] == "insert"), "a reset after a clean restart: {logged:?}");
+    let mut sent = ids(&logged);
+    sent.sort();
+    let once = sent.len();
+    sent.dedup();
+    assert_eq!(sent.len(), once, "a row logged twice");
+    let missing: Vec<&i32> = committed.iter().filter(|id| sent.binary_search(id).is_err()).collect();
+    assert!(missing.is_empty(), "committed but not logged: {missing:?}");
+    let seqs: Vec<i64> = logged.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (start + 1..=start + seqs.len() as i64).collect::<Vec<_>>());
+}
+
+/// The listener's payloads before a crash, then after it: the reset marker stands above every seq
+/// sent before, and the log goes on unbroken through it.
+#[test]
+fn a_crash_restart_leaves_a_reset_marker_above_everything_sent_before() {
+    let _serial = serial();
+    let cluster = Cluster::new("crash", 28_951);
+    let mut db = cluster.connect();
+    let start = setup(&mut db);
+    let mut listener = cluster.connect();
+    listener.batch_execute(&format!("LISTEN \"{CHANNEL}\"")).unwrap();
+    let (stop, committed) = (AtomicBool::new(false), Mutex::new(Vec::new()));
+    let mut seen: Vec<i64> = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| write_until(&cluster, &stop, &committed, 1));
+        let mut notifications = listener.notifications();
+        let mut iter = notifications.timeout_iter(Duration::from_millis(300));
+        while seen.len() < 20 {
+            if let Ok(Some(n)) = iter.next() {
+                seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
+            }
+        }
+        // Kill an ordinary backend: the postmaster restarts every process and resets shared memory.
+        let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        // Whatever reached the listener before its connection went.
+        while let Ok(Some(n)) = iter.next() {
+            seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let mut db = cluster.connect();
+    let logged = replay_all(&mut db, start);
+    let markers: Vec<&(i64, serde_json::Value)> = logged.iter().filter(|(_, p)| p["op"] == "reset").collect();
+    assert_eq!(markers.len(), 1, "{logged:?}");
+    let (marker, payload) = markers[0];
+    assert_eq!(payload["reason"], "restart");
+    assert!(*marker > *seen.iter().max().unwrap(), "the marker {marker} is not above everything sent {seen:?}");
+    // What was written after the restart follows the marker.
+    assert!(logged.last().unwrap().0 >= *marker);
+    assert!(position(&mut db) >= *marker);
+    let stats: i64 = db.query_one("SELECT feed_resets FROM pgwatch.stats()", &[]).unwrap().get(0);
+    assert!(stats >= 1);
+}
+
+#[test]
+fn a_promoted_standby_goes_on_with_a_reset_marker_above_the_primarys_numbers() {
+    let _serial = serial();
+    let primary = Cluster::new("primary", 28_952);
+    let mut db = primary.connect();
+    let start = setup(&mut db);
+    let standby = Cluster::standby_of(&primary, "standby", 28_953);
+    let (stop, committed) = (AtomicBool::new(false), Mutex::new(Vec::new()));
+    let mut listener = primary.connect();
+    listener.batch_execute(&format!("LISTEN \"{CHANNEL}\"")).unwrap();
+    let mut seen: Vec<i64> = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| write_until(&primary, &stop, &committed, 1));
+        let mut notifications = listener.notifications();
+        let mut iter = notifications.timeout_iter(Duration::from_millis(300));
+        while seen.len() < 20 {
+            if let Ok(Some(n)) = iter.next() {
+                seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
+            }
+        }
+        standby.pg_ctl(&["promote"]);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        while let Ok(Some(n)) = iter.next() {
+            seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
+        }
+    });
+    let mut promoted = standby.connect();
+    promoted.batch_execute("INSERT INTO feed VALUES (1000000)").unwrap();
+    let deadline = Instant::now() + WAIT;
+    let logged = loop {
+        let logged = replay_all(&mut promoted, start);
+        if ids(&logged).contains(&1_000_000) || Instant::now() > deadline {
+            break logged;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let marker = logged.iter().find(|(_, p)| p["op"] == "reset").expect("a reset marker after the promotion");
+    assert_eq!(marker.1["reason"], "restart");
+    assert!(marker.0 > *seen.iter().max().unwrap(), "the marker {} is not above what the primary sent", marker.0);
+    // The primary's log came along, up to what was replicated.
+    assert!(logged.iter().any(|(seq, _)| seen.contains(seq)));
+}

@@ -1,0 +1,159 @@
+-- pgwatch 0.3.0 → 0.4.0: retained watches, whose payloads the delivery worker keeps in a log for
+-- replay (docs/replay.md). Leaves the same objects as installing 0.4.0 (the upgrade test
+-- compares them). Existing watches keep no payloads until defined again with retain.
+
+ALTER TABLE pgwatch.watches
+    ADD COLUMN retain interval,
+    ADD COLUMN feed_start bigint,
+    ADD CONSTRAINT watches_feed_start_with_retain CHECK ((retain IS NULL) = (feed_start IS NULL));
+
+-- The log: as in sql/feed.sql.
+CREATE TABLE pgwatch.feeds (
+    channel      text PRIMARY KEY,
+    tbl          text NOT NULL,
+    feed         bigint NOT NULL,
+    seq          bigint NOT NULL,
+    reserved     bigint NOT NULL,
+    cut_short    bigint NOT NULL DEFAULT 0,
+    last_reset   timestamptz,
+    reset_reason text
+);
+CREATE TABLE pgwatch.log (
+    segment int NOT NULL,
+    channel text NOT NULL,
+    feed    bigint NOT NULL,
+    seq     bigint NOT NULL,
+    prev    bigint NOT NULL,
+    sent_at timestamptz NOT NULL,
+    payload bytea NOT NULL
+) PARTITION BY LIST (segment);
+CREATE TABLE pgwatch.log_0 PARTITION OF pgwatch.log FOR VALUES IN (0);
+CREATE TABLE pgwatch.log_1 PARTITION OF pgwatch.log FOR VALUES IN (1);
+CREATE TABLE pgwatch.log_2 PARTITION OF pgwatch.log FOR VALUES IN (2);
+CREATE TABLE pgwatch.log_3 PARTITION OF pgwatch.log FOR VALUES IN (3);
+CREATE TABLE pgwatch.log_4 PARTITION OF pgwatch.log FOR VALUES IN (4);
+CREATE TABLE pgwatch.log_5 PARTITION OF pgwatch.log FOR VALUES IN (5);
+CREATE TABLE pgwatch.log_6 PARTITION OF pgwatch.log FOR VALUES IN (6);
+CREATE TABLE pgwatch.log_7 PARTITION OF pgwatch.log FOR VALUES IN (7);
+CREATE INDEX log_channel_feed_seq ON pgwatch.log (channel, feed, seq);
+CREATE TABLE pgwatch.log_segments (
+    segment   int PRIMARY KEY,
+    opened    timestamptz,
+    last_sent timestamptz,
+    payloads  bigint NOT NULL DEFAULT 0,
+    bytes     bigint NOT NULL DEFAULT 0
+);
+INSERT INTO pgwatch.log_segments (segment) SELECT generate_series(0, 7);
+
+-- New counters.
+DROP FUNCTION pgwatch.stats();
+CREATE FUNCTION pgwatch."stats"() RETURNS TABLE (
+    "rows_captured" bigint,
+    "rows_sent" bigint,
+    "notifications" bigint,
+    "payload_bytes" bigint,
+    "batches" bigint,
+    "rows_per_notification" double precision,
+    "partial_rows" bigint,
+    "overflows" bigint,
+    "inline_fallbacks" bigint,
+    "queue_high_water" bigint,
+    "worker_restarts" bigint,
+    "prepared_unsent" bigint,
+    "resyncs" bigint,
+    "skipped_records" bigint,
+    "log_payloads" bigint,
+    "log_bytes" bigint,
+    "pruned_payloads" bigint,
+    "pruned_bytes" bigint,
+    "prunes_skipped" bigint,
+    "feed_resets" bigint,
+    "retained_unlogged" bigint
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'stats_wrapper';
+
+-- watch_table() and the function behind it gain retain.
+DROP FUNCTION watch_table(regclass, text, text[], text, text[], text, text, boolean);
+DROP FUNCTION pgwatch.define_watch(regclass, text, text[], text, text[], text, text, boolean);
+CREATE FUNCTION pgwatch."define_watch"(
+    "tbl" regclass,
+    "events" TEXT,
+    "extra_columns" TEXT[],
+    "label" TEXT,
+    "trigger_columns" TEXT[],
+    "condition" TEXT,
+    "payload" TEXT,
+    "fire_on_replica" bool,
+    "retain" double precision
+) RETURNS bigint
+VOLATILE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'define_retained_watch_wrapper';
+
+CREATE FUNCTION pgwatch."read_position"("channel" bytea) RETURNS bigint
+VOLATILE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'read_position_wrapper';
+
+CREATE FUNCTION pgwatch."read_replay"("channel" bytea, "after_seq" bigint, "max_payloads" INT)
+RETURNS TABLE ("seq" bigint, "payload" bytea)
+VOLATILE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'read_replay_wrapper';
+
+-- watch_table() returns the watch's catalog row. The row is read by a second statement, which
+-- sees what pgwatch.define_watch() wrote.
+CREATE FUNCTION watch_table(
+    tbl regclass,
+    events text DEFAULT '*',
+    extra_columns text[] DEFAULT '{}',
+    label text DEFAULT NULL,
+    trigger_columns text[] DEFAULT '{}',
+    condition text DEFAULT NULL,
+    payload text DEFAULT 'full',
+    fire_on_replica boolean DEFAULT false,
+    retain interval DEFAULT NULL
+) RETURNS pgwatch.watches
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgwatch.define_watch(tbl, events, extra_columns, label, trigger_columns, condition, payload, fire_on_replica,
+                                extract(epoch FROM retain)::float8);
+    SELECT w.* FROM pgwatch.watches w WHERE w.tbl = $1 AND w.label IS NOT DISTINCT FROM $4;
+$$;
+
+-- The replay of a retained channel (see docs/replay.md). The channel and the payloads travel as
+-- bytes in the database's encoding between these and the functions that read the log.
+CREATE FUNCTION pgwatch.position(channel text) RETURNS bigint
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgwatch.read_position(convert_to(channel, getdatabaseencoding()));
+$$;
+
+CREATE FUNCTION pgwatch.replay(channel text, after_seq bigint, max_payloads int DEFAULT 1000)
+    RETURNS TABLE (seq bigint, payload text)
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.seq, convert_from(r.payload, getdatabaseencoding())
+      FROM pgwatch.read_replay(convert_to(channel, getdatabaseencoding()), after_seq, max_payloads) AS r;
+$$;
+
+-- One row per retained channel whose table the caller may read.
+CREATE VIEW pgwatch.channels WITH (security_barrier) AS
+SELECT w.channel, w.tbl, w.retain,
+       coalesce(f.seq, w.feed_start - 1) AS last_seq,
+       l.oldest_seq,
+       coalesce(l.payloads, 0) AS payloads,
+       coalesce(l.bytes, 0) AS bytes,
+       coalesce(f.cut_short, 0) AS cut_short,
+       f.last_reset, f.reset_reason
+  FROM pgwatch.watches w
+  LEFT JOIN pgwatch.feeds f ON f.channel = w.channel AND f.feed = w.feed_start
+  LEFT JOIN LATERAL (SELECT min(g.seq) AS oldest_seq, count(*) AS payloads, sum(octet_length(g.payload)) AS bytes
+                       FROM pgwatch.log g WHERE g.channel = w.channel AND g.feed = w.feed_start) l ON true
+ WHERE w.retain IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT');
+GRANT SELECT ON pgwatch.channels TO PUBLIC;

@@ -1,0 +1,98 @@
+//! Whether this server run began where a clean shutdown left off: the one case in which retained
+//! feeds go on without a reset marker (see `feed`).
+//!
+//! A clean shutdown (`pg_ctl stop`, fast or smart) sends what is queued before the workers exit,
+//! and its shutdown checkpoint makes their last transactions durable. Any other end (a crash, an
+//! immediate stop) may lose changes that were committed but not sent, or a worker's transaction
+//! whose NOTIFYs listeners already saw. The postmaster writes `pgwatch_feed.state` in the data
+//! directory: `running` when shared memory is set up, `clean <system identifier>` as it exits
+//! normally with nothing of any database left unsent. The next run starts clean only if it finds
+//! that line (or no file: pgwatch never ran here), `pg_control` says the cluster was shut down,
+//! and it is not a standby, a recovery or a restored backup (those start as after a crash).
+
+use std::sync::atomic::Ordering;
+
+use pgrx::pg_sys;
+use pgrx::warning;
+
+use super::shmem::{self, Shared};
+
+const STATE_FILE: &str = "pgwatch_feed.state";
+
+/// `DBState::DB_SHUTDOWNED` in `pg_control`, which every release since 9.x lays out alike: the
+/// system identifier (8 bytes), two version numbers (4 bytes each), then the state (4 bytes).
+const DB_SHUTDOWNED: u32 = 1;
+
+/// The system identifier and state `pg_control` holds (the postmaster runs in the data directory).
+fn control_file() -> Option<(u64, u32)> {
+    let bytes = std::fs::read("global/pg_control").ok()?;
+    let sysid = u64::from_ne_bytes(bytes.get(0..8)?.try_into().ok()?);
+    let state = u32::from_ne_bytes(bytes.get(16..20)?.try_into().ok()?);
+    Some((sysid, state))
+}
+
+/// Whether a state file reading `found` and `pg_control`'s `control` make a clean start. No
+/// file: pgwatch has not run on this cluster before (the first start after `initdb`, or after
+/// `shared_preload_libraries` gained pgwatch), so it has no feeds to reset.
+fn starts_clean(found: Option<&str>, control: Option<(u64, u32)>, recovering: bool) -> bool {
+    match (found, control) {
+        (Some(found), Some((sysid, DB_SHUTDOWNED))) => !recovering && found.trim() == format!("clean {sysid}"),
+        (None, Some((_, DB_SHUTDOWNED))) => !recovering,
+        _ => false,
+    }
+}
+
+/// Called by the postmaster when it sets up shared memory (at start, and again after a crash).
+pub fn begin_run(shared: &Shared) {
+    let found = std::fs::read_to_string(STATE_FILE).ok();
+    let recovering =
+        ["standby.signal", "recovery.signal", "backup_label"].iter().any(|f| std::path::Path::new(f).exists());
+    let clean = starts_clean(found.as_deref(), control_file(), recovering);
+    shared.started_clean.store(clean, Ordering::Relaxed);
+    if let Err(e) = std::fs::write(STATE_FILE, "running\n") {
+        // A "clean" line left behind would make the next start after a crash look clean.
+        if std::fs::remove_file(STATE_FILE).is_err() && found.is_some() {
+            warning!("pgwatch: cannot write or remove {STATE_FILE}: {e}");
+        }
+    }
+    // SAFETY: registers a plain function in the postmaster; its children forget it at fork.
+    unsafe { pg_sys::on_shmem_exit(Some(end_run), pg_sys::Datum::from(0)) };
+}
+
+/// Runs as the postmaster exits (and before it sets up shared memory again after a crash, with
+/// a code other than 0): marks the run clean if nothing of any database is left unsent.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn end_run(code: i32, _arg: pg_sys::Datum) {
+    let Some(shared) = shmem::shared() else { return };
+    let unsent = shared.slots.iter().any(|slot| {
+        slot.dboid.load(Ordering::Acquire) != 0
+            && (slot.unsent_bytes.load(Ordering::Acquire) > 0 || slot.resync_after.load(Ordering::Acquire) != 0)
+    });
+    if code != 0 || unsent {
+        return;
+    }
+    if let Some((sysid, _)) = control_file() {
+        let _ = std::fs::write(STATE_FILE, format!("clean {sysid}\n"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_clean_line_of_this_cluster_after_a_shutdown_starts_clean() {
+        let shut_down = Some((42, DB_SHUTDOWNED));
+        assert!(starts_clean(Some("clean 42\n"), shut_down, false));
+        assert!(!starts_clean(Some("clean 42\n"), shut_down, true));
+        assert!(!starts_clean(Some("clean 43\n"), shut_down, false));
+        assert!(!starts_clean(Some("running\n"), shut_down, false));
+        // The first run with pgwatch preloaded.
+        assert!(starts_clean(None, shut_down, false));
+        assert!(!starts_clean(None, shut_down, true));
+        assert!(!starts_clean(None, Some((42, 6)), false));
+        // An immediate stop or a crash leaves pg_control "in production".
+        assert!(!starts_clean(Some("clean 42\n"), Some((42, 6)), false));
+        assert!(!starts_clean(Some("clean 42\n"), None, false));
+    }
+}
