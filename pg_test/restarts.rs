@@ -180,6 +180,20 @@ fn write_until(cluster: &Cluster, stop: &AtomicBool, committed: &Mutex<Vec<i32>>
     }
 }
 
+/// Adds the seq of each notification heard to `seen` until it holds `count`, or (with
+/// `usize::MAX`) until nothing more arrives or the connection is gone.
+fn hear(iter: &mut postgres::notifications::TimeoutIter<'_>, seen: &mut Vec<i64>, count: usize) {
+    while seen.len() < count {
+        match iter.next() {
+            Ok(Some(n)) => {
+                seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap())
+            }
+            Ok(None) if count != usize::MAX => {}
+            _ => return,
+        }
+    }
+}
+
 /// The ids the insert payloads list.
 fn ids(payloads: &[(i64, serde_json::Value)]) -> Vec<i32> {
     payloads
@@ -244,18 +258,12 @@ fn a_crash_restart_leaves_a_reset_marker_above_everything_sent_before() {
         scope.spawn(|| write_until(&cluster, &stop, &committed, 1));
         let mut notifications = listener.notifications();
         let mut iter = notifications.timeout_iter(Duration::from_millis(300));
-        while seen.len() < 20 {
-            if let Ok(Some(n)) = iter.next() {
-                seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
-            }
-        }
+        hear(&mut iter, &mut seen, 20);
         // Kill an ordinary backend: the postmaster restarts every process and resets shared memory.
         let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
         Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
         // Whatever reached the listener before its connection went.
-        while let Ok(Some(n)) = iter.next() {
-            seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
-        }
+        hear(&mut iter, &mut seen, usize::MAX);
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
     });
@@ -288,17 +296,11 @@ fn a_promoted_standby_goes_on_with_a_reset_marker_above_the_primarys_numbers() {
         scope.spawn(|| write_until(&primary, &stop, &committed, 1));
         let mut notifications = listener.notifications();
         let mut iter = notifications.timeout_iter(Duration::from_millis(300));
-        while seen.len() < 20 {
-            if let Ok(Some(n)) = iter.next() {
-                seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
-            }
-        }
+        hear(&mut iter, &mut seen, 20);
         standby.pg_ctl(&["promote"]);
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
-        while let Ok(Some(n)) = iter.next() {
-            seen.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap()["seq"].as_i64().unwrap());
-        }
+        hear(&mut iter, &mut seen, usize::MAX);
     });
     let mut promoted = standby.connect();
     promoted.batch_execute("INSERT INTO feed VALUES (1000000)").unwrap();
