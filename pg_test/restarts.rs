@@ -28,6 +28,12 @@ struct Cluster {
     port: u16,
 }
 
+/// The test server's binary directory and major version.
+struct Server {
+    bindir: String,
+    major: u16,
+}
+
 fn as_postgres(program: &str, args: &[&str]) -> std::process::Output {
     let output = Command::new("sudo").args(["-u", "postgres", program]).args(args).output().unwrap();
     assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
@@ -35,24 +41,34 @@ fn as_postgres(program: &str, args: &[&str]) -> std::process::Output {
 }
 
 impl Cluster {
-    /// The test server's binary directory (the server has pgwatch installed).
-    fn bindir() -> String {
+    /// The test server (which has pgwatch installed).
+    fn server() -> Server {
         pgrx_tests::run_test("the_test_server_has_pgwatch_installed", None, CONF.to_vec()).unwrap();
         let mut admin = pgrx_tests::client().unwrap().0;
-        admin.query_one("SELECT setting FROM pg_config WHERE name = 'BINDIR'", &[]).unwrap().get(0)
+        let row = admin
+            .query_one(
+                "SELECT setting, current_setting('server_version_num')::int / 10000
+                   FROM pg_config WHERE name = 'BINDIR'",
+                &[],
+            )
+            .unwrap();
+        Server { bindir: row.get(0), major: row.get::<_, i32>(1) as u16 }
     }
 
-    fn empty(name: &str, port: u16) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("pgwatch-{name}"));
+    /// An empty directory and a port of its own, both per major version, so that suites of
+    /// different versions can run at the same time.
+    fn empty(name: &str, offset: u16) -> Cluster {
+        let Server { bindir, major } = Cluster::server();
+        let dir = std::env::temp_dir().join(format!("pgwatch-{major}-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Command::new("chown").args(["postgres:postgres"]).arg(&dir).status().unwrap();
-        Cluster { bindir: Cluster::bindir(), dir, port }
+        Cluster { bindir, dir, port: 28_900 + major * 4 + offset }
     }
 
     /// A new cluster with pgwatch preloaded, started.
-    fn new(name: &str, port: u16) -> Cluster {
-        let cluster = Cluster::empty(name, port);
+    fn new(name: &str, offset: u16) -> Cluster {
+        let cluster = Cluster::empty(name, offset);
         let data = cluster.data();
         as_postgres(&cluster.bin("initdb"), &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"]);
         cluster.configure();
@@ -61,8 +77,8 @@ impl Cluster {
     }
 
     /// A streaming standby of `primary`, started.
-    fn standby_of(primary: &Cluster, name: &str, port: u16) -> Cluster {
-        let cluster = Cluster::empty(name, port);
+    fn standby_of(primary: &Cluster, name: &str, offset: u16) -> Cluster {
+        let cluster = Cluster::empty(name, offset);
         let data = cluster.data();
         as_postgres(
             &cluster.bin("pg_basebackup"),
@@ -206,7 +222,7 @@ fn ids(payloads: &[(i64, serde_json::Value)]) -> Vec<i32> {
 #[test]
 fn a_clean_restart_under_load_continues_the_feed_without_a_gap() {
     let _serial = serial();
-    let cluster = Cluster::new("clean", 28_950);
+    let cluster = Cluster::new("clean", 0);
     let mut db = cluster.connect();
     let start = setup(&mut db);
     let (stop, committed) = (AtomicBool::new(false), Mutex::new(Vec::new()));
@@ -247,7 +263,7 @@ fn a_clean_restart_under_load_continues_the_feed_without_a_gap() {
 #[test]
 fn a_crash_restart_leaves_a_reset_marker_above_everything_sent_before() {
     let _serial = serial();
-    let cluster = Cluster::new("crash", 28_951);
+    let cluster = Cluster::new("crash", 1);
     let mut db = cluster.connect();
     let start = setup(&mut db);
     let mut listener = cluster.connect();
@@ -284,10 +300,10 @@ fn a_crash_restart_leaves_a_reset_marker_above_everything_sent_before() {
 #[test]
 fn a_promoted_standby_goes_on_with_a_reset_marker_above_the_primarys_numbers() {
     let _serial = serial();
-    let primary = Cluster::new("primary", 28_952);
+    let primary = Cluster::new("primary", 2);
     let mut db = primary.connect();
     let start = setup(&mut db);
-    let standby = Cluster::standby_of(&primary, "standby", 28_953);
+    let standby = Cluster::standby_of(&primary, "standby", 3);
     let (stop, committed) = (AtomicBool::new(false), Mutex::new(Vec::new()));
     let mut listener = primary.connect();
     listener.batch_execute(&format!("LISTEN \"{CHANNEL}\"")).unwrap();

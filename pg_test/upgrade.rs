@@ -276,7 +276,8 @@ fn pg_dump_and_pg_restore_keep_watches() {
             .map(|r| r.get(0))
             .collect()
     };
-    let dump = std::env::temp_dir().join("pgwatch-o_dump.dump");
+    // Named by port: suites of different versions may run at the same time.
+    let dump = std::env::temp_dir().join(format!("pgwatch-o_dump-{port}.dump"));
     let status = std::process::Command::new(format!("{bindir}/pg_dump"))
         .args(["-Fc", "-h", "localhost", "-p", &port.to_string(), "-U", &user, "-d", "o_dump", "-f"])
         .arg(&dump)
