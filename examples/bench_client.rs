@@ -7,6 +7,15 @@
 //! TABLE at RATE per second, notes when each commit returned and when its key was received on
 //! CHANNEL, and prints `p50 p99 max received sent` (latencies in microseconds).
 //!
+//! `bench_client cpu POSTMASTER_PID LISTENER_PID CLK_TCK` prints the CPU time used so far, in
+//! microseconds: `server worker listener`. Server is the postmaster, its live children and the
+//! children that exited (pgbench's backends exit between samples); worker is pgwatch's delivery
+//! workers alone; listener is the benchmark's listening client.
+//!
+//! `bench_client replay CONNINFO CHANNEL AFTER_SEQ` reads a retained channel's log from AFTER_SEQ
+//! to its end with `pgwatch.replay`, 1,000 payloads a call, and prints `payloads rows bytes
+//! seconds`.
+//!
 //! `bench_client report RAW_TSV MACHINE SECONDS ROUNDS` turns the harness's raw results into the
 //! markdown report, with the targets checked.
 
@@ -24,12 +33,63 @@ fn main() {
         Some("latency") if args.len() == 6 => {
             latency(&args[1], &args[2], &args[3], args[4].parse().unwrap(), args[5].parse().unwrap())
         }
+        Some("cpu") if args.len() == 4 => cpu(&args[1], &args[2], args[3].parse().unwrap()),
+        Some("replay") if args.len() == 4 => replay(&args[1], &args[2], args[3].parse().unwrap()),
         Some("report") if args.len() == 5 => report(&args[1], &args[2], &args[3], &args[4]),
         _ => {
-            eprintln!("usage: bench_client listen CONNINFO STATS_FILE CHANNEL... | latency CONNINFO TABLE CHANNEL RATE SECONDS | report RAW_TSV MACHINE SECONDS ROUNDS");
+            eprintln!("usage: bench_client listen CONNINFO STATS_FILE CHANNEL... | latency CONNINFO TABLE CHANNEL RATE SECONDS | cpu POSTMASTER_PID LISTENER_PID CLK_TCK | replay CONNINFO CHANNEL AFTER_SEQ | report RAW_TSV MACHINE SECONDS ROUNDS");
             std::process::exit(2);
         }
     }
+}
+
+/// A process's parent and its CPU ticks (user + system, own and exited children's), from
+/// /proc/PID/stat; the command name may hold spaces and parentheses, so fields count from its end.
+fn ticks(pid: &str) -> Option<(String, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // After the name: state, ppid, ... utime (14th field of the line), stime, cutime, cstime.
+    Some((fields.get(1)?.to_string(), num(11) + num(12), num(13) + num(14)))
+}
+
+fn cpu(postmaster: &str, listener: &str, clk_tck: u64) {
+    let (_, own, exited) = ticks(postmaster).expect("the postmaster's /proc entry");
+    let (mut server, mut worker) = (own + exited, 0);
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        let Some((parent, own, _)) = ticks(&pid) else { continue };
+        if parent != postmaster {
+            continue;
+        }
+        server += own;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("pgwatch delivery") {
+            worker += own;
+        }
+    }
+    let listener = ticks(listener).map_or(0, |(_, own, _)| own);
+    let us = |ticks: u64| ticks * 1_000_000 / clk_tck;
+    println!("{} {} {}", us(server), us(worker), us(listener));
+}
+
+fn replay(conninfo: &str, channel: &str, mut after: i64) {
+    let mut client = Client::connect(conninfo, NoTls).expect("connect");
+    let statement = client.prepare("SELECT seq, payload FROM pgwatch.replay($1, $2, 1000)").expect("prepare");
+    let (mut payloads, mut rows, mut bytes) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    loop {
+        let page = client.query(&statement, &[&channel, &after]).expect("replay");
+        let Some(last) = page.last() else { break };
+        after = last.get(0);
+        for row in &page {
+            let payload: &str = row.get(1);
+            payloads += 1;
+            bytes += payload.len() as u64;
+            rows += row_count(payload);
+        }
+    }
+    println!("{payloads} {rows} {bytes} {:.3}", start.elapsed().as_secs_f64());
 }
 
 fn listening(conninfo: &str, channels: &[String]) -> Client {
@@ -164,6 +224,42 @@ struct Measured {
     bytes: f64,
 }
 
+/// CPU time of one run (see `cpu`), in microseconds, with what it bought.
+#[derive(Clone, Copy)]
+struct Cpu {
+    round: u32,
+    server_us: f64,
+    worker_us: f64,
+    txns: f64,
+    notifications: f64,
+}
+
+impl Cpu {
+    fn per_txn(&self) -> f64 {
+        self.server_us / self.txns.max(1.0)
+    }
+
+    fn worker_per_notification(&self) -> f64 {
+        self.worker_us / self.notifications.max(1.0)
+    }
+}
+
+/// The median and the range, as "median (min–max)" would show them.
+fn median_and_range(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
+    Some((median, values[0], values[n - 1]))
+}
+
+/// Per round, `f` of a variant's run over `f` of another's in the same round.
+fn per_round_ratios(a: &[Cpu], b: &[Cpu], f: impl Fn(&Cpu) -> f64) -> Vec<f64> {
+    a.iter().filter_map(|x| b.iter().find(|y| y.round == x.round).map(|y| f(x) / f(y))).collect()
+}
+
 fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
@@ -183,12 +279,29 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
     let mut order: Vec<(String, u32, String)> = Vec::new();
     let mut runs: HashMap<(String, u32, String), Measured> = HashMap::new();
     let mut latencies: Vec<Vec<String>> = Vec::new();
+    let mut cpus: HashMap<(String, u32, String), Vec<Cpu>> = HashMap::new();
+    let mut feed: Vec<Vec<String>> = Vec::new();
     // An interleaved run's rows are written together, none's first.
     let mut interleaved_runs = 0;
     for line in text.lines() {
         let f: Vec<&str> = line.split('\t').collect();
         if f[0] == "latency" {
             latencies.push(f[1..].iter().map(|s| s.to_string()).collect());
+            continue;
+        }
+        if f[0] == "cpu" {
+            let num = |i: usize| f[i].parse::<f64>().unwrap_or(0.0);
+            cpus.entry((f[1].to_string(), f[2].parse().unwrap(), f[3].to_string())).or_default().push(Cpu {
+                round: f[4].parse().unwrap(),
+                server_us: num(5),
+                worker_us: num(6),
+                txns: num(8),
+                notifications: num(9),
+            });
+            continue;
+        }
+        if ["logbytes", "replay", "logsize", "logsize_tps"].contains(&f[0]) {
+            feed.push(f.iter().map(|s| s.to_string()).collect());
             continue;
         }
         let key = (f[0].to_string(), f[1].parse().unwrap(), f[2].to_string());
@@ -211,7 +324,8 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
     }
     // Listed per workload and client count in the order they first ran, variants in a fixed
     // order whatever order they ran in.
-    const VARIANTS: [&str; 6] = ["none", "ectowatch", "tcn", "pgwatch-inline", "pgwatch-worker", "pgwatch-compact"];
+    const VARIANTS: [&str; 7] =
+        ["none", "ectowatch", "tcn", "pgwatch-inline", "pgwatch-worker", "pgwatch-retain", "pgwatch-compact"];
     let groups: Vec<(String, u32)> = order.iter().fold(Vec::new(), |mut groups, (w, c, _)| {
         if !groups.iter().any(|(gw, gc)| gw == w && gc == c) {
             groups.push((w.clone(), *c));
@@ -235,10 +349,14 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
     if interleaved {
         println!("W3 runs the variants interleaved, each transaction one of them at random, in two pgbench runs of {} s per round, one per delivery setting (inline: none, ectowatch, tcn, pgwatch-inline; worker: none, tcn, pgwatch-worker, pgwatch-compact); its overhead is against none of the same run and its TPS is 1 / latency.", seconds.parse::<u32>().unwrap_or(0) * 3);
     }
+    if !cpus.is_empty() {
+        println!("Server CPU is the CPU time of every server process (writers' backends, the listener's backend, pgwatch's worker, WAL writer and the rest) over a run and its 1.5 s drain, per committed transaction: the median over the rounds, and × none as the median of each round's ratio.");
+    }
     println!();
-    println!("| workload | clients | variant | TPS | rows/s | × none | overhead µs/row | notifications/row | bytes/row | bytes/notification |");
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| workload | clients | variant | TPS | rows/s | × none | server CPU µs/txn | CPU × none | overhead µs/row | notifications/row | bytes/row | bytes/notification |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let get = |w: &str, c: u32, v: &str| runs.get(&(w.to_string(), c, v.to_string()));
+    let cpu_of = |w: &str, c: u32, v: &str| cpus.get(&(w.to_string(), c, v.to_string()));
     for (workload, clients, variant) in &order {
         let m = &runs[&(workload.clone(), *clients, variant.clone())];
         let none = get(workload, *clients, "none").expect("a none run");
@@ -258,8 +376,16 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
                 format!("{:.0}", m.bytes / m.notifications.max(1.0)),
             )
         };
+        let (cpu, cpu_ratio) = match (cpu_of(workload, *clients, variant), cpu_of(workload, *clients, "none")) {
+            (Some(c), Some(none)) => (
+                median_and_range(c.iter().map(Cpu::per_txn).collect()).map_or(String::new(), |m| format!("{:.1}", m.0)),
+                median_and_range(per_round_ratios(c, none, Cpu::per_txn))
+                    .map_or(String::new(), |m| format!("{:.2}", m.0)),
+            ),
+            _ => (String::new(), String::new()),
+        };
         println!(
-            "| {workload} | {clients} | {variant} | {tps:.0} | {:.0} | {ratio:.2} | {overhead} | {per_row} | {bytes_per_row} | {per_notification} |",
+            "| {workload} | {clients} | {variant} | {tps:.0} | {:.0} | {ratio:.2} | {cpu} | {cpu_ratio} | {overhead} | {per_row} | {bytes_per_row} | {per_notification} |",
             tps * rows_per_txn(workload)
         );
     }
@@ -288,6 +414,37 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
             .map(|(worker, none)| worker.tps.iter().zip(&none.tps).map(|(w, n)| format!("{:.2}", w / n)).collect())
             .unwrap_or_default();
         println!("- W1, 32 clients: pgwatch-worker = {vs_none:.2} × none (target ≥ 0.90: {}; per round {}) and {vs_ecto:.1} × ectowatch (target ≥ 5: {})", check(vs_none >= 0.9), rounds.join(", "), check(vs_ecto >= 5.0));
+    }
+    let range = |(median, min, max): (f64, f64, f64)| format!("{median:.2} (rounds {min:.2}–{max:.2})");
+    if let (Some(retain), Some(none)) = (get("W1", 32, "pgwatch-retain"), get("W1", 32, "none")) {
+        let vs_none = mean(&retain.tps) / mean(&none.tps);
+        let rounds: Vec<String> = retain.tps.iter().zip(&none.tps).map(|(r, n)| format!("{:.2}", r / n)).collect();
+        println!(
+            "- W1, 32 clients: pgwatch-retain = {vs_none:.2} × none (target ≥ 0.90: {}; per round {})",
+            check(vs_none >= 0.9),
+            rounds.join(", ")
+        );
+    }
+    if let (Some(retain), Some(worker)) = (cpu_of("W1", 32, "pgwatch-retain"), cpu_of("W1", 32, "pgwatch-worker")) {
+        if let Some(m) = median_and_range(per_round_ratios(retain, worker, Cpu::per_txn)) {
+            println!("- W1, 32 clients: pgwatch-retain's server CPU per transaction = {} × pgwatch-worker's (target ≤ 1.05: {})", range(m), check(m.0 <= 1.05));
+        }
+        let extra: Vec<f64> = retain
+            .iter()
+            .filter_map(|r| {
+                worker
+                    .iter()
+                    .find(|w| w.round == r.round)
+                    .map(|w| r.worker_per_notification() - w.worker_per_notification())
+            })
+            .collect();
+        if let (Some(m), Some(r), Some(w)) = (
+            median_and_range(extra),
+            median_and_range(retain.iter().map(Cpu::worker_per_notification).collect()),
+            median_and_range(worker.iter().map(Cpu::worker_per_notification).collect()),
+        ) {
+            println!("- W1, 32 clients: the worker's CPU per notification (one batch sends one per channel): pgwatch-retain {:.0} µs, pgwatch-worker {:.0} µs; extra per batch for the log {} µs", r.0, w.0, range(m));
+        }
     }
     let overhead = |v: &str| Some(overhead_ms(get("W3", 1, v)?, get("W3", 1, "none")?) * 10.0);
     // tcn's µs per row in the interleaved runs a variant's `gaps` come from (each run has its own
@@ -340,5 +497,48 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
                 check(per_row <= 16.0)
             );
         }
+    }
+    if feed.is_empty() {
+        return;
+    }
+    println!("\n## Resumable feed (pgwatch-retain)\n");
+    let num = |s: &str| s.parse::<f64>().unwrap_or(0.0);
+    let mb = |bytes: f64| bytes / 1_048_576.0;
+    for f in &feed {
+        match f[0].as_str() {
+            "logbytes" => {
+                let (payloads, bytes, disk, rows) = (num(&f[1]), num(&f[2]), num(&f[3]), num(&f[4]));
+                println!(
+                    "- Log after the W1 runs (retain 1 hour, nothing pruned): {payloads:.0} payloads for {rows:.0} rows; {:.1} payload bytes per row, {:.1} bytes per row on disk (heap, TOAST and index), {:.1} MiB",
+                    bytes / rows.max(1.0),
+                    disk / rows.max(1.0),
+                    mb(disk)
+                );
+            }
+            "replay" => {
+                let (payloads, rows, bytes, secs) = (num(&f[1]), num(&f[2]), num(&f[3]), num(&f[4]));
+                println!(
+                    "- Replay of a {rows:.0}-row backlog (100-row transactions at 8 clients, folded by the worker): {payloads:.0} payloads, {:.1} MiB in {secs:.2} s by one client, 1,000 payloads a call: {:.0} payloads/s, {:.0} rows/s",
+                    mb(bytes),
+                    payloads / secs.max(1e-9),
+                    rows / secs.max(1e-9)
+                );
+            }
+            _ => {}
+        }
+    }
+    let sizes: Vec<&Vec<String>> = feed.iter().filter(|f| f[0] == "logsize").collect();
+    if let Some(last) = sizes.last() {
+        let tps = feed.iter().find(|f| f[0] == "logsize_tps").map_or(0.0, |f| num(&f[1]));
+        let max = sizes.iter().map(|f| num(&f[2])).fold(0.0, f64::max);
+        println!(
+            "- Log on disk while W1 ran at 32 clients ({tps:.0} TPS) for {} s with retain 1 minute: {:.1} MiB at the end, at most {:.1} MiB; every 30 s: {}; prunes skipped {}, cut short {}",
+            last[1],
+            mb(num(&last[2])),
+            mb(max),
+            sizes.iter().map(|f| format!("{:.0}", mb(num(&f[2])))).collect::<Vec<_>>().join(", "),
+            last[5],
+            last.get(6).map_or("0", |s| s.as_str())
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! `pgwatch.channels`, against what a real LISTEN connection received.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -247,9 +247,12 @@ fn a_subscriber_cut_off_again_and_again_replays_and_ends_with_the_table() {
         )
         .unwrap();
     let writing = AtomicBool::new(true);
+    // Counts the subscriber's connections that caught up and listen: each cut-off waits for the
+    // next one, so that it falls between replays, however slow the machine.
+    let listening = AtomicUsize::new(0);
     let mut sub = Subscriber { rows: BTreeMap::new(), last: 0, refetches: 0, replayed: 0 };
     let cut_offs = std::thread::scope(|scope| {
-        let writing = &writing;
+        let (writing, listening) = (&writing, &listening);
         let writers: Vec<_> = (0..8)
             .map(|w: i32| {
                 scope.spawn(move || {
@@ -272,9 +275,10 @@ fn a_subscriber_cut_off_again_and_again_replays_and_ends_with_the_table() {
             .collect();
         let killer = scope.spawn(move || {
             // Terminates the subscriber's connection five times while the writers write, each
-            // time once it is there again; then the writers stop.
+            // time once it has caught up and listens again; then the writers stop.
             let mut admin = connect();
-            for _ in 0..5 {
+            for cut in 1..=5 {
+                assert!(eventually(|| listening.load(Ordering::Acquire) >= cut));
                 assert!(eventually(|| {
                     let n: i64 = admin
                         .query_one(
@@ -310,6 +314,7 @@ fn a_subscriber_cut_off_again_and_again_replays_and_ends_with_the_table() {
                 if !caught_up {
                     continue;
                 }
+                listening.fetch_add(1, Ordering::Release);
                 let mut notifications = db.notifications();
                 let mut iter = notifications.timeout_iter(Duration::from_millis(500));
                 let mut received = Vec::new();

@@ -28,10 +28,9 @@ struct Cluster {
     port: u16,
 }
 
-/// The test server's binary directory and major version.
+/// The test server's binary directory.
 struct Server {
     bindir: String,
-    major: u16,
 }
 
 fn as_postgres(program: &str, args: &[&str]) -> std::process::Output {
@@ -45,30 +44,24 @@ impl Cluster {
     fn server() -> Server {
         pgrx_tests::run_test("the_test_server_has_pgwatch_installed", None, CONF.to_vec()).unwrap();
         let mut admin = pgrx_tests::client().unwrap().0;
-        let row = admin
-            .query_one(
-                "SELECT setting, current_setting('server_version_num')::int / 10000
-                   FROM pg_config WHERE name = 'BINDIR'",
-                &[],
-            )
-            .unwrap();
-        Server { bindir: row.get(0), major: row.get::<_, i32>(1) as u16 }
+        Server { bindir: admin.query_one("SELECT setting FROM pg_config WHERE name = 'BINDIR'", &[]).unwrap().get(0) }
     }
 
-    /// An empty directory and a port of its own, both per major version, so that suites of
-    /// different versions can run at the same time.
-    fn empty(name: &str, offset: u16) -> Cluster {
-        let Server { bindir, major } = Cluster::server();
-        let dir = std::env::temp_dir().join(format!("pgwatch-{major}-{name}"));
+    /// An empty directory and a port of its own (one the system had free), so that other suites
+    /// can run at the same time.
+    fn empty(name: &str) -> Cluster {
+        let Server { bindir } = Cluster::server();
+        let port = std::net::TcpListener::bind("localhost:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("pgwatch-{name}-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Command::new("chown").args(["postgres:postgres"]).arg(&dir).status().unwrap();
-        Cluster { bindir, dir, port: 28_900 + major * 4 + offset }
+        Cluster { bindir, dir, port }
     }
 
     /// A new cluster with pgwatch preloaded, started.
-    fn new(name: &str, offset: u16) -> Cluster {
-        let cluster = Cluster::empty(name, offset);
+    fn new(name: &str) -> Cluster {
+        let cluster = Cluster::empty(name);
         let data = cluster.data();
         as_postgres(&cluster.bin("initdb"), &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"]);
         cluster.configure();
@@ -77,8 +70,8 @@ impl Cluster {
     }
 
     /// A streaming standby of `primary`, started.
-    fn standby_of(primary: &Cluster, name: &str, offset: u16) -> Cluster {
-        let cluster = Cluster::empty(name, offset);
+    fn standby_of(primary: &Cluster, name: &str) -> Cluster {
+        let cluster = Cluster::empty(name);
         let data = cluster.data();
         as_postgres(
             &cluster.bin("pg_basebackup"),
@@ -123,15 +116,20 @@ impl Cluster {
         as_postgres(&self.bin("pg_ctl"), &all);
     }
 
-    fn try_connect(&self) -> Result<Client, postgres::Error> {
-        postgres::Config::new().host("localhost").port(self.port).user("postgres").dbname("postgres").connect(NoTls)
+    fn try_connect(&self, database: &str) -> Result<Client, postgres::Error> {
+        postgres::Config::new().host("localhost").port(self.port).user("postgres").dbname(database).connect(NoTls)
     }
 
     /// A connection, waiting for the server to accept one (after a restart).
     fn connect(&self) -> Client {
+        self.connect_to("postgres")
+    }
+
+    fn connect_to(&self, database: &str) -> Client {
         let deadline = Instant::now() + WAIT;
         loop {
-            let answer = self.try_connect().and_then(|mut client| client.batch_execute("SELECT 1").map(|()| client));
+            let answer =
+                self.try_connect(database).and_then(|mut client| client.batch_execute("SELECT 1").map(|()| client));
             match answer {
                 Ok(client) => return client,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
@@ -147,6 +145,10 @@ impl Drop for Cluster {
         let _ = Command::new("sudo")
             .args(["-u", "postgres", &self.bin("pg_ctl"), "-D", &data, "-m", "immediate", "stop"])
             .output();
+        // Kept after a failure: its server log tells why.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -176,6 +178,22 @@ fn setup(db: &mut Client) -> i64 {
     position(db)
 }
 
+/// Replays `CHANNEL` after `after` until `done` holds of it (the worker logs in its own time).
+fn replay_until(
+    db: &mut Client,
+    after: i64,
+    done: impl Fn(&[(i64, serde_json::Value)]) -> bool,
+) -> Vec<(i64, serde_json::Value)> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let logged = replay_all(db, after);
+        if done(&logged) || Instant::now() > deadline {
+            return logged;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Inserts ids one per transaction until `stop`, reconnecting after failures; the ids whose
 /// commit was acknowledged.
 fn write_until(cluster: &Cluster, stop: &AtomicBool, committed: &Mutex<Vec<i32>>, first: i32) {
@@ -186,7 +204,7 @@ fn write_until(cluster: &Cluster, stop: &AtomicBool, committed: &Mutex<Vec<i32>>
             Ok(()) => committed.lock().unwrap().push(id),
             Err(_) => {
                 std::thread::sleep(Duration::from_millis(20));
-                if let Ok(fresh) = cluster.try_connect() {
+                if let Ok(fresh) = cluster.try_connect("postgres") {
                     db = fresh;
                 }
             }
@@ -222,7 +240,7 @@ fn ids(payloads: &[(i64, serde_json::Value)]) -> Vec<i32> {
 #[test]
 fn a_clean_restart_under_load_continues_the_feed_without_a_gap() {
     let _serial = serial();
-    let cluster = Cluster::new("clean", 0);
+    let cluster = Cluster::new("clean");
     let mut db = cluster.connect();
     let start = setup(&mut db);
     let (stop, committed) = (AtomicBool::new(false), Mutex::new(Vec::new()));
@@ -263,7 +281,7 @@ fn a_clean_restart_under_load_continues_the_feed_without_a_gap() {
 #[test]
 fn a_crash_restart_leaves_a_reset_marker_above_everything_sent_before() {
     let _serial = serial();
-    let cluster = Cluster::new("crash", 1);
+    let cluster = Cluster::new("crash");
     let mut db = cluster.connect();
     let start = setup(&mut db);
     let mut listener = cluster.connect();
@@ -300,10 +318,10 @@ fn a_crash_restart_leaves_a_reset_marker_above_everything_sent_before() {
 #[test]
 fn a_promoted_standby_goes_on_with_a_reset_marker_above_the_primarys_numbers() {
     let _serial = serial();
-    let primary = Cluster::new("primary", 2);
+    let primary = Cluster::new("primary");
     let mut db = primary.connect();
     let start = setup(&mut db);
-    let standby = Cluster::standby_of(&primary, "standby", 3);
+    let standby = Cluster::standby_of(&primary, "standby");
     let (stop, committed) = (AtomicBool::new(false), Mutex::new(Vec::new()));
     let mut listener = primary.connect();
     listener.batch_execute(&format!("LISTEN \"{CHANNEL}\"")).unwrap();
@@ -333,4 +351,58 @@ fn a_promoted_standby_goes_on_with_a_reset_marker_above_the_primarys_numbers() {
     assert!(marker.0 > *seen.iter().max().unwrap(), "the marker {} is not above what the primary sent", marker.0);
     // The primary's log came along, up to what was replicated.
     assert!(logged.iter().any(|(seq, _)| seen.contains(seq)));
+}
+
+/// Every delivery slot taken (64 databases): a database without one has its retained changes
+/// notified inline and not logged. Replay refuses it until it has a slot; then its feed starts
+/// with a reset marker; and the server's next shutdown is not clean, so every feed is reset.
+#[test]
+fn a_database_without_a_delivery_slot_gets_a_reset_marker_once_it_has_one() {
+    let _serial = serial();
+    let cluster = Cluster::new("slots");
+    let mut admin = cluster.connect();
+    admin.batch_execute("CREATE DATABASE feed_template").unwrap();
+    let mut template = cluster.connect_to("feed_template");
+    template
+        .batch_execute(
+            "CREATE EXTENSION pgwatch;
+             CREATE TABLE feed (id int PRIMARY KEY);
+             SELECT watch_table('feed', 'insert', retain => '1 hour')",
+        )
+        .unwrap();
+    drop(template);
+    // Reading a feed takes a slot for its database.
+    for i in 0..65 {
+        admin.batch_execute(&format!("CREATE DATABASE slot_{i} TEMPLATE feed_template")).unwrap();
+    }
+    let mut starts = Vec::new();
+    for i in 0..64 {
+        starts.push(position(&mut cluster.connect_to(&format!("slot_{i}"))));
+    }
+    let mut last = cluster.connect_to("slot_64");
+    let no_slot = |db: &mut Client| {
+        let error = db.query_one("SELECT pgwatch.position($1)", &[&CHANNEL]).unwrap_err();
+        assert_eq!(error.code(), Some(&postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE), "{error}");
+    };
+    no_slot(&mut last);
+    last.batch_execute("INSERT INTO feed VALUES (1)").unwrap();
+    let unlogged: i64 = last.query_one("SELECT retained_unlogged FROM pgwatch.stats()", &[]).unwrap().get(0);
+    assert_eq!(unlogged, 1);
+    no_slot(&mut last);
+    // A slot comes free: the feed goes on after a reset marker, without the unlogged row.
+    admin.batch_execute("DROP DATABASE slot_0").unwrap();
+    let start = starts[63];
+    assert!(position(&mut last) > start);
+    last.batch_execute("INSERT INTO feed VALUES (2)").unwrap();
+    let logged = replay_until(&mut last, start, |logged| ids(logged).contains(&2));
+    let ops: Vec<&str> = logged.iter().map(|(_, p)| p["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["reset", "insert"], "{logged:?}");
+    assert_eq!(ids(&logged), [2]);
+    // The run had unlogged changes: a clean restart resets every feed all the same.
+    drop(last);
+    cluster.pg_ctl(&["restart", "-m", "fast"]);
+    let mut other = cluster.connect_to("slot_5");
+    let logged = replay_until(&mut other, starts[5], |logged| !logged.is_empty());
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].1["op"], "reset");
 }

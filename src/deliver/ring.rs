@@ -134,7 +134,8 @@ impl Shared {
         slot.unsent_bytes.store(0, Ordering::Relaxed);
         slot.unsent_channels.iter().for_each(|count| count.store(0, Ordering::Relaxed));
         slot.dropping.store(false, Ordering::Relaxed);
-        slot.feeds_ready.store(self.started_clean.load(Ordering::Relaxed), Ordering::Relaxed);
+        let clean = self.started_clean.load(Ordering::Relaxed) && !self.unlogged.load(Ordering::Acquire);
+        slot.feeds_ready.store(clean, Ordering::Relaxed);
         slot.worker_wanted.store(false, Ordering::Relaxed);
         // Release: writers find the slot without the lock, and must see it reset.
         slot.dboid.store(dboid, Ordering::Release);

@@ -60,7 +60,8 @@ pub fn begin_run(shared: &Shared) {
 }
 
 /// Runs as the postmaster exits (and before it sets up shared memory again after a crash, with
-/// a code other than 0): marks the run clean if nothing of any database is left unsent.
+/// a code other than 0): marks the run clean if nothing of any database is left unsent, and no
+/// retained watch's changes went unlogged.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn end_run(code: i32, _arg: pg_sys::Datum) {
     let Some(shared) = shmem::shared() else { return };
@@ -68,7 +69,7 @@ unsafe extern "C-unwind" fn end_run(code: i32, _arg: pg_sys::Datum) {
         slot.dboid.load(Ordering::Acquire) != 0
             && (slot.unsent_bytes.load(Ordering::Acquire) > 0 || slot.resync_after.load(Ordering::Acquire) != 0)
     });
-    if code != 0 || unsent {
+    if code != 0 || unsent || shared.unlogged.load(Ordering::Acquire) {
         return;
     }
     if let Some((sysid, _)) = control_file() {

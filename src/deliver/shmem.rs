@@ -28,6 +28,10 @@ pub struct Shared {
     /// This server run began where a clean shutdown left off (see `runs`): retained feeds go on
     /// without a reset marker.
     pub started_clean: AtomicBool,
+    /// A retained watch's changes were notified without being logged in this run (their database
+    /// had no slot): every slot claimed from then on resets its database's feeds, and the run
+    /// does not end clean, so that the gap is marked wherever it may be.
+    pub unlogged: AtomicBool,
     pub slots: [DbSlot; MAX_DATABASES],
     pub channels: [ChannelSeq; MAX_CHANNELS],
     pub counters: Counters,

@@ -9,6 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys::{self, SubTransactionId, SubXactEvent, XactEvent};
 use pgrx::{pg_guard, warning};
@@ -256,13 +257,15 @@ fn queue_for_worker(xact: &mut Xact) -> bool {
 /// Notes the watches of a transaction notified inline, for its commit to check (see
 /// `announce_after_commit`); a database that never queued anything has nothing older to wait for.
 /// A retained watch's changes notified inline are not in the log: without a slot to announce the
-/// gap through, they are counted and warned about.
+/// gap through, they are counted and warned about, and whichever slot is claimed next starts
+/// with reset markers (see `Shared::unlogged`); until then replay refuses this database.
 fn note_inline(xact: &Xact) {
     let Some(shared) = shmem::shared() else { return };
     // SAFETY: reading the id of the database this backend is connected to.
     if shared.find_slot(unsafe { pg_sys::MyDatabaseId }.to_u32()).is_none() {
         let unlogged = xact.buffers.iter().filter(|buffer| buffer.target.retained).count();
         if unlogged > 0 {
+            shared.unlogged.store(true, Ordering::Release);
             stats::add(Counter::RetainedUnlogged, unlogged as u64);
             warning!(
                 "pgwatch: changes of {unlogged} retained watches were notified without being logged: no delivery slot is free for this database"

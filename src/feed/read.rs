@@ -10,7 +10,7 @@ use pgrx::PgSqlErrorCode;
 
 use crate::define::owner::{as_extension_owner, with_safe_search_path};
 use crate::deliver::shmem;
-use crate::deliver::slots::set_latch;
+use crate::deliver::slots::{set_latch, MAX_DATABASES};
 use crate::error::{self, fail};
 
 /// Most payloads one call of `replay` returns.
@@ -101,13 +101,19 @@ fn await_ready() {
             "add pgwatch to shared_preload_libraries in postgresql.conf and restart the server",
         );
     };
-    if shared.started_clean.load(Ordering::Relaxed) {
-        return;
-    }
     // SAFETY: reading the id of the database this backend is connected to.
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    // Without a slot this database's retained changes are notified inline and not logged: the
+    // log cannot be trusted to be whole.
+    let Some(slot) = shared.claim_slot(dboid) else {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("no delivery slot is free for this database: {MAX_DATABASES} databases already use pgwatch's delivery worker"),
+            "retry once a database has stopped using pgwatch; its changes meanwhile are marked by a reset",
+        );
+    };
     let deadline = Instant::now() + READY_WAIT;
-    while let Some(slot) = shared.claim_slot(dboid) {
+    loop {
         if slot.feeds_ready.load(Ordering::Acquire) {
             return;
         }
@@ -122,7 +128,7 @@ fn await_ready() {
     }
     fail(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-        "pgwatch has not yet reset this database's feeds after the server's restart".into(),
+        "pgwatch has not yet reset this database's feeds after a restart or changes it could not log".into(),
         "retry in a moment; pgwatch.workers shows whether the database's delivery worker runs",
     );
 }
