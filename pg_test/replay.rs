@@ -109,6 +109,11 @@ fn replay_returns_exactly_what_was_notified_and_says_when_it_cannot() {
     let next = listener.receive_raw(1, WAIT).pop().unwrap().1;
     assert_eq!(seq(&next), last + 1);
     assert_eq!(replay(&mut db, channel, start, 1000).len(), 4);
+    // Sending fewer columns starts a new feed: a reader allowed the remaining columns only must
+    // not replay older payloads that carried the others.
+    db.batch_execute("SELECT watch_table('r_items', retain => '2 hours')").unwrap();
+    assert!(position(&mut db, channel) > last + 1);
+    assert_eq!(failure(&mut db, &format!("SELECT * FROM pgwatch.replay('{channel}', {start})")).0, "72000");
     // Without retention, the channel keeps nothing to replay.
     db.batch_execute("SELECT watch_table('r_items', extra_columns => '{v}')").unwrap();
     assert_eq!(failure(&mut db, &format!("SELECT pgwatch.position('{channel}')")).0, "72000");

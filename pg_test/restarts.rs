@@ -406,3 +406,29 @@ fn a_database_without_a_delivery_slot_gets_a_reset_marker_once_it_has_one() {
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert_eq!(logged[0].1["op"], "reset");
 }
+
+/// A run without pgwatch preloaded notifies a retained watch's changes inline, unlogged: the next
+/// run with it preloaded does not count as a clean start, and marks the gap.
+#[test]
+fn a_run_without_pgwatch_preloaded_is_marked_by_a_reset_when_it_is_back() {
+    let _serial = serial();
+    let cluster = Cluster::new("unloaded");
+    let mut db = cluster.connect();
+    let start = setup(&mut db);
+    db.batch_execute("INSERT INTO feed VALUES (1)").unwrap();
+    replay_until(&mut db, start, |logged| ids(logged).contains(&1));
+    drop(db);
+    cluster.pg_ctl(&["stop", "-m", "fast"]);
+    cluster.pg_ctl(&["start", "-o", "-c shared_preload_libraries="]);
+    let mut db = cluster.connect();
+    db.batch_execute("INSERT INTO feed VALUES (2)").unwrap();
+    drop(db);
+    cluster.pg_ctl(&["stop", "-m", "fast"]);
+    cluster.pg_ctl(&["start"]);
+    let mut db = cluster.connect();
+    db.batch_execute("INSERT INTO feed VALUES (3)").unwrap();
+    let logged = replay_until(&mut db, start, |logged| ids(logged).contains(&3));
+    let ops: Vec<&str> = logged.iter().map(|(_, p)| p["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["insert", "reset", "insert"], "{logged:?}");
+    assert_eq!(ids(&logged), [1, 3]);
+}

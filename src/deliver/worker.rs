@@ -179,7 +179,12 @@ impl Worker {
             }
             match self.step() {
                 Step::Empty => return true,
-                Step::Sent => self.gather(),
+                Step::Sent => {
+                    // Under steady load the queue is never empty: the log is looked after
+                    // between batches too.
+                    self.prune_if_due();
+                    self.gather();
+                }
                 Step::Incomplete => {}
             }
         }

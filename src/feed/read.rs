@@ -139,7 +139,14 @@ fn read(channel: &[u8], after: Option<i64>, max: i32) -> (i64, Vec<(i64, i64, Ve
     let watched = watched(channel);
     check_access(&watched, channel);
     await_ready();
-    let query = "WITH position AS (
+    // The position alone reads no segment of the log: a reader's locks on the log make pruning
+    // fall back to DELETE (see `prune`).
+    let query = if after.is_none() {
+        "SELECT coalesce((SELECT f.seq FROM pgwatch.feeds f
+                           WHERE f.channel = pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding()) AND f.feed = $2),
+                         $2 - 1), NULL::int8, NULL::int8, NULL::bytea"
+    } else {
+        "WITH position AS (
             SELECT coalesce((SELECT f.seq FROM pgwatch.feeds f
                               WHERE f.channel = pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding()) AND f.feed = $2),
                             $2 - 1) AS position)
@@ -147,7 +154,8 @@ fn read(channel: &[u8], after: Option<i64>, max: i32) -> (i64, Vec<(i64, i64, Ve
           LEFT JOIN LATERAL (SELECT g.seq, g.prev, g.payload FROM pgwatch.log g
                               WHERE g.channel = pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding())
                                 AND g.feed = $2 AND g.seq > $3
-                              ORDER BY g.seq LIMIT $4) l ON $3 IS NOT NULL";
+                              ORDER BY g.seq LIMIT $4) l ON true"
+    };
     with_safe_search_path(|| {
         as_extension_owner(|| {
             Spi::connect_mut(|client| {
