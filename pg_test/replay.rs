@@ -117,6 +117,10 @@ fn replay_returns_exactly_what_was_notified_and_says_when_it_cannot() {
     // Without retention, the channel keeps nothing to replay.
     db.batch_execute("SELECT watch_table('r_items', extra_columns => '{v}')").unwrap();
     assert_eq!(failure(&mut db, &format!("SELECT pgwatch.position('{channel}')")).0, "72000");
+    // Its numbers go on above the feed's, never back to where the shared counter stood.
+    db.batch_execute("SET pgwatch.delivery = worker; INSERT INTO r_items VALUES (4, 'e')").unwrap();
+    let unretained = listener.receive_raw(1, WAIT).pop().unwrap().1;
+    assert_eq!(seq(&unretained), last + 2, "{unretained}");
     db.batch_execute("DROP TABLE r_items, r_plain").unwrap();
 }
 

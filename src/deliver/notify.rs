@@ -85,6 +85,7 @@ pub fn send_changes(
     if folded.resync() {
         stats::add(Counter::Resyncs, 1);
         let payload = if target.retained {
+            stats::add(Counter::FeedResets, 1);
             reset_payload(&target.tbl, seq(), ResetReason::Fallback)
         } else {
             resync_payload(&target.tbl, seq())

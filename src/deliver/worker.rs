@@ -113,6 +113,17 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     }
 }
 
+/// The last number any feed of `channel` sent (0 if none), read in the worker's transaction.
+fn feed_position(channel: &[u8]) -> u64 {
+    Spi::get_one_with_args::<i64>(
+        "SELECT max(f.seq) FROM pgwatch.feeds f
+          WHERE f.channel = pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding())",
+        &[channel.into()],
+    )
+    .unwrap_or_else(|e| crate::error::spi_failed("pgwatch.feeds", e))
+    .map_or(0, |seq| seq.max(0) as u64)
+}
+
 /// How often a worker whose log holds payloads looks after its segments.
 const PRUNE_WAKE: Duration = Duration::from_secs(1);
 
@@ -309,7 +320,15 @@ impl Worker {
                     continue;
                 }
                 let at = last.iter().position(|(c, ..)| *c == channel).unwrap_or_else(|| {
-                    let seq = known.get(channel).map_or_else(|| shared.last_seq(dboid, channel), |c| c.seq);
+                    let seq = known.get(channel).map_or_else(
+                        || {
+                            // A channel this worker has not sent on may have had a feed (its
+                            // watch's retention removed): its numbers go on above the feed's.
+                            let fed = if segment.is_some() { feed_position(channel) } else { 0 };
+                            shared.last_seq(dboid, channel).max(fed)
+                        },
+                        |c| c.seq,
+                    );
                     last.push((channel, &target.tbl, seq));
                     last.len() - 1
                 });
