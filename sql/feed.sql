@@ -4,7 +4,9 @@
 -- caller's rights on the watched table. Not dumped: a restored database starts new feeds.
 
 -- One row per retained channel: its feed, the last sequence number sent, and how far numbers are
--- reserved durably (after a crash the feed goes on above both, after a reset marker).
+-- reserved durably (after a crash the feed goes on above both, after a reset marker). This table
+-- and log_segments have rows the worker updates for every batch: pages mostly free let each
+-- page prune its dead versions early (HOT), so an update never walks a long chain of them.
 CREATE TABLE pgwatch.feeds (
     channel      text PRIMARY KEY,
     tbl          text NOT NULL,
@@ -15,7 +17,7 @@ CREATE TABLE pgwatch.feeds (
     cut_short    bigint NOT NULL DEFAULT 0,
     last_reset   timestamptz,
     reset_reason text
-);
+) WITH (fillfactor = 10);
 
 -- The payloads, in a ring of eight segments: the worker writes to one at a time, moves on to the
 -- next as time passes (or the size cap asks), and empties an old one with TRUNCATE once every
@@ -47,5 +49,5 @@ CREATE TABLE pgwatch.log_segments (
     last_sent timestamptz,
     payloads  bigint NOT NULL DEFAULT 0,
     bytes     bigint NOT NULL DEFAULT 0
-);
+) WITH (fillfactor = 10);
 INSERT INTO pgwatch.log_segments (segment) SELECT generate_series(0, 7);

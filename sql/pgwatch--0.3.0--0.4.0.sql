@@ -17,7 +17,7 @@ CREATE TABLE pgwatch.feeds (
     cut_short    bigint NOT NULL DEFAULT 0,
     last_reset   timestamptz,
     reset_reason text
-);
+) WITH (fillfactor = 10);
 CREATE TABLE pgwatch.log (
     segment int NOT NULL,
     channel text NOT NULL,
@@ -42,7 +42,7 @@ CREATE TABLE pgwatch.log_segments (
     last_sent timestamptz,
     payloads  bigint NOT NULL DEFAULT 0,
     bytes     bigint NOT NULL DEFAULT 0
-);
+) WITH (fillfactor = 10);
 INSERT INTO pgwatch.log_segments (segment) SELECT generate_series(0, 7);
 
 -- New counters.

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -24,7 +24,7 @@ use super::slots::{in_buckets, DbSlot, WorkerState};
 use crate::encode::fold::Folded;
 use crate::encode::packer::{reset_payload, ResetReason};
 use crate::encode::record::decode;
-use crate::feed::log::Logged;
+use crate::feed::log::{Feed, Logged, Plans};
 use crate::feed::prune::Ring;
 use crate::guc;
 use crate::model::watch::{Rows, Target};
@@ -44,7 +44,7 @@ const LAST: Duration = Duration::from_secs(2);
 
 /// Settings every worker transaction runs with, whatever the database or its owner set: names
 /// resolve in pg_catalog only; nothing is read-only, times out, or waits on a replica's role.
-const SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 7] = [
+const SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 8] = [
     (c"synchronous_commit", c"off"),
     (c"search_path", c"pg_catalog, pg_temp"),
     (c"default_transaction_read_only", c"off"),
@@ -52,6 +52,8 @@ const SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 7] = [
     (c"statement_timeout", c"0"),
     (c"lock_timeout", c"0"),
     (c"session_replication_role", c"origin"),
+    // The worker's kept statements (see `Plans`) are planned once, not again for every batch.
+    (c"plan_cache_mode", c"force_generic_plan"),
 ];
 
 #[pg_guard]
@@ -76,6 +78,8 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     if !slot.attach_worker() {
         return;
     }
+    // SAFETY: registers a plain function for this process's invalidations, once.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(feeds_stale), pg_sys::Datum::from(0)) };
     // SAFETY: registers a plain function with the address of the slot, which lives in shared
     // memory as long as this process; it runs on every exit, an ERROR's included.
     unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
@@ -87,6 +91,8 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
         last_batch: Instant::now(),
         batch: Batch::default(),
         ring: None,
+        plans: None,
+        feeds: HashMap::new(),
         arrived_over: Duration::ZERO,
     };
     worker.start_feeds();
@@ -111,6 +117,16 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     if !slot.dropping.load(Ordering::Relaxed) {
         worker.drain_before_exit();
     }
+}
+
+/// Set when this process takes in a relation cache invalidation: the worker then reads the
+/// retained watches' feeds again before it sends. A watch whose feed changes (retention set, a
+/// new channel, other columns or payload format) gets new triggers, which invalidates its table.
+static FEEDS_STALE: AtomicBool = AtomicBool::new(true);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn feeds_stale(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    FEEDS_STALE.store(true, Ordering::Relaxed);
 }
 
 /// The last number any feed of `channel` sent (0 if none), read in the worker's transaction.
@@ -162,6 +178,11 @@ struct Worker {
     batch: Batch,
     /// The replay log's segments, once the database has them (its pgwatch is 0.4.0 or later).
     ring: Option<Ring>,
+    /// The statements on the log, planned once the database has it.
+    plans: Option<Plans>,
+    /// The retained channels' feeds as this worker's last committed transactions left them, with
+    /// their table names; forgotten whenever a watch may have changed (see [`FEEDS_STALE`]).
+    feeds: HashMap<Vec<u8>, (String, Feed)>,
     /// Over how long the last batch's transactions committed.
     arrived_over: Duration,
 }
@@ -299,12 +320,29 @@ impl Worker {
         }
         let (shared, dboid, known) = (self.shared, self.dboid, &self.channels);
         let segment = self.ring.as_ref().map(Ring::current);
+        let plans = self.plans.as_ref();
+        let feeds = &mut self.feeds;
         let retained: Vec<&[u8]> =
             watches.iter().filter(|(target, _)| target.retained).map(|(target, _)| target.channel.to_bytes()).collect();
         let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| {
             // A retained watch's payloads are numbered by its feed and logged as they are sent.
-            let logged = RefCell::new(match segment {
-                Some(_) if !retained.is_empty() => Logged::open(Some(&retained)),
+            let logged = RefCell::new(match plans {
+                Some(plans) if !retained.is_empty() => {
+                    // Invalidations are taken in as the transaction starts: a watch changed
+                    // since the feeds were last read shows here.
+                    if FEEDS_STALE.swap(false, Ordering::Relaxed) {
+                        feeds.clear();
+                    }
+                    if retained.iter().all(|channel| feeds.contains_key(*channel)) {
+                        let open = retained.iter().map(|channel| {
+                            let (tbl, feed) = &feeds[*channel];
+                            (channel.to_vec(), tbl.clone(), feed.clone())
+                        });
+                        Logged::resume(open)
+                    } else {
+                        Logged::open(plans, Some(&retained))
+                    }
+                }
                 _ => Logged::default(),
             });
             let mut last: Vec<(&[u8], &str, u64)> = Vec::new();
@@ -344,12 +382,19 @@ impl Worker {
                     &mut |_| {},
                 );
             }
-            let logged = segment.is_some_and(|segment| logged.into_inner().write(segment));
-            (last, logged)
+            let mut logged = logged.into_inner();
+            let wrote = match (segment, plans) {
+                (Some(segment), Some(plans)) => logged.write(plans, segment),
+                _ => false,
+            };
+            (last, wrote, logged)
         }));
-        let (sent, logged) = sent;
-        if logged {
+        let (sent, wrote, logged) = sent;
+        if wrote {
             self.ring.as_mut().expect("logged into it").active = true;
+        }
+        for (channel, tbl, feed) in logged.into_feeds() {
+            self.feeds.insert(channel, (tbl, feed));
         }
         // Committed: the notifications are on their way.
         for (channel, tbl, seq) in sent {
@@ -363,7 +408,7 @@ impl Worker {
     /// see and replay returns in sequence. Readers of the feeds wait for this.
     fn start_feeds(&mut self) {
         let ready = self.slot.feeds_ready.load(Ordering::Acquire);
-        self.ring = BackgroundWorker::transaction(|| {
+        let started = BackgroundWorker::transaction(|| {
             // A database still on an older release's SQL has no log (and no retained watch).
             let has_log = Spi::get_one::<bool>("SELECT to_regclass('pgwatch.log_segments') IS NOT NULL")
                 .unwrap_or_else(|e| crate::error::spi_failed("pgwatch.log_segments", e))
@@ -372,8 +417,9 @@ impl Worker {
                 return None;
             }
             let ring = Ring::load();
+            let plans = Plans::prepare();
             if !ready {
-                let mut logged = Logged::open(None);
+                let mut logged = Logged::open(&plans, None);
                 let feeds: Vec<(Vec<u8>, String)> =
                     logged.channels().map(|(channel, tbl)| (channel.to_vec(), tbl.to_string())).collect();
                 for (channel, tbl) in feeds {
@@ -385,11 +431,12 @@ impl Worker {
                     logged.sent(&channel, marker.to_bytes());
                 }
                 let mut ring = ring;
-                ring.active |= logged.write(ring.current());
-                return Some(ring);
+                ring.active |= logged.write(&plans, ring.current());
+                return Some((ring, plans));
             }
-            Some(ring)
+            Some((ring, plans))
         });
+        (self.ring, self.plans) = started.unzip();
         self.slot.feeds_ready.store(true, Ordering::Release);
         self.slot.worker_wanted.store(false, Ordering::Release);
     }
@@ -424,9 +471,9 @@ impl Worker {
         };
         // Retained channels get a reset marker in their log, whether or not this worker has sent
         // on them: what was notified inline is not in the log.
-        let retained: Vec<(Vec<u8>, String)> = match self.ring {
-            Some(_) => BackgroundWorker::transaction(|| {
-                Logged::open(None)
+        let retained: Vec<(Vec<u8>, String)> = match &self.plans {
+            Some(plans) => BackgroundWorker::transaction(|| {
+                Logged::open(plans, None)
                     .channels()
                     .filter(|(channel, _)| in_buckets(&buckets, channel))
                     .map(|(channel, tbl)| (channel.to_vec(), tbl.to_string()))

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgOid;
 
 use super::{clock, RESERVE_AHEAD};
 use crate::encode::packer::ResetReason;
@@ -64,6 +66,74 @@ impl Feed {
     }
 }
 
+/// The retained watches' feeds, of the channels `$1` (every retained watch when NULL).
+const OPEN: &str = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
+            (SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = w.tbl),
+            w.feed_start, f.feed, f.seq, f.reserved
+       FROM pgwatch.watches w LEFT JOIN pgwatch.feeds f ON f.channel = w.channel
+      WHERE w.retain IS NOT NULL
+        AND ($1::bytea[] IS NULL
+             OR w.channel = ANY (SELECT pg_catalog.convert_from(c, pg_catalog.getdatabaseencoding())
+                                   FROM unnest($1::bytea[]) AS c))";
+
+/// One payload, into segment `$1`. (Routed through the partitioned table: a row inserted into
+/// the segment itself has its partition constraint checked, which costs more.)
+const INSERT: &str = "INSERT INTO pgwatch.log (segment, channel, feed, seq, prev, sent_at, payload)
+    VALUES ($1, pg_catalog.convert_from($2, pg_catalog.getdatabaseencoding()), $3, $4, $5, pg_catalog.now(), $6)";
+
+/// A segment's counts, after payloads were logged into it.
+const COUNT: &str =
+    "UPDATE pgwatch.log_segments SET last_sent = pg_catalog.now(), payloads = payloads + $2, bytes = bytes + $3
+                      WHERE segment = $1";
+
+/// A feed's position, when its row holds this feed already and no reset is to be recorded.
+const ADVANCE: &str = "UPDATE pgwatch.feeds SET seq = $3, reserved = $4
+                        WHERE channel = pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding()) AND feed = $2";
+
+/// A feed's row, new or for a new feed on the channel, or with a reset.
+const STORE: &str = "INSERT INTO pgwatch.feeds AS old (channel, tbl, feed, seq, reserved, last_reset, reset_reason)
+    VALUES (pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding()), $2, $3, $4, $5,
+            CASE WHEN $6::text IS NOT NULL THEN pg_catalog.now() END, $6)
+    ON CONFLICT (channel) DO UPDATE SET
+        tbl = excluded.tbl, feed = excluded.feed, seq = excluded.seq, reserved = excluded.reserved,
+        cut_short = CASE WHEN old.feed = excluded.feed THEN old.cut_short ELSE 0 END,
+        last_reset = CASE WHEN excluded.reset_reason IS NOT NULL THEN excluded.last_reset
+                          WHEN old.feed = excluded.feed THEN old.last_reset END,
+        reset_reason = CASE WHEN excluded.reset_reason IS NOT NULL THEN excluded.reset_reason
+                            WHEN old.feed = excluded.feed THEN old.reset_reason END";
+
+/// The worker's statements on the log, planned once per worker: PostgreSQL plans them again by
+/// itself when a table they use changes. Parsing and planning them for every batch cost the
+/// worker more than everything else it does for a batch; single-row statements start and end
+/// faster in the executor than set-based ones, and a batch logs about one payload per channel.
+pub struct Plans {
+    open: OwnedPreparedStatement,
+    insert: OwnedPreparedStatement,
+    count: OwnedPreparedStatement,
+    advance: OwnedPreparedStatement,
+    store: OwnedPreparedStatement,
+}
+
+impl Plans {
+    /// Plans the statements, in a transaction of a database whose pgwatch has the log.
+    pub fn prepare() -> Plans {
+        let oid = |oid: pg_sys::Oid| PgOid::from(oid);
+        let (bytea, int4, int8, text) =
+            (oid(pg_sys::BYTEAOID), oid(pg_sys::INT4OID), oid(pg_sys::INT8OID), oid(pg_sys::TEXTOID));
+        Spi::connect(|client| {
+            Ok::<_, pgrx::spi::SpiError>(Plans {
+                open: client.prepare(OPEN, &[oid(pg_sys::BYTEAARRAYOID)])?.keep(),
+                insert: client.prepare_mut(INSERT, &[int4, bytea, int8, int8, int8, bytea])?.keep(),
+                count: client.prepare_mut(COUNT, &[int4, int8, int8])?.keep(),
+                advance: client.prepare_mut(ADVANCE, &[bytea, int8, int8, int8])?.keep(),
+                store: client.prepare_mut(STORE, &[bytea, text, int8, int8, int8, text])?.keep(),
+            })
+        })
+        .unwrap_or_else(|e| error::spi_failed("pgwatch.log", e))
+    }
+}
+
 /// One payload to log.
 struct Entry {
     channel: Vec<u8>,
@@ -72,11 +142,21 @@ struct Entry {
     payload: Vec<u8>,
 }
 
+/// A feed open in a worker transaction.
+struct Open {
+    tbl: String,
+    feed: Feed,
+    /// A reset to record with the feed's position.
+    reset: Option<ResetReason>,
+    /// `pgwatch.feeds` holds a row of this very feed for the channel.
+    stored: bool,
+}
+
 /// What one worker transaction logs: the feeds of the retained channels it sends on, and their
 /// payloads.
 #[derive(Default)]
 pub struct Logged {
-    feeds: HashMap<Vec<u8>, (String, Feed, Option<ResetReason>)>,
+    feeds: HashMap<Vec<u8>, Open>,
     entries: Vec<Entry>,
     /// A reservation moved: commit synchronously.
     sync: bool,
@@ -85,20 +165,11 @@ pub struct Logged {
 impl Logged {
     /// Opens the feeds of the retained watches on `channels` (every retained watch when `None`),
     /// in the worker's transaction. A channel whose watch no longer keeps payloads has none.
-    pub fn open(channels: Option<&[&[u8]]>) -> Logged {
-        let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
-                            (SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c
-                               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = w.tbl),
-                            w.feed_start, f.feed, f.seq, f.reserved
-                       FROM pgwatch.watches w LEFT JOIN pgwatch.feeds f ON f.channel = w.channel
-                      WHERE w.retain IS NOT NULL
-                        AND ($1::bytea[] IS NULL
-                             OR w.channel = ANY (SELECT pg_catalog.convert_from(c, pg_catalog.getdatabaseencoding())
-                                                   FROM unnest($1::bytea[]) AS c))";
+    pub fn open(plans: &Plans, channels: Option<&[&[u8]]>) -> Logged {
         let channels: Option<Vec<Vec<u8>>> = channels.map(|c| c.iter().map(|c| c.to_vec()).collect());
         let feeds = Spi::connect(|client| {
             client
-                .select(query, None, &[channels.into()])?
+                .select(&plans.open, None, &[channels.into()])?
                 .map(|row| {
                     let channel: Vec<u8> = row.get(1)?.unwrap_or_default();
                     let tbl: String = row.get(2)?.unwrap_or_default();
@@ -107,12 +178,29 @@ impl Logged {
                         (Some(feed), Some(seq), Some(reserved)) => Some((feed, seq, reserved)),
                         _ => None,
                     };
-                    Ok((channel, (tbl, Feed::resume(feed_start, stored), None)))
+                    let same = stored.is_some_and(|(feed, ..)| feed == feed_start);
+                    let feed = Feed::resume(feed_start, stored);
+                    Ok((channel, Open { tbl, feed, reset: None, stored: same }))
                 })
                 .collect::<Result<HashMap<_, _>, pgrx::spi::SpiError>>()
         })
         .unwrap_or_else(|e| error::spi_failed("pgwatch.feeds", e));
         Logged { feeds, entries: Vec::new(), sync: false }
+    }
+
+    /// Opens feeds as a committed transaction of this worker left them (see
+    /// [`Logged::into_feeds`]): `pgwatch.feeds` holds their rows, and only this worker writes them.
+    pub fn resume(feeds: impl IntoIterator<Item = (Vec<u8>, String, Feed)>) -> Logged {
+        let feeds = feeds
+            .into_iter()
+            .map(|(channel, tbl, feed)| (channel, Open { tbl, feed, reset: None, stored: true }))
+            .collect();
+        Logged { feeds, entries: Vec::new(), sync: false }
+    }
+
+    /// The feeds as they stand once this transaction commits.
+    pub fn into_feeds(self) -> impl Iterator<Item = (Vec<u8>, String, Feed)> {
+        self.feeds.into_iter().map(|(channel, open)| (channel, open.tbl, open.feed))
     }
 
     /// Whether `channel` has an open feed (its watch keeps payloads).
@@ -122,13 +210,13 @@ impl Logged {
 
     /// The channels of the open feeds, with their table names.
     pub fn channels(&self) -> impl Iterator<Item = (&[u8], &str)> {
-        self.feeds.iter().map(|(channel, (tbl, ..))| (channel.as_slice(), tbl.as_str()))
+        self.feeds.iter().map(|(channel, open)| (channel.as_slice(), open.tbl.as_str()))
     }
 
     /// Numbers the next payload on `channel` (which must be open).
     pub fn next_seq(&mut self, channel: &[u8]) -> u64 {
-        let (_, feed, _) = self.feeds.get_mut(channel).expect("an open feed");
-        let (seq, prev, reserve) = feed.advance();
+        let open = self.feeds.get_mut(channel).expect("an open feed");
+        let (seq, prev, reserve) = open.feed.advance();
         self.sync |= reserve;
         self.entries.push(Entry { channel: channel.to_vec(), seq, prev, payload: Vec::new() });
         seq as u64
@@ -143,75 +231,63 @@ impl Logged {
     /// Marks a gap on `channel` that replay cannot fill: the next payload (its reset marker)
     /// goes on above anything sent before.
     pub fn reset(&mut self, channel: &[u8], reason: ResetReason) {
-        let (_, feed, why) = self.feeds.get_mut(channel).expect("an open feed");
-        feed.jump(clock());
-        *why = Some(reason);
+        let open = self.feeds.get_mut(channel).expect("an open feed");
+        open.feed.jump(clock());
+        open.reset = Some(reason);
         stats::add(Counter::FeedResets, 1);
     }
 
-    /// Writes what this transaction logged into segment `segment`, in one statement: the
-    /// payloads, the feeds' positions and the segment's counts. Asks for a synchronous commit
-    /// when a reservation moved. Whether it logged any payload.
-    pub fn write(self, segment: i32) -> bool {
+    /// Writes what this transaction logged into segment `segment`: the payloads, the segment's
+    /// counts and the positions of the feeds that sent. Asks for a synchronous commit when a
+    /// reservation moved. Whether it logged any payload.
+    pub fn write(&mut self, plans: &Plans, segment: i32) -> bool {
         if self.entries.is_empty() {
             return false;
         }
         let bytes: i64 = self.entries.iter().map(|e| super::prune::logged_bytes(e.payload.len())).sum();
         stats::add(Counter::LogPayloads, self.entries.len() as u64);
         stats::add(Counter::LogBytes, self.entries.iter().map(|e| e.payload.len() as u64).sum());
-        // Column arrays, for unnest() on the other side.
-        let channels: Vec<Vec<u8>> = self.entries.iter().map(|e| e.channel.clone()).collect();
-        let entry_feeds: Vec<i64> = self.entries.iter().map(|e| self.feeds[&e.channel].1.feed).collect();
-        let seqs: Vec<i64> = self.entries.iter().map(|e| e.seq).collect();
-        let prevs: Vec<i64> = self.entries.iter().map(|e| e.prev).collect();
-        let payloads: Vec<Vec<u8>> = self.entries.iter().map(|e| e.payload.clone()).collect();
-        let feed_channels: Vec<Vec<u8>> = self.feeds.keys().cloned().collect();
-        let feed_tables: Vec<String> = self.feeds.values().map(|(tbl, ..)| tbl.clone()).collect();
-        let feed_ids: Vec<i64> = self.feeds.values().map(|(_, feed, _)| feed.feed).collect();
-        let positions: Vec<i64> = self.feeds.values().map(|(_, feed, _)| feed.position).collect();
-        let reserved: Vec<i64> = self.feeds.values().map(|(_, feed, _)| feed.reserved).collect();
-        let resets: Vec<Option<String>> =
-            self.feeds.values().map(|(.., reset)| reset.map(|r| r.as_str().to_string())).collect();
-        let count = self.entries.len() as i64;
-        let query = "WITH logged AS (
-                INSERT INTO pgwatch.log (segment, channel, feed, seq, prev, sent_at, payload)
-                SELECT $1, pg_catalog.convert_from(c, pg_catalog.getdatabaseencoding()), f, s, p, pg_catalog.now(), b
-                  FROM unnest($2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::bytea[]) AS u(c, f, s, p, b)
-                RETURNING 1),
-            segment AS (
-                UPDATE pgwatch.log_segments SET last_sent = pg_catalog.now(), payloads = payloads + $7, bytes = bytes + $8
-                 WHERE segment = $1 AND $7 > 0
-                RETURNING 1)
-            INSERT INTO pgwatch.feeds AS old (channel, tbl, feed, seq, reserved, last_reset, reset_reason)
-            SELECT pg_catalog.convert_from(c, pg_catalog.getdatabaseencoding()), t, f, s, r,
-                   CASE WHEN why IS NOT NULL THEN pg_catalog.now() END, why
-              FROM unnest($9::bytea[], $10::text[], $11::int8[], $12::int8[], $13::int8[], $14::text[]) AS u(c, t, f, s, r, why)
-            ON CONFLICT (channel) DO UPDATE SET
-                tbl = excluded.tbl, feed = excluded.feed, seq = excluded.seq, reserved = excluded.reserved,
-                cut_short = CASE WHEN old.feed = excluded.feed THEN old.cut_short ELSE 0 END,
-                last_reset = CASE WHEN excluded.reset_reason IS NOT NULL THEN excluded.last_reset
-                                  WHEN old.feed = excluded.feed THEN old.last_reset END,
-                reset_reason = CASE WHEN excluded.reset_reason IS NOT NULL THEN excluded.reset_reason
-                                    WHEN old.feed = excluded.feed THEN old.reset_reason END";
-        Spi::run_with_args(
-            query,
-            &[
-                segment.into(),
-                channels.into(),
-                entry_feeds.into(),
-                seqs.into(),
-                prevs.into(),
-                payloads.into(),
-                count.into(),
-                bytes.into(),
-                feed_channels.into(),
-                feed_tables.into(),
-                feed_ids.into(),
-                positions.into(),
-                reserved.into(),
-                resets.into(),
-            ],
-        )
+        let (entries, feeds) = (&self.entries, &mut self.feeds);
+        Spi::connect_mut(|client| {
+            for e in entries {
+                let feed = feeds[&e.channel].feed.feed;
+                let args = [
+                    segment.into(),
+                    e.channel.as_slice().into(),
+                    feed.into(),
+                    e.seq.into(),
+                    e.prev.into(),
+                    e.payload.as_slice().into(),
+                ];
+                client.update(&plans.insert, None, &args)?;
+            }
+            client.update(&plans.count, None, &[segment.into(), (entries.len() as i64).into(), bytes.into()])?;
+            for (channel, open) in feeds.iter_mut() {
+                let Open { tbl, feed, reset, stored } = open;
+                if !entries.iter().any(|e| e.channel == *channel) && reset.is_none() {
+                    continue;
+                }
+                let channel = channel.as_slice();
+                if *stored && reset.is_none() {
+                    let args = [channel.into(), feed.feed.into(), feed.position.into(), feed.reserved.into()];
+                    if !client.update(&plans.advance, None, &args)?.is_empty() {
+                        continue;
+                    }
+                }
+                let why = reset.map(|r| r.as_str());
+                let args = [
+                    channel.into(),
+                    tbl.as_str().into(),
+                    feed.feed.into(),
+                    feed.position.into(),
+                    feed.reserved.into(),
+                    why.into(),
+                ];
+                client.update(&plans.store, None, &args)?;
+                (*stored, *reset) = (true, None);
+            }
+            Ok::<_, pgrx::spi::SpiError>(())
+        })
         .unwrap_or_else(|e| error::spi_failed("pgwatch.log", e));
         if self.sync {
             Spi::run("SET LOCAL synchronous_commit = on").unwrap_or_else(|e| error::spi_failed("pgwatch.log", e));
