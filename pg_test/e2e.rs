@@ -12,7 +12,12 @@ use support::{
 };
 
 // Logical replication (wal_level) serves the fire_on_replica test.
-pub const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'", "max_worker_processes = 16", "wal_level = logical"];
+pub const CONF: &[&str] = &[
+    "shared_preload_libraries = 'pgwatch'",
+    "max_worker_processes = 16",
+    "wal_level = logical",
+    "max_prepared_transactions = 10",
+];
 
 #[path = "options.rs"]
 mod options;
@@ -974,5 +979,55 @@ fn mute_silences_a_transaction_or_a_session() {
         let ids: Vec<i64> = listener.receive_rows(2).0.iter().map(|row| row["id"].as_i64().unwrap()).collect();
         listener.expect_silence();
         assert_eq!(ids, [2, 4], "{mode}");
+    }
+}
+
+#[test]
+fn a_committed_prepared_transaction_tells_the_watches_it_changed_to_refetch() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE e2e_prep (id int PRIMARY KEY);
+             CREATE TABLE e2e_prep_kept (id int PRIMARY KEY);
+             SELECT watch_table('e2e_prep');
+             SELECT watch_table('e2e_prep_kept', retain => '1 hour')",
+            &["public.e2e_prep", "public.e2e_prep_kept"],
+        );
+        let resync = r#"{"tbl":"public.e2e_prep","op":"resync"}"#;
+        let reset = r#"{"tbl":"public.e2e_prep_kept","op":"reset","reason":"fallback"}"#;
+        // PostgreSQL cannot notify from a prepared transaction: nothing as it is prepared, and
+        // once it commits, its session knows which watches it changed.
+        writer.batch_execute("BEGIN; INSERT INTO e2e_prep VALUES (1); PREPARE TRANSACTION 'e2e_prep_1'").unwrap();
+        listener.expect_silence();
+        writer.batch_execute("COMMIT PREPARED 'e2e_prep_1'").unwrap();
+        listener.expect(&[resync]);
+        // Rolled back, or without watched changes: nothing.
+        writer.batch_execute("BEGIN; INSERT INTO e2e_prep VALUES (2); PREPARE TRANSACTION 'e2e_prep_2'").unwrap();
+        writer.batch_execute("ROLLBACK PREPARED 'e2e_prep_2'").unwrap();
+        writer.batch_execute("BEGIN; SELECT 1; PREPARE TRANSACTION 'e2e_prep_4'").unwrap();
+        let mut other = connect();
+        other.batch_execute("COMMIT PREPARED 'e2e_prep_4'").unwrap();
+        listener.expect_silence();
+        // Committed by another session, which does not know what it changed: every watch of the
+        // database, a retained one with a reset marker in its log.
+        let start: i64 = writer.query_one("SELECT pgwatch.position('public.e2e_prep_kept')", &[]).unwrap().get(0);
+        writer.batch_execute("BEGIN; INSERT INTO e2e_prep_kept VALUES (1); PREPARE TRANSACTION 'e2e_prep_5'").unwrap();
+        other.batch_execute("COMMIT PREPARED 'e2e_prep_5'").unwrap();
+        let mut got: Vec<String> = listener.receive(2, WAIT).into_iter().map(|(_, payload)| payload).collect();
+        got.sort();
+        assert_eq!(got, [resync, reset]);
+        let replayed: Vec<String> = writer
+            .query("SELECT payload FROM pgwatch.replay('public.e2e_prep_kept', $1)", &[&start])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(replayed.len(), 1);
+        assert!(
+            replayed[0].contains(r#""op":"reset""#) && replayed[0].contains(r#""reason":"fallback""#),
+            "{replayed:?}"
+        );
+        writer.batch_execute("DROP TABLE e2e_prep, e2e_prep_kept").unwrap();
     }
 }

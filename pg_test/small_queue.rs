@@ -141,5 +141,14 @@ fn a_full_queue_leaves_a_reset_marker_in_a_retained_channels_log() {
         replayed.extend(rows.iter().map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1))));
     }
     assert_eq!(replayed, notified);
+    // pgwatch.channels shows the last of them.
+    let reason: Option<String> = admin
+        .query_one(
+            "SELECT reset_reason FROM pgwatch.channels WHERE channel = $1 AND last_reset IS NOT NULL",
+            &[&channel],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(reason.as_deref(), Some("fallback"));
     admin.batch_execute("DROP TABLE kept").unwrap();
 }

@@ -4,6 +4,7 @@
 
 pub mod launcher;
 pub mod notify;
+pub mod prepared;
 pub mod ring;
 pub mod runs;
 pub mod shmem;

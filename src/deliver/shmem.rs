@@ -32,6 +32,9 @@ pub struct Shared {
     /// had no slot): every slot claimed from then on resets its database's feeds, and the run
     /// does not end clean, so that the gap is marked wherever it may be.
     pub unlogged: AtomicBool,
+    /// Bits of the hashed GIDs of transactions prepared in this run that changed watched
+    /// tables (see `prepared`).
+    pub prepared_gids: [AtomicU64; PREPARED_GID_BITS / 64],
     pub slots: [DbSlot; MAX_DATABASES],
     pub channels: [ChannelSeq; MAX_CHANNELS],
     pub counters: Counters,
@@ -43,6 +46,9 @@ static PREV_SHMEM_STARTUP: OnceLock<pg_sys::shmem_startup_hook_type> = OnceLock:
 
 #[cfg(not(any(feature = "pg13", feature = "pg14")))]
 static PREV_SHMEM_REQUEST: OnceLock<pg_sys::shmem_request_hook_type> = OnceLock::new();
+
+/// How many bits `Shared::prepared_gids` has.
+pub const PREPARED_GID_BITS: usize = 1024;
 
 /// Record alignment: every aligned place has room for a header, even right before the ring's end.
 pub const ALIGN: usize = 32;

@@ -1,6 +1,7 @@
 //! A `ProcessUtility` hook (with pgwatch preloaded): DROP DATABASE first stops that database's
 //! worker (which would otherwise make the drop fail), and afterwards forgets its queued records;
-//! DROP EXTENSION has the worker check, once committed, whether pgwatch is still there.
+//! DROP EXTENSION has the worker check, once committed, whether pgwatch is still there; PREPARE
+//! TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED go through `prepared`.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::{pg_guard, PgTryBuilder};
 
+use super::prepared::{self, Statement};
 use super::{shmem, xact};
 
 /// How long DROP DATABASE waits for the database's worker to exit.
@@ -76,6 +78,9 @@ unsafe extern "C-unwind" fn on_utility(
 fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
     // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
     let stmt = unsafe { (*pstmt).utilityStmt };
+    if let Some((statement, gid)) = prepared_transaction(stmt) {
+        return prepared::around(statement, gid, run);
+    }
     // SAFETY: a DropStmt node, checked by its tag.
     let drops_extension = unsafe {
         pgrx::is_a(stmt, pg_sys::NodeTag::T_DropStmt)
@@ -117,5 +122,24 @@ fn dropped_database(stmt: *mut pg_sys::Node) -> Option<u32> {
         let drop = stmt.cast::<pg_sys::DropdbStmt>();
         let oid = pg_sys::get_database_oid((*drop).dbname, true);
         (oid != pg_sys::Oid::INVALID).then(|| oid.to_u32())
+    }
+}
+
+/// What a transaction statement does with a prepared transaction, and its GID.
+fn prepared_transaction(stmt: *mut pg_sys::Node) -> Option<(Statement, String)> {
+    // SAFETY: a valid parse node, cast only after checking its tag; a GID is a C string.
+    unsafe {
+        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_TransactionStmt) {
+            return None;
+        }
+        let stmt = stmt.cast::<pg_sys::TransactionStmt>();
+        let statement = match (*stmt).kind {
+            pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE => Statement::Prepare,
+            pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED => Statement::Commit,
+            pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED => Statement::Rollback,
+            _ => return None,
+        };
+        let gid = (*stmt).gid;
+        (!gid.is_null()).then(|| (statement, std::ffi::CStr::from_ptr(gid).to_string_lossy().into_owned()))
     }
 }

@@ -94,6 +94,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
         plans: None,
         feeds: HashMap::new(),
         arrived_over: Duration::ZERO,
+        logged_last: false,
     };
     worker.start_feeds();
     let mut checked: Option<Instant> = None;
@@ -185,6 +186,8 @@ struct Worker {
     feeds: HashMap<Vec<u8>, (String, Feed)>,
     /// Over how long the last batch's transactions committed.
     arrived_over: Duration,
+    /// The last batch also wrote the log.
+    logged_last: bool,
 }
 
 /// What one look at the queue did.
@@ -273,7 +276,7 @@ impl Worker {
         // A batch cut at its size limit leaves records waiting: no reason to wait for more.
         let cut = self.batch.bytes() >= BATCH_BYTES;
         let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
-        let delay = gather_delay(self.batch.len(), self.arrived_over, longest);
+        let delay = gather_delay(self.batch.len(), self.arrived_over, longest, self.logged_last);
         let micros = delay.as_micros() as i64;
         if !cut && micros > 0 {
             // SAFETY: a plain sleep; signals are looked at right after.
@@ -319,9 +322,7 @@ impl Worker {
             self.start_feeds();
         }
         let (shared, dboid, known) = (self.shared, self.dboid, &self.channels);
-        let segment = self.ring.as_ref().map(Ring::current);
-        let plans = self.plans.as_ref();
-        let feeds = &mut self.feeds;
+        let (ring, plans, feeds) = (&mut self.ring, self.plans.as_ref(), &mut self.feeds);
         let retained: Vec<&[u8]> =
             watches.iter().filter(|(target, _)| target.retained).map(|(target, _)| target.channel.to_bytes()).collect();
         let sent = BackgroundWorker::transaction(AssertUnwindSafe(|| {
@@ -349,6 +350,10 @@ impl Worker {
             for (target, folded) in watches {
                 let channel = target.channel.to_bytes();
                 if target.retained && logged.borrow().has(channel) {
+                    if folded.resync() {
+                        // The reset marker `send_changes` sends last for the fallback's gap.
+                        logged.borrow_mut().note_reset(channel, ResetReason::Fallback);
+                    }
                     notify::send_changes(
                         target,
                         folded,
@@ -362,7 +367,7 @@ impl Worker {
                         || {
                             // A channel this worker has not sent on may have had a feed (its
                             // watch's retention removed): its numbers go on above the feed's.
-                            let fed = if segment.is_some() { feed_position(channel) } else { 0 };
+                            let fed = if ring.is_some() { feed_position(channel) } else { 0 };
                             shared.last_seq(dboid, channel).max(fed)
                         },
                         |c| c.seq,
@@ -383,13 +388,14 @@ impl Worker {
                 );
             }
             let mut logged = logged.into_inner();
-            let wrote = match (segment, plans) {
-                (Some(segment), Some(plans)) => logged.write(plans, segment),
+            let wrote = match (ring.as_mut(), plans) {
+                (Some(ring), Some(plans)) => logged.write(plans, ring),
                 _ => false,
             };
             (last, wrote, logged)
         }));
         let (sent, wrote, logged) = sent;
+        self.logged_last = wrote;
         if wrote {
             self.ring.as_mut().expect("logged into it").active = true;
         }
@@ -431,7 +437,7 @@ impl Worker {
                     logged.sent(&channel, marker.to_bytes());
                 }
                 let mut ring = ring;
-                ring.active |= logged.write(&plans, ring.current());
+                ring.active |= logged.write(&plans, &mut ring);
                 return Some((ring, plans));
             }
             Some((ring, plans))
@@ -495,7 +501,8 @@ impl Worker {
 }
 
 /// How long the worker waits per transaction per second it saw commit: 1 ms at 4,000 commits per
-/// second, 4 ms at 16,000.
+/// second, 4 ms at 16,000; twice as long after a batch that also wrote the log, whose statements
+/// make a batch cost the worker about twice as much.
 const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
@@ -505,13 +512,14 @@ const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);
 /// batch costs the worker a transaction and every notification each listening backend a
 /// wake-up, CPU and context switches that they share with the writers. The wait follows the
 /// rate, not the batch, which itself grows with the wait.
-fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration) -> Duration {
+fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration, logged: bool) -> Duration {
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
-    let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
+    let per_rate = if logged { WAIT_PER_COMMIT_RATE * 2 } else { WAIT_PER_COMMIT_RATE };
+    let longest_from = longest.as_secs_f64() / per_rate.as_secs_f64();
     if rate >= longest_from {
         longest
     } else {
-        WAIT_PER_COMMIT_RATE.mul_f64(rate)
+        per_rate.mul_f64(rate)
     }
 }
 
@@ -523,7 +531,7 @@ mod tests {
     fn the_gathering_wait_follows_the_commit_rate_up_to_the_setting() {
         let longest = Duration::from_millis(10);
         let ms = Duration::from_millis;
-        let wait = |transactions, over| gather_delay(transactions, over, longest).as_micros();
+        let wait = |transactions, over| gather_delay(transactions, over, longest, false).as_micros();
         // 4,000 per second: 1 ms; 16,000: 4 ms; 40,000 and more: all 10, one transaction at a
         // time as well as in batches.
         assert_eq!(
@@ -531,9 +539,11 @@ mod tests {
             [1000, 4000, 10000, 10000, 10000]
         );
         assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1000, 10000]);
-        assert_eq!(gather_delay(16, ms(1), ms(4)), ms(4));
+        assert_eq!(gather_delay(16, ms(1), ms(4), false), ms(4));
         // A transaction or two after a second's quiet: next to nothing.
         assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
-        assert_eq!(gather_delay(100, ms(1), Duration::ZERO), Duration::ZERO);
+        assert_eq!(gather_delay(100, ms(1), Duration::ZERO, false), Duration::ZERO);
+        // After a batch that wrote the log: twice as long, within the setting.
+        assert_eq!([gather_delay(4, ms(1), longest, true), gather_delay(30, ms(1), longest, true)], [ms(2), longest]);
     }
 }

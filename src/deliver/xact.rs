@@ -15,6 +15,7 @@ use pgrx::pg_sys::{self, SubTransactionId, SubXactEvent, XactEvent};
 use pgrx::{pg_guard, warning};
 
 use super::notify;
+use super::prepared;
 use super::ring::{clear_keeping, Reservation};
 use super::shmem::{self, Shared};
 use crate::encode::fold::{Change, Folded};
@@ -266,7 +267,7 @@ fn note_inline(xact: &Xact) {
         let unlogged = xact.buffers.iter().filter(|buffer| buffer.target.retained).count();
         if unlogged > 0 {
             shared.unlogged.store(true, Ordering::Release);
-            stats::add(Counter::RetainedUnlogged, unlogged as u64);
+            stats::add(Counter::RetainedUnlogged, 1);
             warning!(
                 "pgwatch: changes of {unlogged} retained watches were notified without being logged: no delivery slot is free for this database"
             );
@@ -302,6 +303,18 @@ fn announce_after_commit(shared: &Shared) {
             shared.announce(dboid, &record, &channels);
         }
         inline.clear();
+    });
+}
+
+/// Asks the subscribers of `targets` to refetch once this transaction commits, in sequence
+/// behind what was queued before it: the watches a prepared transaction committed by this one
+/// changed (see `prepared`).
+pub fn resync_at_commit(targets: Vec<Rc<Target>>) {
+    XACT.with_borrow_mut(|xact| {
+        for target in &targets {
+            let at = xact.buffer(target);
+            xact.buffers[at].folded.mark_resync();
+        }
     });
 }
 
@@ -346,10 +359,16 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let truncates = xact.buffers.iter().filter(|b| b.folded.truncated()).count();
             if rows + truncates > 0 {
                 stats::add(Counter::PreparedUnsent, (rows + truncates) as u64);
+                let then = if shmem::shared().is_some() {
+                    ": their subscribers are told to refetch when it commits"
+                } else {
+                    ""
+                };
                 warning!(
-                    "pgwatch: {rows} changed rows and {truncates} truncated tables of this prepared transaction will not be notified"
+                    "pgwatch: {rows} changed rows and {truncates} truncated tables of this prepared transaction will not be notified{then}"
                 );
             }
+            prepared::prepare(xact.buffers.iter().filter(|b| b.folded.has_news()).map(|b| b.target.clone()).collect());
             put_back(xact);
         }
         XactEvent::XACT_EVENT_COMMIT => {

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::PgOid;
 
+use super::prune::Ring;
 use super::{clock, RESERVE_AHEAD};
 use crate::encode::packer::ResetReason;
 use crate::error;
@@ -82,9 +83,12 @@ const OPEN: &str = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdataba
 const INSERT: &str = "INSERT INTO pgwatch.log (segment, channel, feed, seq, prev, sent_at, payload)
     VALUES ($1, pg_catalog.convert_from($2, pg_catalog.getdatabaseencoding()), $3, $4, $5, pg_catalog.now(), $6)";
 
-/// A segment's counts, after payloads were logged into it.
-const COUNT: &str =
-    "UPDATE pgwatch.log_segments SET last_sent = pg_catalog.now(), payloads = payloads + $2, bytes = bytes + $3
+/// A segment's counts and lease (in microseconds since 2000, see `prune::Ring::count`), after
+/// payloads were logged into it.
+const COUNT: &str = "UPDATE pgwatch.log_segments
+                        SET last_sent = GREATEST(last_sent, '2000-01-01 UTC'::pg_catalog.timestamptz
+                                                            + $4 * interval '1 microsecond'),
+                            payloads = payloads + $2, bytes = bytes + $3
                       WHERE segment = $1";
 
 /// A feed's position, when its row holds this feed already and no reset is to be recorded.
@@ -125,7 +129,7 @@ impl Plans {
             Ok::<_, pgrx::spi::SpiError>(Plans {
                 open: client.prepare(OPEN, &[oid(pg_sys::BYTEAARRAYOID)])?.keep(),
                 insert: client.prepare_mut(INSERT, &[int4, bytea, int8, int8, int8, bytea])?.keep(),
-                count: client.prepare_mut(COUNT, &[int4, int8, int8])?.keep(),
+                count: client.prepare_mut(COUNT, &[int4, int8, int8, int8])?.keep(),
                 advance: client.prepare_mut(ADVANCE, &[bytea, int8, int8, int8])?.keep(),
                 store: client.prepare_mut(STORE, &[bytea, text, int8, int8, int8, text])?.keep(),
             })
@@ -237,16 +241,24 @@ impl Logged {
         stats::add(Counter::FeedResets, 1);
     }
 
-    /// Writes what this transaction logged into segment `segment`: the payloads, the segment's
-    /// counts and the positions of the feeds that sent. Asks for a synchronous commit when a
-    /// reservation moved. Whether it logged any payload.
-    pub fn write(&mut self, plans: &Plans, segment: i32) -> bool {
+    /// Records that `channel` sent a reset marker for a gap that took no numbers (changes
+    /// notified inline when the queue was full), so that `pgwatch.channels` shows it.
+    pub fn note_reset(&mut self, channel: &[u8], reason: ResetReason) {
+        self.feeds.get_mut(channel).expect("an open feed").reset = Some(reason);
+    }
+
+    /// Writes what this transaction logged into the ring's current segment: the payloads, the
+    /// segment's counts when due, and the positions of the feeds that sent. Asks for a
+    /// synchronous commit when a reservation moved. Whether it logged any payload.
+    pub fn write(&mut self, plans: &Plans, ring: &mut Ring) -> bool {
         if self.entries.is_empty() {
             return false;
         }
         let bytes: i64 = self.entries.iter().map(|e| super::prune::logged_bytes(e.payload.len())).sum();
         stats::add(Counter::LogPayloads, self.entries.len() as u64);
         stats::add(Counter::LogBytes, self.entries.iter().map(|e| e.payload.len() as u64).sum());
+        let segment = ring.current();
+        let count = ring.count(self.entries.len() as i64, bytes, clock());
         let (entries, feeds) = (&self.entries, &mut self.feeds);
         Spi::connect_mut(|client| {
             for e in entries {
@@ -261,7 +273,9 @@ impl Logged {
                 ];
                 client.update(&plans.insert, None, &args)?;
             }
-            client.update(&plans.count, None, &[segment.into(), (entries.len() as i64).into(), bytes.into()])?;
+            if let Some((payloads, bytes, until)) = count {
+                client.update(&plans.count, None, &[segment.into(), payloads.into(), bytes.into(), until.into()])?;
+            }
             for (channel, open) in feeds.iter_mut() {
                 let Open { tbl, feed, reset, stored } = open;
                 if !entries.iter().any(|e| e.channel == *channel) && reset.is_none() {

@@ -83,6 +83,12 @@ pub fn plan(segments: &[Segment], current: i32, retain: i64, cap: i64, now: i64)
     plan
 }
 
+/// How far past the time it is written a segment's `last_sent` says payloads were sent (its
+/// lease). The worker writes a segment's row when the lease runs low, about once a second, not
+/// for every batch: every payload it logs is within its segment's lease, so counts that a crash
+/// keeps from the row never let a segment be emptied before its payloads' retention ends.
+const LEASE: i64 = 2_000_000;
+
 /// The ring as the worker keeps it.
 pub struct Ring {
     current: i32,
@@ -90,6 +96,10 @@ pub struct Ring {
     /// The log may hold payloads: only then is it looked after (a database whose watches keep
     /// nothing costs its worker no transaction a second).
     pub active: bool,
+    /// Payloads and bytes logged into the current segment that its row does not count yet.
+    uncounted: (i64, i64),
+    /// The current segment's lease, once written in this run.
+    leased: Option<i64>,
 }
 
 impl Ring {
@@ -100,11 +110,31 @@ impl Ring {
                FROM pgwatch.log_segments ORDER BY opened DESC NULLS LAST, segment LIMIT 1",
         )
         .unwrap_or_else(|e| error::spi_failed("pgwatch.log_segments", e));
-        Ring { current: current.unwrap_or(0), checked: None, active: active.unwrap_or(false) }
+        Ring {
+            current: current.unwrap_or(0),
+            checked: None,
+            active: active.unwrap_or(false),
+            uncounted: (0, 0),
+            leased: None,
+        }
     }
 
     pub fn current(&self) -> i32 {
         self.current
+    }
+
+    /// Counts `payloads` of `bytes` logged into the current segment at `now`, in the transaction
+    /// that logs them: the counts and lease to add to the segment's row now (when its lease
+    /// runs low, and for the segment's first payloads), if any.
+    pub fn count(&mut self, payloads: i64, bytes: i64, now: i64) -> Option<(i64, i64, i64)> {
+        self.uncounted = (self.uncounted.0 + payloads, self.uncounted.1 + bytes);
+        if self.leased.is_some_and(|until| until - now > LEASE / 2) {
+            return None;
+        }
+        let until = now + LEASE;
+        self.leased = Some(until);
+        let (payloads, bytes) = std::mem::take(&mut self.uncounted);
+        Some((payloads, bytes, until))
     }
 
     /// Whether the log may hold payloads and a second has passed since it was last looked at.
@@ -116,6 +146,14 @@ impl Ring {
     /// and forgets feeds that no watch keeps and the log no longer holds.
     pub fn prune(&mut self) {
         self.checked = Some(Instant::now());
+        let (payloads, bytes) = std::mem::take(&mut self.uncounted);
+        if payloads > 0 {
+            Spi::run_with_args(
+                "UPDATE pgwatch.log_segments SET payloads = payloads + $2, bytes = bytes + $3 WHERE segment = $1",
+                &[self.current.into(), payloads.into(), bytes.into()],
+            )
+            .unwrap_or_else(|e| error::spi_failed("pgwatch.log_segments", e));
+        }
         let segments = Spi::connect(|client| {
             client
                 .select(
@@ -156,6 +194,7 @@ impl Ring {
             )
             .unwrap_or_else(|e| error::spi_failed("pgwatch.log_segments", e));
             self.current = next;
+            self.leased = None;
             // Feeds no watch keeps any more, once the log holds nothing of them.
             Spi::run(
                 "DELETE FROM pgwatch.feeds f
@@ -249,6 +288,16 @@ mod tests {
         ring[2] = seg(2, 90 * S, Some(100 * S), 10, 600);
         // 1,300 bytes held, 1,000 allowed: segment 1 (oldest) goes, then 700 fit.
         assert_eq!(plan(&ring, 3, 3600 * S, 1000, 101 * S).empty, vec![(1, true)]);
+    }
+
+    #[test]
+    fn a_segments_row_is_written_for_its_first_payloads_and_when_its_lease_runs_low() {
+        let mut ring = Ring { current: 0, checked: None, active: false, uncounted: (0, 0), leased: None };
+        assert_eq!(ring.count(1, 100, 10 * S), Some((1, 100, 12 * S)));
+        assert_eq!(ring.count(2, 200, 10 * S + S / 2), None);
+        assert_eq!(ring.count(1, 100, 11 * S - 1), None);
+        // A second of the lease left: written again, with what it did not count yet.
+        assert_eq!(ring.count(1, 50, 11 * S), Some((4, 350, 13 * S)));
     }
 
     #[test]
