@@ -44,7 +44,9 @@ pub fn around(statement: Statement, gid: String, run: impl FnOnce()) {
             run();
         }
         Statement::Commit => {
-            let before_this_run = prepared_before_this_run(&gid);
+            // Whether it was prepared before this run is asked only when nothing else tells.
+            let known = PREPARED.with_borrow(|prepared| prepared.contains_key(&gid));
+            let before_this_run = !known && !may_have_changes(&gid) && pgwatch_here() && prepared_before_this_run(&gid);
             run();
             let known = PREPARED.with_borrow_mut(|prepared| prepared.remove(&gid));
             let targets = match known {
@@ -97,10 +99,15 @@ fn prepared_before_this_run(gid: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// Whether pgwatch is installed in this database.
+fn pgwatch_here() -> bool {
+    // SAFETY: a syscache lookup inside the statement's transaction.
+    unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) != pg_sys::Oid::INVALID }
+}
+
 /// Every watch of this database, as the target of a resync (none without pgwatch here).
 fn every_watch() -> Vec<Rc<Target>> {
-    // SAFETY: a syscache lookup inside the statement's transaction.
-    if unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) } == pg_sys::Oid::INVALID {
+    if !pgwatch_here() {
         return Vec::new();
     }
     // `retain` is read from the row as JSON, which works before `ALTER EXTENSION pgwatch UPDATE`
