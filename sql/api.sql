@@ -53,3 +53,9 @@ SELECT w.channel, w.tbl, w.retain,
                        FROM pgwatch.log g WHERE g.channel = w.channel AND g.feed = w.feed_start) l ON true
  WHERE w.retain IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT');
 GRANT SELECT ON pgwatch.channels TO PUBLIC;
+
+-- The version of the subscriber protocol (docs/protocol.md) this pgwatch speaks; a client checks
+-- it at start-up.
+CREATE FUNCTION pgwatch.protocol_version() RETURNS int
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS 'SELECT 1';
