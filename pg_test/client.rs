@@ -290,8 +290,8 @@ fn a_subscriber_replays_what_was_sent_while_it_could_not_connect() {
             .connect()
             .await
             .unwrap();
-        let start = subscriber.last_seq(CHANNEL).unwrap();
         assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+        let start = subscriber.last_seq(CHANNEL).unwrap();
         // The reader can connect no more; its connection is killed; ten transactions commit.
         let db = connect_async(&cluster, "postgres").await;
         db.batch_execute(

@@ -20,7 +20,7 @@ async fn main() -> Result<(), pgwatch_client::Error> {
     let subscriber = Subscriber::builder(&conninfo)?.channel(channel.as_str()).connect().await?;
     let (keys, _) = subscriber.columns(&channel).expect("a channel the subscriber listens on");
     let key_columns = keys.len();
-    println!("{} mirroring {channel} (position {:?})", clock(), subscriber.last_seq(&channel));
+    println!("{} mirroring {channel}", clock());
     let mut mirror = Mirror::new(subscriber, &channel);
     let mut seen = mirror.subscriber().stats();
     loop {
@@ -35,7 +35,11 @@ async fn main() -> Result<(), pgwatch_client::Error> {
         }
         seen = stats;
         let what = match &event {
-            Event::Reset(reset) => format!("reset ({}): snapshot taken", reset.reason),
+            Event::Reset(reset) => format!(
+                "reset ({}): snapshot taken, from position {}",
+                reset.reason,
+                mirror.subscriber().last_seq(&channel).map_or("-".into(), |s| s.to_string())
+            ),
             Event::Truncate { seq, .. } => format!("truncate seq {}", seq.map_or("-".into(), |s| s.to_string())),
             Event::Change(change) => format!(
                 "{} seq {}: {}",

@@ -104,6 +104,8 @@ pub struct Mirror {
     snapshot: Option<SnapshotFn>,
     table: Table,
     snapshots: u64,
+    /// A reset was handed out and its snapshot is not loaded yet.
+    snapshot_due: bool,
 }
 
 impl Mirror {
@@ -111,7 +113,14 @@ impl Mirror {
     /// out unapplied).
     pub fn new(subscriber: Subscriber, channel: &str) -> Mirror {
         let key_columns = subscriber.columns(channel).map_or(1, |(keys, _)| keys.len());
-        Mirror { subscriber, channel: Arc::from(channel), snapshot: None, table: Table::new(key_columns), snapshots: 0 }
+        Mirror {
+            subscriber,
+            channel: Arc::from(channel),
+            snapshot: None,
+            table: Table::new(key_columns),
+            snapshots: 0,
+            snapshot_due: false,
+        }
     }
 
     /// Takes snapshots with `snapshot` instead of reading the table on the subscriber's
@@ -137,29 +146,34 @@ impl Mirror {
     }
 
     /// Waits for the next event and applies it (a reset: a new snapshot); returns it.
+    ///
+    /// Cancel-safe like [`Subscriber::next`]: a snapshot that did not finish is asked for again.
     pub async fn next(&mut self) -> Result<Event, Error> {
         loop {
+            if self.snapshot_due {
+                // A snapshot was cut short (an error, or this future dropped): a new reset, with
+                // a new position, starts it again.
+                self.subscriber.request_reset(&self.channel);
+                self.snapshot_due = false;
+            }
             let event = self.subscriber.next().await?;
             if **event.channel() != *self.channel {
                 return Ok(event);
             }
             if let Event::Reset(_) = &event {
+                self.snapshot_due = true;
                 match self.take_snapshot().await {
                     Ok(rows) => {
                         let (keys, extra) = self.subscriber.columns(&self.channel).expect("a known channel");
                         let names: Arc<[Box<str>]> = keys.iter().chain(extra).map(|c| Box::from(c.as_str())).collect();
                         self.table.load(rows.into_iter().map(|object| Row::from_object(&names, object)));
                         self.snapshots += 1;
+                        self.snapshot_due = false;
                     }
-                    // The subscriber hands out a new reset, asked for here: at once if this call
-                    // goes on (the connection was lost: it reconnects first), or at the next call.
-                    Err(e) => {
-                        self.subscriber.request_reset(&self.channel);
-                        match &e {
-                            Error::Postgres(pg) if lost(pg) => continue,
-                            _ => return Err(e),
-                        }
-                    }
+                    // Lost connections are mended by the subscriber (which reconnects first);
+                    // other errors are the caller's, and the next call starts again.
+                    Err(Error::Postgres(e)) if lost(&e) => continue,
+                    Err(e) => return Err(e),
                 }
             }
             self.table.apply(&event);

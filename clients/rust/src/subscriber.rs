@@ -134,7 +134,8 @@ impl Builder {
                 scope,
                 track: Track::new(false, None),
                 replaying: false,
-                wanted: false,
+                verify: None,
+                reset: None,
             })
             .collect();
         let mut subscriber = Subscriber {
@@ -162,8 +163,10 @@ struct Channel {
     track: Track,
     /// Catching up from the server's log.
     replaying: bool,
-    /// A reset asked for by the consumer, to hand out once connected.
-    wanted: bool,
+    /// A live payload repeated this applied `seq` with another text: ask the log.
+    verify: Option<i64>,
+    /// A reset to hand out (after taking the position the refetch starts from).
+    reset: Option<ResetReason>,
 }
 
 /// Why a step could not finish.
@@ -281,17 +284,21 @@ impl Subscriber {
         self.channels.iter().find(|c| &*c.name == channel).and_then(|c| c.track.last)
     }
 
-    /// Asks for a [`Reset`] of `channel` (reason [`ResetReason::Start`]) as soon as connected:
-    /// for a consumer whose refetch failed.
+    /// Asks for a [`Reset`] of `channel` (reason [`ResetReason::Start`]) at the next call of
+    /// [`next`](Subscriber::next): for a consumer whose refetch failed.
     pub fn request_reset(&mut self, channel: &str) {
         for c in self.channels.iter_mut().filter(|c| &*c.name == channel) {
-            c.wanted = true;
+            c.reset = Some(ResetReason::Start);
         }
     }
 
     /// The next event. Waits for one; reconnects (forever, with backoff) when the connection is
     /// lost. Fails only on what retrying cannot mend (a watch dropped, a server that speaks
     /// another protocol, an SQL error).
+    ///
+    /// Cancel-safe: dropped before it returns (in `tokio::select!` or a timeout), it loses
+    /// nothing; the next call goes on where it stopped. Every decision is recorded before the
+    /// query that carries it out, which is made again if it did not finish.
     pub async fn next(&mut self) -> Result<Event, Error> {
         loop {
             if let Some(event) = self.pending.pop_front() {
@@ -310,8 +317,7 @@ impl Subscriber {
     async fn start(&mut self) -> Result<(), Error> {
         let conn =
             Conn::open(&self.connector, &self.config, self.buffer, self.dead_after).await.map_err(Error::Postgres)?;
-        self.conn = Some(conn);
-        match self.prepare(true).await {
+        match self.prepare(conn, true).await {
             Ok(()) => Ok(()),
             Err(Trouble::Fatal(e)) => Err(e),
             Err(Trouble::Lost(why)) => Err(Error::Config(format!("the connection was lost while starting: {why}"))),
@@ -324,17 +330,16 @@ impl Subscriber {
         loop {
             self.stats.reconnects += 1;
             tokio::time::sleep(self.backoff.next_delay()).await;
-            match Conn::open(&self.connector, &self.config, self.buffer, self.dead_after).await {
-                Err(_) => continue,
-                Ok(conn) => self.conn = Some(conn),
-            }
-            match self.prepare(false).await {
+            let Ok(conn) = Conn::open(&self.connector, &self.config, self.buffer, self.dead_after).await else {
+                continue;
+            };
+            match self.prepare(conn, false).await {
                 Ok(()) => {
                     self.backoff.reset();
                     return Ok(());
                 }
                 Err(Trouble::Fatal(e)) => return Err(e),
-                Err(Trouble::Lost(_)) => self.conn = None,
+                Err(Trouble::Lost(_)) => {}
             }
         }
     }
@@ -343,44 +348,46 @@ impl Subscriber {
         self.conn.as_ref().map(|c| c.client.clone()).ok_or_else(|| Trouble::Lost("not connected".into()))
     }
 
-    /// Start-up in the protocol's order on a new connection: version, watches, LISTEN, then per
-    /// channel a refetch (`first`, or a channel without a log) or a replay from its last `seq`.
-    async fn prepare(&mut self, first: bool) -> Result<(), Trouble> {
-        let client = self.client_now()?;
-        let version = connection::protocol(&client).await?;
+    /// Start-up in the protocol's order on a new connection: version, watches, LISTEN; then it
+    /// becomes the subscriber's, and each channel is due a refetch (`first`, or a channel
+    /// without a log) or a replay from its last `seq`.
+    async fn prepare(&mut self, conn: Conn, first: bool) -> Result<(), Trouble> {
+        let version = connection::protocol(&conn.client).await?;
         if version != PROTOCOL_VERSION {
             return Err(Trouble::Fatal(Error::Protocol(format!(
                 "the server speaks pgwatch protocol {version}, this client {PROTOCOL_VERSION}"
             ))));
         }
         let names: Vec<&str> = self.channels.iter().map(|c| &*c.name).collect();
-        let watches = connection::watches(&client, &names).await?;
+        let watches = connection::watches(&conn.client, &names).await?;
         if let Some(missing) = names.iter().find(|n| !watches.contains_key(**n)) {
             return Err(Trouble::Fatal(Error::Protocol(format!("no watch sends on channel \"{missing}\""))));
         }
-        connection::listen(&client, &names).await?;
+        connection::listen(&conn.client, &names).await?;
+        self.conn = Some(conn);
         self.watches = watches;
-        for at in 0..self.channels.len() {
-            let retained = self.watches[&*self.channels[at].name].retained;
-            let channel = &mut self.channels[at];
+        for channel in &mut self.channels {
+            let retained = self.watches[&*channel.name].retained;
             if !first && retained && channel.track.retained && channel.track.last.is_some() {
                 channel.replaying = true;
-            } else {
-                let reason = if first { ResetReason::Start } else { ResetReason::Reconnected };
-                self.refetch(at, reason).await?;
+            } else if channel.reset.is_none() {
+                channel.reset = Some(if first { ResetReason::Start } else { ResetReason::Reconnected });
             }
         }
         Ok(())
     }
 
-    /// One step: a wanted reset, a page of replay, or a notification (waiting for one).
+    /// One step: a reset, a check or a page of replay that is due, or a notification (waiting
+    /// for one).
     async fn step(&mut self) -> Result<(), Trouble> {
         if self.conn.is_none() {
             return Err(Trouble::Lost("not connected".into()));
         }
-        if let Some(at) = self.channels.iter().position(|c| c.wanted) {
-            self.channels[at].wanted = false;
-            return self.refetch(at, ResetReason::Start).await;
+        if let Some(at) = self.channels.iter().position(|c| c.reset.is_some()) {
+            return self.refetch(at).await;
+        }
+        if let Some(at) = self.channels.iter().position(|c| c.verify.is_some()) {
+            return self.verify(at).await;
         }
         if let Some(at) = self.channels.iter().position(|c| c.replaying) {
             return self.replay_page(at).await;
@@ -389,16 +396,17 @@ impl Subscriber {
         match inbox.take() {
             Taken::Item((channel, text)) => {
                 self.stats.received += 1;
-                self.live(&channel, &text).await
+                self.live(&channel, &text);
+                Ok(())
             }
             Taken::Lagged(dropped) => {
                 self.stats.lagged += 1;
                 self.stats.dropped += dropped;
-                for at in 0..self.channels.len() {
-                    if self.channels[at].track.retained {
-                        self.channels[at].replaying = true;
+                for channel in &mut self.channels {
+                    if channel.track.retained {
+                        channel.replaying = true;
                     } else {
-                        self.refetch(at, ResetReason::Lagged { dropped }).await?;
+                        channel.reset.get_or_insert(ResetReason::Lagged { dropped });
                     }
                 }
                 Ok(())
@@ -411,38 +419,35 @@ impl Subscriber {
         }
     }
 
-    /// A notification as it came from the channel.
-    async fn live(&mut self, channel: &str, text: &str) -> Result<(), Trouble> {
-        let Some(at) = self.channels.iter().position(|c| &*c.name == channel) else { return Ok(()) };
+    /// A notification as it came from the channel: judged, and handed out or turned into what
+    /// is due (a replay, a check, a reset), without waiting for anything.
+    fn live(&mut self, channel: &str, text: &str) {
+        let Some(at) = self.channels.iter().position(|c| &*c.name == channel) else { return };
         let Ok(payload) = payload::parse(text) else {
             self.stats.ignored += 1;
-            return Ok(());
+            return;
         };
         let print = fingerprint(text);
-        match self.channels[at].track.judge(payload.seq(), print, payload.demands_refetch()) {
-            Verdict::Apply => self.apply(at, payload, print).await,
-            Verdict::Skip => {
-                self.stats.duplicates += 1;
-                Ok(())
+        let channel = &mut self.channels[at];
+        match channel.track.judge(payload.seq(), print, payload.demands_refetch()) {
+            Verdict::Apply => self.apply(at, payload, print),
+            Verdict::Skip => self.stats.duplicates += 1,
+            Verdict::Replay => channel.replaying = true,
+            Verdict::Verify(seq) => channel.verify = Some(seq),
+            Verdict::Reset(reason) => {
+                channel.reset.get_or_insert(reason);
             }
-            Verdict::Replay => {
-                self.channels[at].replaying = true;
-                Ok(())
-            }
-            Verdict::Verify(seq) => self.verify(at, seq).await,
-            Verdict::Reset(reason) => self.refetch(at, reason).await,
         }
     }
 
-    /// Hands out a payload judged in sequence (or read from the log).
-    async fn apply(&mut self, at: usize, payload: Payload, print: u64) -> Result<(), Trouble> {
+    /// Hands out a payload judged in sequence (or read from the log): its change, or a reset
+    /// due.
+    fn apply(&mut self, at: usize, payload: Payload, print: u64) {
         let channel = &mut self.channels[at];
         channel.track.applied(payload.seq(), print);
         let name = channel.name.clone();
-        match payload {
-            Payload::Rows { rows, .. } if rows.iter().any(|r| r.is_partial()) => {
-                self.refetch(at, ResetReason::PartialRows).await
-            }
+        let reason = match payload {
+            Payload::Rows { rows, .. } if rows.iter().any(|r| r.is_partial()) => ResetReason::PartialRows,
             Payload::Rows { op, seq, rows, .. } => {
                 let change = Change { channel: name, seq, op, rows };
                 let change = match &channel.scope {
@@ -450,83 +455,78 @@ impl Subscriber {
                     None => Some(change),
                 };
                 self.pending.extend(change.map(Event::Change));
-                Ok(())
+                return;
             }
             Payload::Truncate { seq, .. } => {
                 self.pending.push_back(Event::Truncate { channel: name, seq });
-                Ok(())
+                return;
             }
-            Payload::Overflow { .. } => self.refetch(at, ResetReason::Overflow).await,
-            Payload::Resync { .. } => self.refetch(at, ResetReason::Resync).await,
-            Payload::Reset { reason, .. } => self.refetch(at, ResetReason::Marker(reason)).await,
-        }
+            Payload::Overflow { .. } => ResetReason::Overflow,
+            Payload::Resync { .. } => ResetReason::Resync,
+            Payload::Reset { reason, .. } => ResetReason::Marker(reason),
+        };
+        channel.reset.get_or_insert(reason);
     }
 
     /// Reads the next page of the server's log after the channel's last `seq`.
     async fn replay_page(&mut self, at: usize) -> Result<(), Trouble> {
         let client = self.client_now()?;
         let (name, after) = (self.channels[at].name.clone(), self.channels[at].track.last.unwrap_or(0));
-        let rows = match ready(
-            &client,
-            "SELECT seq, payload FROM pgwatch.replay($1::text, $2::bigint, $3::int)",
-            &[&&*name, &after, &self.replay_page],
-        )
-        .await
-        {
+        let sql = "SELECT seq, payload FROM pgwatch.replay($1::text, $2::bigint, $3::int)";
+        let rows = match ready(&client, sql, &[&&*name, &after, &self.replay_page]).await {
             Ok(rows) => rows,
-            Err(e) if e.code() == Some(&SqlState::SNAPSHOT_TOO_OLD) => {
-                return self.refetch(at, ResetReason::GapNotReplayable).await
-            }
-            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
-                return self.refetch(at, ResetReason::GapNotReplayable).await
+            Err(e) if refused(&e) => {
+                self.channels[at].reset.get_or_insert(ResetReason::GapNotReplayable);
+                return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
+        // From here on nothing waits: the page is handed out whole, or what it makes due is.
         self.channels[at].replaying = rows.len() == self.replay_page as usize;
         for row in rows {
             let (seq, text): (i64, &str) = (row.get(0), row.get(1));
             self.stats.replayed += 1;
-            let payload = match payload::parse(text) {
-                Ok(payload) if payload.seq() == Some(seq) => payload,
-                _ => return self.refetch(at, ResetReason::Unreadable).await,
-            };
-            self.apply(at, payload, fingerprint(text)).await?;
-            if self.channels[at].track.last != Some(seq) {
-                // The payload made a refetch, which starts from the position.
+            match payload::parse(text) {
+                Ok(payload) if payload.seq() == Some(seq) => self.apply(at, payload, fingerprint(text)),
+                _ => {
+                    self.channels[at].reset.get_or_insert(ResetReason::Unreadable);
+                }
+            }
+            if self.channels[at].reset.is_some() {
+                // A refetch starts from the position: the rest of the page is not needed.
                 break;
             }
         }
         Ok(())
     }
 
-    /// A live payload repeats an applied `seq` with another text: the log says which was real.
-    async fn verify(&mut self, at: usize, seq: i64) -> Result<(), Trouble> {
+    /// A live payload repeated an applied `seq` with another text: the log says which was real.
+    async fn verify(&mut self, at: usize) -> Result<(), Trouble> {
         let client = self.client_now()?;
-        let name = self.channels[at].name.clone();
-        let logged = ready(
-            &client,
-            "SELECT payload FROM pgwatch.replay($1::text, $2::bigint, 1) WHERE seq = $3",
-            &[&&*name, &(seq - 1), &seq],
-        )
-        .await;
+        let (name, seq) = (self.channels[at].name.clone(), self.channels[at].verify.expect("due"));
+        let sql = "SELECT payload FROM pgwatch.replay($1::text, $2::bigint, 1) WHERE seq = $3";
+        let logged = ready(&client, sql, &[&&*name, &(seq - 1), &seq]).await;
         let applied = self.channels[at].track.remembered(seq);
+        let channel = &mut self.channels[at];
+        channel.verify = None;
         match logged {
-            Ok(rows) if rows.len() == 1 && Some(fingerprint(rows[0].get(0))) == applied => {
-                self.stats.forged += 1;
-                Ok(())
+            Ok(rows) if rows.len() == 1 && Some(fingerprint(rows[0].get(0))) == applied => self.stats.forged += 1,
+            Err(e) if lost(&e) => {
+                channel.verify = Some(seq);
+                return Err(e.into());
             }
-            Ok(_) => self.refetch(at, ResetReason::Mismatch).await,
-            Err(e) => match Trouble::from(e) {
-                Trouble::Fatal(_) => self.refetch(at, ResetReason::Mismatch).await,
-                lost => Err(lost),
-            },
+            // Not what the server logged, or the log cannot tell any more: refetch.
+            _ => {
+                channel.reset.get_or_insert(ResetReason::Mismatch);
+            }
         }
+        Ok(())
     }
 
-    /// Hands out a reset after taking the position the refetch starts from (a retained
-    /// channel's; none on the others, which drop what they hold for the channel: the refetch
-    /// covers it).
-    async fn refetch(&mut self, at: usize, reason: ResetReason) -> Result<(), Trouble> {
+    /// Hands out the reset due on a channel after taking the position the refetch starts from
+    /// (a retained channel's; none on the others, which drop what they hold for the channel:
+    /// the refetch covers it).
+    async fn refetch(&mut self, at: usize) -> Result<(), Trouble> {
         let client = self.client_now()?;
         let name = self.channels[at].name.clone();
         let mut position = None;
@@ -534,15 +534,15 @@ impl Subscriber {
             match ready(&client, "SELECT pgwatch.position($1::text)", &[&&*name]).await {
                 Ok(rows) => position = Some(rows[0].get::<_, i64>(0)),
                 // Not retained any more, or not for this role: gaps become resets.
-                Err(e)
-                    if e.code() == Some(&SqlState::SNAPSHOT_TOO_OLD)
-                        || e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
+                Err(e) if refused(&e) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         let channel = &mut self.channels[at];
+        let reason = channel.reset.take().expect("due");
         channel.track.restart(position.is_some(), position);
         channel.replaying = false;
+        channel.verify = None;
         if position.is_none() {
             self.conn.as_ref().expect("connected").inbox.forget(&name);
         }
@@ -550,6 +550,12 @@ impl Subscriber {
         self.pending.push_back(Event::Reset(Reset { channel: name, reason }));
         Ok(())
     }
+}
+
+/// Whether the server refused to replay: the log does not hold what was asked (72000), or not
+/// for this role (42501).
+fn refused(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::SNAPSHOT_TOO_OLD) || e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
 }
 
 /// Runs a query, again while the server answers 55000 (not ready after a restart), for up to
