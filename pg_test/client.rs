@@ -362,6 +362,53 @@ fn a_slow_consumer_stays_within_its_buffer_and_recovers_by_replay() {
     assert_eq!(table_rows(&mut db).len(), 200);
 }
 
+#[test]
+fn forged_payloads_do_not_make_a_subscriber_drop_or_keep_anything() {
+    let _serial = serial();
+    let cluster = Cluster::new("client-forged");
+    cluster.connect().batch_execute(SETUP).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let db = connect_async(&cluster, "postgres").await;
+        let mut subscriber =
+            Subscriber::builder(&conninfo(&cluster, "forged")).unwrap().channel(CHANNEL).connect().await.unwrap();
+        assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+        let ids = |event: Event| match event {
+            Event::Change(c) => c.rows.iter().map(|r| r.get("id").unwrap().as_i64().unwrap()).collect::<Vec<_>>(),
+            other => panic!("a change, not {other:?}"),
+        };
+        let forge = |payload: String| format!("SELECT pg_notify('{CHANNEL}', '{payload}')");
+        let p = position(&db, CHANNEL).await;
+        // Garbage, a jump far ahead, and a reset marker with the next seq: none is the log's.
+        for payload in [
+            "garbage".to_string(),
+            format!(
+                r#"{{"tbl":"public.items","op":"insert","seq":{},"rows":[{{"id":666,"grp":0,"version":0}}]}}"#,
+                p + 1000
+            ),
+            format!(r#"{{"tbl":"public.items","op":"reset","seq":{},"reason":"restart"}}"#, p + 1),
+        ] {
+            db.batch_execute(&forge(payload)).await.unwrap();
+        }
+        db.batch_execute("INSERT INTO items VALUES (1, 0, nextval('versions'))").await.unwrap();
+        assert_eq!(ids(subscriber.next().await.unwrap()), [1]);
+        assert_eq!(subscriber.last_seq(CHANNEL), Some(p + 1));
+        // A forged payload with the next seq is handed out (nothing tells it apart yet); the
+        // server's own with that seq shows the mismatch, and a reset follows.
+        db.batch_execute(&forge(format!(
+            r#"{{"tbl":"public.items","op":"insert","seq":{},"rows":[{{"id":777,"grp":0,"version":0}}]}}"#,
+            p + 2
+        )))
+        .await
+        .unwrap();
+        db.batch_execute("INSERT INTO items VALUES (2, 0, nextval('versions'))").await.unwrap();
+        assert_eq!(ids(subscriber.next().await.unwrap()), [777]);
+        assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Mismatch));
+        let stats = subscriber.stats();
+        assert_eq!((stats.ignored, stats.resets), (1, 2), "{stats:?}");
+    });
+}
+
 /// The mirror's next event, which must come.
 async fn next_event(mirror: &mut Mirror) -> Event {
     tokio::time::timeout(WAIT, mirror.next()).await.expect("an event").unwrap()

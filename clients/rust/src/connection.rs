@@ -2,6 +2,7 @@
 //! inbox, checked by a periodic query, and the catalog facts of the channels it listens on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,8 +63,20 @@ where
 pub(crate) struct Conn {
     pub client: Arc<Client>,
     pub inbox: Arc<Inbox>,
+    /// Queries of the subscriber in flight, during which the health check waits (a long query
+    /// would delay its answer; keepalives and the TCP user timeout watch the connection then).
+    busy: Arc<AtomicUsize>,
     reader: JoinHandle<()>,
     health: JoinHandle<()>,
+}
+
+/// A query in flight on a connection.
+pub(crate) struct Busy(Arc<AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Conn {
@@ -74,8 +87,15 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// Marks a query of the subscriber in flight until the guard is dropped.
+    pub fn busy(&self) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.busy.clone())
+    }
+
     /// Connects; a connection that does not answer `SELECT 1` within half of `dead_after`, asked
-    /// every half of `dead_after`, is ended (and the inbox says so).
+    /// every half of `dead_after` while no query of the subscriber is in flight, is ended (and
+    /// the inbox says so).
     pub async fn open(
         connector: &Connector,
         config: &tokio_postgres::Config,
@@ -85,11 +105,15 @@ impl Conn {
         let inbox = Inbox::new(capacity);
         let (client, reader) = connector(config.clone(), inbox.clone()).await?;
         let client = Arc::new(client);
-        let (checked, told, stop) = (client.clone(), inbox.clone(), reader.abort_handle());
+        let busy = Arc::new(AtomicUsize::new(0));
+        let (checked, told, stop, queries) = (client.clone(), inbox.clone(), reader.abort_handle(), busy.clone());
         let every = dead_after / 2;
         let health = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
+                if queries.load(Ordering::Relaxed) > 0 {
+                    continue;
+                }
                 match tokio::time::timeout(every, checked.simple_query("SELECT 1")).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => break told.close(format!("health check failed: {e}")),
@@ -98,7 +122,7 @@ impl Conn {
             }
             stop.abort();
         });
-        Ok(Conn { client, inbox, reader, health })
+        Ok(Conn { client, inbox, busy, reader, health })
     }
 }
 
@@ -118,7 +142,7 @@ pub(crate) async fn protocol(client: &Client) -> Result<i32, tokio_postgres::Err
     Ok(client.query_one("SELECT pgwatch.protocol_version()", &[]).await?.get(0))
 }
 
-/// The watches sending on `channels`, by channel.
+/// The watches sending on `channels`, by channel (a channel whose watch is gone has none).
 pub(crate) async fn watches(
     client: &Client,
     channels: &[&str],
@@ -150,9 +174,14 @@ pub(crate) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// LISTENs on every channel, in one round trip.
+/// LISTENs on every channel, in one round trip, in a session no timeout of the server's
+/// settings ends while it waits for notifications or replays a long log.
 pub(crate) async fn listen(client: &Client, channels: &[&str]) -> Result<(), tokio_postgres::Error> {
-    let sql: String = channels.iter().map(|c| format!("LISTEN {};", quote(c))).collect();
+    let mut sql = String::from(
+        "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0;
+         SELECT pg_catalog.set_config(name, '0', false) FROM pg_catalog.pg_settings WHERE name = 'idle_session_timeout';",
+    );
+    sql.extend(channels.iter().map(|c| format!("LISTEN {};", quote(c))));
     client.batch_execute(&sql).await
 }
 
@@ -169,6 +198,8 @@ impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
         let seed =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        // A minimum of zero would make a failing server a hot loop.
+        let min = min.max(Duration::from_millis(10));
         Backoff { min, max: max.max(min), attempt: 0, state: seed | 1 }
     }
 

@@ -8,6 +8,7 @@ use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
 use tokio_postgres::types::Type;
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::connection::quote;
 use crate::event::Event;
@@ -38,6 +39,10 @@ impl Table {
                 for row in &change.rows {
                     let key = row.key(self.key_columns);
                     match change.op {
+                        // A row that left a scope is gone from a mirror of the scope.
+                        Op::Update if row.has_left() => {
+                            self.rows.remove(&key);
+                        }
                         Op::Insert | Op::Update => {
                             self.rows.insert(key, row.clone());
                         }
@@ -52,8 +57,9 @@ impl Table {
         }
     }
 
-    /// Replaces every row with a snapshot's.
-    pub fn load(&mut self, rows: impl IntoIterator<Item = Row>) {
+    /// Replaces every row with a snapshot's, whose first `key_columns` columns are the key.
+    pub fn load(&mut self, key_columns: usize, rows: impl IntoIterator<Item = Row>) {
+        self.key_columns = key_columns;
         self.rows.clear();
         for row in rows {
             self.rows.insert(row.key(self.key_columns), row);
@@ -110,7 +116,7 @@ pub struct Mirror {
 
 impl Mirror {
     /// Mirrors `channel` of `subscriber` (which may listen on others: their events are handed
-    /// out unapplied).
+    /// out unapplied). On a [`Scope`](crate::Scope)d channel it mirrors the rows of the scope.
     pub fn new(subscriber: Subscriber, channel: &str) -> Mirror {
         let key_columns = subscriber.columns(channel).map_or(1, |(keys, _)| keys.len());
         Mirror {
@@ -164,9 +170,12 @@ impl Mirror {
                 self.snapshot_due = true;
                 match self.take_snapshot().await {
                     Ok(rows) => {
+                        // The watch's columns as the subscriber read them at its reset.
                         let (keys, extra) = self.subscriber.columns(&self.channel).expect("a known channel");
                         let names: Arc<[Box<str>]> = keys.iter().chain(extra).map(|c| Box::from(c.as_str())).collect();
-                        self.table.load(rows.into_iter().map(|object| Row::from_object(&names, object)));
+                        let scope = self.subscriber.scope(&self.channel).cloned();
+                        let rows = rows.into_iter().map(|object| Row::from_object(&names, object));
+                        self.table.load(keys.len(), rows.filter(|row| scope.as_ref().is_none_or(|s| s.matches(row))));
                         self.snapshots += 1;
                         self.snapshot_due = false;
                     }
@@ -186,27 +195,26 @@ impl Mirror {
             return snapshot().await;
         }
         let client = self.subscriber.client().ok_or_else(|| Error::Config("not connected".into()))?.clone();
+        let _busy = self.subscriber.busy();
         let table = self.subscriber.table(&self.channel).ok_or_else(|| Error::Config("unknown channel".into()))?;
         let (keys, extra) = self.subscriber.columns(&self.channel).expect("a known channel");
         let columns: Vec<&String> = keys.iter().chain(extra).collect();
-        let list = |cast: &str| columns.iter().map(|c| format!("{}{cast}", quote(c))).collect::<Vec<_>>().join(", ");
-        // The columns' types as the server describes them (a domain's base type), and their
-        // values as text.
-        let described = client.prepare(&format!("SELECT {} FROM {table}", list(""))).await.map_err(Error::Postgres)?;
-        let types: Vec<Type> = described.columns().iter().map(|c| c.type_().clone()).collect();
-        let rows =
-            client.query(&format!("SELECT {} FROM {table}", list("::text")), &[]).await.map_err(Error::Postgres)?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                columns
-                    .iter()
-                    .zip(&types)
-                    .enumerate()
-                    .map(|(at, (column, ty))| ((*column).clone(), as_payload_value(row.get(at), ty)))
-                    .collect()
-            })
-            .collect())
+        let list = columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+        let sql = format!("SELECT {list} FROM {table}");
+        // The columns' types as the server describes them (a domain's base type), and the
+        // values in text format: each type's output function, as payloads write them.
+        let types: Vec<Type> =
+            client.prepare(&sql).await.map_err(Error::Postgres)?.columns().iter().map(|c| c.type_().clone()).collect();
+        let mut rows = Vec::new();
+        for message in client.simple_query(&sql).await.map_err(Error::Postgres)? {
+            if let SimpleQueryMessage::Row(row) = message {
+                let object = (0..columns.len())
+                    .map(|at| (columns[at].clone(), as_payload_value(row.get(at), &types[at])))
+                    .collect();
+                rows.push(object);
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -271,7 +279,7 @@ mod tests {
         t.apply(&event(r#"{"tbl":"t","op":"insert","cols":["a","b","v"],"rows":[[1,1,"x"]]}"#));
         let names: Arc<[Box<str>]> = ["a", "b", "v"].map(Box::from).into();
         let row = |v: Value| Row::from_object(&names, v.as_object().unwrap().clone());
-        t.load([row(serde_json::json!({"a": 1, "b": 2, "v": "y"}))]);
+        t.load(2, [row(serde_json::json!({"a": 1, "b": 2, "v": "y"}))]);
         assert_eq!(t.len(), 1);
         t.apply(&event(r#"{"tbl":"t","op":"delete","cols":["a","b","v"],"rows":[[1,2,"y"]]}"#));
         assert!(t.is_empty());

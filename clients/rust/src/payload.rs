@@ -251,7 +251,7 @@ fn object_rows(wire_rows: Vec<WireRow<'_>>) -> Result<Vec<Row>, ParseError> {
             })
             .transpose()?
             .unwrap_or_default();
-        rows.push(Row { names, values, old, partial, left: false });
+        rows.push(Row::of(RowData { names, values, old, partial, left: false }));
     }
     Ok(rows)
 }
@@ -275,14 +275,18 @@ fn compact_rows(cols: Vec<Cow<'_, str>>, wire_rows: Vec<WireRow<'_>>) -> Result<
         if values.len() > names.len() || old.len() > names.len() {
             return Err(ParseError("a row with more values than \"cols\"".into()));
         }
-        rows.push(Row { names: names.clone(), values, old, partial, left: false });
+        rows.push(Row::of(RowData { names: names.clone(), values, old, partial, left: false }));
     }
     Ok(rows)
 }
 
-/// One row of a payload (or of a snapshot): values by column name, key columns first.
+/// One row of a payload (or of a snapshot): values by column name, key columns first. Cheap to
+/// clone (the values are shared).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Row {
+pub struct Row(Arc<RowData>);
+
+#[derive(Clone, Debug, PartialEq)]
+struct RowData {
     names: Arc<[Box<str>]>,
     /// In `names` order; a partial row has only its key values.
     values: Vec<Value>,
@@ -293,27 +297,31 @@ pub struct Row {
 }
 
 impl Row {
+    fn of(data: RowData) -> Row {
+        Row(Arc::new(data))
+    }
+
     /// A row of the columns `names` (key columns first) from a JSON object such as a snapshot's
     /// row; a column the object lacks is NULL.
     pub fn from_object(names: &Arc<[Box<str>]>, mut object: Map<String, Value>) -> Row {
         let values = names.iter().map(|n| object.remove(&**n).unwrap_or(Value::Null)).collect();
-        Row { names: names.clone(), values, old: Vec::new(), partial: false, left: false }
+        Row::of(RowData { names: names.clone(), values, old: Vec::new(), partial: false, left: false })
     }
 
     /// A row of the given columns and values (in the same order).
     pub fn new(names: Arc<[Box<str>]>, values: Vec<Value>) -> Row {
         assert_eq!(names.len(), values.len(), "one value per column");
-        Row { names, values, old: Vec::new(), partial: false, left: false }
+        Row::of(RowData { names, values, old: Vec::new(), partial: false, left: false })
     }
 
     /// The value of `column`, if the row carries it.
     pub fn get(&self, column: &str) -> Option<&Value> {
-        self.names.iter().zip(&self.values).find(|(n, _)| ***n == *column).map(|(_, v)| v)
+        self.0.names.iter().zip(&self.0.values).find(|(n, _)| ***n == *column).map(|(_, v)| v)
     }
 
     /// The previous value of `column` as the payload tells it (an update's `old`), if it does.
     pub fn old(&self, column: &str) -> Option<&Value> {
-        self.old.iter().find(|(at, _)| *self.names[*at] == *column).map(|(_, v)| v)
+        self.0.old.iter().find(|(at, _)| *self.0.names[*at] == *column).map(|(_, v)| v)
     }
 
     /// The value `column` had before the change: its `old` value if the payload gives one, else
@@ -324,27 +332,30 @@ impl Row {
 
     /// The columns the row carries, with their values, in payload order.
     pub fn columns(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.names.iter().map(|n| &**n).zip(&self.values)
+        self.0.names.iter().map(|n| &**n).zip(&self.0.values)
     }
 
     /// Whether the row carries only its key (it did not fit a payload): fetch it by its key.
     pub fn is_partial(&self) -> bool {
-        self.partial
+        self.0.partial
     }
 
     /// Whether the row left the scope of a [`Scope`](crate::Scope)d subscription: its previous
     /// value matched, its new one does not. Drop it from what you keep for that scope.
     pub fn has_left(&self) -> bool {
-        self.left
+        self.0.left
     }
 
     pub(crate) fn mark_left(&mut self) {
-        self.left = true;
+        Arc::make_mut(&mut self.0).left = true;
     }
 
     /// The first `key_columns` values as a hashable key.
     pub fn key(&self, key_columns: usize) -> Key {
-        Key(self.values.iter().take(key_columns).map(KeyPart::from).collect())
+        match &self.0.values[..key_columns.min(self.0.values.len())] {
+            [one] => Key::One(KeyPart::from(one)),
+            many => Key::Many(many.iter().map(KeyPart::from).collect()),
+        }
     }
 
     /// The key of the row as a JSON object of the columns that make it.
@@ -361,7 +372,30 @@ impl Row {
 
 /// A row's key: its key columns' values in key order, hashable.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(pub Vec<KeyPart>);
+pub enum Key {
+    /// A key of one column (no allocation for integers).
+    One(KeyPart),
+    /// A key of several columns (or none).
+    Many(Box<[KeyPart]>),
+}
+
+impl Key {
+    /// The key of these values, in key order.
+    pub fn new(mut parts: Vec<KeyPart>) -> Key {
+        match parts.len() {
+            1 => Key::One(parts.pop().expect("one part")),
+            _ => Key::Many(parts.into()),
+        }
+    }
+
+    /// Its values, in key order.
+    pub fn parts(&self) -> &[KeyPart] {
+        match self {
+            Key::One(part) => std::slice::from_ref(part),
+            Key::Many(parts) => parts,
+        }
+    }
+}
 
 /// One key column's value. Numbers that are not 64-bit integers, and every other type, are
 /// compared by their text.
@@ -410,8 +444,8 @@ mod tests {
         assert_eq!(r[0].get("role_id"), Some(&json!(7)));
         assert_eq!(r[0].old("role_id"), Some(&json!(3)));
         assert_eq!(r[1].previous("role_id"), Some(&json!(7)));
-        assert!(Arc::ptr_eq(&r[0].names, &r[1].names), "rows naming the same columns share them");
-        assert_eq!(r[0].key(1), Key(vec![KeyPart::Int(42)]));
+        assert!(Arc::ptr_eq(&r[0].0.names, &r[1].0.names), "rows naming the same columns share them");
+        assert_eq!(r[0].key(1), Key::new(vec![KeyPart::Int(42)]));
     }
 
     #[test]
@@ -424,7 +458,7 @@ mod tests {
         assert_eq!(r[0].previous("role_id"), Some(&json!(3)));
         assert!(!r[0].is_partial() && r[1].is_partial());
         assert_eq!(r[1].get("role_id"), None);
-        assert_eq!(r[1].key(1), Key(vec![KeyPart::Int(43)]));
+        assert_eq!(r[1].key(1), Key::new(vec![KeyPart::Int(43)]));
     }
 
     #[test]
@@ -460,7 +494,7 @@ mod tests {
     fn escaped_column_names_and_64_bit_integers_stay_exact() {
         let r = rows(parse(r#"{"tbl":"t","op":"insert","rows":[{"a\"b":9223372036854775807,"n":1.5}]}"#).unwrap());
         assert_eq!(r[0].get("a\"b"), Some(&json!(9223372036854775807i64)));
-        assert_eq!(r[0].key(1), Key(vec![KeyPart::Int(i64::MAX)]));
+        assert_eq!(r[0].key(1), Key::new(vec![KeyPart::Int(i64::MAX)]));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::event::Change;
-use crate::payload::Op;
+use crate::payload::{Op, Row};
 
 /// The rows whose `column` equals `value`.
 ///
@@ -25,11 +25,16 @@ impl Scope {
         Scope { column: column.into(), value: value.into() }
     }
 
+    /// Whether a row (of a snapshot, say) is in the scope.
+    pub fn matches(&self, row: &Row) -> bool {
+        row.get(&self.column) == Some(&self.value)
+    }
+
     /// The change's rows in the scope (and those that left it), or none if no row concerns it.
     pub fn filter(&self, change: &Change) -> Option<Change> {
         let mut rows = Vec::new();
         for row in &change.rows {
-            if row.get(&self.column) == Some(&self.value) {
+            if self.matches(row) {
                 rows.push(row.clone());
             } else if change.op == Op::Update && row.previous(&self.column) == Some(&self.value) {
                 let mut left = row.clone();

@@ -31,6 +31,9 @@ pub(crate) struct Track {
     pub retained: bool,
     /// The last `seq` applied; none before the first one on a channel that is not retained.
     pub last: Option<i64>,
+    /// The last `seq` whose payload the server's log (or its position) vouched for; those
+    /// applied after it came from the channel alone.
+    confirmed: Option<i64>,
     recent: VecDeque<(i64, u64)>,
 }
 
@@ -43,7 +46,7 @@ pub(crate) fn fingerprint(text: &str) -> u64 {
 
 impl Track {
     pub fn new(retained: bool, last: Option<i64>) -> Track {
-        Track { retained, last, recent: VecDeque::new() }
+        Track { retained, last, confirmed: last, recent: VecDeque::new() }
     }
 
     /// Judges a live payload with `seq`, whose text has `print`; `refetch` when applying it means
@@ -56,10 +59,10 @@ impl Track {
                 _ => Verdict::Skip,
             },
             // A refetch on the channel's word alone would let anyone force one: the log decides.
-            (true, Some(n), Some(last)) if n == last + 1 && !refetch => Verdict::Apply,
+            (true, Some(n), Some(last)) if Some(n) == last.checked_add(1) && !refetch => Verdict::Apply,
             (true, Some(_), _) => Verdict::Replay,
             (false, None, _) | (false, Some(_), None) => Verdict::Apply,
-            (false, Some(n), Some(last)) if n == last + 1 => Verdict::Apply,
+            (false, Some(n), Some(last)) if Some(n) == last.checked_add(1) => Verdict::Apply,
             (false, Some(n), Some(last)) if n <= last => Verdict::Reset(ResetReason::SeqWentBack),
             (false, Some(_), Some(_)) => Verdict::Reset(ResetReason::GapNotReplayable),
         }
@@ -87,7 +90,29 @@ impl Track {
     pub fn restart(&mut self, retained: bool, position: Option<i64>) {
         self.retained = retained;
         self.last = position;
+        self.confirmed = position;
         self.recent.clear();
+    }
+
+    /// Where a replay starts: at the last payload the log vouched for, so that the payloads
+    /// applied since from the channel alone are compared with the log's (as far back as they
+    /// are remembered).
+    pub fn replay_from(&self) -> Option<i64> {
+        let oldest = self.recent.front().map(|(seq, _)| seq - 1);
+        match (self.confirmed, self.last) {
+            (Some(confirmed), Some(last)) => Some(confirmed.max(oldest.unwrap_or(last)).min(last)),
+            (_, last) => last,
+        }
+    }
+
+    /// The log holds the payload with `seq` and `print`: whether it agrees with the one applied
+    /// with that `seq`, if any (one not remembered agrees).
+    pub fn logged(&mut self, seq: i64, print: u64) -> bool {
+        let agrees = self.remembered(seq).is_none_or(|seen| seen == print);
+        if agrees {
+            self.confirmed = Some(self.confirmed.map_or(seq, |c| c.max(seq)));
+        }
+        agrees
     }
 }
 
@@ -104,6 +129,20 @@ mod tests {
         assert_eq!(t.judge(Some(5), 9, false), Verdict::Skip, "not remembered: nothing to compare");
         assert_eq!(t.judge(Some(13), 1, false), Verdict::Replay);
         assert_eq!(t.judge(Some(999_999_999), 1, false), Verdict::Replay);
+        assert_eq!(t.judge(Some(i64::MAX), 1, false), Verdict::Replay);
+    }
+
+    #[test]
+    fn a_replay_starts_at_what_the_log_vouched_for_and_finds_forged_payloads_applied_since() {
+        let mut t = Track::new(true, Some(10));
+        t.applied(Some(11), 1);
+        t.applied(Some(12), 2);
+        assert_eq!(t.replay_from(), Some(10), "11 and 12 came from the channel alone");
+        assert!(t.logged(11, 1));
+        assert_eq!(t.replay_from(), Some(11));
+        assert!(!t.logged(12, 9), "the log's 12 is not the one applied");
+        t.restart(true, Some(20));
+        assert_eq!(t.replay_from(), Some(20));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Socket};
 
-use crate::connection::{self, Backoff, Conn, Connector, Watch, PROTOCOL_VERSION};
+use crate::connection::{self, Backoff, Busy, Conn, Connector, Watch, PROTOCOL_VERSION};
 use crate::event::{Change, Event, Reset, ResetReason};
 use crate::inbox::Taken;
 use crate::payload::{self, Payload};
@@ -116,6 +116,14 @@ impl Builder {
         if self.channels.is_empty() {
             return Err(Error::Config("subscribe to at least one channel".into()));
         }
+        if let Some((twice, _)) = self
+            .channels
+            .iter()
+            .enumerate()
+            .find_map(|(at, (c, _))| self.channels[..at].iter().any(|(d, _)| d == c).then_some((c, ())))
+        {
+            return Err(Error::Config(format!("channel \"{twice}\" is listed twice: one subscriber per scope")));
+        }
         let idle = Duration::from_secs((self.dead_after / 4).as_secs().max(1));
         // The kernel counts keepalive times in whole seconds.
         self.config
@@ -126,6 +134,10 @@ impl Builder {
         if self.config.get_connect_timeout().is_none() {
             self.config.connect_timeout(self.dead_after);
         }
+        // Unanswered data (a dead peer during a long query) ends the connection in time too; a
+        // standby, where LISTEN fails, is skipped among several hosts.
+        self.config.tcp_user_timeout(self.dead_after);
+        self.config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
         let channels = self
             .channels
             .into_iter()
@@ -177,14 +189,14 @@ enum Trouble {
     Fatal(Error),
 }
 
-/// Whether an error is of the connection or of the server's state (shutting down, out of
-/// resources, not ready after a restart): mended by connecting again.
+/// Whether an error ended the connection (a broken connection, the server shutting down or
+/// starting up, the backend terminated): mended by connecting again. Others (a timeout, a
+/// refusal, an error of the server's state) are the caller's: calling again retries them.
 pub(crate) fn lost(e: &tokio_postgres::Error) -> bool {
     match e.code() {
         None => true,
         Some(code) => {
-            ["08", "53", "57", "58"].iter().any(|class| code.code().starts_with(class))
-                || *code == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
+            code.code().starts_with("08") || ["57P01", "57P02", "57P03", "57P04", "57P05"].contains(&code.code())
         }
     }
 }
@@ -263,7 +275,9 @@ impl Subscriber {
         self.conn.as_ref().map_or((0, 0), |c| c.inbox.backlog())
     }
 
-    /// The listening connection's client, while connected: for a snapshot, say.
+    /// The listening connection's client, while connected: for a short query, say. Its health
+    /// check takes a query of yours that runs longer than half of `dead_after` for a dead
+    /// connection: run long ones (a big snapshot) on a connection of their own.
     pub fn client(&self) -> Option<&Arc<Client>> {
         self.conn.as_ref().map(|c| &c.client)
     }
@@ -271,6 +285,11 @@ impl Subscriber {
     /// The key columns and the other columns a channel's watch sends, as last read.
     pub fn columns(&self, channel: &str) -> Option<(&[String], &[String])> {
         self.watches.get(channel).map(|w| w.columns.split_at(w.key_columns))
+    }
+
+    /// The scope a channel was subscribed with, if any.
+    pub fn scope(&self, channel: &str) -> Option<&Scope> {
+        self.channels.iter().find(|c| &*c.name == channel).and_then(|c| c.scope.as_ref())
     }
 
     /// The watched table of a channel (a quoted name), as last read.
@@ -303,6 +322,8 @@ impl Subscriber {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 self.stats.applied += u64::from(!matches!(event, Event::Reset(_)));
+                // Only a connection that served something counts as mended.
+                self.backoff.reset();
                 return Ok(event);
             }
             match self.step().await {
@@ -330,22 +351,29 @@ impl Subscriber {
         loop {
             self.stats.reconnects += 1;
             tokio::time::sleep(self.backoff.next_delay()).await;
-            let Ok(conn) = Conn::open(&self.connector, &self.config, self.buffer, self.dead_after).await else {
-                continue;
+            let conn = match Conn::open(&self.connector, &self.config, self.buffer, self.dead_after).await {
+                Ok(conn) => conn,
+                Err(e) if lost(&e) => continue,
+                // A wrong password, a database gone: the caller's to see.
+                Err(e) => return Err(Error::Postgres(e)),
             };
             match self.prepare(conn, false).await {
-                Ok(()) => {
-                    self.backoff.reset();
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(Trouble::Fatal(e)) => return Err(e),
                 Err(Trouble::Lost(_)) => {}
             }
         }
     }
 
-    fn client_now(&self) -> Result<Arc<Client>, Trouble> {
-        self.conn.as_ref().map(|c| c.client.clone()).ok_or_else(|| Trouble::Lost("not connected".into()))
+    /// The connection's client, marked busy (the health check waits) while the guard lives.
+    fn client_now(&self) -> Result<(Arc<Client>, Busy), Trouble> {
+        self.conn.as_ref().map(|c| (c.client.clone(), c.busy())).ok_or_else(|| Trouble::Lost("not connected".into()))
+    }
+
+    /// The listening connection marked busy while the guard lives: for a long query of the
+    /// consumer's on it (a snapshot), which the health check must not take for a dead peer.
+    pub(crate) fn busy(&self) -> Option<Busy> {
+        self.conn.as_ref().map(Conn::busy)
     }
 
     /// Start-up in the protocol's order on a new connection: version, watches, LISTEN; then it
@@ -468,10 +496,13 @@ impl Subscriber {
         channel.reset.get_or_insert(reason);
     }
 
-    /// Reads the next page of the server's log after the channel's last `seq`.
+    /// Reads the next page of the server's log, from the last payload it vouched for: those
+    /// applied since from the channel alone are compared with it, the rest handed out.
     async fn replay_page(&mut self, at: usize) -> Result<(), Trouble> {
-        let client = self.client_now()?;
-        let (name, after) = (self.channels[at].name.clone(), self.channels[at].track.last.unwrap_or(0));
+        let (client, _busy) = self.client_now()?;
+        let track = &self.channels[at].track;
+        let (name, after, last) =
+            (self.channels[at].name.clone(), track.replay_from().unwrap_or(0), track.last.unwrap_or(0));
         let sql = "SELECT seq, payload FROM pgwatch.replay($1::text, $2::bigint, $3::int)";
         let rows = match ready(&client, sql, &[&&*name, &after, &self.replay_page]).await {
             Ok(rows) => rows,
@@ -485,12 +516,19 @@ impl Subscriber {
         self.channels[at].replaying = rows.len() == self.replay_page as usize;
         for row in rows {
             let (seq, text): (i64, &str) = (row.get(0), row.get(1));
-            self.stats.replayed += 1;
-            match payload::parse(text) {
-                Ok(payload) if payload.seq() == Some(seq) => self.apply(at, payload, fingerprint(text)),
-                _ => {
-                    self.channels[at].reset.get_or_insert(ResetReason::Unreadable);
+            let print = fingerprint(text);
+            if seq > last {
+                self.stats.replayed += 1;
+                match payload::parse(text) {
+                    Ok(payload) if payload.seq() == Some(seq) => self.apply(at, payload, print),
+                    _ => {
+                        self.channels[at].reset.get_or_insert(ResetReason::Unreadable);
+                    }
                 }
+            }
+            if !self.channels[at].track.logged(seq, print) {
+                // What was applied with this seq is not what the server sent.
+                self.channels[at].reset.get_or_insert(ResetReason::Mismatch);
             }
             if self.channels[at].reset.is_some() {
                 // A refetch starts from the position: the rest of the page is not needed.
@@ -502,7 +540,7 @@ impl Subscriber {
 
     /// A live payload repeated an applied `seq` with another text: the log says which was real.
     async fn verify(&mut self, at: usize) -> Result<(), Trouble> {
-        let client = self.client_now()?;
+        let (client, _busy) = self.client_now()?;
         let (name, seq) = (self.channels[at].name.clone(), self.channels[at].verify.expect("due"));
         let sql = "SELECT payload FROM pgwatch.replay($1::text, $2::bigint, 1) WHERE seq = $3";
         let logged = ready(&client, sql, &[&&*name, &(seq - 1), &seq]).await;
@@ -527,10 +565,17 @@ impl Subscriber {
     /// (a retained channel's; none on the others, which drop what they hold for the channel:
     /// the refetch covers it).
     async fn refetch(&mut self, at: usize) -> Result<(), Trouble> {
-        let client = self.client_now()?;
+        let (client, _busy) = self.client_now()?;
         let name = self.channels[at].name.clone();
+        // The watch as it is now: the refetch takes its columns, and it may have gained or lost
+        // retention.
+        let Some(watch) = connection::watches(&client, &[&name]).await?.remove(&*name) else {
+            return Err(Trouble::Fatal(Error::Protocol(format!("no watch sends on channel \"{name}\" any more"))));
+        };
+        let retained = watch.retained;
+        self.watches.insert(name.to_string(), watch);
         let mut position = None;
-        if self.watches.get(&*name).is_some_and(|w| w.retained) {
+        if retained {
             match ready(&client, "SELECT pgwatch.position($1::text)", &[&&*name]).await {
                 Ok(rows) => position = Some(rows[0].get::<_, i64>(0)),
                 // Not retained any more, or not for this role: gaps become resets.
