@@ -409,6 +409,54 @@ fn forged_payloads_do_not_make_a_subscriber_drop_or_keep_anything() {
     });
 }
 
+/// Continues a stopped process when dropped (a stopped backend would hold up its server's stop).
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Stopped {
+        assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+#[test]
+fn a_subscriber_notices_a_backend_that_stopped_answering() {
+    let _serial = serial();
+    let cluster = Cluster::new("client-stopped");
+    cluster.connect().batch_execute(SETUP).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let db = connect_async(&cluster, "postgres").await;
+        let mut subscriber = Subscriber::builder(&conninfo(&cluster, "stopped"))
+            .unwrap()
+            .channel(CHANNEL)
+            .dead_after(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap();
+        assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+        let pid: i32 = db
+            .query_one("SELECT pid FROM pg_stat_activity WHERE application_name = 'stopped'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // Its backend stops answering (the kernel still keeps the connection up); a row commits.
+        let _stopped = Stopped::stop(pid);
+        db.batch_execute("INSERT INTO items VALUES (1, 0, nextval('versions'))").await.unwrap();
+        let event =
+            tokio::time::timeout(WAIT, subscriber.next()).await.expect("the row, from a new connection").unwrap();
+        assert!(matches!(&event, Event::Change(c) if c.rows[0].get("id") == Some(&json!(1))), "{event:?}");
+        let stats = subscriber.stats();
+        assert!(stats.reconnects >= 1, "{stats:?}");
+    });
+}
+
 /// The mirror's next event, which must come.
 async fn next_event(mirror: &mut Mirror) -> Event {
     tokio::time::timeout(WAIT, mirror.next()).await.expect("an event").unwrap()

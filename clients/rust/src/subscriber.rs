@@ -19,7 +19,7 @@ use crate::sequence::{fingerprint, Track, Verdict};
 use crate::Error;
 
 /// How long a subscriber waits for a server that says it is not ready yet (55000: its feeds
-/// are being reset after a restart) before it treats the connection as lost.
+/// are being reset after a restart) before it hands the error to the caller.
 const NOT_READY_WAIT: Duration = Duration::from_secs(30);
 
 /// Counters of what a subscriber did, since it was made.
@@ -365,6 +365,12 @@ impl Subscriber {
         }
     }
 
+    /// How long a query of the subscriber's may take: it waits up to [`NOT_READY_WAIT`] for a
+    /// server after a restart, and a page of replay may be large.
+    fn query_limit(&self) -> Duration {
+        (NOT_READY_WAIT + self.dead_after).max(self.dead_after * 3)
+    }
+
     /// The connection's client, marked busy (the health check waits) while the guard lives.
     fn client_now(&self) -> Result<(Arc<Client>, Busy), Trouble> {
         self.conn.as_ref().map(|c| (c.client.clone(), c.busy())).ok_or_else(|| Trouble::Lost("not connected".into()))
@@ -504,7 +510,7 @@ impl Subscriber {
         let (name, after, last) =
             (self.channels[at].name.clone(), track.replay_from().unwrap_or(0), track.last.unwrap_or(0));
         let sql = "SELECT seq, payload FROM pgwatch.replay($1::text, $2::bigint, $3::int)";
-        let rows = match ready(&client, sql, &[&&*name, &after, &self.replay_page]).await {
+        let rows = match ready(&client, sql, &[&&*name, &after, &self.replay_page], self.query_limit()).await? {
             Ok(rows) => rows,
             Err(e) if refused(&e) => {
                 self.channels[at].reset.get_or_insert(ResetReason::GapNotReplayable);
@@ -543,7 +549,7 @@ impl Subscriber {
         let (client, _busy) = self.client_now()?;
         let (name, seq) = (self.channels[at].name.clone(), self.channels[at].verify.expect("due"));
         let sql = "SELECT payload FROM pgwatch.replay($1::text, $2::bigint, 1) WHERE seq = $3";
-        let logged = ready(&client, sql, &[&&*name, &(seq - 1), &seq]).await;
+        let logged = ready(&client, sql, &[&&*name, &(seq - 1), &seq], self.query_limit()).await?;
         let applied = self.channels[at].track.remembered(seq);
         let channel = &mut self.channels[at];
         channel.verify = None;
@@ -576,7 +582,7 @@ impl Subscriber {
         self.watches.insert(name.to_string(), watch);
         let mut position = None;
         if retained {
-            match ready(&client, "SELECT pgwatch.position($1::text)", &[&&*name]).await {
+            match ready(&client, "SELECT pgwatch.position($1::text)", &[&&*name], self.query_limit()).await? {
                 Ok(rows) => position = Some(rows[0].get::<_, i64>(0)),
                 // Not retained any more, or not for this role: gaps become resets.
                 Err(e) if refused(&e) => {}
@@ -604,8 +610,21 @@ fn refused(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Runs a query, again while the server answers 55000 (not ready after a restart), for up to
-/// [`NOT_READY_WAIT`]; then the connection counts as lost.
+/// [`NOT_READY_WAIT`] (then the 55000 is the caller's); a query that has no answer within `limit`
+/// counts as a lost connection (a backend that stopped answering: the kernel still acknowledges
+/// its packets, so neither keepalives nor the TCP user timeout notice).
 async fn ready(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    limit: Duration,
+) -> Result<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>, Trouble> {
+    tokio::time::timeout(limit, ready_once(client, sql, params))
+        .await
+        .map_err(|_| Trouble::Lost(format!("no answer to a query of the subscriber's within {limit:?}")))
+}
+
+async fn ready_once(
     client: &Client,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
