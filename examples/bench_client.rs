@@ -7,10 +7,17 @@
 //! TABLE at RATE per second, notes when each commit returned and when its key was received on
 //! CHANNEL, and prints `p50 p99 max received sent` (latencies in microseconds).
 //!
-//! `bench_client cpu POSTMASTER_PID LISTENER_PID CLK_TCK` prints the CPU time used so far, in
-//! microseconds: `server worker listener`. Server is the postmaster, its live children and the
-//! children that exited (pgbench's backends exit between samples); worker is pgwatch's delivery
-//! workers alone; listener is the benchmark's listening client.
+//! `bench_client cpu POSTMASTER_PID LISTENER_PID CLK_TCK [CLIENTS_PID BACKENDS_FILE]` prints the
+//! CPU time used so far, in microseconds: `server worker listener walwriter backends clients`.
+//! Server is the postmaster, its live children and the children that exited (pgbench's backends
+//! exit between samples); worker is pgwatch's delivery workers alone; listener is the benchmark's
+//! listening client; walwriter the WAL writer; backends the server processes whose pids
+//! BACKENDS_FILE lists (W5's listening backends) and clients the process CLIENTS_PID (W5's
+//! listening clients), 0 without them.
+//!
+//! `bench_client listeners CONNINFO N CHANNEL BACKENDS_FILE` opens N connections that LISTEN on
+//! CHANNEL and read and discard what arrives, as a cheap client would, writes their backends'
+//! pids to BACKENDS_FILE once all listen, and runs until killed.
 //!
 //! `bench_client replay CONNINFO CHANNEL AFTER_SEQ` reads a retained channel's log from AFTER_SEQ
 //! to its end with `pgwatch.replay`, 1,000 payloads a call, and prints `payloads rows bytes
@@ -33,11 +40,14 @@ fn main() {
         Some("latency") if args.len() == 6 => {
             latency(&args[1], &args[2], &args[3], args[4].parse().unwrap(), args[5].parse().unwrap())
         }
-        Some("cpu") if args.len() == 4 => cpu(&args[1], &args[2], args[3].parse().unwrap()),
+        Some("cpu") if args.len() == 4 || args.len() == 6 => {
+            cpu(&args[1], &args[2], args[3].parse().unwrap(), args.get(4).zip(args.get(5)))
+        }
+        Some("listeners") if args.len() == 5 => listeners(&args[1], args[2].parse().unwrap(), &args[3], &args[4]),
         Some("replay") if args.len() == 4 => replay(&args[1], &args[2], args[3].parse().unwrap()),
         Some("report") if args.len() == 5 => report(&args[1], &args[2], &args[3], &args[4]),
         _ => {
-            eprintln!("usage: bench_client listen CONNINFO STATS_FILE CHANNEL... | latency CONNINFO TABLE CHANNEL RATE SECONDS | cpu POSTMASTER_PID LISTENER_PID CLK_TCK | replay CONNINFO CHANNEL AFTER_SEQ | report RAW_TSV MACHINE SECONDS ROUNDS");
+            eprintln!("usage: bench_client listen CONNINFO STATS_FILE CHANNEL... | latency CONNINFO TABLE CHANNEL RATE SECONDS | cpu POSTMASTER_PID LISTENER_PID CLK_TCK [CLIENTS_PID BACKENDS_FILE] | listeners CONNINFO N CHANNEL BACKENDS_FILE | replay CONNINFO CHANNEL AFTER_SEQ | report RAW_TSV MACHINE SECONDS ROUNDS");
             std::process::exit(2);
         }
     }
@@ -53,9 +63,13 @@ fn ticks(pid: &str) -> Option<(String, u64, u64)> {
     Some((fields.get(1)?.to_string(), num(11) + num(12), num(13) + num(14)))
 }
 
-fn cpu(postmaster: &str, listener: &str, clk_tck: u64) {
+fn cpu(postmaster: &str, listener: &str, clk_tck: u64, w5: Option<(&String, &String)>) {
     let (_, own, exited) = ticks(postmaster).expect("the postmaster's /proc entry");
-    let (mut server, mut worker) = (own + exited, 0);
+    let backends: Vec<String> = w5
+        .and_then(|(_, file)| std::fs::read_to_string(file).ok())
+        .map(|text| text.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let (mut server, mut worker, mut walwriter, mut listening) = (own + exited, 0, 0, 0);
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
         let Some((parent, own, _)) = ticks(&pid) else { continue };
@@ -64,13 +78,42 @@ fn cpu(postmaster: &str, listener: &str, clk_tck: u64) {
         }
         server += own;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains("pgwatch delivery") {
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("pgwatch delivery") {
             worker += own;
+        } else if cmdline.contains("walwriter") {
+            walwriter += own;
+        } else if backends.contains(&pid) {
+            listening += own;
         }
     }
     let listener = ticks(listener).map_or(0, |(_, own, _)| own);
+    let clients = w5.and_then(|(pid, _)| ticks(pid)).map_or(0, |(_, own, _)| own);
     let us = |ticks: u64| ticks * 1_000_000 / clk_tck;
-    println!("{} {} {}", us(server), us(worker), us(listener));
+    println!("{} {} {} {} {} {}", us(server), us(worker), us(listener), us(walwriter), us(listening), us(clients));
+}
+
+/// W5's listening connections: each reads and discards what arrives, on a thread of its own.
+fn listeners(conninfo: &str, n: usize, channel: &str, backends_file: &str) {
+    let (pids_tx, pids_rx) = mpsc::channel::<i32>();
+    for _ in 0..n {
+        let (conninfo, channel, pids_tx) = (conninfo.to_string(), channel.to_string(), pids_tx.clone());
+        std::thread::spawn(move || {
+            let mut client = listening(&conninfo, &[channel]);
+            pids_tx.send(client.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0)).expect("send");
+            let mut notifications = client.notifications();
+            let mut all = notifications.blocking_iter();
+            while let Ok(Some(_)) = all.next() {}
+        });
+    }
+    drop(pids_tx);
+    let pids: Vec<String> = pids_rx.iter().take(n).map(|pid| pid.to_string()).collect();
+    let partial = format!("{backends_file}.tmp");
+    std::fs::write(&partial, pids.join("\n") + "\n").expect("write pids");
+    std::fs::rename(&partial, backends_file).expect("write pids");
+    loop {
+        std::thread::park();
+    }
 }
 
 fn replay(conninfo: &str, channel: &str, mut after: i64) {
@@ -232,6 +275,9 @@ struct Cpu {
     worker_us: f64,
     txns: f64,
     notifications: f64,
+    walwriter_us: f64,
+    backends_us: f64,
+    clients_us: f64,
 }
 
 impl Cpu {
@@ -297,6 +343,9 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
                 worker_us: num(6),
                 txns: num(8),
                 notifications: num(9),
+                walwriter_us: f.get(10).map_or(0.0, |_| num(10)),
+                backends_us: f.get(11).map_or(0.0, |_| num(11)),
+                clients_us: f.get(12).map_or(0.0, |_| num(12)),
             });
             continue;
         }
@@ -389,6 +438,40 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
             tps * rows_per_txn(workload)
         );
     }
+    let w5: Vec<&(String, u32, String)> = order.iter().filter(|(w, _, _)| w.starts_with("W5")).collect();
+    if !w5.is_empty() {
+        println!("\n## W5: where the server's CPU goes with listeners\n");
+        println!("W5-N is W1 with N more connections listening on the variant's channel (none: on a channel nobody notifies), each reading and discarding what arrives. Per committed transaction, medians over the rounds: writers is every other server process (the writers' backends, the benchmark listener's backend, the rest).\n");
+        println!("| workload | clients | variant | TPS | × none | × tcn | server CPU µs/txn | CPU × none | writers | listening backends | worker | WAL writer | listening clients | notifications/row |");
+        println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (workload, clients, variant) in w5 {
+            let Some(c) = cpu_of(workload, *clients, variant) else { continue };
+            let m = &runs[&(workload.clone(), *clients, variant.clone())];
+            let tps = mean(&m.tps);
+            let vs = |other: &str| {
+                get(workload, *clients, other).map_or(String::new(), |o| format!("{:.2}", tps / mean(&o.tps)))
+            };
+            let med = |f: &dyn Fn(&Cpu) -> f64| {
+                median_and_range(c.iter().map(|x| f(x) / x.txns.max(1.0)).collect()).map_or(0.0, |m| m.0)
+            };
+            let writers = med(&|x| x.server_us - x.worker_us - x.walwriter_us - x.backends_us);
+            let ratio = cpu_of(workload, *clients, "none")
+                .and_then(|none| median_and_range(per_round_ratios(c, none, Cpu::per_txn)))
+                .map_or(String::new(), |m| format!("{:.2}", m.0));
+            let per_row =
+                if variant == "none" { String::new() } else { format!("{:.4}", m.notifications / m.rows.max(1.0)) };
+            println!(
+                "| {workload} | {clients} | {variant} | {tps:.0} | {} | {} | {:.1} | {ratio} | {writers:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {per_row} |",
+                vs("none"),
+                vs("tcn"),
+                med(&|x| x.server_us),
+                med(&|x| x.backends_us),
+                med(&|x| x.worker_us),
+                med(&|x| x.walwriter_us),
+                med(&|x| x.clients_us)
+            );
+        }
+    }
     let ms = |us: &str| us.parse::<f64>().unwrap_or(0.0) / 1000.0;
     if let Some(first) = latencies.first() {
         println!(
@@ -444,6 +527,27 @@ fn report(raw: &str, machine: &str, seconds: &str, rounds: &str) {
             median_and_range(worker.iter().map(Cpu::worker_per_notification).collect()),
         ) {
             println!("- W1, 32 clients: the worker's CPU per notification (one batch sends one per channel): pgwatch-retain {:.0} µs, pgwatch-worker {:.0} µs; extra per batch for the log {} µs", r.0, w.0, range(m));
+        }
+    }
+    // Server CPU per transaction against none's, and TPS against tcn's (the targets).
+    let cpu_vs_none = |w: &str, c: u32, v: &str| {
+        median_and_range(per_round_ratios(cpu_of(w, c, v)?, cpu_of(w, c, "none")?, Cpu::per_txn))
+    };
+    for (workload, clients, cpu_target, tcn_target) in [("W5-20", 8, 1.25, 5.0), ("W5-100", 8, 1.40, 10.0)] {
+        if let Some(m) = cpu_vs_none(workload, clients, "pgwatch-worker") {
+            let vs_tcn = tps_of(workload, clients, "pgwatch-worker") / tps_of(workload, clients, "tcn");
+            println!(
+                "- {workload}, {clients} clients: pgwatch-worker's server CPU per transaction = {} × none's (target ≤ {cpu_target:.2}: {}), TPS {vs_tcn:.1} × tcn's (target ≥ {tcn_target}: {}), {:.2} × none's",
+                range(m),
+                check(m.0 <= cpu_target),
+                check(vs_tcn >= tcn_target),
+                tps_of(workload, clients, "pgwatch-worker") / tps_of(workload, clients, "none")
+            );
+        }
+    }
+    for (clients, target) in [(32, 1.10), (1, 1.25)] {
+        if let Some(m) = cpu_vs_none("W1", clients, "pgwatch-worker") {
+            println!("- W1, {clients} client(s): pgwatch-worker's server CPU per transaction = {} × none's (target ≤ {target:.2}: {})", range(m), check(m.0 <= target));
         }
     }
     let overhead = |v: &str| Some(overhead_ms(get("W3", 1, v)?, get("W3", 1, "none")?) * 10.0);

@@ -269,8 +269,7 @@ fn a_mirror_stays_exact_through_killed_connections_and_a_restart() {
     let stats = subscriber.join().unwrap();
     assert!(converged.load(Ordering::Relaxed), "the mirror did not converge: {stats:?}");
     assert!(killed > 0 && stats.reconnects > 0, "connections killed: {killed}, {stats:?}");
-    let mut db = cluster.connect();
-    assert!(table_rows(&mut db).len() > 1);
+    assert!(stats.applied > 100, "the writers wrote: {stats:?}");
 }
 
 #[test]

@@ -95,6 +95,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
         feeds: HashMap::new(),
         arrived_over: Duration::ZERO,
         logged_last: false,
+        send_time: Duration::ZERO,
     };
     worker.start_feeds();
     let mut checked: Option<Instant> = None;
@@ -188,6 +189,8 @@ struct Worker {
     arrived_over: Duration,
     /// The last batch also wrote the log.
     logged_last: bool,
+    /// How long sending a batch takes, smoothed over the last few.
+    send_time: Duration,
 }
 
 /// What one look at the queue did.
@@ -276,7 +279,7 @@ impl Worker {
         // A batch cut at its size limit leaves records waiting: no reason to wait for more.
         let cut = self.batch.bytes() >= BATCH_BYTES;
         let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
-        let delay = gather_delay(self.batch.len(), self.arrived_over, longest, self.logged_last);
+        let delay = gather_delay(self.batch.len(), self.arrived_over, longest, self.logged_last, self.send_time);
         let micros = delay.as_micros() as i64;
         if !cut && micros > 0 {
             // SAFETY: a plain sleep; signals are looked at right after.
@@ -306,7 +309,10 @@ impl Worker {
                 record.fold_into(&mut watches[at].1);
             }
         }
+        let sending = Instant::now();
         self.send(&watches);
+        // A smoothed mean: one slow send (a checkpoint, a page fault) moves it an eighth.
+        self.send_time = (self.send_time * 7 + sending.elapsed()) / 8;
         stats::add(Counter::Batches, 1);
         stats::flush();
         // SAFETY: reading the clock.
@@ -500,27 +506,45 @@ impl Worker {
     }
 }
 
-/// How long the worker waits per transaction per second it saw commit: 1 ms at 4,000 commits per
+/// How the worker waits per transaction per second it saw commit: 1 ms at 4,000 commits per
 /// second, 4 ms at 16,000; twice as long after a batch that also wrote the log, whose statements
 /// make a batch cost the worker about twice as much.
 const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);
 
+/// Under a steady stream of commits, the worker lets the next batch gather at least this many
+/// times as long as sending a batch takes. A send's commit signals every backend that listens
+/// (PostgreSQL 13 to 18 tell an extension nothing else about them), so its time grows with
+/// the listeners, and so does the wait that keeps their wake-ups few: each wakes every listening
+/// backend, which then copies the notifications to its client, with CPU it shares with the
+/// writers.
+const WAIT_PER_SEND_TIME: u32 = 25;
+
+/// Below this rate-proportional wait, commits are sporadic: the wait stays next to nothing.
+const STEADY: Duration = Duration::from_micros(250);
+
 /// How long to let the next batch gather after sending `transactions` that committed over
-/// `arrived_over` (since the previous batch): in proportion to that commit rate, at most
-/// `longest`. A change after a quiet spell goes out at once and the wait after it is next to
-/// nothing; a steady stream of commits, even one client's, is sent in batches, because every
-/// batch costs the worker a transaction and every notification each listening backend a
-/// wake-up, CPU and context switches that they share with the writers. The wait follows the
-/// rate, not the batch, which itself grows with the wait.
-fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration, logged: bool) -> Duration {
+/// `arrived_over` (since the previous batch): in proportion to that commit rate, under a steady
+/// stream at least [`WAIT_PER_SEND_TIME`] times `send_time`, at most `longest`. A change after a
+/// quiet spell goes out at once and the wait after it is next to nothing; a steady stream of
+/// commits, even one client's, is sent in batches, because every batch costs the worker a
+/// transaction and every notification each listening backend a wake-up, CPU and context
+/// switches that they share with the writers. The wait follows the rate, not the batch, which
+/// itself grows with the wait.
+fn gather_delay(
+    transactions: usize,
+    arrived_over: Duration,
+    longest: Duration,
+    logged: bool,
+    send_time: Duration,
+) -> Duration {
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
     let per_rate = if logged { WAIT_PER_COMMIT_RATE * 2 } else { WAIT_PER_COMMIT_RATE };
     let longest_from = longest.as_secs_f64() / per_rate.as_secs_f64();
-    if rate >= longest_from {
-        longest
-    } else {
-        per_rate.mul_f64(rate)
+    let by_rate = if rate >= longest_from { longest } else { per_rate.mul_f64(rate) };
+    if by_rate < STEADY {
+        return by_rate;
     }
+    by_rate.max(send_time * WAIT_PER_SEND_TIME).min(longest)
 }
 
 #[cfg(test)]
@@ -531,7 +555,7 @@ mod tests {
     fn the_gathering_wait_follows_the_commit_rate_up_to_the_setting() {
         let longest = Duration::from_millis(10);
         let ms = Duration::from_millis;
-        let wait = |transactions, over| gather_delay(transactions, over, longest, false).as_micros();
+        let wait = |transactions, over| gather_delay(transactions, over, longest, false, Duration::ZERO).as_micros();
         // 4,000 per second: 1 ms; 16,000: 4 ms; 40,000 and more: all 10, one transaction at a
         // time as well as in batches.
         assert_eq!(
@@ -539,11 +563,23 @@ mod tests {
             [1000, 4000, 10000, 10000, 10000]
         );
         assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1000, 10000]);
-        assert_eq!(gather_delay(16, ms(1), ms(4), false), ms(4));
+        assert_eq!(gather_delay(16, ms(1), ms(4), false, Duration::ZERO), ms(4));
         // A transaction or two after a second's quiet: next to nothing.
         assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
-        assert_eq!(gather_delay(100, ms(1), Duration::ZERO, false), Duration::ZERO);
+        assert_eq!(gather_delay(100, ms(1), Duration::ZERO, false, ms(1)), Duration::ZERO);
         // After a batch that wrote the log: twice as long, within the setting.
-        assert_eq!([gather_delay(4, ms(1), longest, true), gather_delay(30, ms(1), longest, true)], [ms(2), longest]);
+        let logged = |transactions| gather_delay(transactions, ms(1), longest, true, Duration::ZERO);
+        assert_eq!([logged(4), logged(30)], [ms(2), longest]);
+    }
+
+    #[test]
+    fn under_steady_load_slow_sends_stretch_the_wait_within_the_setting() {
+        let (longest, us) = (Duration::from_millis(10), Duration::from_micros);
+        // 4,000 commits per second: 1 ms by the rate; sends of 100 µs (many listeners) make it
+        // 2.5 ms, sends of 1 ms the setting's 10.
+        let wait = |send| gather_delay(4, Duration::from_millis(1), longest, false, send);
+        assert_eq!([wait(us(20)), wait(us(100)), wait(us(1000))], [us(1000), us(2500), longest]);
+        // A transaction after a second's quiet goes out at once, however slow sends are.
+        assert_eq!(gather_delay(1, Duration::from_secs(1), longest, false, us(1000)).as_micros(), 0);
     }
 }
