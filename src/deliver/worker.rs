@@ -519,8 +519,10 @@ const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);
 /// writers.
 const WAIT_PER_SEND_TIME: u32 = 25;
 
-/// Below this rate-proportional wait, commits are sporadic: the wait stays next to nothing.
-const STEADY: Duration = Duration::from_micros(250);
+/// Below this rate-proportional wait (100 commits per second), commits are sporadic: the wait
+/// stays next to nothing. Above it the sends' floor applies, also when listeners have slowed the
+/// writers down (so few commits would otherwise mean many notifications, each waking them all).
+const STEADY: Duration = Duration::from_micros(25);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
 /// `arrived_over` (since the previous batch): in proportion to that commit rate, under a steady
