@@ -428,6 +428,17 @@ impl Worker {
             if !has_log {
                 return None;
             }
+            // Every relation the feeds' statements use, locked first and waiting briefly (less
+            // than deadlock_timeout): a DROP EXTENSION (or an update) that holds one of them
+            // would otherwise deadlock with this transaction, which takes them one by one as it
+            // plans. Past the wait this worker exits with the lock's error, and the launcher
+            // starts it again when it is needed.
+            Spi::run(
+                "SET LOCAL lock_timeout = '100ms';
+                 LOCK TABLE pgwatch.watches, pgwatch.feeds, pgwatch.log_segments, pgwatch.log IN ACCESS SHARE MODE;
+                 SET LOCAL lock_timeout = 0",
+            )
+            .unwrap_or_else(|e| crate::error::spi_failed("pgwatch's feeds", e));
             let ring = Ring::load();
             let plans = Plans::prepare();
             if !ready {
