@@ -528,7 +528,7 @@ const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);
 /// the listeners, and so does the wait that keeps their wake-ups few: each wakes every listening
 /// backend, which then copies the notifications to its client, with CPU it shares with the
 /// writers.
-const WAIT_PER_SEND_TIME: u32 = 25;
+const WAIT_PER_SEND_TIME: u32 = 8;
 
 /// Below this rate-proportional wait (100 commits per second), commits are sporadic: the wait
 /// stays next to nothing. Above it the sends' floor applies, also when listeners have slowed the
@@ -588,10 +588,10 @@ mod tests {
     #[test]
     fn under_steady_load_slow_sends_stretch_the_wait_within_the_setting() {
         let (longest, us) = (Duration::from_millis(10), Duration::from_micros);
-        // 4,000 commits per second: 1 ms by the rate; sends of 100 µs (many listeners) make it
-        // 2.5 ms, sends of 1 ms the setting's 10.
+        // 4,000 commits per second: 1 ms by the rate; sends of 250 µs (many listeners) make it
+        // 2 ms, sends of 2 ms the setting's 10.
         let wait = |send| gather_delay(4, Duration::from_millis(1), longest, false, send);
-        assert_eq!([wait(us(20)), wait(us(100)), wait(us(1000))], [us(1000), us(2500), longest]);
+        assert_eq!([wait(us(20)), wait(us(250)), wait(us(2000))], [us(1000), us(2000), longest]);
         // A transaction after a second's quiet goes out at once, however slow sends are.
         assert_eq!(gather_delay(1, Duration::from_secs(1), longest, false, us(1000)).as_micros(), 0);
     }
