@@ -39,6 +39,23 @@ fn conninfo(cluster: &Cluster, application: &str) -> String {
     format!("host=localhost port={} user=postgres dbname=postgres application_name={application}", cluster.port)
 }
 
+/// A cluster of its own in which `items` is watched (see `SETUP`).
+fn with_items(name: &str) -> Cluster {
+    let cluster = Cluster::new(name);
+    cluster.connect().batch_execute(SETUP).unwrap();
+    cluster
+}
+
+/// A runtime for a test's async part.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+}
+
+/// Takes the reset every subscription starts with (the snapshot's cue).
+async fn started(subscriber: &mut Subscriber) {
+    assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+}
+
 /// A connection for the async tests (the `postgres` crate's cannot run inside a runtime).
 async fn connect_async(cluster: &Cluster, user: &str) -> tokio_postgres::Client {
     let info = format!("host=localhost port={} user={user} dbname=postgres", cluster.port);
@@ -190,8 +207,7 @@ fn mirror_rows(mirror: &Mirror) -> Vec<Value> {
 #[test]
 fn a_mirror_stays_exact_through_killed_connections_and_a_restart() {
     let _serial = serial();
-    let cluster = Cluster::new("client-mirror");
-    cluster.connect().batch_execute(SETUP).unwrap();
+    let cluster = with_items("client-mirror");
     let converged = Arc::new(AtomicBool::new(false));
     let application = "pgwatch-client-test";
     let info = conninfo(&cluster, application);
@@ -275,12 +291,11 @@ fn a_mirror_stays_exact_through_killed_connections_and_a_restart() {
 #[test]
 fn a_subscriber_replays_what_was_sent_while_it_could_not_connect() {
     let _serial = serial();
-    let cluster = Cluster::new("client-replay");
+    let cluster = with_items("client-replay");
     let mut db = cluster.connect();
-    db.batch_execute(SETUP).unwrap();
     db.batch_execute("CREATE ROLE reader LOGIN; GRANT SELECT ON items TO reader").unwrap();
     let info = format!("host=localhost port={} user=reader dbname=postgres application_name=replayer", cluster.port);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let mut subscriber = Subscriber::builder(&info)
             .unwrap()
@@ -289,7 +304,7 @@ fn a_subscriber_replays_what_was_sent_while_it_could_not_connect() {
             .connect()
             .await
             .unwrap();
-        assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+        started(&mut subscriber).await;
         let start = subscriber.last_seq(CHANNEL).unwrap();
         // The reader can connect no more; its connection is killed; ten transactions commit.
         let db = connect_async(&cluster, "postgres").await;
@@ -322,10 +337,9 @@ fn a_subscriber_replays_what_was_sent_while_it_could_not_connect() {
 #[test]
 fn a_slow_consumer_stays_within_its_buffer_and_recovers_by_replay() {
     let _serial = serial();
-    let cluster = Cluster::new("client-slow");
+    let cluster = with_items("client-slow");
     let mut db = cluster.connect();
-    db.batch_execute(SETUP).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let subscriber = Subscriber::builder(&conninfo(&cluster, "slow"))
             .unwrap()
@@ -364,14 +378,13 @@ fn a_slow_consumer_stays_within_its_buffer_and_recovers_by_replay() {
 #[test]
 fn forged_payloads_do_not_make_a_subscriber_drop_or_keep_anything() {
     let _serial = serial();
-    let cluster = Cluster::new("client-forged");
-    cluster.connect().batch_execute(SETUP).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let cluster = with_items("client-forged");
+    let runtime = runtime();
     runtime.block_on(async {
         let db = connect_async(&cluster, "postgres").await;
         let mut subscriber =
             Subscriber::builder(&conninfo(&cluster, "forged")).unwrap().channel(CHANNEL).connect().await.unwrap();
-        assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+        started(&mut subscriber).await;
         let ids = |event: Event| match event {
             Event::Change(c) => c.rows.iter().map(|r| r.get("id").unwrap().as_i64().unwrap()).collect::<Vec<_>>(),
             other => panic!("a change, not {other:?}"),
@@ -427,9 +440,8 @@ impl Drop for Stopped {
 #[test]
 fn a_subscriber_notices_a_backend_that_stopped_answering() {
     let _serial = serial();
-    let cluster = Cluster::new("client-stopped");
-    cluster.connect().batch_execute(SETUP).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let cluster = with_items("client-stopped");
+    let runtime = runtime();
     runtime.block_on(async {
         let db = connect_async(&cluster, "postgres").await;
         let mut subscriber = Subscriber::builder(&conninfo(&cluster, "stopped"))
@@ -439,7 +451,7 @@ fn a_subscriber_notices_a_backend_that_stopped_answering() {
             .connect()
             .await
             .unwrap();
-        assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+        started(&mut subscriber).await;
         let pid: i32 = db
             .query_one("SELECT pid FROM pg_stat_activity WHERE application_name = 'stopped'", &[])
             .await
@@ -467,7 +479,7 @@ fn without_retention_a_mirror_refetches_after_a_reconnect_in_both_delivery_modes
     let cluster = Cluster::new("client-plain");
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION pgwatch").unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = runtime();
     for mode in support::MODES {
         db.batch_execute(&format!(
             "DROP TABLE IF EXISTS plain; CREATE TABLE plain (id int PRIMARY KEY, v int);
@@ -521,15 +533,14 @@ fn without_retention_a_mirror_refetches_after_a_reconnect_in_both_delivery_modes
 #[test]
 fn a_scope_gets_its_rows_and_those_that_leave_it() {
     let _serial = serial();
-    let cluster = Cluster::new("client-scope");
+    let cluster = with_items("client-scope");
     let mut db = cluster.connect();
-    db.batch_execute(SETUP).unwrap();
     db.batch_execute(
         "CREATE TABLE plain (id int PRIMARY KEY, grp int);
          SELECT watch_table('plain', extra_columns => '{grp}', retain => '1 hour')",
     )
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let db = connect_async(&cluster, "postgres").await;
         let mut by_group = Subscriber::builder(&conninfo(&cluster, "scoped"))
@@ -545,7 +556,7 @@ fn a_scope_gets_its_rows_and_those_that_leave_it() {
             .await
             .unwrap();
         for subscriber in [&mut by_group, &mut by_key] {
-            assert!(matches!(subscriber.next().await.unwrap(), Event::Reset(r) if r.reason == ResetReason::Start));
+            started(subscriber).await;
         }
         let changes = [
             "INSERT INTO plain VALUES (1, 1), (2, 1), (3, 2)",
@@ -635,9 +646,7 @@ impl Drop for Python {
 #[test]
 fn the_python_subscriber_keeps_an_exact_mirror_through_kills_and_a_restart() {
     let _serial = serial();
-    let cluster = Cluster::new("client-python");
-    let mut db = cluster.connect();
-    db.batch_execute(SETUP).unwrap();
+    let cluster = with_items("client-python");
     let application = "pgwatch-python";
     let mut python = Python::start(&format!("host=localhost port={} user=postgres dbname=postgres", cluster.port));
     assert_eq!(python.dump()["resets"], json!(1), "the first snapshot");

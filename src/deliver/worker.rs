@@ -517,7 +517,7 @@ impl Worker {
     }
 }
 
-/// How the worker waits per transaction per second it saw commit: 1 ms at 4,000 commits per
+/// How long the worker waits per transaction per second it saw commit: 1 ms at 4,000 commits per
 /// second, 4 ms at 16,000; twice as long after a batch that also wrote the log, whose statements
 /// make a batch cost the worker about twice as much.
 const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);

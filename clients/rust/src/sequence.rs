@@ -54,8 +54,8 @@ impl Track {
     pub fn judge(&self, seq: Option<i64>, print: u64, refetch: bool) -> Verdict {
         match (self.retained, seq, self.last) {
             (true, None, _) => Verdict::Reset(ResetReason::NoSeq),
-            (true, Some(n), Some(last)) if n <= last => match self.recent.iter().find(|(s, _)| *s == n) {
-                Some((_, seen)) if *seen != print => Verdict::Verify(n),
+            (true, Some(n), Some(last)) if n <= last => match self.remembered(n) {
+                Some(seen) if seen != print => Verdict::Verify(n),
                 _ => Verdict::Skip,
             },
             // A refetch on the channel's word alone would let anyone force one: the log decides.

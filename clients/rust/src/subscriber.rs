@@ -349,7 +349,6 @@ impl Subscriber {
     async fn reconnect(&mut self) -> Result<(), Error> {
         self.conn = None;
         loop {
-            self.stats.reconnects += 1;
             tokio::time::sleep(self.backoff.next_delay()).await;
             let conn = match Conn::open(&self.connector, &self.config, self.buffer, self.dead_after).await {
                 Ok(conn) => conn,
@@ -358,7 +357,10 @@ impl Subscriber {
                 Err(e) => return Err(Error::Postgres(e)),
             };
             match self.prepare(conn, false).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.stats.reconnects += 1;
+                    return Ok(());
+                }
                 Err(Trouble::Fatal(e)) => return Err(e),
                 Err(Trouble::Lost(_)) => {}
             }
