@@ -65,7 +65,7 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"pgwatch.busy_batch_delay",
         c"The longest a delivery worker lets changes gather before its next batch.",
-        c"After each batch the worker waits in proportion to the commit rate it saw (1 ms at 4000 transactions per second, 4 ms at 16000), at most this long, next to nothing after a quiet spell; 0 disables.",
+        c"After each batch the worker waits in proportion to the commit rate it saw (1 ms per 1000 transactions per second), under a steady stream at least 8 times as long as its last sends took to signal the listening backends, at most this long, next to nothing after a quiet spell; 0 disables.",
         &BUSY_BATCH_DELAY_MS,
         0,
         1000,

@@ -6,7 +6,7 @@
 //! and only after that commit marks them done. It exits after `DROP EXTENSION`, and when `DROP
 //! DATABASE` asks it to (see `utility`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
@@ -80,6 +80,8 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     }
     // SAFETY: registers a plain function for this process's invalidations, once.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(feeds_stale), pg_sys::Datum::from(0)) };
+    // SAFETY: registers a plain function with no argument, once; it lives as long as the process.
+    unsafe { pg_sys::RegisterXactCallback(Some(note_commit), std::ptr::null_mut()) };
     // SAFETY: registers a plain function with the address of the slot, which lives in shared
     // memory as long as this process; it runs on every exit, an ERROR's included.
     unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(std::ptr::from_ref(slot) as usize)) };
@@ -94,8 +96,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
         plans: None,
         feeds: HashMap::new(),
         arrived_over: Duration::ZERO,
-        logged_last: false,
-        send_time: Duration::ZERO,
+        wake_time: Duration::ZERO,
     };
     worker.start_feeds();
     let mut checked: Option<Instant> = None;
@@ -129,6 +130,19 @@ static FEEDS_STALE: AtomicBool = AtomicBool::new(true);
 #[pg_guard]
 unsafe extern "C-unwind" fn feeds_stale(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
     FEEDS_STALE.store(true, Ordering::Relaxed);
+}
+
+thread_local! {
+    /// When this process's last transaction reached its commit callbacks: durable, visible, and
+    /// about to signal the backends that listen (see [`Worker::wake_time`]).
+    static COMMITTED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn note_commit(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if event == pg_sys::XactEvent::XACT_EVENT_COMMIT {
+        COMMITTED_AT.set(Some(Instant::now()));
+    }
 }
 
 /// The last number any feed of `channel` sent (0 if none), read in the worker's transaction.
@@ -187,10 +201,12 @@ struct Worker {
     feeds: HashMap<Vec<u8>, (String, Feed)>,
     /// Over how long the last batch's transactions committed.
     arrived_over: Duration,
-    /// The last batch also wrote the log.
-    logged_last: bool,
-    /// How long sending a batch takes, smoothed over the last few.
-    send_time: Duration,
+    /// How long the end of a send's commit takes, smoothed over the last few: from the commit
+    /// callbacks on, PostgreSQL releases the transaction's resources and signals every backend
+    /// that listens in the database, which on a busy machine also runs some of them before this
+    /// process goes on. It grows with the listeners, where the whole send's time also has the
+    /// batch's size, the log and the WAL in it.
+    wake_time: Duration,
 }
 
 /// What one look at the queue did.
@@ -279,7 +295,7 @@ impl Worker {
         // A batch cut at its size limit leaves records waiting: no reason to wait for more.
         let cut = self.batch.bytes() >= BATCH_BYTES;
         let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
-        let delay = gather_delay(self.batch.len(), self.arrived_over, longest, self.logged_last, self.send_time);
+        let delay = gather_delay(self.batch.len(), self.arrived_over, longest, self.wake_time);
         let micros = delay.as_micros() as i64;
         if !cut && micros > 0 {
             // SAFETY: a plain sleep; signals are looked at right after.
@@ -309,10 +325,11 @@ impl Worker {
                 record.fold_into(&mut watches[at].1);
             }
         }
-        let sending = Instant::now();
         self.send(&watches);
-        // A smoothed mean: one slow send (a checkpoint, a page fault) moves it an eighth.
-        self.send_time = (self.send_time * 7 + sending.elapsed()) / 8;
+        // A smoothed mean: one slow commit (a page fault, a preemption) moves it an eighth.
+        if let Some(committed) = COMMITTED_AT.take() {
+            self.wake_time = (self.wake_time * 7 + committed.elapsed()) / 8;
+        }
         stats::add(Counter::Batches, 1);
         stats::flush();
         // SAFETY: reading the clock.
@@ -401,7 +418,6 @@ impl Worker {
             (last, wrote, logged)
         }));
         let (sent, wrote, logged) = sent;
-        self.logged_last = wrote;
         if wrote {
             self.ring.as_mut().expect("logged into it").active = true;
         }
@@ -517,47 +533,42 @@ impl Worker {
     }
 }
 
-/// How long the worker waits per transaction per second it saw commit: 1 ms at 4,000 commits per
-/// second, 4 ms at 16,000; twice as long after a batch that also wrote the log, whose statements
-/// make a batch cost the worker about twice as much.
-const WAIT_PER_COMMIT_RATE: Duration = Duration::from_nanos(250);
+/// How long the worker waits per transaction per second it saw commit: 1 ms at 1,000 commits per
+/// second, the default `busy_batch_delay` of 10 ms from 10,000 on. A batch costs the worker, the
+/// WAL writer and every listening backend about the same whatever it carries, so at one client's
+/// rate (a few thousand commits per second) batches of a few transactions would cost more than
+/// the writes they announce; the wait at half that rate stays within a few milliseconds.
+const WAIT_PER_COMMIT_RATE: Duration = Duration::from_micros(1);
 
 /// Under a steady stream of commits, the worker lets the next batch gather at least this many
-/// times as long as sending a batch takes. A send's commit signals every backend that listens
-/// (PostgreSQL 13 to 18 tell an extension nothing else about them), so its time grows with
-/// the listeners, and so does the wait that keeps their wake-ups few: each wakes every listening
-/// backend, which then copies the notifications to its client, with CPU it shares with the
-/// writers.
-const WAIT_PER_SEND_TIME: u32 = 8;
+/// times as long as the end of a send's commit takes (see [`Worker::wake_time`]): it signals every
+/// backend that listens in the database, and on a busy machine some of them run before the
+/// worker goes on, so it grows with what the listeners cost (PostgreSQL 13 to 18 tell an
+/// extension nothing else about them). Their wake-ups then take at most about an eighth of the
+/// time, within `busy_batch_delay`.
+const WAIT_PER_WAKE_TIME: u32 = 8;
 
 /// Below this rate-proportional wait (100 commits per second), commits are sporadic: the wait
-/// stays next to nothing. Above it the sends' floor applies, also when listeners have slowed the
-/// writers down (so few commits would otherwise mean many notifications, each waking them all).
-const STEADY: Duration = Duration::from_micros(25);
+/// stays next to nothing. Above it the wake-ups' floor applies, also when listeners have slowed
+/// the writers down (so few commits would otherwise mean many notifications, each waking them all).
+const STEADY: Duration = Duration::from_micros(100);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
 /// `arrived_over` (since the previous batch): in proportion to that commit rate, under a steady
-/// stream at least [`WAIT_PER_SEND_TIME`] times `send_time`, at most `longest`. A change after a
+/// stream at least [`WAIT_PER_WAKE_TIME`] times `wake_time`, at most `longest`. A change after a
 /// quiet spell goes out at once and the wait after it is next to nothing; a steady stream of
 /// commits, even one client's, is sent in batches, because every batch costs the worker a
 /// transaction and every notification each listening backend a wake-up, CPU and context
 /// switches that they share with the writers. The wait follows the rate, not the batch, which
 /// itself grows with the wait.
-fn gather_delay(
-    transactions: usize,
-    arrived_over: Duration,
-    longest: Duration,
-    logged: bool,
-    send_time: Duration,
-) -> Duration {
+fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration, wake_time: Duration) -> Duration {
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
-    let per_rate = if logged { WAIT_PER_COMMIT_RATE * 2 } else { WAIT_PER_COMMIT_RATE };
-    let longest_from = longest.as_secs_f64() / per_rate.as_secs_f64();
-    let by_rate = if rate >= longest_from { longest } else { per_rate.mul_f64(rate) };
+    let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
+    let by_rate = if rate >= longest_from { longest } else { WAIT_PER_COMMIT_RATE.mul_f64(rate) };
     if by_rate < STEADY {
         return by_rate;
     }
-    by_rate.max(send_time * WAIT_PER_SEND_TIME).min(longest)
+    by_rate.max(wake_time * WAIT_PER_WAKE_TIME).min(longest)
 }
 
 #[cfg(test)]
@@ -568,31 +579,28 @@ mod tests {
     fn the_gathering_wait_follows_the_commit_rate_up_to_the_setting() {
         let longest = Duration::from_millis(10);
         let ms = Duration::from_millis;
-        let wait = |transactions, over| gather_delay(transactions, over, longest, false, Duration::ZERO).as_micros();
-        // 4,000 per second: 1 ms; 16,000: 4 ms; 40,000 and more: all 10, one transaction at a
+        let wait = |transactions, over| gather_delay(transactions, over, longest, Duration::ZERO).as_micros();
+        // 1,000 per second: 1 ms; 4,000: 4 ms; 10,000 and more: all 10, one transaction at a
         // time as well as in batches.
         assert_eq!(
-            [wait(4, ms(1)), wait(16, ms(1)), wait(40, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
+            [wait(1, ms(1)), wait(4, ms(1)), wait(10, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
             [1000, 4000, 10000, 10000, 10000]
         );
-        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1000, 10000]);
-        assert_eq!(gather_delay(16, ms(1), ms(4), false, Duration::ZERO), ms(4));
+        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [4000, 10000]);
+        assert_eq!(gather_delay(4, ms(1), ms(3), Duration::ZERO), ms(3));
         // A transaction or two after a second's quiet: next to nothing.
-        assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
-        assert_eq!(gather_delay(100, ms(1), Duration::ZERO, false, ms(1)), Duration::ZERO);
-        // After a batch that wrote the log: twice as long, within the setting.
-        let logged = |transactions| gather_delay(transactions, ms(1), longest, true, Duration::ZERO);
-        assert_eq!([logged(4), logged(30)], [ms(2), longest]);
+        assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [1, 2]);
+        assert_eq!(gather_delay(100, ms(1), Duration::ZERO, ms(1)), Duration::ZERO);
     }
 
     #[test]
-    fn under_steady_load_slow_sends_stretch_the_wait_within_the_setting() {
+    fn under_steady_load_slow_wake_ups_stretch_the_wait_within_the_setting() {
         let (longest, us) = (Duration::from_millis(10), Duration::from_micros);
-        // 4,000 commits per second: 1 ms by the rate; sends of 250 µs (many listeners) make it
-        // 2 ms, sends of 2 ms the setting's 10.
-        let wait = |send| gather_delay(4, Duration::from_millis(1), longest, false, send);
+        // 1,000 commits per second: 1 ms by the rate; wake-ups of 250 µs (many listeners) make
+        // it 2 ms, of 2 ms the setting's 10.
+        let wait = |wake| gather_delay(1, Duration::from_millis(1), longest, wake);
         assert_eq!([wait(us(20)), wait(us(250)), wait(us(2000))], [us(1000), us(2000), longest]);
-        // A transaction after a second's quiet goes out at once, however slow sends are.
-        assert_eq!(gather_delay(1, Duration::from_secs(1), longest, false, us(1000)).as_micros(), 0);
+        // A transaction after a second's quiet goes out at once, however slow wake-ups are.
+        assert_eq!(gather_delay(1, Duration::from_secs(1), longest, us(1000)).as_micros(), 1);
     }
 }
