@@ -3,7 +3,7 @@
 //! stopped with records left.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
@@ -35,7 +35,9 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     let mut workers: Vec<Option<DynamicBackgroundWorker>> = (0..MAX_DATABASES).map(|_| None).collect();
     let mut started = [false; MAX_DATABASES];
     let mut warned = [false; MAX_DATABASES];
+    let mut backoff = [Backoff::default(); MAX_DATABASES];
     loop {
+        let mut wait = Duration::from_secs(1);
         for (i, slot) in shared.slots.iter().enumerate() {
             let dboid = slot.dboid.load(Ordering::Relaxed);
             let alive = workers[i].as_ref().is_some_and(|w| match w.pid() {
@@ -50,9 +52,15 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             if slot.backlog.load(Ordering::Relaxed) == 0 && !slot.worker_wanted.load(Ordering::Acquire) {
                 continue;
             }
+            let now = Instant::now();
+            if let Some(left) = backoff[i].left(now) {
+                wait = wait.min(left);
+                continue;
+            }
             slot.set_state(WorkerState::Starting);
             match start_worker(dboid) {
                 Some(worker) => {
+                    backoff[i].started(now);
                     if std::mem::replace(&mut started[i], true) {
                         stats::add(Counter::WorkerRestarts, 1);
                         // The launcher runs no transactions, whose end would flush the count.
@@ -70,7 +78,7 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             }
         }
         // Woken by commits that find no worker, and by the postmaster when a worker starts or stops.
-        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+        if !BackgroundWorker::wait_latch(Some(wait)) {
             break;
         }
     }
@@ -79,6 +87,49 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     // no worker would ever be started again. (A postmaster shutting down restarts nothing.)
     // SAFETY: ends this process the way PostgreSQL's own background workers do.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// When a database's worker may be started again. One that stopped soon after it started (it
+/// gave way to a lock held on pgwatch's tables, say, or failed) is started again after a wait that
+/// doubles each time, from 100 ms to 2 s, so that a lasting cause costs a start now and then
+/// rather than a loop; one that ran for 5 s is started again at once. (A worker terminated on
+/// purpose, soon after it started, waits too: briefly.)
+#[derive(Clone, Copy, Default)]
+struct Backoff {
+    /// When the last worker was started, and how long the launcher waited before it.
+    last: Option<(Instant, Duration)>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const LONGEST: Duration = Duration::from_secs(2);
+    /// A worker that ran this long stopped for a reason of its time, not of its start (longer than
+    /// the longest wait, which a worker started after it also lives through before it is judged).
+    const LIVED: Duration = Duration::from_secs(5);
+
+    /// The wait still due before the next start, if any, at `now` (the previous worker stopped).
+    fn left(&self, now: Instant) -> Option<Duration> {
+        let (at, waited) = self.last?;
+        let lived = now.saturating_duration_since(at);
+        if lived >= Self::LIVED {
+            return None;
+        }
+        let due = (waited * 2).clamp(Self::FIRST, Self::LONGEST);
+        due.checked_sub(lived).filter(|left| !left.is_zero())
+    }
+
+    /// Notes a start at `now`.
+    fn started(&mut self, now: Instant) {
+        let waited = self.last.map_or(Duration::ZERO, |(at, waited)| {
+            let lived = now.saturating_duration_since(at);
+            if lived >= Self::LIVED {
+                Duration::ZERO
+            } else {
+                (waited * 2).clamp(Self::FIRST, Self::LONGEST)
+            }
+        });
+        self.last = Some((now, waited));
+    }
 }
 
 fn start_worker(dboid: u32) -> Option<DynamicBackgroundWorker> {
@@ -94,4 +145,42 @@ fn start_worker(dboid: u32) -> Option<DynamicBackgroundWorker> {
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .load_dynamic()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_stops_soon_after_it_starts_is_started_again_ever_later() {
+        let (t0, ms) = (Instant::now(), Duration::from_millis);
+        let mut backoff = Backoff::default();
+        assert_eq!(backoff.left(t0), None, "the first start waits for nothing");
+        backoff.started(t0);
+        // Stopped at once: 100 ms after its start, then 200, 400, ... up to 2 s.
+        assert_eq!(backoff.left(t0 + ms(30)), Some(ms(70)));
+        assert_eq!(backoff.left(t0 + ms(100)), None);
+        let mut at = t0 + ms(100);
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            backoff.started(at);
+            let left = backoff.left(at).expect("stopped at once again");
+            waits.push(left.as_millis());
+            at += left;
+        }
+        assert_eq!(waits, [200, 400, 800, 1600, 2000, 2000, 2000, 2000, 2000]);
+    }
+
+    #[test]
+    fn a_worker_that_ran_a_while_is_started_again_at_once() {
+        let (t0, s) = (Instant::now(), Duration::from_secs);
+        let mut backoff = Backoff::default();
+        for i in 0..5 {
+            backoff.started(t0 + s(i) / 10);
+        }
+        let stopped = t0 + s(20);
+        assert_eq!(backoff.left(stopped), None);
+        backoff.started(stopped);
+        assert_eq!(backoff.left(stopped + Duration::from_millis(10)), Some(Duration::from_millis(90)));
+    }
 }
