@@ -36,10 +36,17 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     let mut started = [false; MAX_DATABASES];
     let mut warned = [false; MAX_DATABASES];
     let mut backoff = [Backoff::default(); MAX_DATABASES];
+    // The database each slot served when last looked at: a slot freed by DROP DATABASE and taken
+    // by another database starts that one afresh.
+    let mut owners = [0u32; MAX_DATABASES];
     loop {
         let mut wait = Duration::from_secs(1);
         for (i, slot) in shared.slots.iter().enumerate() {
             let dboid = slot.dboid.load(Ordering::Relaxed);
+            if owners[i] != dboid {
+                owners[i] = dboid;
+                (started[i], warned[i], backoff[i]) = (false, false, Backoff::default());
+            }
             let alive = workers[i].as_ref().is_some_and(|w| match w.pid() {
                 Ok(_) => true,
                 Err(status) => matches!(status, pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted),
@@ -54,7 +61,10 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             }
             let now = Instant::now();
             if let Some(left) = backoff[i].left(now) {
-                wait = wait.min(left);
+                // Rounded up: the latch's wait counts whole milliseconds, and 0 would not wait.
+                wait = wait.min(Duration::from_millis(left.as_millis() as u64 + 1));
+                // A worker that exited before it attached left the state at starting.
+                slot.set_state(WorkerState::Stopped);
                 continue;
             }
             slot.set_state(WorkerState::Starting);
@@ -90,13 +100,15 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
 }
 
 /// When a database's worker may be started again. One that stopped soon after it started (it
-/// gave way to a lock held on pgwatch's tables, say, or failed) is started again after a wait that
-/// doubles each time, from 100 ms to 2 s, so that a lasting cause costs a start now and then
-/// rather than a loop; one that ran for 5 s is started again at once. (A worker terminated on
-/// purpose, soon after it started, waits too: briefly.)
+/// gave way to a lock held on pgwatch's tables, say, or failed) is started again once the wait
+/// due since its start has passed; the wait doubles with each start, from 100 ms to 2 s, so that a
+/// lasting cause costs a start now and then rather than a loop, and goes back to 100 ms once a
+/// worker ran for 5 s. A worker that outlived its wait is started again at once. (One terminated
+/// on purpose soon after it started waits too, at most 2 s.)
 #[derive(Clone, Copy, Default)]
 struct Backoff {
-    /// When the last worker was started, and how long the launcher waited before it.
+    /// When the last worker was started, and the wait that was due before that start (the next
+    /// is twice as long, within bounds).
     last: Option<(Instant, Duration)>,
 }
 

@@ -133,8 +133,8 @@ unsafe extern "C-unwind" fn feeds_stale(_arg: pg_sys::Datum, _relid: pg_sys::Oid
 }
 
 thread_local! {
-    /// When this process's last transaction reached its commit callbacks: durable, visible, and
-    /// about to signal the backends that listen (see [`Worker::wake_time`]).
+    /// When the latest of this process's transactions reached its commit callbacks: committed,
+    /// visible, and about to signal the backends that listen (see [`Worker::wake_time`]).
     static COMMITTED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
@@ -325,10 +325,11 @@ impl Worker {
                 record.fold_into(&mut watches[at].1);
             }
         }
-        self.send(&watches);
-        // A smoothed mean: one slow commit (a page fault, a preemption) moves it an eighth.
-        if let Some(committed) = COMMITTED_AT.take() {
-            self.wake_time = (self.wake_time * 7 + committed.elapsed()) / 8;
+        if let Some(wake) = self.send(&watches) {
+            // A smoothed mean: one slow commit (a page fault, a preemption) moves it an eighth,
+            // and a stall of the whole machine no more than one wait at the setting's longest.
+            let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
+            self.wake_time = (self.wake_time * 7 + wake.min(longest)) / 8;
         }
         stats::add(Counter::Batches, 1);
         stats::flush();
@@ -339,7 +340,8 @@ impl Worker {
 
     /// Sends each watch's folded changes in one transaction, numbering the payloads of each
     /// channel on from its last number (one count per channel, whatever watches share it).
-    fn send(&mut self, watches: &[(Target, Folded)]) {
+    /// Returns how long the end of its commit took (see [`Worker::wake_time`]).
+    fn send(&mut self, watches: &[(Target, Folded)]) -> Option<Duration> {
         if self.ring.is_none() && watches.iter().any(|(target, _)| target.retained) {
             // The database was updated to a release with the log since this worker started.
             self.start_feeds();
@@ -417,6 +419,7 @@ impl Worker {
             };
             (last, wrote, logged)
         }));
+        let wake = COMMITTED_AT.take().map(|committed| committed.elapsed());
         let (sent, wrote, logged) = sent;
         if wrote {
             self.ring.as_mut().expect("logged into it").active = true;
@@ -429,6 +432,7 @@ impl Worker {
             self.shared.store_seq(self.dboid, channel, seq);
             self.channels.insert(channel.to_vec(), KnownChannel { tbl: tbl.to_string(), seq });
         }
+        wake
     }
 
     /// Once per server run and database, unless the server started clean (see `runs`): moves
@@ -548,8 +552,7 @@ const WAIT_PER_COMMIT_RATE: Duration = Duration::from_micros(1);
 /// time, within `busy_batch_delay`.
 const WAIT_PER_WAKE_TIME: u32 = 8;
 
-/// Below this rate-proportional wait (100 commits per second), commits are sporadic: the wait
-/// stays next to nothing. Above it the wake-ups' floor applies, also when listeners have slowed
+/// Below this rate-proportional wait (100 commits per second), commits are sporadic: no wait. Above it the wake-ups' floor applies, also when listeners have slowed
 /// the writers down (so few commits would otherwise mean many notifications, each waking them all).
 const STEADY: Duration = Duration::from_micros(100);
 
@@ -566,7 +569,8 @@ fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration, 
     let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
     let by_rate = if rate >= longest_from { longest } else { WAIT_PER_COMMIT_RATE.mul_f64(rate) };
     if by_rate < STEADY {
-        return by_rate;
+        // Too short to sleep for: a sleep takes longer than that.
+        return Duration::ZERO;
     }
     by_rate.max(wake_time * WAIT_PER_WAKE_TIME).min(longest)
 }
@@ -588,8 +592,8 @@ mod tests {
         );
         assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [4000, 10000]);
         assert_eq!(gather_delay(4, ms(1), ms(3), Duration::ZERO), ms(3));
-        // A transaction or two after a second's quiet: next to nothing.
-        assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [1, 2]);
+        // A transaction or two after a second's quiet: no wait.
+        assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
         assert_eq!(gather_delay(100, ms(1), Duration::ZERO, ms(1)), Duration::ZERO);
     }
 
@@ -601,6 +605,6 @@ mod tests {
         let wait = |wake| gather_delay(1, Duration::from_millis(1), longest, wake);
         assert_eq!([wait(us(20)), wait(us(250)), wait(us(2000))], [us(1000), us(2000), longest]);
         // A transaction after a second's quiet goes out at once, however slow wake-ups are.
-        assert_eq!(gather_delay(1, Duration::from_secs(1), longest, us(1000)).as_micros(), 1);
+        assert_eq!(gather_delay(1, Duration::from_secs(1), longest, us(1000)), Duration::ZERO);
     }
 }
