@@ -119,28 +119,22 @@ impl Backoff {
     /// the longest wait, which a worker started after it also lives through before it is judged).
     const LIVED: Duration = Duration::from_secs(5);
 
+    /// The wait due after the last start and when that was, judged at `now`: none before the
+    /// first start, nor once a worker has run for [`Self::LIVED`].
+    fn due(&self, now: Instant) -> Option<(Instant, Duration)> {
+        let (at, waited) = self.last?;
+        (now.saturating_duration_since(at) < Self::LIVED).then(|| (at, (waited * 2).clamp(Self::FIRST, Self::LONGEST)))
+    }
+
     /// The wait still due before the next start, if any, at `now` (the previous worker stopped).
     fn left(&self, now: Instant) -> Option<Duration> {
-        let (at, waited) = self.last?;
-        let lived = now.saturating_duration_since(at);
-        if lived >= Self::LIVED {
-            return None;
-        }
-        let due = (waited * 2).clamp(Self::FIRST, Self::LONGEST);
-        due.checked_sub(lived).filter(|left| !left.is_zero())
+        let (at, due) = self.due(now)?;
+        due.checked_sub(now.saturating_duration_since(at)).filter(|left| !left.is_zero())
     }
 
     /// Notes a start at `now`.
     fn started(&mut self, now: Instant) {
-        let waited = self.last.map_or(Duration::ZERO, |(at, waited)| {
-            let lived = now.saturating_duration_since(at);
-            if lived >= Self::LIVED {
-                Duration::ZERO
-            } else {
-                (waited * 2).clamp(Self::FIRST, Self::LONGEST)
-            }
-        });
-        self.last = Some((now, waited));
+        self.last = Some((now, self.due(now).map_or(Duration::ZERO, |(_, due)| due)));
     }
 }
 

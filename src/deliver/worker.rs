@@ -294,7 +294,7 @@ impl Worker {
     fn gather(&self) {
         // A batch cut at its size limit leaves records waiting: no reason to wait for more.
         let cut = self.batch.bytes() >= BATCH_BYTES;
-        let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
+        let longest = busy_batch_delay();
         let delay = gather_delay(self.batch.len(), self.arrived_over, longest, self.wake_time);
         let micros = delay.as_micros() as i64;
         if !cut && micros > 0 {
@@ -328,8 +328,7 @@ impl Worker {
         if let Some(wake) = self.send(&watches) {
             // A smoothed mean: one slow commit (a page fault, a preemption) moves it an eighth,
             // and a stall of the whole machine no more than one wait at the setting's longest.
-            let longest = Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64);
-            self.wake_time = (self.wake_time * 7 + wake.min(longest)) / 8;
+            self.wake_time = (self.wake_time * 7 + wake.min(busy_batch_delay())) / 8;
         }
         stats::add(Counter::Batches, 1);
         stats::flush();
@@ -537,6 +536,11 @@ impl Worker {
     }
 }
 
+/// `pgwatch.busy_batch_delay`: the longest the worker lets a batch gather.
+fn busy_batch_delay() -> Duration {
+    Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64)
+}
+
 /// How long the worker waits per transaction per second it saw commit: 1 ms at 1,000 commits per
 /// second, the default `busy_batch_delay` of 10 ms from 10,000 on. A batch costs the worker, the
 /// WAL writer and every listening backend about the same whatever it carries, so at one client's
@@ -552,8 +556,9 @@ const WAIT_PER_COMMIT_RATE: Duration = Duration::from_micros(1);
 /// time, within `busy_batch_delay`.
 const WAIT_PER_WAKE_TIME: u32 = 8;
 
-/// Below this rate-proportional wait (100 commits per second), commits are sporadic: no wait. Above it the wake-ups' floor applies, also when listeners have slowed
-/// the writers down (so few commits would otherwise mean many notifications, each waking them all).
+/// Below this rate-proportional wait (100 commits per second), commits are sporadic: no wait.
+/// Above it the wake-ups' floor applies, also when listeners have slowed the writers down (so few
+/// commits would otherwise mean many notifications, each waking them all).
 const STEADY: Duration = Duration::from_micros(100);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
@@ -569,7 +574,7 @@ fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration, 
     let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
     let by_rate = if rate >= longest_from { longest } else { WAIT_PER_COMMIT_RATE.mul_f64(rate) };
     if by_rate < STEADY {
-        // Too short to sleep for: a sleep takes longer than that.
+        // Sporadic commits: a sleep this short would gather nothing and cost more than it waits.
         return Duration::ZERO;
     }
     by_rate.max(wake_time * WAIT_PER_WAKE_TIME).min(longest)
