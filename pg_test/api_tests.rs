@@ -209,6 +209,14 @@ mod tests {
         Spi::run("SELECT watch_table('users', 'update', '{id}')").unwrap();
     }
 
+    #[cfg(feature = "pg18")]
+    #[pg_test(error = "column \"twice\" is a virtual generated column")]
+    fn error_for_a_virtual_generated_extra_column() {
+        Spi::run("CREATE TABLE virt (id int PRIMARY KEY, n int, twice int GENERATED ALWAYS AS (n * 2) VIRTUAL)")
+            .unwrap();
+        Spi::run("SELECT watch_table('virt', extra_columns => '{n,twice}')").unwrap();
+    }
+
     #[pg_test(error = "extra_columns must not contain NULL")]
     fn error_for_a_null_extra_column() {
         users();
@@ -304,7 +312,11 @@ mod tests {
             .unwrap()
             .unwrap()
         };
-        assert_eq!(shape(&format!("pgwatch_{id}_update")), "17 4 2 true A", "row, UPDATE OF org and role_id");
+        assert_eq!(
+            shape(&format!("pgwatch_{id}_update")),
+            "17 4 2 1 true A",
+            "row, UPDATE OF org, role_id and the key"
+        );
         assert_eq!(shape(&format!("pgwatch_{id}_delete")), "9  true A", "row, delete");
         assert_eq!(shape(&format!("pgwatch_{id}_truncate")), "32  false A", "statement, truncate");
         assert_eq!(triggers("users"), 3);

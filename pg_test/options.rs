@@ -29,6 +29,12 @@ fn trigger_columns_send_only_updates_that_change_them() {
         listener.expect(&[r#"{"tbl":"public.o_tc","op":"update","rows":[{"id":1,"role_id":2,"old":{"role_id":1}}]}"#]);
         writer.batch_execute(r#"UPDATE o_tc SET doc = '{"a":1}'"#).unwrap();
         listener.expect(&[r#"{"tbl":"public.o_tc","op":"update","rows":[{"id":1,"role_id":2}]}"#]);
+        // A key change always fires: a subscriber's copy must lose the old key and gain the new.
+        writer.batch_execute("UPDATE o_tc SET id = 5").unwrap();
+        listener.expect(&[
+            r#"{"tbl":"public.o_tc","op":"delete","rows":[{"id":1,"role_id":2}]}"#,
+            r#"{"tbl":"public.o_tc","op":"insert","rows":[{"id":5,"role_id":2}]}"#,
+        ]);
     }
 }
 

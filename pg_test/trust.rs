@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use postgres::Client;
 
-use super::support::{connect, eventually, failure, serial, stat, watched, without_locations, Listener, MODES, WAIT};
+use super::support::{
+    connect, connect_to, database, eventually, failure, serial, stat, watched, without_locations, Listener, MODES, WAIT,
+};
 
 /// A connection acting as `mallory`, a role with no privileges but its own schema, where its
 /// tables go; dropped and made again for each test.
@@ -137,6 +139,95 @@ fn a_hand_made_trigger_cannot_stop_delivery_for_others() {
 }
 
 #[test]
+fn only_a_role_with_the_owners_rights_can_mute_a_table() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    let (mut writer, mut listener) = watched(
+        "inline",
+        "CREATE TABLE t_mute (id int PRIMARY KEY); SELECT watch_table('t_mute');
+         GRANT INSERT ON t_mute TO mallory",
+        &["public.t_mute", "mallory.m_mute"],
+    );
+    m.batch_execute("CREATE TABLE m_mute (id int PRIMARY KEY); SELECT watch_table('m_mute')").unwrap();
+    // A writer who does not own the table cannot hide its changes; on its own table it can.
+    m.batch_execute("SET pgwatch.mute = on; INSERT INTO public.t_mute VALUES (1); INSERT INTO m_mute VALUES (1)")
+        .unwrap();
+    listener.expect(&[r#"{"tbl":"public.t_mute","op":"insert","rows":[{"id":1}]}"#]);
+    // The owner (here a superuser) can.
+    writer.batch_execute("SET pgwatch.mute = on; INSERT INTO t_mute VALUES (2)").unwrap();
+    listener.expect_silence();
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; REVOKE ALL ON t_mute FROM mallory; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn someone_elses_drop_database_leaves_its_worker_alone() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE t_dropdb (id int PRIMARY KEY); SELECT watch_table('t_dropdb')",
+        &["public.t_dropdb"],
+    );
+    let insert = |n: i32| format!(r#"{{"tbl":"public.t_dropdb","op":"insert","rows":[{{"id":{n}}}]}}"#);
+    listener.expect_after(&mut writer, "INSERT INTO t_dropdb VALUES (1)", &[&insert(1)]);
+    let worker = |admin: &mut Client| -> Option<i32> {
+        admin.query_one("SELECT pid FROM pgwatch.workers WHERE database = current_database()", &[]).unwrap().get(0)
+    };
+    let before = worker(&mut admin);
+    assert!(before.is_some());
+    let database: String = admin.query_one("SELECT current_database()::text", &[]).unwrap().get(0);
+    // Only the database's owner may drop it: anyone else's attempt, which PostgreSQL refuses,
+    // must not stop the database's worker on the way.
+    let (code, message) = failure(&mut m, &format!("DROP DATABASE \"{database}\""));
+    assert_eq!(code, "42501", "{message}");
+    assert_eq!(worker(&mut admin), before, "the same worker runs");
+    let fallbacks = stat(&mut admin, "inline_fallbacks");
+    listener.expect_after(&mut writer, "INSERT INTO t_dropdb VALUES (2)", &[&insert(2)]);
+    assert_eq!(stat(&mut admin, "inline_fallbacks"), fallbacks, "sent by the worker");
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_database_owners_settings_cannot_stop_its_worker() {
+    let _serial = serial();
+    let mut admin = connect();
+    drop(mallory(&mut admin));
+    let mut db = database(&mut admin, "trust_settings", None);
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t'); GRANT INSERT ON t TO mallory")
+        .unwrap();
+    drop(db);
+    // What the database's owner may set for every session, the worker's included (it takes them
+    // in as it connects, on the first commit below).
+    let mut hostile = vec!["role = mallory", "statement_timeout = '1ms'", "lock_timeout = '1ms'"];
+    if cfg!(any(feature = "pg17", feature = "pg18")) {
+        hostile.push("transaction_timeout = '1ms'");
+    }
+    for setting in &hostile {
+        admin.batch_execute(&format!("ALTER DATABASE trust_settings SET {setting}")).unwrap();
+    }
+    let mut db = connect_to(&mut admin, "trust_settings");
+    let own = if cfg!(any(feature = "pg17", feature = "pg18")) { "SET transaction_timeout = 0;" } else { "" };
+    db.batch_execute(&format!("SET statement_timeout = 0; SET lock_timeout = 0; {own}")).unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "trust_settings"), &["public.t"]);
+    listener.client.batch_execute(&format!("SET statement_timeout = 0; {own}")).unwrap();
+    listener.expect_after(
+        &mut db,
+        "SET pgwatch.delivery = worker; INSERT INTO t VALUES (1)",
+        &[r#"{"tbl":"public.t","op":"insert","rows":[{"id":1}]}"#],
+    );
+    let pid: Option<i32> =
+        admin.query_one("SELECT pid FROM pgwatch.workers WHERE database = 'trust_settings'", &[]).unwrap().get(0);
+    assert!(pid.is_some(), "the worker sent it");
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE trust_settings WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
 fn a_channel_belongs_to_one_table() {
     let _serial = serial();
     let mut admin = connect();
@@ -247,6 +338,26 @@ fn max_rows_per_xact_bounds_the_transaction_and_only_a_superuser_raises_it() {
             ("public.t_rows_a", r#"{"tbl":"public.t_rows_a","op":"insert","rows":[{"id":1},{"id":2},{"id":3},{"id":4},{"id":5},{"id":6}]}"#),
             ("public.t_rows_b", r#"{"tbl":"public.t_rows_b","op":"insert","rows":[{"id":1},{"id":2},{"id":3},{"id":4}]}"#),
             ("public.t_rows_b", r#"{"tbl":"public.t_rows_b","op":"insert","overflow":true}"#),
+        ]);
+    }
+    // A row listed before the limit may be older than a change past it: the notice comes after
+    // every listed row, so that a refetch at the notice is not undone by them.
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE t_rows_c (id int PRIMARY KEY, v text); SELECT watch_table('t_rows_c', extra_columns => '{v}')",
+            &["public.t_rows_c"],
+        );
+        writer
+            .batch_execute(
+                "BEGIN; SET LOCAL pgwatch.max_rows_per_xact = 2;
+                 INSERT INTO t_rows_c VALUES (1, 'old'), (2, 'old'); UPDATE t_rows_c SET v = 'new' WHERE id = 1;
+                 COMMIT",
+            )
+            .unwrap();
+        listener.expect(&[
+            r#"{"tbl":"public.t_rows_c","op":"insert","rows":[{"id":1,"v":"old"},{"id":2,"v":"old"}]}"#,
+            r#"{"tbl":"public.t_rows_c","op":"update","overflow":true}"#,
         ]);
     }
     // The bound is the superuser's to set.

@@ -142,20 +142,25 @@ AS $$
       FROM pgwatch.read_replay(convert_to(channel, getdatabaseencoding()), after_seq, max_payloads) AS r;
 $$;
 
--- One row per retained channel whose table the caller may read.
+-- One row per retained channel whose table the caller may read. The view is parsed as the script
+-- runs, with the extension's schema on the search_path: its functions and operators are
+-- qualified, so that none a user made there beforehand can stand in for pg_catalog's.
 CREATE VIEW pgwatch.channels WITH (security_barrier) AS
 SELECT w.channel, w.tbl, w.retain,
-       coalesce(f.seq, w.feed_start - 1) AS last_seq,
+       coalesce(f.seq, w.feed_start OPERATOR(pg_catalog.-) 1) AS last_seq,
        l.oldest_seq,
        coalesce(l.payloads, 0) AS payloads,
        coalesce(l.bytes, 0) AS bytes,
        coalesce(f.cut_short, 0) AS cut_short,
        f.last_reset, f.reset_reason
   FROM pgwatch.watches w
-  LEFT JOIN pgwatch.feeds f ON f.channel = w.channel AND f.feed = w.feed_start
-  LEFT JOIN LATERAL (SELECT min(g.seq) AS oldest_seq, count(*) AS payloads, sum(octet_length(g.payload)) AS bytes
-                       FROM pgwatch.log g WHERE g.channel = w.channel AND g.feed = w.feed_start) l ON true
- WHERE w.retain IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT');
+  LEFT JOIN pgwatch.feeds f
+         ON f.channel OPERATOR(pg_catalog.=) w.channel AND f.feed OPERATOR(pg_catalog.=) w.feed_start
+  LEFT JOIN LATERAL (SELECT pg_catalog.min(g.seq) AS oldest_seq, pg_catalog.count(*) AS payloads,
+                            pg_catalog.sum(pg_catalog.octet_length(g.payload)) AS bytes
+                       FROM pgwatch.log g
+                      WHERE g.channel OPERATOR(pg_catalog.=) w.channel AND g.feed OPERATOR(pg_catalog.=) w.feed_start) l ON true
+ WHERE w.retain IS NOT NULL AND pg_catalog.has_table_privilege(w.tbl, 'SELECT');
 GRANT SELECT ON pgwatch.channels TO PUBLIC;
 
 -- The version of the subscriber protocol (docs/protocol.md) this pgwatch speaks; a client checks

@@ -49,7 +49,7 @@ pub fn register() {
     GucRegistry::define_bool_guc(
         c"pgwatch.mute",
         c"Records no changes: the current session's (or, with SET LOCAL, transaction's) writes send nothing.",
-        c"For bulk jobs and migrations; unlike session_replication_role it needs no special privilege and silences only pgwatch.",
+        c"For bulk jobs and migrations; silences only tables whose owner's rights the current role has (others' changes are sent as usual), and only pgwatch, unlike session_replication_role.",
         &MUTE,
         GucContext::Userset,
         GucFlags::default(),

@@ -23,10 +23,10 @@ use crate::{guc, unguarded};
 
 /// What `pgwatch.capture()` does when it fires (see `sql.rs`).
 pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
-    if guc::MUTE.get() {
+    let data = trigger.trigger_data();
+    if guc::MUTE.get() && may_mute(data) {
         return Ok(None);
     }
-    let data = trigger.trigger_data();
     let event = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
     let is_row = data.tg_event & pg_sys::TRIGGER_EVENT_ROW != 0;
     let op = match event {
@@ -77,6 +77,15 @@ pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, 
         unsafe { record_transition_tables(data, &plan, columns, op, statement_rows) };
     }
     Ok(None)
+}
+
+/// Whether `pgwatch.mute` silences this table for the current user: only a role with its owner's
+/// rights, who could as well disable its triggers, may mute it. Anyone else's writes are sent
+/// whatever the session set, so that no writer can hide its changes from subscribers.
+fn may_mute(data: &pg_sys::TriggerData) -> bool {
+    // SAFETY: a firing trigger's relation is open, its pg_class row in rd_rel; the membership
+    // check reads cached role lists (a catalog read only when they changed).
+    unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), (*(*data.tg_relation).rd_rel).relowner) }
 }
 
 /// Records one row's change from its images (`Some(None)`: an image that does not fit).

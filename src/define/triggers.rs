@@ -217,13 +217,14 @@ pub fn create_triggers(
     whens: &[(Event, Option<When>)],
 ) {
     let args = [TriggerArg::write(watch, &table.display)];
+    let update_columns = watch.update_columns();
     for &(event, when) in whens {
         let name = trigger_name(id, event);
         let per_row = watch.fires_per_row(event, table_needs_rows);
         // Only a row trigger has a WHEN (a watch with one never gets statement triggers).
         let when = when.filter(|_| per_row);
         let update_of = match event {
-            Event::Row(Op::Update) if per_row => &watch.trigger_columns[..],
+            Event::Row(Op::Update) if per_row => &update_columns[..],
             _ => &[],
         };
         // SAFETY: the table exists and is locked by this transaction (see save and follow).

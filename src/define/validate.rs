@@ -151,6 +151,15 @@ fn column_list(rel: &PgRelation, argument: &str, requested: Option<Vec<Option<St
                 &format!("{argument} lists columns of the watched table, by their exact names"),
             );
         }
+        if is_virtual_generated(rel, &column) {
+            fail(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("column \"{column}\" is a virtual generated column"),
+                &format!(
+                    "PostgreSQL computes a virtual column only when a query reads it and gives triggers no value for it: make it STORED, or leave it out of {argument}"
+                ),
+            );
+        }
         if columns.contains(&column) {
             fail(
                 PgSqlErrorCode::ERRCODE_DUPLICATE_COLUMN,
@@ -161,6 +170,11 @@ fn column_list(rel: &PgRelation, argument: &str, requested: Option<Vec<Option<St
         columns.push(column);
     }
     columns
+}
+
+/// Whether `column` of `rel` is a virtual generated column (PostgreSQL 18 on).
+fn is_virtual_generated(rel: &PgRelation, column: &str) -> bool {
+    rel.tuple_desc().iter().any(|attr| attr.name() == column && attr.attgenerated as u8 == b'v')
 }
 
 fn parse_extra_columns(rel: &PgRelation, keys: &[String], requested: Option<Vec<Option<String>>>) -> Vec<String> {
@@ -255,7 +269,7 @@ fn whens(rel: &PgRelation, watch: &Watch) -> Vec<(Event, Option<When>)> {
         let (inserts, deletes) = (watch.events.has(Event::Row(Op::Insert)), watch.events.has(Event::Row(Op::Delete)));
         when::resolve(rel, c, Images { old: !inserts, new: !deletes })
     });
-    let comparisons = when::comparisons(rel, &watch.trigger_columns);
+    let comparisons = when::comparisons(rel, &watch.update_columns());
     watch
         .events
         .iter()

@@ -53,7 +53,14 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             });
             // Attached: a worker this launcher started before it restarted.
             let attached = slot.pid.load(Ordering::Acquire) != 0;
-            if alive || attached || dboid == 0 || slot.dropping.load(Ordering::Relaxed) {
+            let dropper = slot.dropping.load(Ordering::Acquire);
+            // SAFETY: a lookup in the shared process array, which takes its lock.
+            if dropper != 0 && unsafe { pg_sys::BackendPidGetProc(dropper) }.is_null() {
+                // The backend running DROP DATABASE exited (terminated, say) before it dropped
+                // the database or gave up on it: the database's delivery goes on.
+                slot.stop_dropping(dropper);
+            }
+            if alive || attached || dboid == 0 || slot.is_dropping() {
                 continue;
             }
             if slot.backlog.load(Ordering::Relaxed) == 0 && !slot.worker_wanted.load(Ordering::Acquire) {

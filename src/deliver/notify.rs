@@ -38,9 +38,13 @@ const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 
 /// Sends the net effect of one watch's changes: first a truncate notice if the table was
 /// truncated, then the rows in as few payloads as fit, each numbered by `seq()` when that gives a
-/// number (worker delivery), an overflow notice for each op whose rows could not all be listed,
-/// and last a resync notice if one is due (on a retained channel a reset marker: the log has a
-/// gap there). `sent` sees each payload's text as it is sent.
+/// number (worker delivery), then an overflow notice for each op whose rows could not all be
+/// listed, and last a resync notice if one is due (on a retained channel a reset marker: the log
+/// has a gap there). `sent` sees each payload's text as it is sent.
+///
+/// The notices come after every listed row: a listed row may be older than a change the
+/// overflow stands for (an insert listed, its later update past the limit), and a subscriber
+/// that refetches at the notice must not then apply that older row over what it fetched.
 pub fn send_changes(
     target: &Target,
     folded: &Folded,
@@ -58,6 +62,7 @@ pub fn send_changes(
     }
     let mut row = PayloadBuf::new();
     let mut packer = Packer::new(&target.tbl, target.cols(), Op::Insert);
+    let mut overflows = Vec::new();
     for op in SEND_ORDER {
         let mut overflowed = folded.overflowed(op);
         if !overflowed && !folded.net_rows().any(|net| net.op == op) {
@@ -78,9 +83,12 @@ pub fn send_changes(
         }
         packer.flush(seq, &mut |p: Payload<'_>| emit(p.text, p.rows));
         if overflowed {
-            stats::add(Counter::Overflows, 1);
-            emit(&notice(overflow_payload(&target.tbl, op, seq())), 0);
+            overflows.push(op);
         }
+    }
+    for op in overflows {
+        stats::add(Counter::Overflows, 1);
+        emit(&notice(overflow_payload(&target.tbl, op, seq())), 0);
     }
     if folded.resync() {
         stats::add(Counter::Resyncs, 1);

@@ -92,7 +92,8 @@ fn may_have_changes(gid: &str) -> bool {
 /// Whether `gid` was prepared before the server started (what it changed is not known then).
 fn prepared_before_this_run(gid: &str) -> bool {
     Spi::get_one_with_args::<bool>(
-        "SELECT prepared < pg_catalog.pg_postmaster_start_time() FROM pg_catalog.pg_prepared_xacts WHERE gid = $1",
+        "SELECT prepared OPERATOR(pg_catalog.<) pg_catalog.pg_postmaster_start_time()
+           FROM pg_catalog.pg_prepared_xacts WHERE gid OPERATOR(pg_catalog.=) $1",
         &[gid.into()],
     )
     .unwrap_or_else(|e| error::spi_failed("pg_prepared_xacts", e))
@@ -111,13 +112,14 @@ fn every_watch() -> Vec<Rc<Target>> {
         return Vec::new();
     }
     // `retain` is read from the row as JSON, which works before `ALTER EXTENSION pgwatch UPDATE`
-    // added the column too.
+    // added the column too. This runs in the session that commits, with its search_path: every
+    // function and operator is qualified, so that none of another schema's can stand in.
     let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
-                        n.nspname || '.' || c.relname,
-                        pg_catalog.row_to_json(w) ->> 'retain' IS NOT NULL
+                        pg_catalog.concat(n.nspname, '.', c.relname),
+                        pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL
                    FROM pgwatch.watches w
-                   JOIN pg_catalog.pg_class c ON c.oid = w.tbl
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+                   JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.tbl
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace";
     Spi::connect(|client| {
         client
             .select(query, None, &[])?

@@ -53,8 +53,10 @@ pub struct DbSlot {
     pub backlog: AtomicU64,
     /// When the worker last committed notifications (TimestampTz; 0 = never).
     pub last_send: AtomicI64,
-    /// DROP DATABASE is under way: no worker may start.
-    pub dropping: AtomicBool,
+    /// The pid of the backend running DROP DATABASE on it (0: none): no worker may start. Set
+    /// only for a role that may drop the database; cleared if the drop fails, and by the
+    /// launcher once that backend is gone.
+    pub dropping: AtomicI32,
     /// A DROP EXTENSION committed in the database: its worker is to check whether pgwatch is
     /// still installed (and exit if not).
     pub recheck_extension: AtomicBool,
@@ -130,6 +132,16 @@ impl DbSlot {
     /// Wakes the worker, if one runs.
     pub fn wake(&self) {
         set_latch(&self.latch);
+    }
+
+    /// Whether DROP DATABASE is under way on it.
+    pub fn is_dropping(&self) -> bool {
+        self.dropping.load(Ordering::Acquire) != 0
+    }
+
+    /// Ends the DROP DATABASE of backend `pid`, which did not drop the database.
+    pub fn stop_dropping(&self, pid: i32) {
+        let _ = self.dropping.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// Has the worker check whether pgwatch is still installed, after a DROP EXTENSION.

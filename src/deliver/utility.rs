@@ -93,22 +93,44 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
     let Some((dboid, slot)) = dropped.and_then(|d| shmem::shared().and_then(|s| Some((d, s.find_slot(d)?)))) else {
         return run();
     };
-    slot.dropping.store(true, Ordering::Relaxed);
-    slot.wake();
-    let deadline = Instant::now() + DROP_WAIT;
-    while slot.pid.load(Ordering::Relaxed) != 0 && Instant::now() < deadline {
-        // SAFETY: sleeping 10 ms, then honouring a cancel request.
-        unsafe { pg_sys::pg_usleep(10_000) };
-        pgrx::check_for_interrupts!();
+    // PostgreSQL checks who may drop the database only inside the statement: anyone else's
+    // attempt must leave the database's delivery alone.
+    if !may_drop(dboid) {
+        return run();
     }
-    PgTryBuilder::new(AssertUnwindSafe(run))
-        .catch_others(|error| {
-            slot.dropping.store(false, Ordering::Relaxed);
-            error.rethrow()
-        })
-        .execute();
+    // SAFETY: reading this backend's pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    slot.dropping.store(me, Ordering::Release);
+    slot.wake();
+    // However the statement ends short of the drop (refused, cancelled while it waits), the
+    // database's worker may run again; if this backend exits instead, the launcher sees it gone.
+    PgTryBuilder::new(AssertUnwindSafe(|| {
+        let deadline = Instant::now() + DROP_WAIT;
+        while slot.pid.load(Ordering::Relaxed) != 0 && Instant::now() < deadline {
+            // SAFETY: sleeping 10 ms, then honouring a cancel request.
+            unsafe { pg_sys::pg_usleep(10_000) };
+            pgrx::check_for_interrupts!();
+        }
+        run()
+    }))
+    .catch_others(|error| {
+        slot.stop_dropping(me);
+        error.rethrow()
+    })
+    .execute();
     if let Some(shared) = shmem::shared() {
         shared.forget_database(dboid);
+    }
+}
+
+/// Whether the current user may drop database `dboid` (owns it, or is a superuser).
+fn may_drop(dboid: u32) -> bool {
+    // SAFETY: catalog lookups inside the statement's transaction.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+        return pg_sys::pg_database_ownercheck(pg_sys::Oid::from(dboid), pg_sys::GetUserId());
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+        return pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, pg_sys::Oid::from(dboid), pg_sys::GetUserId());
     }
 }
 

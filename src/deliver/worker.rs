@@ -42,15 +42,20 @@ const EXTENSION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(100);
 const LAST: Duration = Duration::from_secs(2);
 
-/// Settings every worker transaction runs with, whatever the database or its owner set: names
+/// Settings every worker transaction runs with, whatever the database or its owner set (with
+/// ALTER DATABASE ... SET, which a worker takes in as it connects): it runs as itself, names
 /// resolve in pg_catalog only; nothing is read-only, times out, or waits on a replica's role.
-const SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 8] = [
+const SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
+    (c"role", c"none"),
     (c"synchronous_commit", c"off"),
     (c"search_path", c"pg_catalog, pg_temp"),
     (c"default_transaction_read_only", c"off"),
     (c"default_transaction_isolation", c"read committed"),
     (c"statement_timeout", c"0"),
     (c"lock_timeout", c"0"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    (c"transaction_timeout", c"0"),
     (c"session_replication_role", c"origin"),
     // The worker's kept statements (see `Plans`) are planned once, not again for every batch.
     (c"plan_cache_mode", c"force_generic_plan"),
@@ -64,7 +69,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     let shared = shmem::shared().expect("workers run only with pgwatch preloaded");
     let Some(slot) = shared.find_slot(dboid) else { return };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
-    for (name, value) in SETTINGS {
+    for &(name, value) in SETTINGS {
         // SAFETY: setting a GUC of this process's own session, outside any transaction.
         unsafe {
             pg_sys::SetConfigOption(
@@ -100,7 +105,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     };
     worker.start_feeds();
     let mut checked: Option<Instant> = None;
-    while worker.drain() && !slot.dropping.load(Ordering::Relaxed) {
+    while worker.drain() && !slot.is_dropping() {
         // The catalog is read at start, after a DROP EXTENSION committed, and every 10 s: not
         // for every wake-up, which would cost a transaction per batch at light load.
         if slot.extension_check_requested() || checked.is_none_or(|at| at.elapsed() >= EXTENSION_CHECK_INTERVAL) {
@@ -117,7 +122,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
             break;
         }
     }
-    if !slot.dropping.load(Ordering::Relaxed) {
+    if !slot.is_dropping() {
         worker.drain_before_exit();
     }
 }
@@ -228,7 +233,7 @@ impl Worker {
                 // SAFETY: reloading the configuration file, outside any transaction.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             }
-            if BackgroundWorker::sigterm_received() || self.slot.dropping.load(Ordering::Relaxed) {
+            if BackgroundWorker::sigterm_received() || self.slot.is_dropping() {
                 return false;
             }
             match self.step() {
@@ -249,7 +254,7 @@ impl Worker {
     /// told to stop), within a bound.
     fn drain_before_exit(&mut self) {
         let (start, mut quiet_since) = (Instant::now(), None::<Instant>);
-        while start.elapsed() < LAST && !self.slot.dropping.load(Ordering::Relaxed) {
+        while start.elapsed() < LAST && !self.slot.is_dropping() {
             match self.step() {
                 Step::Empty => {
                     let since = *quiet_since.get_or_insert_with(Instant::now);

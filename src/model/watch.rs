@@ -65,6 +65,17 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// The columns whose change fires the update trigger (none: any change): the trigger columns
+    /// and, when there are any, the key columns too, since a key change is the delete of a row
+    /// and the insert of another, which a subscriber's copy must always see.
+    pub fn update_columns(&self) -> Vec<String> {
+        if self.trigger_columns.is_empty() {
+            return Vec::new();
+        }
+        let keys = self.keys.iter().filter(|key| !self.trigger_columns.contains(key));
+        self.trigger_columns.iter().chain(keys).cloned().collect()
+    }
+
     /// A column this watch sends whose name is also the name of a member of its payload rows
     /// (`old`, `partial`): in an object row the two could not be told apart. Compact rows are
     /// arrays, with those members in a trailing object, so they can send any column.
