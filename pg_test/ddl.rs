@@ -249,3 +249,28 @@ fn keys_that_may_repeat_cannot_get_under_a_watch_and_drops_are_checked_under_rep
     assert_eq!(left, 0, "DROP TABLE under replica left its watch behind");
     client.batch_execute("DROP TABLE o_defer, o_defer_1").unwrap();
 }
+
+#[test]
+fn a_key_or_trigger_column_its_condition_does_not_name_can_be_renamed() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "inline",
+        "CREATE TABLE o_kren (id int PRIMARY KEY, status text, note text);
+         INSERT INTO o_kren VALUES (1, 'a', 'x');
+         SELECT watch_table('o_kren', 'update', '{status}', trigger_columns => '{status}',
+                            condition => $$NEW.note IS NOT NULL$$)",
+        &["public.o_kren"],
+    );
+    // pgwatch's own part of the trigger (UPDATE OF, the comparisons) follows these renames.
+    writer
+        .batch_execute("ALTER TABLE o_kren RENAME COLUMN id TO ident; ALTER TABLE o_kren RENAME COLUMN status TO state")
+        .unwrap();
+    writer.batch_execute("UPDATE o_kren SET ident = 2").unwrap();
+    listener.expect(&[
+        r#"{"tbl":"public.o_kren","op":"delete","rows":[{"ident":1,"state":"a"}]}"#,
+        r#"{"tbl":"public.o_kren","op":"insert","rows":[{"ident":2,"state":"a"}]}"#,
+    ]);
+    // The condition's own column is refused, as before.
+    let (code, message) = failure(&mut writer, "ALTER TABLE o_kren RENAME COLUMN note TO remark");
+    assert_eq!(code, "2BP01", "{message}");
+}

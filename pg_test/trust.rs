@@ -197,23 +197,45 @@ fn a_database_owners_settings_cannot_stop_its_worker() {
     let mut admin = connect();
     drop(mallory(&mut admin));
     let mut db = database(&mut admin, "trust_settings", None);
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t'); GRANT INSERT ON t TO mallory")
-        .unwrap();
+    // A retained watch: the worker writes its log, which mallory may not.
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', retain => '1 hour');
+         GRANT SELECT, INSERT ON t TO mallory",
+    )
+    .unwrap();
     drop(db);
     // What the database's owner may set for every session, the worker's included (it takes them
     // in as it connects, on the first commit below).
-    let mut hostile = vec!["role = mallory", "statement_timeout = '1ms'", "lock_timeout = '1ms'"];
+    let mut hostile = vec![
+        "role = mallory",
+        "default_transaction_read_only = on",
+        "statement_timeout = '1ms'",
+        "lock_timeout = '1ms'",
+    ];
+    let mut own = "-c default_transaction_read_only=off -c statement_timeout=0 -c lock_timeout=0".to_string();
     if cfg!(any(feature = "pg17", feature = "pg18")) {
         hostile.push("transaction_timeout = '1ms'");
+        own.push_str(" -c transaction_timeout=0");
     }
     for setting in &hostile {
         admin.batch_execute(&format!("ALTER DATABASE trust_settings SET {setting}")).unwrap();
     }
-    let mut db = connect_to(&mut admin, "trust_settings");
-    let own = if cfg!(any(feature = "pg17", feature = "pg18")) { "SET transaction_timeout = 0;" } else { "" };
-    db.batch_execute(&format!("SET statement_timeout = 0; SET lock_timeout = 0; {own}")).unwrap();
-    let mut listener = Listener::new(connect_to(&mut admin, "trust_settings"), &["public.t"]);
-    listener.client.batch_execute(&format!("SET statement_timeout = 0; {own}")).unwrap();
+    // The test's own sessions override them as they connect (options outrank database settings,
+    // so no timer is ever armed for them); they run as mallory.
+    let row = admin.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
+    let (port, user): (i32, String) = (row.get(0), row.get(1));
+    let calm = || {
+        postgres::Config::new()
+            .host("localhost")
+            .port(port as u16)
+            .user(&user)
+            .dbname("trust_settings")
+            .options(&own)
+            .connect(postgres::NoTls)
+            .unwrap()
+    };
+    let mut db = calm();
+    let mut listener = Listener::new(calm(), &["public.t"]);
     listener.expect_after(
         &mut db,
         "SET pgwatch.delivery = worker; INSERT INTO t VALUES (1)",
@@ -222,6 +244,9 @@ fn a_database_owners_settings_cannot_stop_its_worker() {
     let pid: Option<i32> =
         admin.query_one("SELECT pid FROM pgwatch.workers WHERE database = 'trust_settings'", &[]).unwrap().get(0);
     assert!(pid.is_some(), "the worker sent it");
+    let logged: i64 =
+        db.query_one("SELECT payloads FROM pgwatch.channels WHERE channel = 'public.t'", &[]).unwrap().get(0);
+    assert_eq!(logged, 1, "and logged it");
     drop((db, listener));
     admin.batch_execute("DROP DATABASE trust_settings WITH (FORCE)").unwrap();
     admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();

@@ -69,8 +69,21 @@ fn follow(id: i64, changes: &[Changed]) {
         .filter(|c| c.objid == watch.tbl && c.objsubid > 0 && c.object_type == "table column")
         .filter_map(|c| rel.tuple_desc().get(c.objsubid as usize - 1).map(|a| (c.objsubid, a.name().to_string())))
         .collect();
-    if watch.condition.is_some() {
-        if let Some((_, name)) = renamed.iter().find(|(attnum, _)| triggers_refer_to(id, watch.tbl, *attnum)) {
+    let columns = column_names(&rel);
+    let listed = || watch.keys.iter().chain(&watch.extras).chain(&watch.trigger_columns);
+    let missing: BTreeSet<String> = listed().filter(|c| !columns.contains(c)).cloned().collect();
+    if let Some(condition) = watch.condition.as_deref() {
+        // pgwatch's own part of the update trigger (UPDATE OF and the comparisons of key and
+        // trigger columns) refers to columns by number and follows a rename; the condition is the
+        // user's text, kept as written, so a column it names may not be renamed under it.
+        let only_ours = |old: &String| {
+            (watch.keys.contains(old) || watch.trigger_columns.contains(old))
+                && !condition.to_lowercase().contains(&old.to_lowercase())
+        };
+        let followed = missing.len() == 1 && missing.iter().all(only_ours);
+        if let Some((_, name)) =
+            renamed.iter().find(|(attnum, _)| !followed && triggers_refer_to(id, watch.tbl, *attnum))
+        {
             fail(
                 PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
                 format!(
@@ -81,9 +94,6 @@ fn follow(id: i64, changes: &[Changed]) {
             );
         }
     }
-    let columns = column_names(&rel);
-    let listed = || watch.keys.iter().chain(&watch.extras).chain(&watch.trigger_columns);
-    let missing: BTreeSet<String> = listed().filter(|c| !columns.contains(c)).cloned().collect();
     let mut changed = false;
     if let ([old], [(_, new)]) = (&missing.into_iter().collect::<Vec<_>>()[..], &renamed[..]) {
         for list in [&mut watch.keys, &mut watch.extras, &mut watch.trigger_columns] {

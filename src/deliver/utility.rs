@@ -123,14 +123,26 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
     }
 }
 
-/// Whether the current user may drop database `dboid` (owns it, or is a superuser).
+/// Whether the current user may drop database `dboid` (has its owner's rights, or is a
+/// superuser), as PostgreSQL checks it; `false` for the database this session is in, which
+/// PostgreSQL refuses to drop, and for one dropped meanwhile (DROP DATABASE IF EXISTS then skips).
 fn may_drop(dboid: u32) -> bool {
-    // SAFETY: catalog lookups inside the statement's transaction.
+    // SAFETY: reading this backend's database; a syscache lookup inside the statement's
+    // transaction, its tuple released before returning.
     unsafe {
-        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-        return pg_sys::pg_database_ownercheck(pg_sys::Oid::from(dboid), pg_sys::GetUserId());
-        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-        return pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, pg_sys::Oid::from(dboid), pg_sys::GetUserId());
+        if dboid == pg_sys::MyDatabaseId.to_u32() {
+            return false;
+        }
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+            pg_sys::Datum::from(pg_sys::Oid::from(dboid)),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple)).datdba;
+        pg_sys::ReleaseSysCache(tuple);
+        pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner)
     }
 }
 
