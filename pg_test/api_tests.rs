@@ -40,7 +40,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(columns, (Some(vec![]), Some(vec!["id".into()])));
-        assert_eq!(triggers("users"), 1);
+        assert_eq!(triggers("users"), 2, "update, and truncate (a resync)");
     }
 
     #[pg_test]
@@ -83,12 +83,14 @@ mod tests {
         let second = count("SELECT id FROM watch_table('users', 'update', '{role_id}')");
         assert_eq!(first, second);
         assert_eq!(count("SELECT count(*) FROM pgwatch.watches"), 1);
-        assert_eq!(triggers("users"), 1);
+        assert_eq!(triggers("users"), 2);
         let (events, extras) =
             Spi::get_two::<Vec<String>, Vec<String>>("SELECT events, extra_columns FROM pgwatch.watches").unwrap();
         assert_eq!((events.unwrap(), extras.unwrap()), (vec!["update".into()], vec!["role_id".into()]));
         // The trigger now fires on UPDATE only.
-        let tgtype = count("SELECT tgtype::bigint FROM pg_trigger WHERE tgfoid = 'pgwatch.capture'::regproc");
+        let tgtype = count(
+            "SELECT tgtype::bigint FROM pg_trigger WHERE tgfoid = 'pgwatch.capture'::regproc AND (tgtype & 32) = 0",
+        );
         assert_eq!(tgtype & (4 | 8 | 16), 16, "TRIGGER_TYPE_UPDATE only");
     }
 
@@ -101,9 +103,9 @@ mod tests {
             .unwrap();
         assert_eq!(channel, "admins");
         assert_eq!(count("SELECT count(*) FROM pgwatch.watches"), 2);
-        assert_eq!(triggers("users"), 2);
+        assert_eq!(triggers("users"), 4);
         assert_eq!(count("SELECT unwatch_table('users', 'admins')"), 1);
-        assert_eq!(triggers("users"), 1);
+        assert_eq!(triggers("users"), 2);
         assert_eq!(count("SELECT unwatch_table('users')"), 1);
         assert_eq!(triggers("users"), 0);
         assert_eq!(count("SELECT unwatch_table('users')"), 0);
@@ -127,8 +129,8 @@ mod tests {
              SELECT watch_table('events')",
         )
         .unwrap();
-        assert_eq!(triggers("events"), 3, "one per row event");
-        assert_eq!(triggers("events_2024"), 3, "cloned onto the partition");
+        assert_eq!(triggers("events"), 4, "one per row event, and truncate");
+        assert_eq!(triggers("events_2024"), 3, "the row triggers cloned onto the partition");
         assert_eq!(
             Spi::get_one::<Vec<String>>("SELECT key_columns FROM pgwatch.watches").unwrap().unwrap(),
             ["id", "at"]
@@ -322,7 +324,7 @@ mod tests {
         assert_eq!(triggers("users"), 3);
         let payload = Spi::get_one::<String>("SELECT payload FROM watch_table('users', payload => 'KEYS')").unwrap();
         assert_eq!(payload.as_deref(), Some("keys"));
-        assert_eq!(triggers("users"), 3, "replaced: insert, update and delete");
+        assert_eq!(triggers("users"), 4, "replaced: insert, update, delete, and truncate (a resync)");
     }
 
     #[pg_test]
@@ -352,13 +354,17 @@ mod tests {
         let expected = [
             "users - delete statement pgwatch_old/-",
             "users - insert statement -/pgwatch_new",
+            "users - truncate statement -/-",
             "users - update statement pgwatch_old/pgwatch_new",
             "users cond delete row -/-",
+            "users cond truncate statement -/-",
             "users cond update row -/-",
             "users cols insert statement -/pgwatch_new",
+            "users cols truncate statement -/-",
             "users cols update row -/-",
             "p - insert row -/-",
             "p1 - insert row -/-",
+            "p - truncate statement -/-",
         ];
         assert_eq!(shapes, expected.join("; "));
     }
@@ -377,6 +383,6 @@ mod tests {
                FROM pg_trigger WHERE tgfoid = 'pgwatch.capture'::regproc",
         )
         .unwrap();
-        assert_eq!(enabled.as_deref(), Some("p:A,p1:A,p2:A"));
+        assert_eq!(enabled.as_deref(), Some("p:A,p:A,p1:A,p2:A"), "insert, truncate on p; insert cloned");
     }
 }

@@ -93,23 +93,31 @@ fn truncate_is_reported_after_what_it_makes_moot_is_dropped() {
             "CREATE TABLE o_trunc (id int PRIMARY KEY);
              SELECT watch_table('o_trunc', 'insert, delete, truncate');
              SELECT watch_table('o_trunc', 'insert', label => 'o_trunc_rows');
+             SELECT watch_table('o_trunc', 'update', label => 'o_trunc_kept', retain => '1 hour');
              CREATE TABLE o_trunc_parts (id int PRIMARY KEY) PARTITION BY RANGE (id);
              CREATE TABLE o_trunc_parts_1 PARTITION OF o_trunc_parts FOR VALUES FROM (0) TO (10);
              SELECT watch_table('o_trunc_parts', 'truncate')",
-            &["public.o_trunc", "o_trunc_rows", "public.o_trunc_parts"],
+            &["public.o_trunc", "o_trunc_rows", "o_trunc_kept", "public.o_trunc_parts"],
         );
         let truncate = r#"{"tbl":"public.o_trunc","op":"truncate"}"#;
+        // Watches that do not report truncate still have their subscribers refetch: their copies
+        // hold rows the table no longer has.
+        let resync = r#"{"tbl":"public.o_trunc","op":"resync"}"#;
+        let reset = r#"{"tbl":"public.o_trunc","op":"reset","reason":"truncate"}"#;
         let insert = |id: i32| format!(r#"{{"tbl":"public.o_trunc","op":"insert","rows":[{{"id":{id}}}]}}"#);
         writer
             .batch_execute(
                 "BEGIN; INSERT INTO o_trunc VALUES (1); TRUNCATE o_trunc; INSERT INTO o_trunc VALUES (2); COMMIT",
             )
             .unwrap();
-        // The insert of 1 is gone with the truncate; the watch without 'truncate' hears of 2 only.
+        // The insert of 1 is gone with the truncate; the watches without 'truncate' refetch after
+        // what came after it.
         listener.expect_on(&[
             ("public.o_trunc", truncate),
             ("public.o_trunc", &insert(2)),
-            ("o_trunc_rows", r#"{"tbl":"public.o_trunc","op":"insert","rows":[{"id":1},{"id":2}]}"#),
+            ("o_trunc_rows", &insert(2)),
+            ("o_trunc_rows", resync),
+            ("o_trunc_kept", reset),
         ]);
         writer
             .batch_execute(
@@ -118,7 +126,7 @@ fn truncate_is_reported_after_what_it_makes_moot_is_dropped() {
             .unwrap();
         listener.expect_on(&[("public.o_trunc", &insert(3)), ("o_trunc_rows", &insert(3))]);
         writer.batch_execute("TRUNCATE o_trunc").unwrap();
-        listener.expect_on(&[("public.o_trunc", truncate)]);
+        listener.expect_on(&[("public.o_trunc", truncate), ("o_trunc_rows", resync), ("o_trunc_kept", reset)]);
         writer.batch_execute("INSERT INTO o_trunc_parts VALUES (1); TRUNCATE o_trunc_parts").unwrap();
         listener.expect_on(&[("public.o_trunc_parts", r#"{"tbl":"public.o_trunc_parts","op":"truncate"}"#)]);
     }

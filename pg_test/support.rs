@@ -268,12 +268,13 @@ pub fn watch_id(client: &mut Client, channel: &str) -> i64 {
     client.query_one("SELECT id FROM pgwatch.watches WHERE channel = $1", &[&channel]).unwrap().get(0)
 }
 
-/// Per pgwatch trigger on `table`, in name order: whether it fires per row.
+/// Per pgwatch trigger of a row event on `table`, in name order: whether it fires per row (a
+/// TRUNCATE trigger always fires per statement).
 pub fn per_row(client: &mut Client, table: &str) -> Vec<bool> {
     client
         .query(
             "SELECT (tgtype & 1) = 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass
-                AND tgfoid = 'pgwatch.capture'::regproc ORDER BY tgname",
+                AND tgfoid = 'pgwatch.capture'::regproc AND (tgtype & 32) = 0 ORDER BY tgname",
             &[&table],
         )
         .unwrap()

@@ -88,9 +88,24 @@ fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(triggers, ["pgwatch_1_delete", "pgwatch_1_insert", "pgwatch_1_update", "pgwatch_2_delete"]);
+    // (A watch that does not report truncate has a TRUNCATE trigger too, which sends a resync.)
+    assert_eq!(
+        triggers,
+        [
+            "pgwatch_1_delete",
+            "pgwatch_1_insert",
+            "pgwatch_1_truncate",
+            "pgwatch_1_update",
+            "pgwatch_2_delete",
+            "pgwatch_2_truncate"
+        ]
+    );
     db.batch_execute("SELECT watch_table('users', 'insert, truncate', label => 'gone_users'); TRUNCATE users").unwrap();
-    listener.expect_on(&[("gone_users", r#"{"tbl":"public.users","op":"truncate"}"#)]);
+    listener.expect_on(&[
+        ("gone_users", r#"{"tbl":"public.users","op":"truncate"}"#),
+        // The plain watch does not report truncate: its subscribers refetch.
+        ("public.users", r#"{"tbl":"public.users","op":"resync"}"#),
+    ]);
 
     same_objects_as_a_fresh_install(&mut admin, &mut db);
     drop((db, listener));
@@ -158,9 +173,12 @@ fn watches_made_with_0_2_0_get_statement_triggers_and_compact_payloads_after_upd
         [
             "pgwatch_1_delete statement 1",
             "pgwatch_1_insert statement 1",
+            "pgwatch_1_truncate statement 1",
             "pgwatch_1_update statement 1",
+            "pgwatch_2_truncate statement 1",
             "pgwatch_2_update row 1",
-            "pgwatch_3_insert row 1"
+            "pgwatch_3_insert row 1",
+            "pgwatch_3_truncate statement 1"
         ]
     );
     // The WHEN conditions came through the update as PostgreSQL stored them, never parsed again.
@@ -299,7 +317,7 @@ fn pg_dump_and_pg_restore_keep_watches() {
     let count = |table: &str, level: &str| {
         restored_triggers.iter().filter(|t| t.contains(&format!("ON public.{table} ")) && t.contains(level)).count()
     };
-    assert_eq!((count("notes", "FOR EACH STATEMENT"), count("tree", "FOR EACH ROW")), (3, 3));
+    assert_eq!((count("notes", "FOR EACH STATEMENT"), count("tree", "FOR EACH ROW")), (4, 3));
     let mut listener = Listener::new(connect_to(&mut admin, "o_restored"), &["public.orders", "orders_gone"]);
     // One statement at a time: the worker would fold changes that reach it together.
     restored.batch_execute("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 5)").unwrap();

@@ -118,7 +118,13 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     if tbl.len() > MAX_TABLE_NAME {
         refuse(&format!("a table name of {} bytes (at most {MAX_TABLE_NAME})", tbl.len()));
     }
-    let target = Rc::new(Target { channel, tbl, rows: rows.clone().unwrap_or(Rows::Objects), retained: arg.retained });
+    let target = Rc::new(Target {
+        channel,
+        tbl,
+        rows: rows.clone().unwrap_or(Rows::Objects),
+        retained: arg.retained,
+        on_truncate: arg.on_truncate,
+    });
     // SAFETY: rel is open for the trigger's whole run.
     let columns = unsafe { resolve(rel, &arg.columns, compact) };
     let columns = match (columns, rows) {

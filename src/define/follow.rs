@@ -128,7 +128,7 @@ fn follow(id: i64, changes: &[Changed]) {
     // The table's triggers or place in an inheritance tree may have changed what its watches need.
     let table_needs_rows = needs_row_triggers(&rel);
     let wanted = |trigger: &Existing| {
-        watch.events.iter().any(|event| {
+        watch.trigger_events().any(|event| {
             trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, table_needs_rows)
         })
     };

@@ -104,8 +104,7 @@ pub fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
 /// trigger that must have one has none that passes.
 pub fn existing_whens(id: i64, watch: &Watch, rel: &PgRelation, existing: &[Existing]) -> Vec<(Event, Option<When>)> {
     watch
-        .events
-        .iter()
+        .trigger_events()
         .map(|event| {
             let trigger = existing.iter().find(|t| t.name == trigger_name(id, event) && t.is_row_trigger_for(event));
             let needs_when = match event {

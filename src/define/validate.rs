@@ -271,8 +271,7 @@ fn whens(rel: &PgRelation, watch: &Watch) -> Vec<(Event, Option<When>)> {
     });
     let comparisons = when::comparisons(rel, &watch.update_columns());
     watch
-        .events
-        .iter()
+        .trigger_events()
         .map(|event| {
             let when = match event {
                 Event::Row(Op::Update) => match (comparisons, row_condition) {

@@ -11,7 +11,7 @@ use crate::encode::packer::{
     overflow_payload, reset_payload, resync_payload, truncate_payload, Packer, Payload, ResetReason,
 };
 use crate::model::events::Op;
-use crate::model::watch::Target;
+use crate::model::watch::{OnTruncate, Target};
 use crate::stats::{self, Counter};
 
 unsafe extern "C-unwind" {
@@ -36,11 +36,25 @@ pub fn send(channel: &CStr, payload: &CStr, rows: usize) {
 /// value of another unique column freed by a delete is never held twice.
 const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 
+/// Whether one watch's changes end with a refetch for its subscribers (a resync, on a retained
+/// channel a reset marker), and why: a resync was asked for (changes notified inline may have
+/// overtaken these), or the table was truncated and the watch does not report truncate.
+pub fn refetch_due(target: &Target, folded: &Folded) -> Option<ResetReason> {
+    if folded.resync() {
+        Some(ResetReason::Fallback)
+    } else if folded.truncated() && target.on_truncate == OnTruncate::Refetch {
+        Some(ResetReason::Truncate)
+    } else {
+        None
+    }
+}
+
 /// Sends the net effect of one watch's changes: first a truncate notice if the table was
-/// truncated, then the rows in as few payloads as fit, each numbered by `seq()` when that gives a
-/// number (worker delivery), then an overflow notice for each op whose rows could not all be
-/// listed, and last a resync notice if one is due (on a retained channel a reset marker: the log
-/// has a gap there). `sent` sees each payload's text as it is sent.
+/// truncated (and the watch reports truncate), then the rows in as few payloads as fit, each
+/// numbered by `seq()` when that gives a number (worker delivery), then an overflow notice for
+/// each op whose rows could not all be listed, and last a resync notice if one is due (see
+/// [`refetch_due`]; on a retained channel a reset marker). `sent` sees each payload's text as it
+/// is sent.
 ///
 /// The notices come after every listed row: a listed row may be older than a change the
 /// overflow stands for (an insert listed, its later update past the limit), and a subscriber
@@ -57,7 +71,7 @@ pub fn send_changes(
     };
     // A notice lists no rows (truncate, overflow, resync, reset).
     let notice = |notice: PayloadBuf| CString::new(notice.as_slice()).expect("JSON text holds no NUL byte");
-    if folded.truncated() {
+    if folded.truncated() && target.on_truncate == OnTruncate::Notice {
         emit(&notice(truncate_payload(&target.tbl, seq())), 0);
     }
     let mut row = PayloadBuf::new();
@@ -90,11 +104,11 @@ pub fn send_changes(
         stats::add(Counter::Overflows, 1);
         emit(&notice(overflow_payload(&target.tbl, op, seq())), 0);
     }
-    if folded.resync() {
+    if let Some(reason) = refetch_due(target, folded) {
         stats::add(Counter::Resyncs, 1);
         let payload = if target.retained {
             stats::add(Counter::FeedResets, 1);
-            reset_payload(&target.tbl, seq(), ResetReason::Fallback)
+            reset_payload(&target.tbl, seq(), reason)
         } else {
             resync_payload(&target.tbl, seq())
         };

@@ -82,6 +82,8 @@ pub enum ResetReason {
     Restart,
     /// A transaction was notified inline (the queue was full), outside the log.
     Fallback,
+    /// The table was truncated, and its watch does not report truncate.
+    Truncate,
 }
 
 impl ResetReason {
@@ -89,6 +91,7 @@ impl ResetReason {
         match self {
             ResetReason::Restart => "restart",
             ResetReason::Fallback => "fallback",
+            ResetReason::Truncate => "truncate",
         }
     }
 }

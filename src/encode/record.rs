@@ -7,7 +7,7 @@ use super::fold::{Change, Folded};
 use super::image::Image;
 use super::packer::{MAX_COLS_HEADER, MAX_TABLE_NAME};
 use crate::model::events::Op;
-use crate::model::watch::{Rows, Target, MAX_CHANNEL};
+use crate::model::watch::{OnTruncate, Rows, Target, MAX_CHANNEL};
 
 /// One watch's changes in a record, read in place: the worker compares the watch's [`Target`]
 /// with the ones it already has and decodes the changes straight into its fold.
@@ -26,6 +26,7 @@ impl<'a> WatchRecord<'a> {
             && target.tbl.as_bytes() == self.tbl
             && target.cols() == self.cols
             && target.retained == self.retained()
+            && target.on_truncate == self.on_truncate()
     }
 
     pub fn target(&self) -> Target {
@@ -34,12 +35,22 @@ impl<'a> WatchRecord<'a> {
             tbl: String::from_utf8_lossy(self.tbl).into_owned(),
             rows: if self.cols.is_empty() { Rows::Objects } else { Rows::Compact(self.cols.into()) },
             retained: self.retained(),
+            on_truncate: self.on_truncate(),
         }
     }
 
     /// The watch keeps its payloads for replay.
     pub fn retained(&self) -> bool {
         self.flags & RETAINED != 0
+    }
+
+    /// What a TRUNCATE sends the watch's subscribers.
+    pub fn on_truncate(&self) -> OnTruncate {
+        if self.flags & REFETCH_ON_TRUNCATE != 0 {
+            OnTruncate::Refetch
+        } else {
+            OnTruncate::Notice
+        }
     }
 
     pub fn channel(&self) -> &'a [u8] {
@@ -121,19 +132,21 @@ const RESYNC: u8 = 1 << 4;
 /// Bit of the flags byte that says the watch keeps its payloads for replay.
 const RETAINED: u8 = 1 << 5;
 
-fn retained_flag(target: &Target) -> u8 {
-    if target.retained {
-        RETAINED
-    } else {
-        0
-    }
+/// Bit of the flags byte that says a TRUNCATE makes the watch's subscribers refetch.
+const REFETCH_ON_TRUNCATE: u8 = 1 << 6;
+
+/// The flags that are part of the watch's [`Target`].
+fn target_flags(target: &Target) -> u8 {
+    let retained = if target.retained { RETAINED } else { 0 };
+    let refetch = if target.on_truncate == OnTruncate::Refetch { REFETCH_ON_TRUNCATE } else { 0 };
+    retained | refetch
 }
 
 /// Appends a watch's resync request to a record body: no changes, only the request that its
 /// subscribers refetch once everything queued before it is sent. A transaction notified inline
 /// queues one, since its notifications may reach subscribers before older queued ones.
 pub fn encode_resync(out: &mut Vec<u8>, target: &Target) {
-    encode_header(out, target, RESYNC | retained_flag(target));
+    encode_header(out, target, RESYNC | target_flags(target));
     out.extend_from_slice(&[0; 8]);
 }
 
@@ -165,7 +178,7 @@ pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
     let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
     let truncated = if folded.truncated() { TRUNCATED } else { 0 };
     let resync = if folded.resync() { RESYNC } else { 0 };
-    encode_header(out, target, overflow | truncated | resync | retained_flag(target));
+    encode_header(out, target, overflow | truncated | resync | target_flags(target));
     // The row count, then the rows' bytes, length-prefixed so that a reader can step over them.
     let count_at = out.len();
     out.extend_from_slice(&[0; 8]);
@@ -242,6 +255,7 @@ mod tests {
             tbl: "public.t".into(),
             rows: Rows::Compact((*b"\"cols\":[\"id\"],").into()),
             retained: true,
+            on_truncate: OnTruncate::Refetch,
         };
         let mut first = Folded::default();
         first.apply(Change { before: None, after: Some(img(1, "a", false)) });
@@ -271,9 +285,20 @@ mod tests {
         );
     }
 
+    /// A watch of table `t` on channel `c` with object rows, not retained.
+    fn plain_target() -> Target {
+        Target {
+            channel: c"c".into(),
+            tbl: "t".into(),
+            rows: Rows::Objects,
+            retained: false,
+            on_truncate: OnTruncate::Notice,
+        }
+    }
+
     #[test]
     fn op_order_of_decoded_changes_is_kept() {
-        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
+        let target = plain_target();
         let mut folded = Folded::default();
         folded.apply(Change { before: None, after: Some(img(5, "x", false)) });
         let mut body = Vec::new();
@@ -285,7 +310,7 @@ mod tests {
 
     #[test]
     fn a_truncate_clears_earlier_transactions_but_not_its_own_later_rows() {
-        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
+        let target = plain_target();
         let mut earlier = Folded::default();
         earlier.apply(Change { before: None, after: Some(img(1, "a", false)) });
         earlier.mark_overflow(Op::Delete);
@@ -303,7 +328,7 @@ mod tests {
 
     #[test]
     fn a_resync_part_carries_no_rows_and_asks_for_a_resync() {
-        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
+        let target = plain_target();
         let mut body = Vec::new();
         encode_resync(&mut body, &target);
         let part = decode(&body).next().unwrap();
@@ -321,6 +346,7 @@ mod tests {
             tbl: "t".into(),
             rows: Rows::Objects,
             retained: false,
+            on_truncate: OnTruncate::Notice,
         };
         encode_resync(&mut body, &long);
         assert!(decode(&body).next().unwrap().unsendable().is_some());

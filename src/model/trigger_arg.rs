@@ -8,11 +8,12 @@
 //! which a single-row statement pays in full. Triggers made by earlier builds pass one field per argument; they are
 //! read as such until their watch's triggers are made again.
 
-use super::watch::{PayloadMode, Watch, MAX_CHANNEL};
+use super::watch::{OnTruncate, PayloadMode, Watch, MAX_CHANNEL};
 
 /// How a watch's rows are written, as its trigger argument says: the key count is followed by
 /// ` compact` for arrays of values (and by ` retained` for a watch whose payloads are kept, see
-/// [`TriggerArg::retained`]).
+/// [`TriggerArg::retained`], and ` refetch` for one that does not report truncate, see
+/// [`TriggerArg::on_truncate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Objects,
@@ -29,6 +30,9 @@ pub struct TriggerArg {
     pub layout: Layout,
     /// The watch keeps its payloads for replay.
     pub retained: bool,
+    /// What a TRUNCATE sends (triggers made before 0.4.0 say nothing: only a watch that reports
+    /// truncate had a TRUNCATE trigger then).
+    pub on_truncate: OnTruncate,
     /// Key columns, then extra columns.
     pub columns: Vec<Vec<u8>>,
 }
@@ -42,6 +46,9 @@ impl TriggerArg {
         }
         if watch.retain.is_some() {
             keys.push_str(" retained");
+        }
+        if watch.on_truncate() == OnTruncate::Refetch {
+            keys.push_str(" refetch");
         }
         let fields: Vec<String> = [watch.channel.clone(), tbl.to_string(), keys]
             .into_iter()
@@ -63,11 +70,13 @@ impl TriggerArg {
         let keys = String::from_utf8_lossy(keys);
         let mut words = keys.split(' ');
         let count = words.next().unwrap_or_default();
-        let (mut layout, mut retained) = (Layout::Objects, false);
+        let (mut layout, mut retained, mut on_truncate) = (Layout::Objects, false, OnTruncate::Notice);
         for word in words {
+            let refetch = on_truncate == OnTruncate::Refetch;
             match word {
-                "compact" if layout == Layout::Objects && !retained => layout = Layout::Compact,
-                "retained" if !retained => retained = true,
+                "compact" if layout == Layout::Objects && !retained && !refetch => layout = Layout::Compact,
+                "retained" if !retained && !refetch => retained = true,
+                "refetch" if !refetch => on_truncate = OnTruncate::Refetch,
                 _ => return Err(format!("a key count of \"{keys}\"")),
             }
         }
@@ -75,7 +84,15 @@ impl TriggerArg {
             Ok(keys) if (1..=columns.len()).contains(&keys) => keys,
             _ => return Err(format!("a key count of \"{keys}\" for {} columns", columns.len())),
         };
-        Ok(TriggerArg { channel: channel.clone(), tbl: tbl.clone(), keys, layout, retained, columns: columns.to_vec() })
+        Ok(TriggerArg {
+            channel: channel.clone(),
+            tbl: tbl.clone(),
+            keys,
+            layout,
+            retained,
+            on_truncate,
+            columns: columns.to_vec(),
+        })
     }
 }
 
@@ -118,7 +135,7 @@ fn decode(args: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{decode, encode, Layout, TriggerArg};
+    use super::{decode, encode, Layout, OnTruncate, TriggerArg};
 
     fn strings(fields: &[&str]) -> Vec<String> {
         fields.iter().map(|f| f.to_string()).collect()
@@ -168,6 +185,7 @@ mod tests {
                 keys: 2,
                 layout: Layout::Compact,
                 retained: false,
+                on_truncate: OnTruncate::Notice,
                 columns: bytes(&["a", "b", "c"])
             })
         );
@@ -176,6 +194,12 @@ mod tests {
         assert_eq!((retained.layout, retained.retained), (Layout::Compact, true));
         let retained = read(arg(&["ch", "t", "1 retained", "id"])).unwrap();
         assert_eq!((retained.layout, retained.retained), (Layout::Objects, true));
+        let refetch = read(arg(&["ch", "t", "1 compact retained refetch", "id"])).unwrap();
+        assert_eq!(
+            (refetch.layout, refetch.retained, refetch.on_truncate),
+            (Layout::Compact, true, OnTruncate::Refetch)
+        );
+        assert_eq!(read(arg(&["ch", "t", "1 refetch", "id"])).map(|a| a.on_truncate), Ok(OnTruncate::Refetch));
         for bad in [
             arg(&["ch", "t", "1"]),
             arg(&["", "t", "1", "id"]),
@@ -186,6 +210,8 @@ mod tests {
             arg(&["ch", "t", "1 retained compact", "id"]),
             arg(&["ch", "t", "1 retained retained", "id"]),
             arg(&["ch", "t", "1 compact compact", "id"]),
+            arg(&["ch", "t", "1 refetch compact", "id"]),
+            arg(&["ch", "t", "1 refetch refetch", "id"]),
             "ch".to_string(),
         ] {
             assert!(read(bad.clone()).is_err(), "{bad}");

@@ -86,6 +86,22 @@ impl Watch {
         self.keys.iter().chain(&self.extras).map(String::as_str).find(|c| RESERVED_COLUMNS.contains(c))
     }
 
+    /// The triggers this watch has: one per event it reports, and a TRUNCATE trigger in any case
+    /// (one that does not report truncate tells its subscribers to refetch, see [`OnTruncate`]).
+    pub fn trigger_events(&self) -> impl Iterator<Item = Event> {
+        let refetch = (!self.events.has(Event::Truncate)).then_some(Event::Truncate);
+        self.events.iter().chain(refetch)
+    }
+
+    /// What a TRUNCATE of the table sends its subscribers.
+    pub fn on_truncate(&self) -> OnTruncate {
+        if self.events.has(Event::Truncate) {
+            OnTruncate::Notice
+        } else {
+            OnTruncate::Refetch
+        }
+    }
+
     /// Whether `event`'s trigger fires per row, rather than once per statement over the
     /// statement's transition tables (cheaper per row): where the table needs it
     /// (`table_needs_rows`, see `define::triggers::needs_row_triggers`), and for what a statement trigger cannot
@@ -137,6 +153,15 @@ pub enum Rows {
     Compact(Box<[u8]>),
 }
 
+/// What a TRUNCATE of a watched table sends: a watch that reports truncate sends a truncate notice
+/// (`"op":"truncate"`); any other still tells its subscribers to refetch (a resync, on a retained
+/// channel a reset marker), since their copies hold rows the table no longer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnTruncate {
+    Notice,
+    Refetch,
+}
+
 /// Where a watch's notifications go and how they are written: its channel, the table name
 /// subscribers see, and the shape of its rows.
 #[derive(Debug, PartialEq, Eq)]
@@ -147,6 +172,7 @@ pub struct Target {
     /// Its payloads are kept for replay (see `feed`): always delivered by the worker, which
     /// writes them to the log in the transaction that sends them.
     pub retained: bool,
+    pub on_truncate: OnTruncate,
 }
 
 impl Target {
