@@ -90,11 +90,16 @@ async fn insert_one_by_one(db: &tokio_postgres::Client, ids: std::ops::RangeIncl
 
 /// The table's rows as the mirrors hold them, by id.
 fn table_rows(db: &mut Client) -> Vec<Value> {
-    db.query("SELECT id, grp, version FROM items ORDER BY id", &[])
-        .unwrap()
+    try_table_rows(db).unwrap()
+}
+
+/// The same, or the error of a connection that the server's restart may have closed.
+fn try_table_rows(db: &mut Client) -> Result<Vec<Value>, postgres::Error> {
+    Ok(db
+        .query("SELECT id, grp, version FROM items ORDER BY id", &[])?
         .iter()
         .map(|r| json!({"id": r.get::<_, i32>(0), "grp": r.get::<_, i32>(1), "version": r.get::<_, i64>(2)}))
-        .collect()
+        .collect())
 }
 
 /// A tiny deterministic generator for the writers' choices.
@@ -660,7 +665,8 @@ fn the_python_subscriber_keeps_an_exact_mirror_through_kills_and_a_restart() {
             std::thread::sleep(Duration::from_millis(200));
             // Compared only once the last row is there: before, writers may still be running.
             last = python.dump();
-            let Ok(table) = db.query("SELECT 1 FROM items WHERE id = 0", &[]).map(|_| table_rows(&mut db)) else {
+            let Ok(table) = db.query("SELECT 1 FROM items WHERE id = 0", &[]).and_then(|_| try_table_rows(&mut db))
+            else {
                 db = cluster.connect();
                 continue;
             };
@@ -669,7 +675,7 @@ fn the_python_subscriber_keeps_an_exact_mirror_through_kills_and_a_restart() {
             }
         }
         if !converged.load(Ordering::Relaxed) {
-            let table = table_rows(&mut db);
+            let table = try_table_rows(&mut db).unwrap_or_else(|_| table_rows(&mut cluster.connect()));
             let mirror = last["rows"].as_array().cloned().unwrap_or_default();
             let only_table: Vec<&Value> = table.iter().filter(|r| !mirror.contains(r)).collect();
             let only_mirror: Vec<&Value> = mirror.iter().filter(|r| !table.contains(r)).collect();

@@ -168,3 +168,22 @@ GRANT SELECT ON pgwatch.channels TO PUBLIC;
 CREATE FUNCTION pgwatch.protocol_version() RETURNS int
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS 'SELECT 1';
+
+-- Each watch's triggers are made again: a watch that does not report truncate gets the TRUNCATE
+-- trigger that has its subscribers refetch; WHEN conditions are kept as PostgreSQL stored them (a
+-- condition's text is never parsed again). A watch whose triggers cannot be made again (its
+-- table changed since) keeps its 0.3.0 triggers, which this library still runs.
+DO $$
+DECLARE
+    w record;
+BEGIN
+    FOR w IN SELECT id, tbl FROM pgwatch.watches ORDER BY id LOOP
+        BEGIN
+            PERFORM pgwatch.renew_watch(w.id);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'pgwatch: watch % of table % keeps its 0.3.0 triggers: %', w.id, w.tbl, SQLERRM
+                USING HINT = 'Fix the table or the watch, then call watch_table() for it again.';
+        END;
+    END LOOP;
+END
+$$;

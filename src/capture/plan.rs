@@ -20,7 +20,7 @@ use crate::encode::packer::{cols_header, row_budget, MAX_TABLE_NAME};
 use crate::error::fail;
 use crate::fxhash::FxHashMap;
 use crate::model::trigger_arg::{Layout, TriggerArg};
-use crate::model::watch::{Rows, Target};
+use crate::model::watch::{OnTruncate, Rows, Target};
 use crate::unguarded;
 
 /// How a column's value becomes JSON.
@@ -56,6 +56,8 @@ pub struct Columns {
 
 pub struct Plan {
     pub target: Rc<Target>,
+    /// What a TRUNCATE of the table sends the watch's subscribers.
+    pub on_truncate: OnTruncate,
     relid: Oid,
     /// `None` when a watched column is gone from the table: rows are reported as overflows.
     pub columns: Option<Columns>,
@@ -118,13 +120,7 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     if tbl.len() > MAX_TABLE_NAME {
         refuse(&format!("a table name of {} bytes (at most {MAX_TABLE_NAME})", tbl.len()));
     }
-    let target = Rc::new(Target {
-        channel,
-        tbl,
-        rows: rows.clone().unwrap_or(Rows::Objects),
-        retained: arg.retained,
-        on_truncate: arg.on_truncate,
-    });
+    let target = Rc::new(Target { channel, tbl, rows: rows.clone().unwrap_or(Rows::Objects), retained: arg.retained });
     // SAFETY: rel is open for the trigger's whole run.
     let columns = unsafe { resolve(rel, &arg.columns, compact) };
     let columns = match (columns, rows) {
@@ -149,7 +145,7 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
             None
         }
     };
-    Plan { target, relid, columns, transition_slots: OnceCell::new() }
+    Plan { target, on_truncate: arg.on_truncate, relid, columns, transition_slots: OnceCell::new() }
 }
 
 /// Finds each named column in `rel` and how to encode it (a compact watch's values go without

@@ -35,7 +35,8 @@ pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, 
         pg_sys::TRIGGER_EVENT_DELETE => Op::Delete,
         _ if !is_row => {
             // SAFETY: this is a firing trigger of pgwatch.capture.
-            xact::record_truncate(&unsafe { plan::for_trigger(data) }.target);
+            let plan = unsafe { plan::for_trigger(data) };
+            xact::record_truncate(&plan.target, plan.on_truncate);
             return Ok(None);
         }
         _ => misfired("a row trigger on TRUNCATE"),

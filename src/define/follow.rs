@@ -14,7 +14,7 @@ use super::watches::rebuild;
 use crate::error::{self, fail};
 use crate::model::events::Event;
 use crate::model::trigger_arg::TriggerArg;
-use crate::model::watch::{channel_name, TableName, MAX_CHANNEL};
+use crate::model::watch::{channel_name, OnTruncate, TableName, MAX_CHANNEL};
 
 /// One object a DDL command changed, as `pg_event_trigger_ddl_commands()` lists it.
 struct Changed {
@@ -44,7 +44,15 @@ fn ddl_commands() -> Vec<Changed> {
 fn follow(id: i64, changes: &[Changed]) {
     let Some(mut watch) = load(id) else { return };
     let existing = existing_triggers(id, watch.tbl);
-    if !watch.events.iter().all(|event| existing.iter().any(|t| t.name == trigger_name(id, event))) {
+    // Triggers made since 0.4.0 (their argument says what a TRUNCATE sends) include a TRUNCATE
+    // trigger whatever the watch reports; older ones have it only if it reports truncate, and
+    // following them makes it.
+    let current = existing.iter().any(|t| {
+        let args: Vec<&[u8]> = t.args.iter().map(|a| a.as_bytes()).collect();
+        TriggerArg::read(&args).is_ok_and(|arg| arg.on_truncate == OnTruncate::Refetch)
+    });
+    let mut needed = watch.events.iter().chain(current.then_some(Event::Truncate));
+    if !needed.all(|event| existing.iter().any(|t| t.name == trigger_name(id, event))) {
         // Not all its triggers are there (yet): pg_restore creates them one by one, after the
         // table's other DDL.
         return;

@@ -11,7 +11,7 @@ use crate::encode::packer::{
     overflow_payload, reset_payload, resync_payload, truncate_payload, Packer, Payload, ResetReason,
 };
 use crate::model::events::Op;
-use crate::model::watch::{OnTruncate, Target};
+use crate::model::watch::Target;
 use crate::stats::{self, Counter};
 
 unsafe extern "C-unwind" {
@@ -38,11 +38,12 @@ const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 
 /// Whether one watch's changes end with a refetch for its subscribers (a resync, on a retained
 /// channel a reset marker), and why: a resync was asked for (changes notified inline may have
-/// overtaken these), or the table was truncated and the watch does not report truncate.
-pub fn refetch_due(target: &Target, folded: &Folded) -> Option<ResetReason> {
+/// overtaken these: a gap in the log), or the table was truncated and the watch does not report
+/// truncate (no gap: the marker is in the log like any payload).
+fn refetch_due(folded: &Folded) -> Option<ResetReason> {
     if folded.resync() {
         Some(ResetReason::Fallback)
-    } else if folded.truncated() && target.on_truncate == OnTruncate::Refetch {
+    } else if folded.refetch_after_truncate() {
         Some(ResetReason::Truncate)
     } else {
         None
@@ -71,7 +72,7 @@ pub fn send_changes(
     };
     // A notice lists no rows (truncate, overflow, resync, reset).
     let notice = |notice: PayloadBuf| CString::new(notice.as_slice()).expect("JSON text holds no NUL byte");
-    if folded.truncated() && target.on_truncate == OnTruncate::Notice {
+    if folded.truncated() {
         emit(&notice(truncate_payload(&target.tbl, seq())), 0);
     }
     let mut row = PayloadBuf::new();
@@ -104,10 +105,12 @@ pub fn send_changes(
         stats::add(Counter::Overflows, 1);
         emit(&notice(overflow_payload(&target.tbl, op, seq())), 0);
     }
-    if let Some(reason) = refetch_due(target, folded) {
+    if let Some(reason) = refetch_due(folded) {
         stats::add(Counter::Resyncs, 1);
         let payload = if target.retained {
-            stats::add(Counter::FeedResets, 1);
+            if reason == ResetReason::Fallback {
+                stats::add(Counter::FeedResets, 1);
+            }
             reset_payload(&target.tbl, seq(), reason)
         } else {
             resync_payload(&target.tbl, seq())

@@ -19,7 +19,7 @@ use super::shmem::{self, PREPARED_GID_BITS};
 use super::slots::channel_hash;
 use super::xact;
 use crate::error;
-use crate::model::watch::{OnTruncate, Rows, Target};
+use crate::model::watch::{Rows, Target};
 
 thread_local! {
     /// The GID of the PREPARE TRANSACTION this backend runs, for the prepare that follows it.
@@ -116,8 +116,7 @@ fn every_watch() -> Vec<Rc<Target>> {
     // function and operator is qualified, so that none of another schema's can stand in.
     let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
                         pg_catalog.concat(n.nspname, '.', c.relname),
-                        pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL,
-                        'truncate' OPERATOR(pg_catalog.=) ANY(w.events)
+                        pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL
                    FROM pgwatch.watches w
                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.tbl
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace";
@@ -131,11 +130,6 @@ fn every_watch() -> Vec<Rc<Target>> {
                     tbl: row.get::<String>(2)?.unwrap_or_default(),
                     rows: Rows::Objects,
                     retained: row.get::<bool>(3)?.unwrap_or(false),
-                    on_truncate: if row.get::<bool>(4)?.unwrap_or(false) {
-                        OnTruncate::Notice
-                    } else {
-                        OnTruncate::Refetch
-                    },
                 }))
             })
             .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()

@@ -27,7 +27,7 @@ use crate::encode::record::decode;
 use crate::feed::log::{Feed, Logged, Plans};
 use crate::feed::prune::Ring;
 use crate::guc;
-use crate::model::watch::{OnTruncate, Rows, Target};
+use crate::model::watch::{Rows, Target};
 use crate::stats::{self, Counter};
 
 /// Bytes of record bodies one worker transaction collects; the record that crosses it is included.
@@ -379,9 +379,9 @@ impl Worker {
             for (target, folded) in watches {
                 let channel = target.channel.to_bytes();
                 if target.retained && logged.borrow().has(channel) {
-                    if let Some(reason) = notify::refetch_due(target, folded) {
-                        // The reset marker `send_changes` sends last.
-                        logged.borrow_mut().note_reset(channel, reason);
+                    if folded.resync() {
+                        // The reset marker `send_changes` sends last for the fallback's gap.
+                        logged.borrow_mut().note_reset(channel, ResetReason::Fallback);
                     }
                     notify::send_changes(
                         target,
@@ -511,7 +511,6 @@ impl Worker {
                 tbl: tbl.to_string(),
                 rows: Rows::Objects,
                 retained,
-                on_truncate: OnTruncate::Notice,
             };
             let mut folded = Folded::default();
             folded.mark_resync();

@@ -23,7 +23,7 @@ use crate::encode::image::Image;
 use crate::encode::record;
 use crate::guc::{self, Delivery};
 use crate::model::events::Op;
-use crate::model::watch::Target;
+use crate::model::watch::{OnTruncate, Target};
 use crate::stats::{self, Counter};
 use crate::unguarded::{GetCurrentSubTransactionId, GetCurrentTransactionNestLevel};
 
@@ -44,7 +44,7 @@ impl Buffer {
         match event {
             Recorded::Row(change) => self.folded.apply(change),
             Recorded::Overflow(op) => self.folded.mark_overflow(op),
-            Recorded::Truncate => self.folded.truncate(),
+            Recorded::Truncate(on) => self.folded.truncate(on),
         }
     }
 }
@@ -54,7 +54,7 @@ enum Recorded {
     Row(Change),
     /// A row change that cannot be listed: subscribers are told to refetch.
     Overflow(Op),
-    Truncate,
+    Truncate(OnTruncate),
 }
 
 /// A change recorded inside a subtransaction.
@@ -204,11 +204,11 @@ pub fn expect_rows(target: &Rc<Target>, rows: usize) {
     });
 }
 
-/// Records that `target`'s table was truncated.
-pub fn record_truncate(target: &Rc<Target>) {
+/// Records that `target`'s table was truncated, for subscribers to hear of as `on` says.
+pub fn record_truncate(target: &Rc<Target>, on: OnTruncate) {
     XACT.with_borrow_mut(|x| {
         let b = x.buffer(target);
-        x.push(b, Recorded::Truncate);
+        x.push(b, Recorded::Truncate(on));
     });
 }
 

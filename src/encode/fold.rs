@@ -19,6 +19,7 @@ use super::image::Image;
 use super::row::NetRow;
 use crate::fxhash;
 use crate::model::events::Op;
+use crate::model::watch::OnTruncate;
 
 /// One row change as a trigger saw it (its key may change), or the folded net change of one key.
 #[derive(Clone, Debug)]
@@ -73,8 +74,11 @@ pub struct Folded {
     indexed: usize,
     /// Per op: some rows could not be listed (too big, or past the per-transaction limit).
     overflow: [bool; 3],
-    /// The table was truncated before the changes held here.
+    /// The table was truncated before the changes held here, and a truncate notice is due.
     truncated: bool,
+    /// The table was truncated, and its watch, which does not report truncate, has subscribers
+    /// refetch after these changes (see [`OnTruncate`]).
+    refetch: bool,
     /// Subscribers must refetch after these changes: older ones may have reached them late.
     resync: bool,
 }
@@ -98,18 +102,31 @@ impl Folded {
         self.resync
     }
 
-    /// The table was emptied: what came before no longer matters (but a resync still does).
-    pub fn truncate(&mut self) {
-        *self = Folded { truncated: true, resync: self.resync, ..Folded::default() };
+    /// The table was emptied: what came before no longer matters (but a resync, and what
+    /// earlier truncates asked for, still do). `on` says what subscribers hear of it.
+    pub fn truncate(&mut self, on: OnTruncate) {
+        let (truncated, refetch) =
+            (self.truncated || on == OnTruncate::Notice, self.refetch || on == OnTruncate::Refetch);
+        *self = Folded { truncated, refetch, resync: self.resync, ..Folded::default() };
     }
 
+    /// A truncate notice is due, before the changes held here.
     pub fn truncated(&self) -> bool {
         self.truncated
     }
 
+    /// A refetch for a truncate is due, after the changes held here.
+    pub fn refetch_after_truncate(&self) -> bool {
+        self.refetch
+    }
+
     /// Whether anything is left to send.
     pub fn has_news(&self) -> bool {
-        self.truncated || self.resync || self.overflow.contains(&true) || self.net_rows().next().is_some()
+        self.truncated
+            || self.refetch
+            || self.resync
+            || self.overflow.contains(&true)
+            || self.net_rows().next().is_some()
     }
 
     /// How many keys are tracked (the memory bound counts these).
@@ -124,12 +141,13 @@ impl Folded {
 
     /// Forgets every change, keeping the memory for the next transaction's.
     pub fn clear(&mut self) {
-        let Folded { entries, index, indexed, overflow, truncated, resync } = self;
+        let Folded { entries, index, indexed, overflow, truncated, refetch, resync } = self;
         entries.clear();
         index.clear();
         *indexed = 0;
         *overflow = [false; 3];
         *truncated = false;
+        *refetch = false;
         *resync = false;
     }
 
@@ -397,12 +415,27 @@ pub(crate) mod tests {
         folded.mark_overflow(Op::Update);
         folded.mark_resync();
         assert!(!folded.truncated());
-        folded.truncate();
+        folded.truncate(OnTruncate::Notice);
         assert!(folded.truncated() && folded.has_news() && !folded.overflowed(Op::Update) && folded.resync());
         assert_eq!(folded.net_rows().count(), 0);
         folded.apply(ins(1, "b"));
         assert_eq!(folded.net_rows().map(|row| row.op).collect::<Vec<_>>(), [Op::Insert]);
         assert!(!Folded::default().has_news());
+    }
+
+    #[test]
+    fn a_truncate_its_watch_does_not_report_asks_for_a_refetch_and_keeps_an_earlier_notice() {
+        let mut folded = Folded::default();
+        folded.apply(ins(1, "a"));
+        folded.truncate(OnTruncate::Refetch);
+        assert!(folded.refetch_after_truncate() && !folded.truncated() && folded.has_news());
+        assert_eq!(folded.net_rows().count(), 0);
+        folded.truncate(OnTruncate::Notice);
+        folded.apply(ins(2, "b"));
+        assert!(folded.refetch_after_truncate() && folded.truncated());
+        assert_eq!(render(&folded), [r#"insert {"id":2,"role":"b"}"#]);
+        folded.clear();
+        assert!(!folded.refetch_after_truncate() && !folded.has_news());
     }
 
     #[test]
@@ -413,7 +446,7 @@ pub(crate) mod tests {
         folded.apply(del(2, "c"));
         folded.mark_overflow(Op::Delete);
         folded.mark_resync();
-        folded.truncate();
+        folded.truncate(OnTruncate::Notice);
         folded.apply(ins(3, "d"));
         folded.apply(ins(4, "e"));
         let capacity = folded.capacity();

@@ -26,7 +26,6 @@ impl<'a> WatchRecord<'a> {
             && target.tbl.as_bytes() == self.tbl
             && target.cols() == self.cols
             && target.retained == self.retained()
-            && target.on_truncate == self.on_truncate()
     }
 
     pub fn target(&self) -> Target {
@@ -35,7 +34,6 @@ impl<'a> WatchRecord<'a> {
             tbl: String::from_utf8_lossy(self.tbl).into_owned(),
             rows: if self.cols.is_empty() { Rows::Objects } else { Rows::Compact(self.cols.into()) },
             retained: self.retained(),
-            on_truncate: self.on_truncate(),
         }
     }
 
@@ -44,22 +42,19 @@ impl<'a> WatchRecord<'a> {
         self.flags & RETAINED != 0
     }
 
-    /// What a TRUNCATE sends the watch's subscribers.
-    pub fn on_truncate(&self) -> OnTruncate {
-        if self.flags & REFETCH_ON_TRUNCATE != 0 {
-            OnTruncate::Refetch
-        } else {
-            OnTruncate::Notice
-        }
-    }
-
     pub fn channel(&self) -> &'a [u8] {
         self.channel
     }
 
-    /// The table was truncated before these changes.
+    /// The table was truncated before these changes (a truncate notice is due).
     pub fn truncated(&self) -> bool {
         self.flags & TRUNCATED != 0
+    }
+
+    /// The table was truncated, and the watch, which does not report truncate, has its
+    /// subscribers refetch after these changes.
+    pub fn refetch_after_truncate(&self) -> bool {
+        self.flags & REFETCH != 0
     }
 
     pub fn overflowed(&self, op: Op) -> bool {
@@ -107,7 +102,10 @@ impl<'a> WatchRecord<'a> {
     /// Folds these changes, which came after what `folded` holds, into it.
     pub fn fold_into(&self, folded: &mut Folded) {
         if self.truncated() {
-            folded.truncate();
+            folded.truncate(OnTruncate::Notice);
+        }
+        if self.refetch_after_truncate() {
+            folded.truncate(OnTruncate::Refetch);
         }
         if folded.len() == 0 {
             folded.extend_net(self.changes());
@@ -132,21 +130,23 @@ const RESYNC: u8 = 1 << 4;
 /// Bit of the flags byte that says the watch keeps its payloads for replay.
 const RETAINED: u8 = 1 << 5;
 
-/// Bit of the flags byte that says a TRUNCATE makes the watch's subscribers refetch.
-const REFETCH_ON_TRUNCATE: u8 = 1 << 6;
+/// Bit of the flags byte that asks for a refetch after these changes for a truncate (see
+/// [`Folded::refetch_after_truncate`]).
+const REFETCH: u8 = 1 << 6;
 
-/// The flags that are part of the watch's [`Target`].
-fn target_flags(target: &Target) -> u8 {
-    let retained = if target.retained { RETAINED } else { 0 };
-    let refetch = if target.on_truncate == OnTruncate::Refetch { REFETCH_ON_TRUNCATE } else { 0 };
-    retained | refetch
+fn retained_flag(target: &Target) -> u8 {
+    if target.retained {
+        RETAINED
+    } else {
+        0
+    }
 }
 
 /// Appends a watch's resync request to a record body: no changes, only the request that its
 /// subscribers refetch once everything queued before it is sent. A transaction notified inline
 /// queues one, since its notifications may reach subscribers before older queued ones.
 pub fn encode_resync(out: &mut Vec<u8>, target: &Target) {
-    encode_header(out, target, RESYNC | target_flags(target));
+    encode_header(out, target, RESYNC | retained_flag(target));
     out.extend_from_slice(&[0; 8]);
 }
 
@@ -176,9 +176,10 @@ pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
         }
     }
     let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
-    let truncated = if folded.truncated() { TRUNCATED } else { 0 };
+    let truncated =
+        if folded.truncated() { TRUNCATED } else { 0 } | if folded.refetch_after_truncate() { REFETCH } else { 0 };
     let resync = if folded.resync() { RESYNC } else { 0 };
-    encode_header(out, target, overflow | truncated | resync | target_flags(target));
+    encode_header(out, target, overflow | truncated | resync | retained_flag(target));
     // The row count, then the rows' bytes, length-prefixed so that a reader can step over them.
     let count_at = out.len();
     out.extend_from_slice(&[0; 8]);
@@ -255,7 +256,6 @@ mod tests {
             tbl: "public.t".into(),
             rows: Rows::Compact((*b"\"cols\":[\"id\"],").into()),
             retained: true,
-            on_truncate: OnTruncate::Refetch,
         };
         let mut first = Folded::default();
         first.apply(Change { before: None, after: Some(img(1, "a", false)) });
@@ -285,20 +285,9 @@ mod tests {
         );
     }
 
-    /// A watch of table `t` on channel `c` with object rows, not retained.
-    fn plain_target() -> Target {
-        Target {
-            channel: c"c".into(),
-            tbl: "t".into(),
-            rows: Rows::Objects,
-            retained: false,
-            on_truncate: OnTruncate::Notice,
-        }
-    }
-
     #[test]
     fn op_order_of_decoded_changes_is_kept() {
-        let target = plain_target();
+        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
         let mut folded = Folded::default();
         folded.apply(Change { before: None, after: Some(img(5, "x", false)) });
         let mut body = Vec::new();
@@ -310,12 +299,12 @@ mod tests {
 
     #[test]
     fn a_truncate_clears_earlier_transactions_but_not_its_own_later_rows() {
-        let target = plain_target();
+        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
         let mut earlier = Folded::default();
         earlier.apply(Change { before: None, after: Some(img(1, "a", false)) });
         earlier.mark_overflow(Op::Delete);
         let mut truncating = Folded::default();
-        truncating.truncate();
+        truncating.truncate(OnTruncate::Notice);
         truncating.apply(Change { before: None, after: Some(img(2, "b", false)) });
         let mut body = Vec::new();
         encode(&mut body, &target, &earlier);
@@ -328,7 +317,7 @@ mod tests {
 
     #[test]
     fn a_resync_part_carries_no_rows_and_asks_for_a_resync() {
-        let target = plain_target();
+        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: false };
         let mut body = Vec::new();
         encode_resync(&mut body, &target);
         let part = decode(&body).next().unwrap();
@@ -346,7 +335,6 @@ mod tests {
             tbl: "t".into(),
             rows: Rows::Objects,
             retained: false,
-            on_truncate: OnTruncate::Notice,
         };
         encode_resync(&mut body, &long);
         assert!(decode(&body).next().unwrap().unsendable().is_some());

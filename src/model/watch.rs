@@ -172,7 +172,6 @@ pub struct Target {
     /// Its payloads are kept for replay (see `feed`): always delivered by the worker, which
     /// writes them to the log in the transaction that sends them.
     pub retained: bool,
-    pub on_truncate: OnTruncate,
 }
 
 impl Target {
