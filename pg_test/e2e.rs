@@ -1003,6 +1003,14 @@ fn a_committed_prepared_transaction_tells_the_watches_it_changed_to_refetch() {
         listener.expect_silence();
         writer.batch_execute("COMMIT PREPARED 'e2e_prep_1'").unwrap();
         listener.expect(&[resync]);
+        // A TRUNCATE of a table whose watch does not report it is counted and announced too.
+        let unsent = stat(&mut writer, "prepared_unsent");
+        writer.batch_execute("BEGIN; TRUNCATE e2e_prep; PREPARE TRANSACTION 'e2e_prep_3'").unwrap();
+        // (A backend adds its counts to the totals as its next transaction ends.)
+        writer.batch_execute("SELECT 1").unwrap();
+        assert_eq!(stat(&mut writer, "prepared_unsent"), unsent + 1);
+        writer.batch_execute("COMMIT PREPARED 'e2e_prep_3'").unwrap();
+        listener.expect(&[resync]);
         // Rolled back, or without watched changes: nothing.
         writer.batch_execute("BEGIN; INSERT INTO e2e_prep VALUES (2); PREPARE TRANSACTION 'e2e_prep_2'").unwrap();
         writer.batch_execute("ROLLBACK PREPARED 'e2e_prep_2'").unwrap();

@@ -356,7 +356,8 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let mut xact = take();
             xact.fold_tail();
             let rows: usize = xact.buffers.iter().map(|b| b.folded.net_rows().count()).sum();
-            let truncates = xact.buffers.iter().filter(|b| b.folded.truncated()).count();
+            let truncates =
+                xact.buffers.iter().filter(|b| b.folded.truncated() || b.folded.refetch_after_truncate()).count();
             if rows + truncates > 0 {
                 stats::add(Counter::PreparedUnsent, (rows + truncates) as u64);
                 let then = if shmem::shared().is_some() {
