@@ -53,7 +53,6 @@ const SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     (c"default_transaction_isolation", c"read committed"),
     (c"statement_timeout", c"0"),
     (c"lock_timeout", c"0"),
-    (c"idle_in_transaction_session_timeout", c"0"),
     #[cfg(any(feature = "pg17", feature = "pg18"))]
     (c"transaction_timeout", c"0"),
     (c"session_replication_role", c"origin"),
