@@ -960,6 +960,51 @@ fn each_database_gets_its_own_notifications_and_can_be_dropped() {
 }
 
 #[test]
+fn a_database_with_a_worker_can_be_copied_renamed_and_closed() {
+    let _serial = serial();
+    let mut admin = connect();
+    for name in ["e2e_db_src", "e2e_db_moved", "e2e_db_copy"] {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+    }
+    admin.batch_execute("CREATE DATABASE e2e_db_src").unwrap();
+    let insert = |n: i32| format!(r#"{{"tbl":"public.t","op":"insert","rows":[{{"id":{n}}}]}}"#);
+    let mut db = connect_to(&mut admin, "e2e_db_src");
+    db.batch_execute(
+        "CREATE EXTENSION pgwatch; CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', 'insert');
+         SET pgwatch.delivery = worker",
+    )
+    .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "e2e_db_src"), &["public.t"]);
+    listener.expect_after(&mut db, "INSERT INTO t VALUES (1)", &[&insert(1)]);
+    let worker = |admin: &mut Client, name: &str| -> Option<i32> {
+        admin.query_opt("SELECT pid FROM pgwatch.workers WHERE database = $1", &[&name]).unwrap().and_then(|r| r.get(0))
+    };
+    assert!(worker(&mut admin, "e2e_db_src").is_some());
+    drop((db, listener));
+    clients_leave(&mut admin, "e2e_db_src");
+    // PostgreSQL refuses these while any other session is connected to the database, and the
+    // worker is: it steps aside for them, and starts again when there is something to send.
+    admin.batch_execute("CREATE DATABASE e2e_db_copy TEMPLATE e2e_db_src").unwrap();
+    admin.batch_execute("ALTER DATABASE e2e_db_src RENAME TO e2e_db_moved").unwrap();
+    for name in ["e2e_db_moved", "e2e_db_copy"] {
+        let mut db = connect_to(&mut admin, name);
+        db.batch_execute("SET pgwatch.delivery = worker").unwrap();
+        let mut listener = Listener::new(connect_to(&mut admin, name), &["public.t"]);
+        // Its owner closes the database to new connections: sessions still connected commit
+        // changes, which only its worker, started after that, sends.
+        admin.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).unwrap();
+        let fallbacks = stat(&mut db, "inline_fallbacks");
+        listener.expect_after(&mut db, "INSERT INTO t VALUES (2)", &[&insert(2)]);
+        assert!(worker(&mut admin, name).is_some(), "{name}: its worker sent it");
+        assert_eq!(stat(&mut db, "inline_fallbacks"), fallbacks, "{name}: not inline");
+        drop((db, listener));
+        admin.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).unwrap();
+        clients_leave(&mut admin, name);
+        admin.batch_execute(&format!("DROP DATABASE {name}")).unwrap();
+    }
+}
+
+#[test]
 fn mute_silences_a_transaction_or_a_session() {
     let _serial = serial();
     for mode in MODES {

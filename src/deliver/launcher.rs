@@ -53,14 +53,15 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             });
             // Attached: a worker this launcher started before it restarted.
             let attached = slot.pid.load(Ordering::Acquire) != 0;
-            let dropper = slot.dropping.load(Ordering::Acquire);
+            let holder = slot.held_by.load(Ordering::Acquire);
             // SAFETY: a lookup in the shared process array, which takes its lock.
-            if dropper != 0 && unsafe { pg_sys::BackendPidGetProc(dropper) }.is_null() {
-                // The backend running DROP DATABASE exited (terminated, say) before it dropped
-                // the database or gave up on it: the database's delivery goes on.
-                slot.stop_dropping(dropper);
+            if holder != 0 && unsafe { pg_sys::BackendPidGetProc(holder) }.is_null() {
+                // The backend running DROP DATABASE (or another statement that needs the
+                // database to itself) exited, terminated say, before it dropped the database or
+                // gave up on it: the database's delivery goes on.
+                slot.release(holder);
             }
-            if alive || attached || dboid == 0 || slot.is_dropping() {
+            if alive || attached || dboid == 0 || slot.is_held() {
                 continue;
             }
             if slot.backlog.load(Ordering::Relaxed) == 0 && !slot.worker_wanted.load(Ordering::Acquire) {

@@ -133,7 +133,7 @@ impl Shared {
         slot.resync_buckets.iter().for_each(|bits| bits.store(0, Ordering::Relaxed));
         slot.unsent_bytes.store(0, Ordering::Relaxed);
         slot.unsent_channels.iter().for_each(|count| count.store(0, Ordering::Relaxed));
-        slot.dropping.store(0, Ordering::Relaxed);
+        slot.held_by.store(0, Ordering::Relaxed);
         let clean = self.started_clean.load(Ordering::Relaxed) && !self.unlogged.load(Ordering::Acquire);
         slot.feeds_ready.store(clean, Ordering::Relaxed);
         slot.worker_wanted.store(false, Ordering::Relaxed);
@@ -159,7 +159,7 @@ impl Shared {
             Some(slot) => slot,
             None => self.slot_of(dboid, &self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE)).ok_or(NotQueued::NoSlot)?,
         };
-        if self.slots[slot].is_dropping() {
+        if self.slots[slot].is_held() {
             return Err(NotQueued::NoSlot);
         }
         let share = self.capacity / DATABASE_SHARE.1 * DATABASE_SHARE.0;

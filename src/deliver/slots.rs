@@ -53,10 +53,11 @@ pub struct DbSlot {
     pub backlog: AtomicU64,
     /// When the worker last committed notifications (TimestampTz; 0 = never).
     pub last_send: AtomicI64,
-    /// The pid of the backend running DROP DATABASE on it (0: none): no worker may start. Set
-    /// only for a role that may drop the database; cleared if the drop fails, and by the
-    /// launcher once that backend is gone.
-    pub dropping: AtomicI32,
+    /// The pid of the backend running a statement that needs the database to itself (DROP
+    /// DATABASE, or see `utility`; 0: none): no worker may start, nor records be queued. Set only
+    /// for a role that may run the statement; cleared once it ends without dropping the
+    /// database, and by the launcher once that backend is gone.
+    pub held_by: AtomicI32,
     /// A DROP EXTENSION committed in the database: its worker is to check whether pgwatch is
     /// still installed (and exit if not).
     pub recheck_extension: AtomicBool,
@@ -134,14 +135,14 @@ impl DbSlot {
         set_latch(&self.latch);
     }
 
-    /// Whether DROP DATABASE is under way on it.
-    pub fn is_dropping(&self) -> bool {
-        self.dropping.load(Ordering::Acquire) != 0
+    /// Whether a statement that needs the database to itself is under way on it.
+    pub fn is_held(&self) -> bool {
+        self.held_by.load(Ordering::Acquire) != 0
     }
 
-    /// Ends the DROP DATABASE of backend `pid`, which did not drop the database.
-    pub fn stop_dropping(&self, pid: i32) {
-        let _ = self.dropping.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    /// Ends backend `pid`'s hold, which did not drop the database.
+    pub fn release(&self, pid: i32) {
+        let _ = self.held_by.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// Has the worker check whether pgwatch is still installed, after a DROP EXTENSION.

@@ -1,7 +1,9 @@
-//! A `ProcessUtility` hook (with pgwatch preloaded): DROP DATABASE first stops that database's
-//! worker (which would otherwise make the drop fail), and afterwards forgets its queued records;
-//! DROP EXTENSION has the worker check, once committed, whether pgwatch is still there; PREPARE
-//! TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED go through `prepared`.
+//! A `ProcessUtility` hook (with pgwatch preloaded): a statement that needs a database to itself
+//! (DROP DATABASE; CREATE DATABASE from it as the template; ALTER DATABASE RENAME or SET
+//! TABLESPACE) first stops that database's worker, which would otherwise make it fail, and a drop
+//! afterwards forgets the database's queued records; DROP EXTENSION has the worker check, once
+//! committed, whether pgwatch is still there; PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK
+//! PREPARED go through `prepared`.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -14,8 +16,8 @@ use pgrx::{pg_guard, PgTryBuilder};
 use super::prepared::{self, Statement};
 use super::{shmem, xact};
 
-/// How long DROP DATABASE waits for the database's worker to exit.
-const DROP_WAIT: Duration = Duration::from_secs(10);
+/// How long a statement that needs a database to itself waits for the database's worker to exit.
+const EXCLUSIVE_WAIT: Duration = Duration::from_secs(10);
 
 static PREV_UTILITY: OnceLock<pg_sys::ProcessUtility_hook_type> = OnceLock::new();
 
@@ -72,9 +74,10 @@ unsafe extern "C-unwind" fn on_utility(
     });
 }
 
-/// Runs a utility statement. DROP DATABASE first stops that database's worker (so the drop is not
-/// refused for it) and afterwards forgets the database's queued records; DROP EXTENSION has the
-/// worker check, once committed, whether pgwatch is still there.
+/// Runs a utility statement. One that needs a database to itself first stops that database's
+/// worker (so the statement is not refused for it), which starts again after it unless the
+/// database was dropped (its queued records are then forgotten); DROP EXTENSION has the worker
+/// check, once committed, whether pgwatch is still there.
 fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
     // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
     let stmt = unsafe { (*pstmt).utilityStmt };
@@ -89,23 +92,26 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
     if drops_extension {
         xact::check_extension_at_commit();
     }
-    let dropped = dropped_database(stmt);
-    let Some((dboid, slot)) = dropped.and_then(|d| shmem::shared().and_then(|s| Some((d, s.find_slot(d)?)))) else {
+    let taken = exclusive_database(stmt);
+    let Some((dboid, slot, exclusive)) =
+        taken.and_then(|(d, e)| shmem::shared().and_then(|s| Some((d, s.find_slot(d)?, e))))
+    else {
         return run();
     };
-    // PostgreSQL checks who may drop the database only inside the statement: anyone else's
-    // attempt must leave the database's delivery alone.
-    if !may_drop(dboid) {
+    // PostgreSQL checks who may run the statement only inside it: anyone else's attempt must
+    // leave the database's delivery alone.
+    if !may_take(dboid, exclusive) {
         return run();
     }
     // SAFETY: reading this backend's pid.
     let me = unsafe { pg_sys::MyProcPid };
-    slot.dropping.store(me, Ordering::Release);
+    slot.held_by.store(me, Ordering::Release);
     slot.wake();
-    // However the statement ends short of the drop (refused, cancelled while it waits), the
-    // database's worker may run again; if this backend exits instead, the launcher sees it gone.
+    // However the statement ends short of a drop (refused, cancelled while it waits, or done
+    // without dropping), the database's worker may run again; if this backend exits instead,
+    // the launcher sees it gone.
     PgTryBuilder::new(AssertUnwindSafe(|| {
-        let deadline = Instant::now() + DROP_WAIT;
+        let deadline = Instant::now() + EXCLUSIVE_WAIT;
         while slot.pid.load(Ordering::Relaxed) != 0 && Instant::now() < deadline {
             // SAFETY: sleeping 10 ms, then honouring a cancel request.
             unsafe { pg_sys::pg_usleep(10_000) };
@@ -114,21 +120,39 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
         run()
     }))
     .catch_others(|error| {
-        slot.stop_dropping(me);
+        slot.release(me);
         error.rethrow()
     })
     .execute();
-    if let Some(shared) = shmem::shared() {
-        shared.forget_database(dboid);
+    match exclusive {
+        Exclusive::Drop => {
+            if let Some(shared) = shmem::shared() {
+                shared.forget_database(dboid);
+            }
+        }
+        Exclusive::Copy | Exclusive::Alter => slot.release(me),
     }
 }
 
-/// Whether the current user may drop database `dboid` (has its owner's rights, or is a
-/// superuser), as PostgreSQL checks it; `false` for the database this session is in, which
-/// PostgreSQL refuses to drop, and for one dropped meanwhile (DROP DATABASE IF EXISTS then skips).
-fn may_drop(dboid: u32) -> bool {
-    // SAFETY: reading this backend's database; a syscache lookup inside the statement's
-    // transaction, its tuple released before returning.
+/// Why a statement needs a database to itself (PostgreSQL refuses it while any other session,
+/// pgwatch's worker included, is connected to the database).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exclusive {
+    /// DROP DATABASE.
+    Drop,
+    /// CREATE DATABASE with it as the template (`template1` when none is named).
+    Copy,
+    /// ALTER DATABASE ... RENAME TO, or SET TABLESPACE.
+    Alter,
+}
+
+/// Whether the current user may run the statement on database `dboid`, as PostgreSQL checks it:
+/// with its owner's rights (or as a superuser), or for a copy with CREATEDB and a database marked
+/// as a template. `false` for the database this session is in, which PostgreSQL refuses to drop,
+/// rename, move or copy, and for one dropped meanwhile (DROP DATABASE IF EXISTS then skips).
+fn may_take(dboid: u32, exclusive: Exclusive) -> bool {
+    // SAFETY: reading this backend's database; syscache lookups inside the statement's
+    // transaction, each tuple released before returning.
     unsafe {
         if dboid == pg_sys::MyDatabaseId.to_u32() {
             return false;
@@ -140,22 +164,79 @@ fn may_drop(dboid: u32) -> bool {
         if tuple.is_null() {
             return false;
         }
-        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple)).datdba;
+        let database = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+        let (owner, is_template) = ((*database).datdba, (*database).datistemplate);
         pg_sys::ReleaseSysCache(tuple);
-        pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner)
+        let owns = pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner);
+        match exclusive {
+            Exclusive::Drop | Exclusive::Alter => owns,
+            Exclusive::Copy => may_create_databases() && (is_template || owns),
+        }
     }
 }
 
-/// The database a DROP DATABASE statement drops, if it exists.
-fn dropped_database(stmt: *mut pg_sys::Node) -> Option<u32> {
-    // SAFETY: a valid parse node, cast only after checking its tag.
+/// Whether the current user has CREATEDB (or is a superuser), as CREATE DATABASE checks it.
+fn may_create_databases() -> bool {
+    // SAFETY: a syscache lookup of the current user, its tuple released before returning.
     unsafe {
-        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
+        if pg_sys::superuser() {
+            return true;
+        }
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::AUTHOID as i32,
+            pg_sys::Datum::from(pg_sys::GetUserId()),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        let createdb = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_authid>(tuple)).rolcreatedb;
+        pg_sys::ReleaseSysCache(tuple);
+        createdb
+    }
+}
+
+/// The existing database a statement needs to itself, and why.
+fn exclusive_database(stmt: *mut pg_sys::Node) -> Option<(u32, Exclusive)> {
+    // SAFETY: a valid parse node, cast only after checking its tag, as is every option read.
+    let (name, exclusive) = unsafe {
+        if pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
+            ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Exclusive::Drop)
+        } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_CreatedbStmt) {
+            let options = (*stmt.cast::<pg_sys::CreatedbStmt>()).options;
+            let template = option(options, c"template").filter(|def| !(**def).arg.is_null());
+            (template.map_or(c"template1".as_ptr().cast_mut(), |def| pg_sys::defGetString(def)), Exclusive::Copy)
+        } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
+            let rename = stmt.cast::<pg_sys::RenameStmt>();
+            if (*rename).renameType != pg_sys::ObjectType::OBJECT_DATABASE {
+                return None;
+            }
+            ((*rename).subname, Exclusive::Alter)
+        } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseStmt) {
+            let alter = stmt.cast::<pg_sys::AlterDatabaseStmt>();
+            option((*alter).options, c"tablespace")?;
+            ((*alter).dbname, Exclusive::Alter)
+        } else {
             return None;
         }
-        let drop = stmt.cast::<pg_sys::DropdbStmt>();
-        let oid = pg_sys::get_database_oid((*drop).dbname, true);
-        (oid != pg_sys::Oid::INVALID).then(|| oid.to_u32())
+    };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: a database name from the parse tree, a C string.
+    let oid = unsafe { pg_sys::get_database_oid(name, true) };
+    (oid != pg_sys::Oid::INVALID).then(|| (oid.to_u32(), exclusive))
+}
+
+/// The option named `name` of a statement's option list (DefElems), if given.
+///
+/// # Safety
+/// `options` is NIL or a valid list of DefElem nodes.
+unsafe fn option(options: *mut pg_sys::List, name: &std::ffi::CStr) -> Option<*mut pg_sys::DefElem> {
+    // SAFETY: as the caller promises; a DefElem's name is a C string.
+    unsafe {
+        pgrx::PgList::<pg_sys::DefElem>::from_pg(options)
+            .iter_ptr()
+            .find(|def| !(**def).defname.is_null() && std::ffi::CStr::from_ptr((**def).defname) == name)
     }
 }
 

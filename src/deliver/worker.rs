@@ -67,7 +67,17 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     let shared = shmem::shared().expect("workers run only with pgwatch preloaded");
     let Some(slot) = shared.find_slot(dboid) else { return };
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
+    // SAFETY: connecting this registered background worker to its database, once, as the
+    // bootstrap superuser. It connects even to a database whose owner set ALLOW_CONNECTIONS
+    // false: sessions still connected there commit changes that only this worker sends, and
+    // their records would otherwise hold the shared queue's tail for every database.
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnectionByOid(
+            pg_sys::Oid::from(dboid),
+            pg_sys::Oid::INVALID,
+            pg_sys::BGWORKER_BYPASS_ALLOWCONN,
+        )
+    };
     for &(name, value) in SETTINGS {
         // SAFETY: setting a GUC of this process's own session, outside any transaction.
         unsafe {
@@ -104,7 +114,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     };
     worker.start_feeds();
     let mut checked: Option<Instant> = None;
-    while worker.drain() && !slot.is_dropping() {
+    while worker.drain() && !slot.is_held() {
         // The catalog is read at start, after a DROP EXTENSION committed, and every 10 s: not
         // for every wake-up, which would cost a transaction per batch at light load.
         if slot.extension_check_requested() || checked.is_none_or(|at| at.elapsed() >= EXTENSION_CHECK_INTERVAL) {
@@ -121,7 +131,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
             break;
         }
     }
-    if !slot.is_dropping() {
+    if !slot.is_held() {
         worker.drain_before_exit();
     }
 }
@@ -232,7 +242,7 @@ impl Worker {
                 // SAFETY: reloading the configuration file, outside any transaction.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             }
-            if BackgroundWorker::sigterm_received() || self.slot.is_dropping() {
+            if BackgroundWorker::sigterm_received() || self.slot.is_held() {
                 return false;
             }
             match self.step() {
@@ -253,7 +263,7 @@ impl Worker {
     /// told to stop), within a bound.
     fn drain_before_exit(&mut self) {
         let (start, mut quiet_since) = (Instant::now(), None::<Instant>);
-        while start.elapsed() < LAST && !self.slot.is_dropping() {
+        while start.elapsed() < LAST && !self.slot.is_held() {
             match self.step() {
                 Step::Empty => {
                     let since = *quiet_since.get_or_insert_with(Instant::now);
