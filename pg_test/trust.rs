@@ -273,33 +273,53 @@ fn a_channel_belongs_to_one_table() {
     m.batch_execute("CREATE TABLE m (id int PRIMARY KEY)").unwrap();
     for (by_mallory, sql) in [
         (true, "SELECT watch_table('m', label => 'shared')"),
-        (true, "SELECT watch_table('m', label => 'public.t_chan_c')"),
         (false, "SELECT watch_table('t_chan_b', label => 'shared')"),
-        (false, "SELECT watch_table('t_chan_a', label => 'public.t_chan_c')"),
     ] {
         let (code, message) = failure(if by_mallory { &mut m } else { &mut admin }, sql);
         assert_eq!(code, "42710", "{sql}: {message}");
     }
     assert_eq!(watches(&mut admin), before);
-    // Nor may a second watch of one table share its channel, or a label squat another table's name.
-    admin.batch_execute("DROP TABLE IF EXISTS t_chan_d; CREATE TABLE t_chan_d (id int PRIMARY KEY)").unwrap();
+    // A label never holds a dot, so no one can take the channel a table gets without a label
+    // (its `schema.table`), not even before the table is made (t_chan_d is not, yet), nor may a
+    // second watch of one table share its channel.
+    admin.batch_execute("DROP TABLE IF EXISTS t_chan_d").unwrap();
     for (by_mallory, sql) in [
-        (false, "SELECT watch_table('t_chan_c', 'delete', label => 'public.t_chan_c')"),
         (true, "SELECT watch_table('m', label => 'public.t_chan_d')"),
+        (true, "SELECT watch_table('m', label => 'public.t_chan_c')"),
+        (false, "SELECT watch_table('t_chan_c', 'delete', label => 'public.t_chan_c')"),
     ] {
         let (code, message) = failure(if by_mallory { &mut m } else { &mut admin }, sql);
-        assert_eq!(code, "42710", "{sql}: {message}");
+        assert_eq!(code, "22023", "{sql}: {message}");
     }
-    admin.batch_execute("SELECT watch_table('t_chan_d')").unwrap();
-    // Replacing a watch keeps its channel; a rename onto another table's channel is refused.
+    assert_eq!(watches(&mut admin), before);
+    admin.batch_execute("CREATE TABLE t_chan_d (id int PRIMARY KEY); SELECT watch_table('t_chan_d')").unwrap();
+    // A label with a dot made before 0.4.0 (set by hand here) stays with its watch.
+    admin
+        .batch_execute(
+            "UPDATE pgwatch.watches SET label = 'app.d', channel = 'app.d' WHERE tbl = 't_chan_d'::regclass;
+             SELECT watch_table('t_chan_d', 'insert', label => 'app.d')",
+        )
+        .unwrap();
+    let (code, message) = failure(&mut admin, "SELECT watch_table('t_chan_d', label => 'app.e')");
+    assert_eq!(code, "22023", "{message}");
+    // Replacing a watch keeps its channel; a rename onto another table's channel is refused (a
+    // table "x.y" in schema public and a table y in schema "public.x" have the same one).
     admin.batch_execute("SELECT watch_table('t_chan_a', 'insert', label => 'shared')").unwrap();
-    admin.batch_execute("SELECT watch_table('t_chan_b'); DROP TABLE t_chan_c").unwrap();
-    admin.batch_execute("SELECT watch_table('t_chan_a', label => 'public.t_chan_c')").unwrap();
-    let (code, message) = failure(&mut admin, "ALTER TABLE t_chan_b RENAME TO t_chan_c");
+    admin
+        .batch_execute(
+            r#"DROP SCHEMA IF EXISTS "public.t_chan_e" CASCADE; CREATE SCHEMA "public.t_chan_e";
+               CREATE TABLE "public.t_chan_e".f (id int PRIMARY KEY); SELECT watch_table('"public.t_chan_e".f');
+               SELECT watch_table('t_chan_b')"#,
+        )
+        .unwrap();
+    let (code, message) = failure(&mut admin, r#"ALTER TABLE t_chan_b RENAME TO "t_chan_e.f""#);
     assert_eq!(code, "42710", "{message}");
     drop(m);
     admin
-        .batch_execute("DROP TABLE t_chan_a, t_chan_b, t_chan_d; DROP SCHEMA mallory CASCADE; DROP ROLE mallory")
+        .batch_execute(
+            r#"DROP TABLE t_chan_a, t_chan_b, t_chan_c, t_chan_d; DROP SCHEMA "public.t_chan_e" CASCADE;
+               DROP SCHEMA mallory CASCADE; DROP ROLE mallory"#,
+        )
         .unwrap();
 }
 

@@ -85,15 +85,18 @@ pub fn load(id: i64) -> Option<Watch> {
     .unwrap_or_else(|e: pgrx::spi::SpiError| error::spi_failed("pgwatch.watches", e))
 }
 
-/// Refuses `watch`'s channel if another watch uses it, or if it is a label that names another
-/// table (`schema.table`, the channel that table's watches get without a label): a channel carries
-/// one watch's changes, so that its sequence numbers count them and no one takes another table's
-/// channel through pgwatch. `id` is the watch's own, when it exists; a watch being replaced is
+/// Refuses `watch`'s channel if another watch uses it, or if it is a new label with a dot: a
+/// channel carries one watch's changes, so that its sequence numbers count them and no one takes
+/// another table's channel through pgwatch. A table's default channel (`schema.table`) always
+/// holds a dot, so no label made since 0.4.0 can be one, and no one can take the default channel
+/// of a table before it is made; a watch that already has a label with a dot (made before 0.4.0)
+/// keeps it when defined again. `id` is the watch's own, when it exists; a watch being replaced is
 /// the one of its table and label. The unique index on the channel (`sql/bootstrap.sql`) settles
 /// a race with a concurrent definition; this check words the refusal.
 pub fn claim_channel(watch: &Watch, table: &TableName, id: Option<i64>) {
-    let taken = Spi::get_two_with_args::<i64, String>(
-        "SELECT w.id, w.tbl::text
+    let (taken, kept) = Spi::get_three_with_args::<i64, String, bool>(
+        "SELECT w.id, w.tbl::text,
+                EXISTS (SELECT FROM pgwatch.watches WHERE tbl = $2::oid AND label = $4)
            FROM (SELECT) AS one
            LEFT JOIN LATERAL (SELECT id, tbl FROM pgwatch.watches
                                WHERE channel = $1 AND ($3::int8 IS NULL OR id <> $3)
@@ -101,7 +104,15 @@ pub fn claim_channel(watch: &Watch, table: &TableName, id: Option<i64>) {
                                ORDER BY id LIMIT 1) AS w ON true",
         &[watch.channel.as_str().into(), watch.tbl.into(), id.into(), watch.label.as_deref().into()],
     )
+    .map(|(id, tbl, kept)| ((id, tbl), kept.unwrap_or(false)))
     .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e));
+    if let Some(label) = watch.label.as_deref().filter(|label| label.contains('.') && !kept) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("label \"{label}\" holds a dot"),
+            "a table's own channel is its schema.table name, and a label never takes one: choose a label without a dot",
+        );
+    }
     if let (Some(id), tbl) = taken {
         fail(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
@@ -111,23 +122,6 @@ pub fn claim_channel(watch: &Watch, table: &TableName, id: Option<i64>) {
                 tbl.unwrap_or_default()
             ),
             &format!("a channel carries one watch's changes: give the watch of {} another label", table.display),
-        );
-    }
-    if watch.label.is_none() {
-        return;
-    }
-    let named = Spi::get_one_with_args::<String>(
-        "SELECT (SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.relkind IN ('r', 'p') AND c.oid <> $2::oid AND n.nspname || '.' || c.relname = $1
-                  LIMIT 1)",
-        &[watch.channel.as_str().into(), watch.tbl.into()],
-    )
-    .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e));
-    if let Some(other) = named {
-        fail(
-            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-            format!("label \"{}\" is the channel of table {other}'s watches", watch.channel),
-            "a label may not be another table's schema.table name: choose another label",
         );
     }
 }
