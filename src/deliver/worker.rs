@@ -183,6 +183,22 @@ unsafe extern "C-unwind" fn detach_at_exit(_code: i32, slot: pg_sys::Datum) {
     unsafe { &*(slot.value() as *const DbSlot) }.detach_worker();
 }
 
+/// Every watch's channel in the database, with its table's name as payloads write it.
+fn watch_channels() -> Vec<(Vec<u8>, String)> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT w.channel, n.nspname || '.' || c.relname
+                   FROM pgwatch.watches w JOIN pg_class c ON c.oid = w.tbl JOIN pg_namespace n ON n.oid = c.relnamespace",
+                None,
+                &[],
+            )?
+            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default().into_bytes(), row.get::<String>(2)?.unwrap_or_default())))
+            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .unwrap_or_else(|e| crate::error::spi_failed("pgwatch.watches", e))
+}
+
 fn extension_installed() -> bool {
     // SAFETY: a syscache lookup inside a transaction.
     BackgroundWorker::transaction(|| unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) })
@@ -506,9 +522,9 @@ impl Worker {
 
     /// Tells channels to refetch when a transaction notified inline asked for it at ring position
     /// `after` without room for its resync record (see `DbSlot::resync_due_after`), once every
-    /// record reserved before that is sent: the channels this worker knows in the buckets it
-    /// asked for. A channel it has not sent on since it started has no older notifications of
-    /// its own that could arrive late.
+    /// record reserved before that is sent: every watch's channel in the buckets it asked for (a
+    /// worker started since may not have sent on it, while the one before it sent the older
+    /// notifications that may arrive late).
     fn resync_if_due(&mut self, after: u64) {
         if after == 0 || self.shared.unsent_before(self.dboid, after - 1) {
             return;
@@ -537,11 +553,14 @@ impl Worker {
             }),
             None => Vec::new(),
         };
-        let watches: Vec<(Target, Folded)> = self
-            .channels
+        let mut plain: HashMap<Vec<u8>, String> = BackgroundWorker::transaction(watch_channels)
+            .into_iter()
+            .chain(self.channels.iter().map(|(channel, known)| (channel.clone(), known.tbl.clone())))
+            .collect();
+        plain.retain(|channel, _| in_buckets(&buckets, channel) && !retained.iter().any(|(c, _)| c == channel));
+        let watches: Vec<(Target, Folded)> = plain
             .iter()
-            .filter(|(channel, _)| in_buckets(&buckets, channel) && !retained.iter().any(|(c, _)| c == *channel))
-            .map(|(channel, known)| resync(channel, &known.tbl, false))
+            .map(|(channel, tbl)| resync(channel, tbl, false))
             .chain(retained.iter().map(|(channel, tbl)| resync(channel, tbl, true)))
             .collect();
         if !watches.is_empty() {
