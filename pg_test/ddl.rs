@@ -3,7 +3,7 @@
 
 use postgres::Client;
 
-use super::support::{connect, failure, serial, watch_id, watched, MODES};
+use super::support::{connect, failure, serial, stat, watch_id, watched, MODES};
 
 #[test]
 fn renamed_tables_schemas_and_columns_are_followed() {
@@ -161,19 +161,26 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
                 r#"{"tbl":"public.o_ddl","op":"delete","rows":[{"id":1,"role_id":1}]}"#,
             )]);
         }
-        // Changes the watches can follow: new types (the key's index is rebuilt), new and dropped
-        // unwatched columns and constraints, the primary key put back as it was.
+        // Changes the watches can follow: new types (the key's index is rebuilt; subscribers of
+        // the watches that send them refetch), new and dropped unwatched columns and constraints,
+        // the primary key put back as it was.
         writer
             .batch_execute(
-                "ALTER TABLE o_ddl ALTER COLUMN role_id TYPE text USING 'r' || role_id;
+                "BEGIN;
+                 ALTER TABLE o_ddl ALTER COLUMN role_id TYPE text USING 'r' || role_id;
                  ALTER TABLE o_ddl ALTER COLUMN id TYPE bigint;
                  ALTER TABLE o_ddl ADD COLUMN added int DEFAULT 5;
                  ALTER TABLE o_ddl DROP COLUMN name;
                  ALTER TABLE o_ddl ADD CONSTRAINT o_ddl_positive CHECK (id > 0), ADD UNIQUE (id, added);
                  ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_positive, DROP CONSTRAINT o_ddl_id_added_key;
-                 ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD CONSTRAINT o_ddl_pkey PRIMARY KEY (id)",
+                 ALTER TABLE o_ddl DROP CONSTRAINT o_ddl_pkey, ADD CONSTRAINT o_ddl_pkey PRIMARY KEY (id);
+                 COMMIT",
             )
             .unwrap();
+        listener.expect_on(&[
+            ("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"resync"}"#),
+            ("o_ddl_cond", r#"{"tbl":"public.o_ddl","op":"resync"}"#),
+        ]);
         writer.batch_execute("INSERT INTO o_ddl VALUES (2, 'r2', 'on')").unwrap();
         listener
             .expect_on(&[("public.o_ddl", r#"{"tbl":"public.o_ddl","op":"insert","rows":[{"id":2,"role_id":"r2"}]}"#)]);
@@ -188,6 +195,85 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
             .unwrap();
         writer.batch_execute("DROP TABLE o_ddl").unwrap();
     }
+}
+
+#[test]
+fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
+    let _serial = serial();
+    let resync = r#"{"tbl":"public.o_plain","op":"resync"}"#;
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_parts (id int PRIMARY KEY, v int) PARTITION BY RANGE (id);
+             CREATE TABLE o_parts_1 PARTITION OF o_parts FOR VALUES FROM (0) TO (10);
+             CREATE TABLE o_parts_2 (id int PRIMARY KEY, v int);
+             INSERT INTO o_parts_2 VALUES (15, 1);
+             CREATE TABLE o_plain (id int PRIMARY KEY, v int, note text);
+             SELECT watch_table('o_parts', '*', '{v}');
+             SELECT watch_table('o_plain', '*', '{v}');
+             SELECT watch_table('o_plain', 'insert', '{note}', label => 'o_plain_notes')",
+            &["public.o_parts", "public.o_plain", "o_plain_notes"],
+        );
+        // Rows join the table with no insert to say so: its subscribers refetch, after what the
+        // transaction sends of its own.
+        listener.expect_after(
+            &mut writer,
+            "BEGIN; INSERT INTO o_parts VALUES (1, 1);
+             ALTER TABLE o_parts ATTACH PARTITION o_parts_2 FOR VALUES FROM (10) TO (20); COMMIT",
+            &[
+                r#"{"tbl":"public.o_parts","op":"insert","rows":[{"id":1,"v":1}]}"#,
+                r#"{"tbl":"public.o_parts","op":"resync"}"#,
+            ],
+        );
+        // Rows leave it with no delete: detached, or dropped with their partition.
+        for ddl in ["ALTER TABLE o_parts DETACH PARTITION o_parts_2", "DROP TABLE o_parts_1"] {
+            listener.expect_after(&mut writer, ddl, &[r#"{"tbl":"public.o_parts","op":"resync"}"#]);
+        }
+        // A sent column's values may read differently under another type: the watches that
+        // send it refetch, the others do not.
+        writer.batch_execute("ALTER TABLE o_plain ALTER COLUMN v TYPE numeric(10, 1)").unwrap();
+        listener.expect_on(&[("public.o_plain", resync)]);
+        writer.batch_execute("ALTER TABLE o_plain ALTER COLUMN note TYPE varchar(20)").unwrap();
+        listener.expect_on(&[("o_plain_notes", resync)]);
+        // Changes written while pgwatch's triggers were disabled were not seen: enabling them
+        // again has every watch of the table refetch; enabling what was not disabled does not.
+        writer
+            .batch_execute(
+                "ALTER TABLE o_plain DISABLE TRIGGER USER; INSERT INTO o_plain VALUES (1, 1, 'x');
+                 ALTER TABLE o_plain ENABLE TRIGGER USER",
+            )
+            .unwrap();
+        listener.expect_on(&[("public.o_plain", resync), ("o_plain_notes", resync)]);
+        writer.batch_execute("ALTER TABLE o_plain ENABLE TRIGGER USER").unwrap();
+        listener.expect_silence();
+        writer.batch_execute("DROP TABLE o_parts, o_parts_2, o_plain").unwrap();
+    }
+    // On a retained channel the refetch is a reset marker with reason "ddl", in the log like any
+    // payload: not a gap.
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE o_kept (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE o_kept_1 (id int PRIMARY KEY); INSERT INTO o_kept_1 VALUES (1);
+         SELECT watch_table('o_kept', retain => '1 hour')",
+        &["public.o_kept"],
+    );
+    let resets = stat(&mut writer, "feed_resets");
+    let before: i64 = writer.query_one("SELECT pgwatch.position('public.o_kept')", &[]).unwrap().get(0);
+    let marker = r#"{"tbl":"public.o_kept","op":"reset","reason":"ddl"}"#;
+    listener.expect_after(
+        &mut writer,
+        "ALTER TABLE o_kept ATTACH PARTITION o_kept_1 FOR VALUES FROM (0) TO (10)",
+        &[marker],
+    );
+    let replayed: Vec<String> = writer
+        .query("SELECT payload FROM pgwatch.replay('public.o_kept', $1)", &[&before])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(replayed, [format!(r#"{{"tbl":"public.o_kept","op":"reset","seq":{},"reason":"ddl"}}"#, before + 1)]);
+    assert_eq!(stat(&mut writer, "feed_resets"), resets, "not counted as a gap");
+    writer.batch_execute("DROP TABLE o_kept").unwrap();
 }
 
 #[test]

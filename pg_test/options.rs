@@ -141,9 +141,15 @@ fn partitions_attached_later_report_under_the_parent_and_detached_ones_stop() {
             "CREATE TABLE o_parts (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
              CREATE TABLE o_parts_1 PARTITION OF o_parts FOR VALUES FROM (0) TO (10);
              SELECT watch_table('o_parts', '*', '{v}');
-             CREATE TABLE o_parts_2 (v text, id int NOT NULL);
-             ALTER TABLE o_parts ATTACH PARTITION o_parts_2 FOR VALUES FROM (10) TO (20)",
+             CREATE TABLE o_parts_2 (v text, id int NOT NULL)",
             &["public.o_parts"],
+        );
+        // Attaching and detaching have subscribers refetch (see the ddl tests).
+        let resync = r#"{"tbl":"public.o_parts","op":"resync"}"#;
+        listener.expect_after(
+            &mut writer,
+            "ALTER TABLE o_parts ATTACH PARTITION o_parts_2 FOR VALUES FROM (10) TO (20)",
+            &[resync],
         );
         // o_parts_2's columns stand in another order: rows are still read by name.
         writer.batch_execute("INSERT INTO o_parts VALUES (1, 'a'), (11, 'b')").unwrap();
@@ -151,6 +157,7 @@ fn partitions_attached_later_report_under_the_parent_and_detached_ones_stop() {
         writer
             .batch_execute("ALTER TABLE o_parts DETACH PARTITION o_parts_2; INSERT INTO o_parts_2 VALUES ('c', 12)")
             .unwrap();
+        listener.expect(&[resync]);
         writer.batch_execute("UPDATE o_parts SET v = 'z'").unwrap();
         listener.expect(&[r#"{"tbl":"public.o_parts","op":"update","rows":[{"id":1,"v":"z","old":{"v":"a"}}]}"#]);
     }

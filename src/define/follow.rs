@@ -3,14 +3,17 @@
 //! DDL command, from pgwatch's event triggers (see `sql/ddl.sql`), never per row.
 
 use std::collections::BTreeSet;
+use std::ffi::CStr;
 
 use pgrx::prelude::*;
 use pgrx::{PgRelation, PgSqlErrorCode};
 
-use super::owner::{column, managing, with_safe_search_path};
+use super::owner::{column, first, managing, with_safe_search_path};
 use super::store::{column_names, deferrable_primary_key, load};
-use super::triggers::{existing_triggers, needs_row_triggers, trigger_name, triggers_refer_to, Existing};
+use super::triggers::{existing_triggers, needs_row_triggers, trigger_name, triggers_refer_to, watch_id_of, Existing};
 use super::watches::rebuild;
+use crate::deliver::targets::{self, Watches};
+use crate::deliver::xact;
 use crate::error::{self, fail};
 use crate::model::events::Event;
 use crate::model::trigger_arg::TriggerArg;
@@ -216,9 +219,11 @@ pub fn follow_ddl() {
 }
 
 /// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`): a
-/// watched table about to become a partition or an inheritance child gets row triggers first. It
-/// needs the parse tree, which only a C function can read. (A watched parent that gains a child is
-/// followed at `ddl_command_end`, in `follow_ddl`.)
+/// watched table about to become a partition or an inheritance child gets row triggers first, and
+/// the watches whose rows the command changes without a row event (see [`Reshape`]) have their
+/// subscribers refetch once the transaction commits. It needs the parse tree, which only a C
+/// function can read. (A watched parent that gains a child is followed at `ddl_command_end`, in
+/// `follow_ddl`; a dropped partition in `on_sql_drop`.)
 ///
 /// # Safety
 /// `fcinfo` must be the call of PostgreSQL running an event trigger function.
@@ -249,23 +254,107 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
             (relid != pg_sys::Oid::INVALID).then_some(relid)
         };
         let mut joining = Vec::new();
+        let mut reshaped = Vec::new();
         if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
             let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+            let relation = table((*alter).relation);
             for cmd in pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds).iter_ptr() {
                 let def = (*cmd).def;
-                match (*cmd).subtype {
+                let name =
+                    || (!(*cmd).name.is_null()).then(|| CStr::from_ptr((*cmd).name).to_string_lossy().into_owned());
+                let subtype = (*cmd).subtype;
+                match subtype {
                     pg_sys::AlterTableType::AT_AttachPartition if pgrx::is_a(def, pg_sys::NodeTag::T_PartitionCmd) => {
                         joining.extend(table((*def.cast::<pg_sys::PartitionCmd>()).name));
                     }
-                    pg_sys::AlterTableType::AT_AddInherit => joining.extend(table((*alter).relation)),
+                    pg_sys::AlterTableType::AT_AddInherit => joining.extend(relation),
                     _ => {}
                 }
+                let reshape = match subtype {
+                    pg_sys::AlterTableType::AT_AttachPartition | pg_sys::AlterTableType::AT_DetachPartition => {
+                        Some(Reshape::Partitions)
+                    }
+                    #[cfg(not(feature = "pg13"))]
+                    pg_sys::AlterTableType::AT_DetachPartitionFinalize => Some(Reshape::Partitions),
+                    pg_sys::AlterTableType::AT_AlterColumnType => name().map(Reshape::ColumnType),
+                    pg_sys::AlterTableType::AT_EnableTrig
+                    | pg_sys::AlterTableType::AT_EnableAlwaysTrig
+                    | pg_sys::AlterTableType::AT_EnableReplicaTrig => {
+                        name().filter(|name| watch_id_of(name).is_some()).map(|_| Reshape::Enable)
+                    }
+                    pg_sys::AlterTableType::AT_EnableTrigAll | pg_sys::AlterTableType::AT_EnableTrigUser => {
+                        Some(Reshape::Enable)
+                    }
+                    _ => None,
+                };
+                reshaped.extend(relation.zip(reshape));
             }
         }
         // Names were resolved with the command's search_path; pgwatch's own SQL runs with a safe
         // one.
-        if !joining.is_empty() {
-            with_safe_search_path(|| joining.into_iter().for_each(use_row_triggers));
+        if !joining.is_empty() || !reshaped.is_empty() {
+            with_safe_search_path(|| {
+                joining.into_iter().for_each(use_row_triggers);
+                reshaped.into_iter().for_each(|(relid, reshape)| refetch_after(relid, reshape));
+            });
         }
     }
+}
+
+/// What an ALTER TABLE subcommand does to rows that watches see, with no row event to say so:
+/// their subscribers are to refetch.
+#[derive(Debug, PartialEq, Eq)]
+enum Reshape {
+    /// ATTACH or DETACH PARTITION: rows join or leave the table and the tables above it.
+    Partitions,
+    /// ALTER COLUMN ... TYPE of this column: its values may read differently, in the table and
+    /// in the tables below it (the change recurses to them).
+    ColumnType(String),
+    /// ENABLE TRIGGER (of pgwatch's, or ALL, or USER): changes written while a pgwatch trigger
+    /// was disabled (or fired only on replicas) were not seen, in the table or any table above
+    /// or below it that shares the watch's triggers.
+    Enable,
+}
+
+/// Has the subscribers of the watches that `reshape` of table `relid` affects refetch once this
+/// transaction commits (a resync, on a retained channel a reset marker with reason `ddl`). A
+/// subcommand that then fails leaves at most a needless refetch.
+fn refetch_after(relid: pg_sys::Oid, reshape: Reshape) {
+    let (up, down) = match reshape {
+        Reshape::Partitions => (true, false),
+        Reshape::ColumnType(_) => (false, true),
+        Reshape::Enable => (true, true),
+    };
+    let tables: Vec<pg_sys::Oid> = column(
+        "WITH RECURSIVE below(oid) AS (
+             SELECT $1::pg_catalog.oid WHERE $3
+             UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN below b ON i.inhparent OPERATOR(pg_catalog.=) b.oid)
+         SELECT $1::pg_catalog.oid
+         UNION SELECT a.relid::pg_catalog.oid FROM pg_catalog.pg_partition_ancestors($1) AS a WHERE $2
+         UNION SELECT oid FROM below",
+        &[relid.into(), up.into(), down.into()],
+    );
+    if reshape == Reshape::Enable {
+        // Only a trigger of pgwatch's that was disabled (or fired only on replicas) missed changes.
+        let missed = first::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger
+                             WHERE tgrelid OPERATOR(pg_catalog.=) ANY ($1) AND pg_catalog.left(tgname::pg_catalog.text, 8) OPERATOR(pg_catalog.=) 'pgwatch_'
+                               AND tgenabled OPERATOR(pg_catalog.=) ANY ('{D,R}'::pg_catalog.\"char\"[]))",
+            &[tables.clone().into()],
+        );
+        if missed != Some(true) {
+            return;
+        }
+    }
+    let column = match &reshape {
+        Reshape::ColumnType(column) => Some(column.as_str()),
+        _ => None,
+    };
+    xact::refetch_at_commit(targets::read(Watches::OfTables(&tables, column)));
+}
+
+/// Has the subscribers of watches `ids` refetch once this transaction commits: a partition of
+/// their tables was dropped, and its rows with it (see `pgwatch.on_sql_drop()`).
+pub fn refetch_watches(ids: &[i64]) {
+    xact::refetch_at_commit(targets::read(Watches::Ids(ids)));
 }

@@ -9,6 +9,7 @@ pub mod ring;
 pub mod runs;
 pub mod shmem;
 pub mod slots;
+pub mod targets;
 pub mod utility;
 pub mod worker;
 pub mod xact;

@@ -39,12 +39,15 @@ const SEND_ORDER: [Op; 3] = [Op::Delete, Op::Update, Op::Insert];
 /// Whether one watch's changes end with a refetch for its subscribers (a resync, on a retained
 /// channel a reset marker), and why: a resync was asked for (changes notified inline may have
 /// overtaken these: a gap in the log), or the table was truncated and the watch does not report
-/// truncate (no gap: the marker is in the log like any payload).
+/// truncate, or DDL changed which rows it holds (no gap: the marker is in the log like any
+/// payload). One refetch covers them all.
 fn refetch_due(folded: &Folded) -> Option<ResetReason> {
     if folded.resync() {
         Some(ResetReason::Fallback)
     } else if folded.refetch_after_truncate() {
         Some(ResetReason::Truncate)
+    } else if folded.reshaped() {
+        Some(ResetReason::Ddl)
     } else {
         None
     }

@@ -17,9 +17,10 @@ use pgrx::prelude::*;
 
 use super::shmem::{self, PREPARED_GID_BITS};
 use super::slots::channel_hash;
+use super::targets::{self, Watches};
 use super::xact;
 use crate::error;
-use crate::model::watch::{Rows, Target};
+use crate::model::watch::Target;
 
 thread_local! {
     /// The GID of the PREPARE TRANSACTION this backend runs, for the prepare that follows it.
@@ -46,12 +47,13 @@ pub fn around(statement: Statement, gid: String, run: impl FnOnce()) {
         Statement::Commit => {
             // Whether it was prepared before this run is asked only when nothing else tells.
             let known = PREPARED.with_borrow(|prepared| prepared.contains_key(&gid));
-            let before_this_run = !known && !may_have_changes(&gid) && pgwatch_here() && prepared_before_this_run(&gid);
+            let before_this_run =
+                !known && !may_have_changes(&gid) && targets::pgwatch_here() && prepared_before_this_run(&gid);
             run();
             let known = PREPARED.with_borrow_mut(|prepared| prepared.remove(&gid));
             let targets = match known {
                 Some(targets) => targets,
-                None if before_this_run || may_have_changes(&gid) => every_watch(),
+                None if before_this_run || may_have_changes(&gid) => targets::read(Watches::All),
                 None => Vec::new(),
             };
             xact::resync_at_commit(targets);
@@ -98,41 +100,4 @@ fn prepared_before_this_run(gid: &str) -> bool {
     )
     .unwrap_or_else(|e| error::spi_failed("pg_prepared_xacts", e))
     .unwrap_or(false)
-}
-
-/// Whether pgwatch is installed in this database.
-fn pgwatch_here() -> bool {
-    // SAFETY: a syscache lookup inside the statement's transaction.
-    unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) != pg_sys::Oid::INVALID }
-}
-
-/// Every watch of this database, as the target of a resync (none without pgwatch here).
-fn every_watch() -> Vec<Rc<Target>> {
-    if !pgwatch_here() {
-        return Vec::new();
-    }
-    // `retain` is read from the row as JSON, which works before `ALTER EXTENSION pgwatch UPDATE`
-    // added the column too. This runs in the session that commits, with its search_path: every
-    // function and operator is qualified, so that none of another schema's can stand in.
-    let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
-                        pg_catalog.concat(n.nspname, '.', c.relname),
-                        pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL
-                   FROM pgwatch.watches w
-                   JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.tbl
-                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace";
-    Spi::connect(|client| {
-        client
-            .select(query, None, &[])?
-            .map(|row| {
-                let channel: Vec<u8> = row.get(1)?.unwrap_or_default();
-                Ok(Rc::new(Target {
-                    channel: std::ffi::CString::new(channel).expect("a channel holds no NUL"),
-                    tbl: row.get::<String>(2)?.unwrap_or_default(),
-                    rows: Rows::Objects,
-                    retained: row.get::<bool>(3)?.unwrap_or(false),
-                }))
-            })
-            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
-    })
-    .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e))
 }

@@ -318,6 +318,19 @@ pub fn resync_at_commit(targets: Vec<Rc<Target>>) {
     });
 }
 
+/// Asks the subscribers of `targets` to refetch after this transaction's changes, once it
+/// commits: DDL in it changed which rows their tables hold or how they read (see
+/// `define::follow`). Not a gap: on a retained channel the reset marker (reason `ddl`) is in the
+/// log like any payload.
+pub fn refetch_at_commit(targets: Vec<Rc<Target>>) {
+    XACT.with_borrow_mut(|xact| {
+        for target in &targets {
+            let at = xact.buffer(target);
+            xact.buffers[at].folded.mark_reshaped();
+        }
+    });
+}
+
 /// This transaction's changes, to be handed back with `put_back` once sent.
 fn take() -> Xact {
     XACT.with_borrow_mut(std::mem::take)

@@ -81,6 +81,9 @@ pub struct Folded {
     refetch: bool,
     /// Subscribers must refetch after these changes: older ones may have reached them late.
     resync: bool,
+    /// DDL changed which rows the table holds or how they read (a partition attached, say): no
+    /// row event says so, and subscribers refetch after these changes.
+    reshaped: bool,
 }
 
 impl Folded {
@@ -102,12 +105,22 @@ impl Folded {
         self.resync
     }
 
-    /// The table was emptied: what came before no longer matters (but a resync, and what
-    /// earlier truncates asked for, still do). `on` says what subscribers hear of it.
+    /// Notes that DDL changed which rows the table holds or how they read: subscribers refetch
+    /// once these changes are sent.
+    pub fn mark_reshaped(&mut self) {
+        self.reshaped = true;
+    }
+
+    pub fn reshaped(&self) -> bool {
+        self.reshaped
+    }
+
+    /// The table was emptied: what came before no longer matters (but a resync, a reshape, and
+    /// what earlier truncates asked for, still do). `on` says what subscribers hear of it.
     pub fn truncate(&mut self, on: OnTruncate) {
         let (truncated, refetch) =
             (self.truncated || on == OnTruncate::Notice, self.refetch || on == OnTruncate::Refetch);
-        *self = Folded { truncated, refetch, resync: self.resync, ..Folded::default() };
+        *self = Folded { truncated, refetch, resync: self.resync, reshaped: self.reshaped, ..Folded::default() };
     }
 
     /// A truncate notice is due, before the changes held here.
@@ -125,6 +138,7 @@ impl Folded {
         self.truncated
             || self.refetch
             || self.resync
+            || self.reshaped
             || self.overflow.contains(&true)
             || self.net_rows().next().is_some()
     }
@@ -141,7 +155,7 @@ impl Folded {
 
     /// Forgets every change, keeping the memory for the next transaction's.
     pub fn clear(&mut self) {
-        let Folded { entries, index, indexed, overflow, truncated, refetch, resync } = self;
+        let Folded { entries, index, indexed, overflow, truncated, refetch, resync, reshaped } = self;
         entries.clear();
         index.clear();
         *indexed = 0;
@@ -149,6 +163,7 @@ impl Folded {
         *truncated = false;
         *refetch = false;
         *resync = false;
+        *reshaped = false;
     }
 
     /// Adds net changes of distinct keys (one transaction's, as queued) to an empty fold, without
@@ -421,6 +436,18 @@ pub(crate) mod tests {
         folded.apply(ins(1, "b"));
         assert_eq!(folded.net_rows().map(|row| row.op).collect::<Vec<_>>(), [Op::Insert]);
         assert!(!Folded::default().has_news());
+    }
+
+    #[test]
+    fn a_reshape_is_news_and_outlives_a_truncate() {
+        let mut folded = Folded::default();
+        folded.mark_reshaped();
+        assert!(folded.reshaped() && folded.has_news());
+        folded.apply(ins(1, "a"));
+        folded.truncate(OnTruncate::Notice);
+        assert!(folded.reshaped() && folded.truncated());
+        folded.clear();
+        assert!(!folded.reshaped() && !folded.has_news());
     }
 
     #[test]

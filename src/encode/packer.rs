@@ -84,6 +84,8 @@ pub enum ResetReason {
     Fallback,
     /// The table was truncated, and its watch does not report truncate.
     Truncate,
+    /// DDL changed which rows the table holds or how they read (see `define::follow`).
+    Ddl,
 }
 
 impl ResetReason {
@@ -92,6 +94,7 @@ impl ResetReason {
             ResetReason::Restart => "restart",
             ResetReason::Fallback => "fallback",
             ResetReason::Truncate => "truncate",
+            ResetReason::Ddl => "ddl",
         }
     }
 }

@@ -66,6 +66,12 @@ impl<'a> WatchRecord<'a> {
         self.flags & RESYNC != 0
     }
 
+    /// DDL changed which rows the table holds or how they read: subscribers are to refetch after
+    /// these changes.
+    pub fn reshaped(&self) -> bool {
+        self.flags & RESHAPED != 0
+    }
+
     /// Why these changes cannot be sent, if they cannot: what a trigger of pgwatch's records
     /// always can be, but a hand-made trigger's may not.
     pub fn unsendable(&self) -> Option<String> {
@@ -118,6 +124,9 @@ impl<'a> WatchRecord<'a> {
         if self.resync() {
             folded.mark_resync();
         }
+        if self.reshaped() {
+            folded.mark_reshaped();
+        }
     }
 }
 
@@ -133,6 +142,10 @@ const RETAINED: u8 = 1 << 5;
 /// Bit of the flags byte that asks for a refetch after these changes for a truncate (see
 /// [`Folded::refetch_after_truncate`]).
 const REFETCH: u8 = 1 << 6;
+
+/// Bit of the flags byte that asks for a refetch after these changes for DDL (see
+/// [`Folded::reshaped`]).
+const RESHAPED: u8 = 1 << 7;
 
 fn retained_flag(target: &Target) -> u8 {
     if target.retained {
@@ -178,7 +191,7 @@ pub fn encode(out: &mut Vec<u8>, target: &Target, folded: &Folded) {
     let overflow = Op::ALL.into_iter().fold(0, |bits, op| bits | u8::from(folded.overflowed(op)) << op.index());
     let truncated =
         if folded.truncated() { TRUNCATED } else { 0 } | if folded.refetch_after_truncate() { REFETCH } else { 0 };
-    let resync = if folded.resync() { RESYNC } else { 0 };
+    let resync = if folded.resync() { RESYNC } else { 0 } | if folded.reshaped() { RESHAPED } else { 0 };
     encode_header(out, target, overflow | truncated | resync | retained_flag(target));
     // The row count, then the rows' bytes, length-prefixed so that a reader can step over them.
     let count_at = out.len();
@@ -313,6 +326,24 @@ mod tests {
         decode(&body).for_each(|w| w.fold_into(&mut worker));
         assert!(worker.truncated() && !worker.overflowed(Op::Delete));
         assert_eq!(render(&worker), [r#"insert {"id":2,"note":"b"}"#]);
+    }
+
+    #[test]
+    fn a_reshape_crosses_the_queue_and_outlives_a_later_truncate() {
+        let target = Target { channel: c"c".into(), tbl: "t".into(), rows: Rows::Objects, retained: true };
+        let mut reshaping = Folded::default();
+        reshaping.apply(Change { before: None, after: Some(img(1, "a", false)) });
+        reshaping.mark_reshaped();
+        let mut truncating = Folded::default();
+        truncating.truncate(OnTruncate::Notice);
+        let mut body = Vec::new();
+        encode(&mut body, &target, &reshaping);
+        encode(&mut body, &target, &truncating);
+        let parts: Vec<_> = decode(&body).collect();
+        assert!(parts[0].reshaped() && !parts[0].resync() && parts[0].retained() && !parts[1].reshaped());
+        let mut worker = Folded::default();
+        parts.iter().for_each(|w| w.fold_into(&mut worker));
+        assert!(worker.reshaped() && worker.truncated() && worker.net_rows().next().is_none());
     }
 
     #[test]

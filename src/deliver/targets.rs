@@ -1,0 +1,67 @@
+//! Watches as targets of a refetch, read from `pgwatch.watches`: every watch of the database (a
+//! prepared transaction committed by a backend that does not know what it changed, see
+//! `prepared`), or some of them (DDL that changed which rows their tables hold, see
+//! `define::follow`). Runs in the session's transaction with its search_path: every function and
+//! operator is qualified, so that none of another schema's can stand in.
+
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+
+use crate::error;
+use crate::model::watch::{Rows, Target};
+
+/// Which watches to read.
+pub enum Watches<'a> {
+    All,
+    /// The watches of these tables; with a column, only those that send it.
+    OfTables(&'a [pg_sys::Oid], Option<&'a str>),
+    /// These watches, by id.
+    Ids(&'a [i64]),
+}
+
+/// Whether pgwatch is installed in this database.
+pub fn pgwatch_here() -> bool {
+    // SAFETY: a syscache lookup inside the caller's transaction.
+    unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) != pg_sys::Oid::INVALID }
+}
+
+/// The watches `which` names, as targets of a refetch (none without pgwatch in this database).
+pub fn read(which: Watches<'_>) -> Vec<Rc<Target>> {
+    if !pgwatch_here() {
+        return Vec::new();
+    }
+    let (tables, column, ids) = match which {
+        Watches::All => (None, None, None),
+        Watches::OfTables(tables, column) => (Some(tables.to_vec()), column, None),
+        Watches::Ids(ids) => (None, None, Some(ids.to_vec())),
+    };
+    // `retain` is read from the row as JSON, which works before `ALTER EXTENSION pgwatch UPDATE`
+    // added the column too.
+    let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
+                        pg_catalog.concat(n.nspname, '.', c.relname),
+                        pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL
+                   FROM pgwatch.watches w
+                   JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.tbl
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                  WHERE ($1::pg_catalog.oid[] IS NULL OR w.tbl::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1))
+                    AND ($2::pg_catalog.text IS NULL
+                         OR $2 OPERATOR(pg_catalog.=) ANY (w.key_columns OPERATOR(pg_catalog.||) w.extra_columns))
+                    AND ($3::pg_catalog.int8[] IS NULL OR w.id OPERATOR(pg_catalog.=) ANY ($3))
+                  ORDER BY w.id";
+    Spi::connect(|client| {
+        client
+            .select(query, None, &[tables.into(), column.into(), ids.into()])?
+            .map(|row| {
+                let channel: Vec<u8> = row.get(1)?.unwrap_or_default();
+                Ok(Rc::new(Target {
+                    channel: std::ffi::CString::new(channel).expect("a channel holds no NUL"),
+                    tbl: row.get::<String>(2)?.unwrap_or_default(),
+                    rows: Rows::Objects,
+                    retained: row.get::<bool>(3)?.unwrap_or(false),
+                }))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e))
+}
