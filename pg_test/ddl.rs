@@ -3,7 +3,7 @@
 
 use postgres::Client;
 
-use super::support::{connect, failure, serial, stat, watch_id, watched, MODES};
+use super::support::{connect, failure, replayed, serial, stat, watch_id, watched, MODES};
 
 #[test]
 fn renamed_tables_schemas_and_columns_are_followed() {
@@ -265,13 +265,10 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
         "ALTER TABLE o_kept ATTACH PARTITION o_kept_1 FOR VALUES FROM (0) TO (10)",
         &[marker],
     );
-    let replayed: Vec<String> = writer
-        .query("SELECT payload FROM pgwatch.replay('public.o_kept', $1)", &[&before])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(replayed, [format!(r#"{{"tbl":"public.o_kept","op":"reset","seq":{},"reason":"ddl"}}"#, before + 1)]);
+    assert_eq!(
+        replayed(&mut writer, "public.o_kept", before),
+        [format!(r#"{{"tbl":"public.o_kept","op":"reset","seq":{},"reason":"ddl"}}"#, before + 1)]
+    );
     assert_eq!(stat(&mut writer, "feed_resets"), resets, "not counted as a gap");
     writer.batch_execute("DROP TABLE o_kept").unwrap();
 }

@@ -8,7 +8,7 @@ use postgres::Client;
 #[path = "support.rs"]
 mod support;
 use support::{
-    connect, connect_to, eventually, failure, seq_of, serial, stat, watched, Listener, Replica, MODES, WAIT,
+    connect, connect_to, eventually, failure, replayed, seq_of, serial, stat, watched, Listener, Replica, MODES, WAIT,
 };
 
 // Logical replication (wal_level) serves the fire_on_replica test.
@@ -1071,12 +1071,7 @@ fn a_committed_prepared_transaction_tells_the_watches_it_changed_to_refetch() {
         let mut got: Vec<String> = listener.receive(2, WAIT).into_iter().map(|(_, payload)| payload).collect();
         got.sort();
         assert_eq!(got, [resync, reset]);
-        let replayed: Vec<String> = writer
-            .query("SELECT payload FROM pgwatch.replay('public.e2e_prep_kept', $1)", &[&start])
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let replayed = replayed(&mut writer, "public.e2e_prep_kept", start);
         assert_eq!(replayed.len(), 1);
         assert!(
             replayed[0].contains(r#""op":"reset""#) && replayed[0].contains(r#""reason":"fallback""#),

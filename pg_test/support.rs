@@ -206,6 +206,12 @@ pub fn failure(client: &mut Client, sql: &str) -> (String, String) {
     (db.code().code().to_string(), db.message().to_string())
 }
 
+/// The payloads `pgwatch.replay()` returns for `channel` after `after_seq`.
+pub fn replayed(client: &mut Client, channel: &str, after_seq: i64) -> Vec<String> {
+    let rows = client.query("SELECT payload FROM pgwatch.replay($1, $2)", &[&channel, &after_seq]).unwrap();
+    rows.iter().map(|row| row.get(0)).collect()
+}
+
 pub fn stat(client: &mut Client, counter: &str) -> i64 {
     client.query_one(&format!("SELECT {counter} FROM pgwatch.stats()"), &[]).unwrap().get(0)
 }

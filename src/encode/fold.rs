@@ -49,6 +49,21 @@ struct Entry {
     gone: Option<Image>,
 }
 
+/// Whether a change that found the row under its key as `found` (`None`: no row) follows the
+/// change folded last, which left it as `held`. In the order changes happen they always do (a key
+/// is never held by two rows at once, since watched keys are not deferrable), but another
+/// trigger can change the row again inside the statement that changed it, and that nested change
+/// reaches the fold first; settings that print values differently (`TimeZone`, say) between the
+/// writing sessions a worker folds together break the chain too. A cut image can never be
+/// compared.
+fn follows(held: Option<&Image>, found: Option<&Image>) -> bool {
+    match (held, found) {
+        (None, None) => true,
+        (Some(held), Some(found)) => !held.partial && held == found,
+        _ => false,
+    }
+}
+
 impl Entry {
     fn key(&self) -> &[u8] {
         let Change { before, after } = &self.change;
@@ -224,6 +239,14 @@ impl Folded {
             return;
         };
         let entry = &mut entries[at];
+        if !follows(entry.change.after.as_ref(), before.as_ref()) {
+            // Out of order (or cut, or given up on before): neither image can be trusted, so the
+            // row is sent as its key, flagged partial, and subscribers fetch it (or find it gone).
+            let image = after.as_ref().or(before.as_ref()).expect("a change has an image");
+            entry.change.after = Some(image.key_only());
+            entry.gone = None;
+            return;
+        }
         if after.is_none() && entry.change.before.is_none() {
             // Inserted in this fold and deleted again: nothing is left to hold the key.
             entry.gone = before;
@@ -436,6 +459,27 @@ pub(crate) mod tests {
         folded.apply(ins(1, "b"));
         assert_eq!(folded.net_rows().map(|row| row.op).collect::<Vec<_>>(), [Op::Insert]);
         assert!(!Folded::default().has_news());
+    }
+
+    #[test]
+    fn a_change_that_does_not_follow_the_last_one_sends_the_row_as_its_key() {
+        // Another trigger updated the row again inside the statement, and its change came first:
+        // the images cannot say where the row ended, so subscribers fetch it.
+        assert_eq!(fold(vec![upd((1, "b"), (1, "c")), upd((1, "a"), (1, "b"))]), [r#"update {"id":1,"partial":true}"#]);
+        // A row deleted and put back by another trigger does not vanish from the fold.
+        assert_eq!(fold(vec![ins(1, "z"), del(1, "a")]), [r#"insert {"id":1,"partial":true}"#]);
+        // Nor does a row deleted in between without this fold seeing it (a muted transaction).
+        assert_eq!(fold(vec![upd((1, "a"), (1, "b")), ins(1, "c")]), [r#"update {"id":1,"partial":true}"#]);
+        // Once given up on, the row stays partial whatever follows.
+        assert_eq!(
+            fold(vec![upd((1, "b"), (1, "c")), upd((1, "a"), (1, "b")), upd((1, "c"), (1, "d")), del(1, "d")]),
+            [r#"update {"id":1,"partial":true}"#]
+        );
+        // Other keys keep their values.
+        assert_eq!(
+            fold(vec![upd((2, "x"), (2, "y")), upd((1, "b"), (1, "c")), upd((1, "a"), (1, "b"))]),
+            [r#"update {"id":2,"role":"y","old":{"role":"x"}}"#, r#"update {"id":1,"partial":true}"#]
+        );
     }
 
     #[test]

@@ -152,6 +152,11 @@ impl Image {
         &self.data[..self.key_len as usize]
     }
 
+    /// The key part alone, marked partial: subscribers fetch the row by its key.
+    pub fn key_only(&self) -> Image {
+        Image::from_parts(self.key(), self.key_len, true)
+    }
+
     fn pairs(data: &[u8]) -> impl Iterator<Item = &[u8]> {
         let mut rest = data;
         std::iter::from_fn(move || {
