@@ -8,7 +8,8 @@ use postgres::Client;
 #[path = "support.rs"]
 mod support;
 use support::{
-    connect, connect_to, eventually, failure, replayed, seq_of, serial, stat, watched, Listener, Replica, MODES, WAIT,
+    connect, connect_to, database, eventually, failure, replayed, seq_of, serial, stat, watched, Listener, Replica,
+    MODES, WAIT,
 };
 
 // Logical replication (wal_level) serves the fire_on_replica test.
@@ -966,12 +967,10 @@ fn a_database_with_a_worker_can_be_copied_renamed_and_closed() {
     for name in ["e2e_db_src", "e2e_db_moved", "e2e_db_copy"] {
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
     }
-    admin.batch_execute("CREATE DATABASE e2e_db_src").unwrap();
     let insert = |n: i32| format!(r#"{{"tbl":"public.t","op":"insert","rows":[{{"id":{n}}}]}}"#);
-    let mut db = connect_to(&mut admin, "e2e_db_src");
+    let mut db = database(&mut admin, "e2e_db_src", None);
     db.batch_execute(
-        "CREATE EXTENSION pgwatch; CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', 'insert');
-         SET pgwatch.delivery = worker",
+        "CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', 'insert'); SET pgwatch.delivery = worker",
     )
     .unwrap();
     let mut listener = Listener::new(connect_to(&mut admin, "e2e_db_src"), &["public.t"]);
@@ -1002,6 +1001,44 @@ fn a_database_with_a_worker_can_be_copied_renamed_and_closed() {
         clients_leave(&mut admin, name);
         admin.batch_execute(&format!("DROP DATABASE {name}")).unwrap();
     }
+}
+
+#[test]
+fn a_database_whose_worker_cannot_connect_does_not_hold_the_queue() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut db = database(&mut admin, "e2e_invalid", None);
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', 'insert'); SET pgwatch.delivery = worker",
+    )
+    .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "e2e_invalid"), &["public.t"]);
+    let insert = |n: i32| format!(r#"{{"tbl":"public.t","op":"insert","rows":[{{"id":{n}}}]}}"#);
+    listener.expect_after(&mut db, "INSERT INTO t VALUES (1)", &[&insert(1)]);
+    // As PostgreSQL leaves a database whose DROP DATABASE was interrupted late: sessions still
+    // connected go on, but no new connection is let in, a worker's included.
+    admin.batch_execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = 'e2e_invalid'").unwrap();
+    let worker = |admin: &mut Client| -> Option<i32> {
+        admin.query_one("SELECT pid FROM pgwatch.workers WHERE database = 'e2e_invalid'", &[]).unwrap().get(0)
+    };
+    admin
+        .batch_execute("SELECT pg_terminate_backend(pid) FROM pgwatch.workers WHERE database = 'e2e_invalid'")
+        .unwrap();
+    assert!(eventually(|| worker(&mut admin).is_none()), "the worker did not exit");
+    let skipped = stat(&mut admin, "skipped_records");
+    // A change committed now cannot be sent: once a few workers failed to start, it is dropped
+    // rather than left to hold the queue every database shares.
+    db.batch_execute("INSERT INTO t VALUES (2)").unwrap();
+    assert!(eventually(|| stat(&mut admin, "skipped_records") == skipped + 1), "the record was not dropped");
+    let backlog: i64 =
+        admin.query_one("SELECT backlog FROM pgwatch.workers WHERE database = 'e2e_invalid'", &[]).unwrap().get(0);
+    assert_eq!(backlog, 0);
+    // Once a worker runs there again, the database's subscribers are told to refetch.
+    admin.batch_execute("UPDATE pg_database SET datconnlimit = -1 WHERE datname = 'e2e_invalid'").unwrap();
+    db.batch_execute("INSERT INTO t VALUES (3)").unwrap();
+    listener.expect_on(&[("public.t", &insert(3)), ("public.t", r#"{"tbl":"public.t","op":"resync"}"#)]);
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE e2e_invalid WITH (FORCE)").unwrap();
 }
 
 #[test]

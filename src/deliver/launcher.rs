@@ -39,13 +39,15 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     // The database each slot served when last looked at: a slot freed by DROP DATABASE and taken
     // by another database starts that one afresh.
     let mut owners = [0u32; MAX_DATABASES];
+    // Per slot, how many workers in a row ended without attaching: they could not connect.
+    let mut unattached = [0u32; MAX_DATABASES];
     loop {
         let mut wait = Duration::from_secs(1);
         for (i, slot) in shared.slots.iter().enumerate() {
             let dboid = slot.dboid.load(Ordering::Relaxed);
             if owners[i] != dboid {
                 owners[i] = dboid;
-                (started[i], warned[i], backoff[i]) = (false, false, Backoff::default());
+                (started[i], warned[i], backoff[i], unattached[i]) = (false, false, Backoff::default(), 0);
             }
             let alive = workers[i].as_ref().is_some_and(|w| match w.pid() {
                 Ok(_) => true,
@@ -53,6 +55,25 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             });
             // Attached: a worker this launcher started before it restarted.
             let attached = slot.pid.load(Ordering::Acquire) != 0;
+            if !alive && workers[i].take().is_some() {
+                // One that ended before it attached left the state at starting.
+                unattached[i] = if slot.state() == WorkerState::Starting { unattached[i] + 1 } else { 0 };
+                if unattached[i] >= GIVE_UP_AFTER {
+                    // Its database may be invalid (a DROP DATABASE interrupted late): its records
+                    // would hold the ring's tail, and every other database's delivery with it.
+                    let dropped = shared.abandon(dboid);
+                    if dropped > 0 {
+                        stats::add(Counter::SkippedRecords, dropped);
+                        stats::flush();
+                        warning!(
+                            "pgwatch: the delivery worker of database {dboid} cannot connect; {dropped} queued transactions were dropped, and its subscribers will be told to refetch once it runs"
+                        );
+                    }
+                }
+            }
+            if attached {
+                unattached[i] = 0;
+            }
             let holder = slot.held_by.load(Ordering::Acquire);
             // SAFETY: a lookup in the shared process array, which takes its lock.
             if holder != 0 && unsafe { pg_sys::BackendPidGetProc(holder) }.is_null() {
@@ -106,6 +127,11 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     // SAFETY: ends this process the way PostgreSQL's own background workers do.
     unsafe { pg_sys::proc_exit(1) };
 }
+
+/// How many workers of a database in a row may end before they attach (they could not connect)
+/// before its queued records are dropped (see `Shared::abandon`), and again after each further
+/// one: with the backoff below, a few seconds. Every record queued meanwhile still gets a start.
+const GIVE_UP_AFTER: u32 = 5;
 
 /// When a database's worker may be started again. One that stopped soon after it started (it
 /// gave way to a lock held on pgwatch's tables, say, or failed) is started again once the wait

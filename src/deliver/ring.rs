@@ -343,6 +343,32 @@ impl Shared {
         self.advance_tail(&exclusive);
     }
 
+    /// Drops the published records of `dboid`, whose worker cannot start (see `launcher`), so
+    /// that they stop holding the ring's tail, and with it every database's delivery: once a
+    /// worker of the database runs again, it tells the channels of all its watches to refetch
+    /// (see `worker::resync_if_due`). Returns how many were dropped.
+    pub fn abandon(&self, dboid: u32) -> u64 {
+        let Some(slot) = self.find_slot(dboid) else { return 0 };
+        let exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut dropped = Vec::new();
+        self.walk(&exclusive, |at, header| {
+            if header.dboid() == dboid && header.state.load(Ordering::Acquire) == PUBLISHED {
+                dropped.push(at);
+            }
+            true
+        });
+        for &at in &dropped {
+            self.done(slot, at);
+        }
+        slot.backlog.fetch_sub(dropped.len() as u64, Ordering::Relaxed);
+        self.advance_tail(&exclusive);
+        if !dropped.is_empty() {
+            slot.resync_buckets.iter().for_each(|bits| bits.store(u64::MAX, Ordering::Release));
+            slot.resync_after.fetch_max(self.head.load(Ordering::Acquire) + 1, Ordering::AcqRel);
+        }
+        dropped.len() as u64
+    }
+
     /// Drops every record of `dboid` and frees its slot (its database is gone). A header still
     /// being written (by a writer of another database) is waited for without the lock held.
     pub fn forget_database(&self, dboid: u32) {
