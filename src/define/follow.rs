@@ -325,15 +325,7 @@ fn refetch_after(relid: pg_sys::Oid, reshape: Reshape) {
         Reshape::ColumnType(_) => (false, true),
         Reshape::Enable => (true, true),
     };
-    let tables: Vec<pg_sys::Oid> = column(
-        "WITH RECURSIVE below(oid) AS (
-             SELECT $1::pg_catalog.oid WHERE $3
-             UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN below b ON i.inhparent OPERATOR(pg_catalog.=) b.oid)
-         SELECT $1::pg_catalog.oid
-         UNION SELECT a.relid::pg_catalog.oid FROM pg_catalog.pg_partition_ancestors($1) AS a WHERE $2
-         UNION SELECT oid FROM below",
-        &[relid.into(), up.into(), down.into()],
-    );
+    let tables = targets::tree(relid, up, down);
     if reshape == Reshape::Enable {
         // Only a trigger of pgwatch's that was disabled (or fired only on replicas) missed changes.
         let missed = first::<bool>(

@@ -20,6 +20,25 @@ pub enum Watches<'a> {
     Ids(&'a [i64]),
 }
 
+/// Table `relid` and, if asked, the partitions above it (its partition ancestors) and the tables
+/// below it (partitions and inheritance children, at any depth).
+pub fn tree(relid: pg_sys::Oid, up: bool, down: bool) -> Vec<pg_sys::Oid> {
+    let query = "WITH RECURSIVE below(oid) AS (
+                     SELECT $1::pg_catalog.oid WHERE $3
+                     UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+                                JOIN below b ON i.inhparent OPERATOR(pg_catalog.=) b.oid)
+                 SELECT $1::pg_catalog.oid
+                 UNION SELECT a.relid::pg_catalog.oid FROM pg_catalog.pg_partition_ancestors($1) AS a WHERE $2
+                 UNION SELECT oid FROM below";
+    Spi::connect(|client| {
+        client
+            .select(query, None, &[relid.into(), up.into(), down.into()])?
+            .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::INVALID)))
+            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .unwrap_or_else(|e| error::spi_failed("pg_inherits", e))
+}
+
 /// Whether pgwatch is installed in this database.
 pub fn pgwatch_here() -> bool {
     // SAFETY: a syscache lookup inside the caller's transaction.

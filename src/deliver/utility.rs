@@ -2,8 +2,8 @@
 //! (DROP DATABASE; CREATE DATABASE from it as the template; ALTER DATABASE RENAME or SET
 //! TABLESPACE) first stops that database's worker, which would otherwise make it fail, and a drop
 //! afterwards forgets the database's queued records; DROP EXTENSION has the worker check, once
-//! committed, whether pgwatch is still there; PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK
-//! PREPARED go through `prepared`.
+//! committed, whether pgwatch is still there; TRUNCATE of a partition has the watches above it
+//! refetch; PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED go through `prepared`.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -14,6 +14,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_guard, PgTryBuilder};
 
 use super::prepared::{self, Statement};
+use super::targets::{self, Watches};
 use super::{shmem, xact};
 
 /// How long a statement that needs a database to itself waits for the database's worker to exit.
@@ -91,6 +92,11 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
     };
     if drops_extension {
         xact::check_extension_at_commit();
+    }
+    let partitions = truncated_partitions(stmt);
+    if !partitions.is_empty() {
+        run();
+        return refetch_above(&partitions);
     }
     let taken = exclusive_database(stmt);
     let Some((dboid, slot, exclusive)) =
@@ -238,6 +244,45 @@ unsafe fn option(options: *mut pg_sys::List, name: &std::ffi::CStr) -> Option<*m
             .iter_ptr()
             .find(|def| !(**def).defname.is_null() && std::ffi::CStr::from_ptr((**def).defname) == name)
     }
+}
+
+/// The partitions a TRUNCATE statement names, resolved before it runs (with the statement's
+/// search_path); empty for any other statement.
+fn truncated_partitions(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+    // SAFETY: a valid parse node, cast only after checking its tag; its relations are RangeVars.
+    unsafe {
+        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_TruncateStmt) {
+            return Vec::new();
+        }
+        pgrx::PgList::<pg_sys::RangeVar>::from_pg((*stmt.cast::<pg_sys::TruncateStmt>()).relations)
+            .iter_ptr()
+            .map(|rv| {
+                pg_sys::RangeVarGetRelidExtended(
+                    rv,
+                    pg_sys::NoLock as pg_sys::LOCKMODE,
+                    pg_sys::RVROption::RVR_MISSING_OK,
+                    None,
+                    std::ptr::null_mut(),
+                )
+            })
+            .filter(|&relid| relid != pg_sys::Oid::INVALID && pg_sys::get_rel_relispartition(relid))
+            .collect()
+    }
+}
+
+/// After a TRUNCATE of `partitions`: PostgreSQL does not pass statement triggers down, so the
+/// watches of the tables above them see nothing of their emptied rows; their subscribers refetch
+/// once the transaction commits (as after DDL that changes which rows a table holds, see
+/// `define::follow`). A partition's own watches have its TRUNCATE trigger.
+fn refetch_above(partitions: &[pg_sys::Oid]) {
+    if !targets::pgwatch_here() {
+        return;
+    }
+    let above: Vec<pg_sys::Oid> = partitions
+        .iter()
+        .flat_map(|&partition| targets::tree(partition, true, false).into_iter().filter(move |&t| t != partition))
+        .collect();
+    xact::refetch_at_commit(targets::read(Watches::OfTables(&above, None)));
 }
 
 /// What a transaction statement does with a prepared transaction, and its GID.
