@@ -982,8 +982,12 @@ fn a_database_with_a_worker_can_be_copied_renamed_and_closed() {
     drop((db, listener));
     clients_leave(&mut admin, "e2e_db_src");
     // PostgreSQL refuses these while any other session is connected to the database, and the
-    // worker is: it steps aside for them, and starts again when there is something to send.
-    admin.batch_execute("CREATE DATABASE e2e_db_copy TEMPLATE e2e_db_src").unwrap();
+    // worker is: it steps aside for them, and starts again when there is something to send. (A
+    // session may copy the database it is in.)
+    let mut inside = connect_to(&mut admin, "e2e_db_src");
+    inside.batch_execute("CREATE DATABASE e2e_db_copy TEMPLATE e2e_db_src").unwrap();
+    drop(inside);
+    clients_leave(&mut admin, "e2e_db_src");
     admin.batch_execute("ALTER DATABASE e2e_db_src RENAME TO e2e_db_moved").unwrap();
     for name in ["e2e_db_moved", "e2e_db_copy"] {
         let mut db = connect_to(&mut admin, name);

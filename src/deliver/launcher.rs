@@ -62,6 +62,8 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
                     // Its database may be invalid (a DROP DATABASE interrupted late): its records
                     // would hold the ring's tail, and every other database's delivery with it.
                     let dropped = shared.abandon(dboid);
+                    // A worker is still wanted there, to send the refetch once it can connect.
+                    slot.worker_wanted.store(true, Ordering::Release);
                     if dropped > 0 {
                         stats::add(Counter::SkippedRecords, dropped);
                         stats::flush();

@@ -58,7 +58,7 @@ pub fn read(which: Watches<'_>) -> Vec<Rc<Target>> {
     // `retain` is read from the row as JSON, which works before `ALTER EXTENSION pgwatch UPDATE`
     // added the column too.
     let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
-                        pg_catalog.concat(n.nspname, '.', c.relname),
+                        pg_catalog.convert_to(pg_catalog.concat(n.nspname, '.', c.relname), pg_catalog.getdatabaseencoding()),
                         pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL
                    FROM pgwatch.watches w
                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.tbl
@@ -73,9 +73,12 @@ pub fn read(which: Watches<'_>) -> Vec<Rc<Target>> {
             .select(query, None, &[tables.into(), column.into(), ids.into()])?
             .map(|row| {
                 let channel: Vec<u8> = row.get(1)?.unwrap_or_default();
+                let tbl: Vec<u8> = row.get(2)?.unwrap_or_default();
+                // As the trigger names it (see `capture::plan`): in the database's encoding, read
+                // lossily where that is not UTF-8.
                 Ok(Rc::new(Target {
                     channel: std::ffi::CString::new(channel).expect("a channel holds no NUL"),
-                    tbl: row.get::<String>(2)?.unwrap_or_default(),
+                    tbl: String::from_utf8_lossy(&tbl).into_owned(),
                     rows: Rows::Objects,
                     retained: row.get::<bool>(3)?.unwrap_or(false),
                 }))

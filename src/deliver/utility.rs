@@ -45,7 +45,7 @@ unsafe extern "C-unwind" fn on_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
-    around_utility(pstmt, || unsafe {
+    around_utility(pstmt, context, || unsafe {
         match PREV_UTILITY.get().copied().flatten() {
             Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
             None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
@@ -67,7 +67,7 @@ unsafe extern "C-unwind" fn on_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: passing the hook's own arguments on, to the previous hook or the standard function.
-    around_utility(pstmt, || unsafe {
+    around_utility(pstmt, context, || unsafe {
         match PREV_UTILITY.get().copied().flatten() {
             Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
             None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
@@ -79,7 +79,7 @@ unsafe extern "C-unwind" fn on_utility(
 /// worker (so the statement is not refused for it), which starts again after it unless the
 /// database was dropped (its queued records are then forgotten); DROP EXTENSION has the worker
 /// check, once committed, whether pgwatch is still there.
-fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
+fn around_utility(pstmt: *mut pg_sys::PlannedStmt, context: pg_sys::ProcessUtilityContext::Type, run: impl FnOnce()) {
     // SAFETY: a utility statement's PlannedStmt holds a valid parse node.
     let stmt = unsafe { (*pstmt).utilityStmt };
     if let Some((statement, gid)) = prepared_transaction(stmt) {
@@ -98,17 +98,34 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
         run();
         return refetch_above(&partitions);
     }
+    if let Some(parent) = detached_concurrently(stmt) {
+        // It commits halfway: the refetch its ddl_command_start trigger asked for went out with
+        // the first transaction, while the partition, left out of the parent's snapshots from
+        // then on, kept its clones of the watches' row triggers until this second one.
+        run();
+        let above = targets::tree(parent, true, false);
+        return xact::refetch_at_commit(targets::read(Watches::OfTables(&above, None)));
+    }
     let taken = exclusive_database(stmt);
     let Some((dboid, slot, exclusive)) =
         taken.and_then(|(d, e)| shmem::shared().and_then(|s| Some((d, s.find_slot(d)?, e))))
     else {
         return run();
     };
-    // PostgreSQL checks who may run the statement only inside it: anyone else's attempt must
-    // leave the database's delivery alone.
-    if !may_take(dboid, exclusive) {
+    // PostgreSQL checks who may run the statement, and where, only inside it: anyone else's
+    // attempt, and one it refuses anyway, must leave the database's delivery alone.
+    if !may_take(dboid, &exclusive, context) {
         return run();
     }
+    // The lock PostgreSQL takes on the database first, so that the worker stops only once
+    // nothing else holds the statement up (a role that keeps the database locked would
+    // otherwise keep its worker stopped for as long as it likes).
+    let mode = if exclusive.kind == Kind::Copy { pg_sys::ShareLock } else { pg_sys::AccessExclusiveLock };
+    // SAFETY: a lock on a shared object, held until this transaction ends, as the statement
+    // itself takes it.
+    unsafe {
+        pg_sys::LockSharedObject(pg_sys::DatabaseRelationId, pg_sys::Oid::from(dboid), 0, mode as pg_sys::LOCKMODE)
+    };
     // SAFETY: reading this backend's pid.
     let me = unsafe { pg_sys::MyProcPid };
     slot.held_by.store(me, Ordering::Release);
@@ -130,37 +147,63 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, run: impl FnOnce()) {
         error.rethrow()
     })
     .execute();
-    match exclusive {
-        Exclusive::Drop => {
+    match exclusive.kind {
+        Kind::Drop => {
             if let Some(shared) = shmem::shared() {
                 shared.forget_database(dboid);
             }
         }
-        Exclusive::Copy | Exclusive::Alter => slot.release(me),
+        Kind::Copy | Kind::Rename | Kind::Move => slot.release(me),
     }
 }
 
 /// Why a statement needs a database to itself (PostgreSQL refuses it while any other session,
 /// pgwatch's worker included, is connected to the database).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Exclusive {
+enum Kind {
     /// DROP DATABASE.
     Drop,
     /// CREATE DATABASE with it as the template (`template1` when none is named).
     Copy,
-    /// ALTER DATABASE ... RENAME TO, or SET TABLESPACE.
-    Alter,
+    /// ALTER DATABASE ... RENAME TO.
+    Rename,
+    /// ALTER DATABASE ... SET TABLESPACE.
+    Move,
 }
 
-/// Whether the current user may run the statement on database `dboid`, as PostgreSQL checks it:
-/// with its owner's rights (or as a superuser), or for a copy with CREATEDB and a database marked
-/// as a template. `false` for the database this session is in, which PostgreSQL refuses to drop,
-/// rename, move or copy, and for one dropped meanwhile (DROP DATABASE IF EXISTS then skips).
-fn may_take(dboid: u32, exclusive: Exclusive) -> bool {
-    // SAFETY: reading this backend's database; syscache lookups inside the statement's
-    // transaction, each tuple released before returning.
+/// A statement that needs a database to itself, with what PostgreSQL checks before it looks
+/// for other sessions.
+struct Exclusive {
+    kind: Kind,
+    /// The name of the database it makes (a copy) or renames it to: must be free.
+    new_name: Option<std::ffi::CString>,
+}
+
+/// Whether the current user may run the statement on database `dboid` here, as PostgreSQL checks
+/// it before it looks for other sessions: with the database's owner's rights (or as a superuser),
+/// with CREATEDB for a rename, or for a copy with CREATEDB and a database marked as a template (or
+/// owned); not for a template's drop; a new name must be free; DROP, CREATE and SET TABLESPACE
+/// only outside a transaction block and any function. `false` also for the database this session
+/// is in unless it is copied (PostgreSQL refuses to drop, rename or move it), and for one dropped
+/// meanwhile (DROP DATABASE IF EXISTS then skips).
+fn may_take(dboid: u32, exclusive: &Exclusive, context: pg_sys::ProcessUtilityContext::Type) -> bool {
+    // SAFETY: reading this backend's database and transaction state; syscache lookups inside the
+    // statement's transaction, each tuple released before returning; a C string for a name.
     unsafe {
-        if dboid == pg_sys::MyDatabaseId.to_u32() {
+        if dboid == pg_sys::MyDatabaseId.to_u32() && exclusive.kind != Kind::Copy {
+            return false;
+        }
+        let top_level = context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
+            && !pg_sys::IsTransactionBlock()
+            && !pg_sys::IsSubTransaction();
+        if exclusive.kind != Kind::Rename && !top_level {
+            return false;
+        }
+        if exclusive
+            .new_name
+            .as_ref()
+            .is_some_and(|name| pg_sys::get_database_oid(name.as_ptr(), true) != pg_sys::Oid::INVALID)
+        {
             return false;
         }
         let tuple = pg_sys::SearchSysCache1(
@@ -174,9 +217,11 @@ fn may_take(dboid: u32, exclusive: Exclusive) -> bool {
         let (owner, is_template) = ((*database).datdba, (*database).datistemplate);
         pg_sys::ReleaseSysCache(tuple);
         let owns = pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner);
-        match exclusive {
-            Exclusive::Drop | Exclusive::Alter => owns,
-            Exclusive::Copy => may_create_databases() && (is_template || owns),
+        match exclusive.kind {
+            Kind::Drop => owns && !is_template,
+            Kind::Move => owns,
+            Kind::Rename => owns && may_create_databases(),
+            Kind::Copy => may_create_databases() && (is_template || owns),
         }
     }
 }
@@ -203,24 +248,29 @@ fn may_create_databases() -> bool {
 
 /// The existing database a statement needs to itself, and why.
 fn exclusive_database(stmt: *mut pg_sys::Node) -> Option<(u32, Exclusive)> {
+    let owned = |name: *const std::ffi::c_char| {
+        // SAFETY: a name from the parse tree: NULL or a C string.
+        (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_owned())
+    };
     // SAFETY: a valid parse node, cast only after checking its tag, as is every option read.
     let (name, exclusive) = unsafe {
         if pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
-            ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Exclusive::Drop)
+            ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Exclusive { kind: Kind::Drop, new_name: None })
         } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_CreatedbStmt) {
-            let options = (*stmt.cast::<pg_sys::CreatedbStmt>()).options;
-            let template = option(options, c"template").filter(|def| !(**def).arg.is_null());
-            (template.map_or(c"template1".as_ptr().cast_mut(), |def| pg_sys::defGetString(def)), Exclusive::Copy)
+            let create = stmt.cast::<pg_sys::CreatedbStmt>();
+            let template = option((*create).options, c"template").filter(|def| !(**def).arg.is_null());
+            let name = template.map_or(c"template1".as_ptr().cast_mut(), |def| pg_sys::defGetString(def));
+            (name, Exclusive { kind: Kind::Copy, new_name: owned((*create).dbname) })
         } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
             let rename = stmt.cast::<pg_sys::RenameStmt>();
             if (*rename).renameType != pg_sys::ObjectType::OBJECT_DATABASE {
                 return None;
             }
-            ((*rename).subname, Exclusive::Alter)
+            ((*rename).subname, Exclusive { kind: Kind::Rename, new_name: owned((*rename).newname) })
         } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseStmt) {
             let alter = stmt.cast::<pg_sys::AlterDatabaseStmt>();
             option((*alter).options, c"tablespace")?;
-            ((*alter).dbname, Exclusive::Alter)
+            ((*alter).dbname, Exclusive { kind: Kind::Move, new_name: None })
         } else {
             return None;
         }
@@ -267,6 +317,40 @@ fn truncated_partitions(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
             })
             .filter(|&relid| relid != pg_sys::Oid::INVALID && pg_sys::get_rel_relispartition(relid))
             .collect()
+    }
+}
+
+/// The parent an ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY detaches from (resolved
+/// before it runs), with pgwatch in this database.
+fn detached_concurrently(stmt: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
+    #[cfg(feature = "pg13")]
+    {
+        let _ = stmt;
+        None
+    }
+    #[cfg(not(feature = "pg13"))]
+    // SAFETY: a valid parse node, cast only after checking its tag, as is each subcommand's.
+    unsafe {
+        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
+            return None;
+        }
+        let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+        let concurrent = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds).iter_ptr().any(|cmd| {
+            (*cmd).subtype == pg_sys::AlterTableType::AT_DetachPartition
+                && pgrx::is_a((*cmd).def, pg_sys::NodeTag::T_PartitionCmd)
+                && (*(*cmd).def.cast::<pg_sys::PartitionCmd>()).concurrent
+        });
+        if !concurrent || !targets::pgwatch_here() {
+            return None;
+        }
+        let parent = pg_sys::RangeVarGetRelidExtended(
+            (*alter).relation,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        (parent != pg_sys::Oid::INVALID).then_some(parent)
     }
 }
 

@@ -67,6 +67,17 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     let shared = shmem::shared().expect("workers run only with pgwatch preloaded");
     let Some(slot) = shared.find_slot(dboid) else { return };
+    // A lock_timeout of the server's configuration must not fail the connection (a worker that
+    // cannot connect has its database's queued changes dropped, see `launcher`).
+    // SAFETY: setting a GUC of this process's own session, before it connects.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"lock_timeout".as_ptr(),
+            c"0".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
     // SAFETY: connecting this registered background worker to its database, once, as the
     // bootstrap superuser. It connects even to a database whose owner set ALLOW_CONNECTIONS
     // false: sessions still connected there commit changes that only this worker sends, and
@@ -188,12 +199,16 @@ fn watch_channels() -> Vec<(Vec<u8>, String)> {
     Spi::connect(|client| {
         client
             .select(
-                "SELECT w.channel, n.nspname || '.' || c.relname
+                "SELECT convert_to(w.channel, getdatabaseencoding()),
+                        convert_to(n.nspname || '.' || c.relname, getdatabaseencoding())
                    FROM pgwatch.watches w JOIN pg_class c ON c.oid = w.tbl JOIN pg_namespace n ON n.oid = c.relnamespace",
                 None,
                 &[],
             )?
-            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default().into_bytes(), row.get::<String>(2)?.unwrap_or_default())))
+            .map(|row| {
+                let tbl: Vec<u8> = row.get(2)?.unwrap_or_default();
+                Ok((row.get::<Vec<u8>>(1)?.unwrap_or_default(), String::from_utf8_lossy(&tbl).into_owned()))
+            })
             .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
     })
     .unwrap_or_else(|e| crate::error::spi_failed("pgwatch.watches", e))

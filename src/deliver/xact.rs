@@ -33,6 +33,9 @@ struct Buffer {
     folded: Folded,
     /// Changes of this watch still in the tail.
     pending: usize,
+    /// Made for a refetch, from a target read from the catalog: the first trigger of its channel
+    /// to record gives it its own (see `Xact::buffer`).
+    from_catalog: bool,
 }
 
 impl Buffer {
@@ -114,9 +117,26 @@ impl Xact {
         if let Some(i) = self.buffers.iter().position(|b| Rc::ptr_eq(&b.target, target) || b.target == *target) {
             return i;
         }
+        if let Some(i) = self.buffers.iter().position(|b| b.from_catalog && b.target.channel == target.channel) {
+            let buffer = &mut self.buffers[i];
+            (buffer.target, buffer.from_catalog) = (target.clone(), false);
+            return i;
+        }
         let folded = self.spare_folds.pop().unwrap_or_default();
-        self.buffers.push(Buffer { target: target.clone(), folded, pending: 0 });
+        self.buffers.push(Buffer { target: target.clone(), folded, pending: 0, from_catalog: false });
         self.buffers.len() - 1
+    }
+
+    /// The buffer of `target`'s channel, for a refetch read from the catalog (which does not
+    /// know the shape of the trigger's rows, see `targets`): the one the transaction's changes of
+    /// that channel are recorded in, before or after, so that the refetch is sent after them all.
+    fn channel_buffer(&mut self, target: &Rc<Target>) -> usize {
+        if let Some(at) = self.buffers.iter().position(|b| b.target.channel == target.channel) {
+            return at;
+        }
+        let at = self.buffer(target);
+        self.buffers[at].from_catalog = true;
+        at
     }
 
     /// Forgets everything recorded, keeping the memory a small transaction needs for the next.
@@ -312,7 +332,7 @@ fn announce_after_commit(shared: &Shared) {
 pub fn resync_at_commit(targets: Vec<Rc<Target>>) {
     XACT.with_borrow_mut(|xact| {
         for target in &targets {
-            let at = xact.buffer(target);
+            let at = xact.channel_buffer(target);
             xact.buffers[at].folded.mark_resync();
         }
     });
@@ -325,7 +345,7 @@ pub fn resync_at_commit(targets: Vec<Rc<Target>>) {
 pub fn refetch_at_commit(targets: Vec<Rc<Target>>) {
     XACT.with_borrow_mut(|xact| {
         for target in &targets {
-            let at = xact.buffer(target);
+            let at = xact.channel_buffer(target);
             xact.buffers[at].folded.mark_reshaped();
         }
     });
