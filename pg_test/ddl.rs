@@ -247,6 +247,16 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
         listener.expect_on(&[("public.o_plain", resync), ("o_plain_notes", resync)]);
         writer.batch_execute("ALTER TABLE o_plain ENABLE TRIGGER USER").unwrap();
         listener.expect_silence();
+        // Making a watch's triggers again enables them: what they missed is announced too.
+        writer
+            .batch_execute(
+                "ALTER TABLE o_plain DISABLE TRIGGER USER; INSERT INTO o_plain VALUES (2, 2, 'y');
+                 SELECT watch_table('o_plain', '*', '{v}')",
+            )
+            .unwrap();
+        listener.expect_on(&[("public.o_plain", resync)]);
+        writer.batch_execute("ALTER TABLE o_plain ENABLE TRIGGER USER").unwrap();
+        listener.expect_on(&[("public.o_plain", resync), ("o_plain_notes", resync)]);
         writer.batch_execute("DROP TABLE o_parts, o_parts_2, o_plain").unwrap();
     }
     // On a retained channel the refetch is a reset marker with reason "ddl", in the log like any

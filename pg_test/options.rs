@@ -287,6 +287,33 @@ fn triggers_that_change_the_table_again_are_seen_in_order() {
 }
 
 #[test]
+fn a_row_another_trigger_deletes_right_after_its_insert_is_not_kept() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_reject (id int PRIMARY KEY, v text);
+             SELECT watch_table('o_reject', '*', '{v}');
+             CREATE OR REPLACE FUNCTION o_reject() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN DELETE FROM o_reject WHERE id = NEW.id AND NEW.v = 'bad'; RETURN NULL; END $$;
+             CREATE TRIGGER a_reject AFTER INSERT ON o_reject FOR EACH ROW EXECUTE FUNCTION o_reject()",
+            &["public.o_reject"],
+        );
+        // The trigger fires before pgwatch's and deletes the row it reacts to: pgwatch sees the
+        // delete first, then the insert of a row that is already gone, which it sends as its
+        // key for subscribers to fetch (and find gone), not as a row to keep.
+        listener.expect_after(
+            &mut writer,
+            "INSERT INTO o_reject VALUES (1, 'bad'), (2, 'good')",
+            &[
+                r#"{"tbl":"public.o_reject","op":"update","rows":[{"id":1,"partial":true}]}"#,
+                r#"{"tbl":"public.o_reject","op":"insert","rows":[{"id":2,"v":"good"}]}"#,
+            ],
+        );
+    }
+}
+
+#[test]
 fn rows_changed_by_foreign_key_cascades_and_copy_are_reported() {
     let _serial = serial();
     for mode in MODES {
@@ -329,6 +356,9 @@ fn triggers_with_one_argument_per_field_as_earlier_builds_made_them_still_fire()
                      EXECUTE FUNCTION pgwatch.capture('public.o_legacy', 'public.o_legacy', '1', 'id', 'role_id')"
             ))
             .unwrap();
+        // The new trigger has pgwatch make the watch's triggers again, enabled: what the disabled
+        // one might have missed is announced.
+        listener.expect(&[r#"{"tbl":"public.o_legacy","op":"resync"}"#]);
         listener.expect_after(
             &mut writer,
             "INSERT INTO o_legacy VALUES (1, 7, 'a')",
@@ -370,6 +400,31 @@ fn names_with_quotes_backslashes_commas_and_braces_reach_the_trigger_intact() {
         assert_eq!(args, 1);
         writer.batch_execute(r#"INSERT INTO "o_a""b\c" VALUES (1, 'z')"#).unwrap();
         listener.expect(&[r#"{"tbl":"public.o_a\"b\\c","op":"insert","rows":[{"x,{y}":1,"it's":"z"}]}"#]);
+    }
+}
+
+#[test]
+fn a_watch_defined_again_differently_has_its_subscribers_refetch() {
+    let _serial = serial();
+    let resync = r#"{"tbl":"public.o_redef","op":"resync"}"#;
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_redef (id int PRIMARY KEY, a text, b text); SELECT watch_table('o_redef', '*', '{a}')",
+            &["public.o_redef"],
+        );
+        // The same definition again, as an application that makes its watches as it starts does:
+        // nothing to tell.
+        writer.batch_execute("SELECT watch_table('o_redef', '*', '{a}')").unwrap();
+        listener.expect_silence();
+        // What subscribers' copies hold was sent by the old definition: other columns, another
+        // payload format, other events.
+        for definition in
+            ["'*', '{a,b}'", "'*', '{a,b}', payload => 'compact'", "'insert, update', '{a,b}', payload => 'compact'"]
+        {
+            listener.expect_after(&mut writer, &format!("SELECT watch_table('o_redef', {definition})"), &[resync]);
+        }
+        writer.batch_execute("DROP TABLE o_redef").unwrap();
     }
 }
 

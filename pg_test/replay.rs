@@ -125,8 +125,10 @@ fn replay_returns_exactly_what_was_notified_and_says_when_it_cannot() {
     assert_eq!(narrowed, format!(r#"{{"tbl":"public.r_items","op":"insert","seq":{fresh},"rows":[{{"id":5}}]}}"#));
     assert_eq!(replay(&mut db, channel, fresh - 1, 1000), [(fresh, narrowed)]);
     assert_eq!(position(&mut db, channel), fresh);
-    // Without retention, the channel keeps nothing to replay.
+    // Without retention, the channel keeps nothing to replay; its subscribers, whose copies
+    // hold rows as the other definition sent them, refetch (this session notifies inline).
     db.batch_execute("SELECT watch_table('r_items', extra_columns => '{v}')").unwrap();
+    assert_eq!(listener.receive_raw(1, WAIT).pop().unwrap().1, r#"{"tbl":"public.r_items","op":"resync"}"#);
     assert_eq!(failure(&mut db, &format!("SELECT pgwatch.position('{channel}')")).0, "72000");
     // Its numbers go on above the feed's, never back to where the shared counter stood.
     db.batch_execute("SET pgwatch.delivery = worker; INSERT INTO r_items VALUES (4, 'e')").unwrap();

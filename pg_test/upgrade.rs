@@ -103,6 +103,8 @@ fn watches_made_with_0_1_0_keep_firing_after_alter_extension_update() {
     db.batch_execute("SELECT watch_table('users', 'insert, truncate', label => 'gone_users'); TRUNCATE users").unwrap();
     listener.expect_on(&[
         ("gone_users", r#"{"tbl":"public.users","op":"truncate"}"#),
+        // Defined again with other events: its subscribers refetch.
+        ("gone_users", r#"{"tbl":"public.users","op":"resync"}"#),
         // The plain watch does not report truncate: its subscribers refetch.
         ("public.users", r#"{"tbl":"public.users","op":"resync"}"#),
     ]);

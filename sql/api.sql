@@ -64,7 +64,3 @@ GRANT SELECT ON pgwatch.channels TO PUBLIC;
 CREATE FUNCTION pgwatch.protocol_version() RETURNS int
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS 'SELECT 1';
-
--- Called by pgwatch.on_sql_drop() (SECURITY DEFINER) only: anyone else could have every
--- subscriber refetch.
-REVOKE ALL ON FUNCTION pgwatch.refetch_watches(bigint[]) FROM PUBLIC;

@@ -8,24 +8,12 @@ CREATE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
 AS $$
 DECLARE
     broken record;
-    reshaped bigint[];
 BEGIN
     DELETE FROM pgwatch.watches w
      USING pg_event_trigger_dropped_objects() d
      WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND w.tbl::oid = d.objid;
     IF pgwatch.managing() THEN
         RETURN;
-    END IF;
-    -- A partition of a watched table was dropped (its clones of the watch's row triggers with it),
-    -- and its rows with it, which no row event reports: the watch's subscribers refetch once this
-    -- transaction commits.
-    SELECT array_agg(DISTINCT w.id) INTO reshaped
-      FROM pg_event_trigger_dropped_objects() d
-      JOIN pgwatch.watches w ON d.object_type = 'trigger'
-       AND d.address_names[3] IN ('pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
-                                  'pgwatch_' || w.id || '_delete');
-    IF reshaped IS NOT NULL THEN
-        PERFORM pgwatch.refetch_watches(reshaped);
     END IF;
     SELECT w.id, w.channel, w.tbl, w.key_columns, d.object_type, d.address_names[3] AS name INTO broken
       FROM pg_event_trigger_dropped_objects() d
@@ -97,9 +85,11 @@ CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end
 ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 
 -- Before ALTER TABLE: a watched table about to become a partition or an inheritance child gets row
--- triggers first (a C function: it reads the parse tree).
+-- triggers first, and DDL that changes which rows watched tables hold with no row event (ALTER
+-- TABLE, or DROP TABLE of a partition) has their subscribers refetch (a C function: it reads the
+-- parse tree, before the command changes the catalog).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
     LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
 ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;

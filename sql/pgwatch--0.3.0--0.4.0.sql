@@ -169,83 +169,12 @@ CREATE FUNCTION pgwatch.protocol_version() RETURNS int
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS 'SELECT 1';
 
--- DDL that changes which rows a watched table holds without a row event has its subscribers
--- refetch: a dropped partition is seen here (the rest by pgwatch.on_ddl_command_start()).
-CREATE FUNCTION pgwatch."refetch_watches"("ids" bigint[]) RETURNS void
-VOLATILE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'refetch_watches_wrapper';
-REVOKE ALL ON FUNCTION pgwatch.refetch_watches(bigint[]) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    broken record;
-    reshaped bigint[];
-BEGIN
-    DELETE FROM pgwatch.watches w
-     USING pg_event_trigger_dropped_objects() d
-     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND w.tbl::oid = d.objid;
-    IF pgwatch.managing() THEN
-        RETURN;
-    END IF;
-    -- A partition of a watched table was dropped (its clones of the watch's row triggers with it),
-    -- and its rows with it, which no row event reports: the watch's subscribers refetch once this
-    -- transaction commits.
-    SELECT array_agg(DISTINCT w.id) INTO reshaped
-      FROM pg_event_trigger_dropped_objects() d
-      JOIN pgwatch.watches w ON d.object_type = 'trigger'
-       AND d.address_names[3] IN ('pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
-                                  'pgwatch_' || w.id || '_delete');
-    IF reshaped IS NOT NULL THEN
-        PERFORM pgwatch.refetch_watches(reshaped);
-    END IF;
-    SELECT w.id, w.channel, w.tbl, w.key_columns, d.object_type, d.address_names[3] AS name INTO broken
-      FROM pg_event_trigger_dropped_objects() d
-      JOIN pgwatch.watches w ON
-           (d.object_type = 'table column' AND d.objid = w.tbl::oid
-            AND d.address_names[3] = ANY (w.key_columns || w.extra_columns || w.trigger_columns))
-        OR (d.object_type IN ('trigger', 'table constraint')
-            AND (d.address_names[1], d.address_names[2]) =
-                (SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.oid = w.tbl)
-            AND CASE d.object_type
-                WHEN 'trigger' THEN
-                    d.address_names[3] IN ('pgwatch_' || w.id, 'pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
-                                           'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate')
-                -- Keys that may repeat (no key, another one, a deferrable one) would let
-                -- coalescing fold different rows together.
-                ELSE NOT EXISTS (
-                    SELECT FROM pg_constraint k
-                     WHERE k.conrelid = w.tbl AND k.contype = 'p' AND NOT k.condeferrable
-                       AND ARRAY(SELECT a.attname::text
-                                   FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, n)
-                                   JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
-                                  ORDER BY u.n) = w.key_columns)
-                END)
-     ORDER BY w.id, d.object_type = 'table constraint'  -- a dropped key column is named
-     LIMIT 1;
-    IF broken.object_type = 'trigger' THEN
-        RAISE EXCEPTION 'cannot drop trigger % of table %: it belongs to pgwatch watch % (channel "%")',
-                broken.name, broken.tbl, broken.id, broken.channel
-            USING ERRCODE = 'dependent_objects_still_exist',
-                  HINT = 'Remove the watch with unwatch_table(), which drops its triggers.';
-    ELSIF broken.object_type = 'table constraint' THEN
-        RAISE EXCEPTION 'cannot drop constraint % of table %: pgwatch watch % (channel "%") identifies rows by this primary key',
-                broken.name, broken.tbl, broken.id, broken.channel
-            USING ERRCODE = 'dependent_objects_still_exist',
-                  HINT = format('Keep a NOT DEFERRABLE primary key on (%s), or unwatch the table first.',
-                                array_to_string(broken.key_columns, ', '));
-    ELSIF broken.object_type IS NOT NULL THEN
-        RAISE EXCEPTION 'cannot drop column % of table %: pgwatch watch % (channel "%") uses it',
-                broken.name, broken.tbl, broken.id, broken.channel
-            USING ERRCODE = 'dependent_objects_still_exist',
-                  HINT = 'Watch the table again without this column (SELECT watch_table(...)), or unwatch it, first.';
-    END IF;
-END
-$$;
+-- DDL that changes which rows a watched table holds with no row event has its subscribers
+-- refetch: the ddl_command_start trigger now also sees DROP TABLE (of a partition).
+DROP EVENT TRIGGER pgwatch_ddl_command_start;
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE')
+    EXECUTE FUNCTION pgwatch.on_ddl_command_start();
+ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;
 
 -- Each watch's triggers are made again: a watch that does not report truncate gets the TRUNCATE
 -- trigger that has its subscribers refetch; WHEN conditions are kept as PostgreSQL stored them (a

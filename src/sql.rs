@@ -191,16 +191,6 @@ mod pgwatch {
         ))
     }
 
-    /// Has the subscribers of watches `ids` refetch once this transaction commits: called by
-    /// `pgwatch.on_sql_drop()` when a partition of their tables was dropped. Not for PUBLIC
-    /// (`sql/api.sql` revokes it): it would let anyone make every subscriber refetch.
-    #[pg_extern(volatile)]
-    #[search_path(pg_catalog, pg_temp)]
-    fn refetch_watches(ids: Option<Vec<Option<i64>>>) {
-        let ids: Vec<i64> = ids.unwrap_or_default().into_iter().flatten().collect();
-        follow::refetch_watches(&ids);
-    }
-
     /// The last sequence number sent on a retained channel (`pgwatch.position()`, which passes
     /// the channel in the database's encoding).
     #[pg_extern(volatile)]
@@ -278,7 +268,7 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
     capture::trigger::capture(trigger)
 }
 
-/// The `ddl_command_start` event trigger of ALTER TABLE (`pgwatch.on_ddl_command_start()`, see
+/// The `ddl_command_start` event trigger of ALTER TABLE and DROP TABLE (`pgwatch.on_ddl_command_start()`, see
 /// `define::follow`): a C function, since it reads the command's parse tree.
 ///
 /// # Safety

@@ -72,12 +72,45 @@ pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, 
             Op::Update => (Some(data.tg_trigtuple), Some(data.tg_newtuple)),
             Op::Delete => (Some(data.tg_trigtuple), None),
         };
-        record(&plan, op, before.map(image), after.map(image));
+        // SAFETY: a firing AFTER row trigger's new row, fetched from its table.
+        let stale = after.is_some_and(|tuple| unsafe { changed_since(tuple) });
+        let after = after.map(|tuple| image(tuple).map(|image| if stale { image.key_only() } else { image }));
+        record(&plan, op, before.map(image), after);
     } else {
         // SAFETY: the transition tables of a firing statement trigger on the plan's table.
         unsafe { record_transition_tables(data, &plan, columns, op, statement_rows) };
     }
     Ok(None)
+}
+
+/// Whether a row trigger's new row was changed again by this transaction before the trigger fired:
+/// another trigger that fires before pgwatch's updated or deleted it inside the statement, and
+/// that later change reached pgwatch first. The change is then recorded with the row cut to its
+/// key (partial), which subscribers fetch; the fold keeps the row so (see `encode::fold`), even
+/// when the later change put the row back as it was before the statement. Most rows carry no
+/// deleting transaction at all, which is read from the header's flags.
+///
+/// # Safety
+/// `tuple` is a firing AFTER row trigger's tuple, fetched from its table.
+unsafe fn changed_since(tuple: *mut pg_sys::HeapTupleData) -> bool {
+    // SAFETY: as the caller promises, the tuple and its header are valid; a later change by this
+    // very backend is all that matters, and it is complete.
+    unsafe {
+        let header = (*tuple).t_data;
+        let infomask = u32::from((*header).t_infomask);
+        let raw_xmax = (*header).t_choice.t_heap.t_xmax;
+        if infomask & pg_sys::HEAP_XMAX_INVALID != 0 || raw_xmax == pg_sys::InvalidTransactionId {
+            return false;
+        }
+        let locked_only = infomask & pg_sys::HEAP_XMAX_LOCK_ONLY != 0
+            || infomask & (pg_sys::HEAP_XMAX_IS_MULTI | pg_sys::HEAP_LOCK_MASK) == pg_sys::HEAP_XMAX_EXCL_LOCK;
+        if locked_only {
+            return false;
+        }
+        let xmax =
+            if infomask & pg_sys::HEAP_XMAX_IS_MULTI != 0 { pg_sys::HeapTupleGetUpdateXid(header) } else { raw_xmax };
+        pg_sys::TransactionIdIsCurrentTransactionId(xmax)
+    }
 }
 
 /// Whether `pgwatch.mute` silences this table for the current user: only a role with its owner's

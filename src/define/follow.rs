@@ -223,7 +223,8 @@ pub fn follow_ddl() {
 /// the watches whose rows the command changes without a row event (see [`Reshape`]) have their
 /// subscribers refetch once the transaction commits. It needs the parse tree, which only a C
 /// function can read. (A watched parent that gains a child is followed at `ddl_command_end`, in
-/// `follow_ddl`; a dropped partition in `on_sql_drop`.)
+/// `follow_ddl`.) Also the `ddl_command_start` trigger of DROP TABLE: a dropped partition's rows
+/// leave the watched tables above it.
 ///
 /// # Safety
 /// `fcinfo` must be the call of PostgreSQL running an event trigger function.
@@ -277,6 +278,9 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
                     #[cfg(not(feature = "pg13"))]
                     pg_sys::AlterTableType::AT_DetachPartitionFinalize => Some(Reshape::Partitions),
                     pg_sys::AlterTableType::AT_AlterColumnType => name().map(Reshape::ColumnType),
+                    // A stored generated column's new expression rewrites its values.
+                    #[cfg(any(feature = "pg17", feature = "pg18"))]
+                    pg_sys::AlterTableType::AT_SetExpression => name().map(Reshape::ColumnType),
                     pg_sys::AlterTableType::AT_EnableTrig
                     | pg_sys::AlterTableType::AT_EnableAlwaysTrig
                     | pg_sys::AlterTableType::AT_EnableReplicaTrig => {
@@ -288,6 +292,17 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
                     _ => None,
                 };
                 reshaped.extend(relation.zip(reshape));
+            }
+        } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_DropStmt) {
+            let drop = stmt.cast::<pg_sys::DropStmt>();
+            if (*drop).removeType == pg_sys::ObjectType::OBJECT_TABLE {
+                let names = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+                let dropped = names.iter_ptr().filter_map(|name| table(pg_sys::makeRangeVarFromNameList(name)));
+                reshaped.extend(
+                    dropped
+                        .filter(|&relid| pg_sys::get_rel_relispartition(relid))
+                        .map(|relid| (relid, Reshape::Dropped)),
+                );
             }
         }
         // Names were resolved with the command's search_path; pgwatch's own SQL runs with a safe
@@ -314,6 +329,8 @@ enum Reshape {
     /// was disabled (or fired only on replicas) were not seen, in the table or any table above
     /// or below it that shares the watch's triggers.
     Enable,
+    /// DROP TABLE of a partition: its rows leave the tables above it (its own watches go with it).
+    Dropped,
 }
 
 /// Has the subscribers of the watches that `reshape` of table `relid` affects refetch once this
@@ -321,11 +338,14 @@ enum Reshape {
 /// subcommand that then fails leaves at most a needless refetch.
 fn refetch_after(relid: pg_sys::Oid, reshape: Reshape) {
     let (up, down) = match reshape {
-        Reshape::Partitions => (true, false),
+        Reshape::Partitions | Reshape::Dropped => (true, false),
         Reshape::ColumnType(_) => (false, true),
         Reshape::Enable => (true, true),
     };
-    let tables = targets::tree(relid, up, down);
+    let mut tables = targets::tree(relid, up, down);
+    if reshape == Reshape::Dropped {
+        tables.retain(|&table| table != relid);
+    }
     if reshape == Reshape::Enable {
         // Only a trigger of pgwatch's that was disabled (or fired only on replicas) missed changes.
         let missed = first::<bool>(
@@ -343,10 +363,4 @@ fn refetch_after(relid: pg_sys::Oid, reshape: Reshape) {
         _ => None,
     };
     xact::refetch_at_commit(targets::read(Watches::OfTables(&tables, column)));
-}
-
-/// Has the subscribers of watches `ids` refetch once this transaction commits: a partition of
-/// their tables was dropped, and its rows with it (see `pgwatch.on_sql_drop()`).
-pub fn refetch_watches(ids: &[i64]) {
-    xact::refetch_at_commit(targets::read(Watches::Ids(ids)));
 }

@@ -214,6 +214,43 @@ pub fn upsert(watch: &Watch, shape: Shape) -> (i64, bool) {
     (first::<i64>(insert, fields).expect("INSERT ... RETURNING returns the id"), false)
 }
 
+/// Whether storing `watch` changes what the watch of its table and label sends: its events,
+/// columns, condition, payload format, firing on replicas, or whether it keeps its payloads (a
+/// longer or shorter `retain` changes nothing sent). Subscribers' copies were made by the old
+/// definition, so they refetch. False when there is no such watch yet, with 0.1.0's SQL, and when
+/// a retained watch starts a new feed (see `upsert`): its numbers jump, which tells subscribers.
+pub fn redefines(watch: &Watch, shape: &Shape) -> bool {
+    let events: Vec<String> = watch.events.iter().map(|event| event.as_str().to_string()).collect();
+    let query = match shape {
+        Shape::V0_1 => return false,
+        Shape::V0_3 => {
+            "SELECT (events, extra_columns, trigger_columns, condition, payload, fire_on_replica)
+                    IS DISTINCT FROM ($3::text[], $4::text[], $5::text[], $6::text, $7::text, $8::bool)
+               FROM pgwatch.watches WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2"
+        }
+        Shape::Current => {
+            "SELECT (events, extra_columns, trigger_columns, condition, payload, fire_on_replica, retain IS NULL)
+                    IS DISTINCT FROM ($3::text[], $4::text[], $5::text[], $6::text, $7::text, $8::bool, $9::int8 IS NULL)
+                    AND NOT ($9::int8 IS NOT NULL
+                             AND (retain IS NULL OR extra_columns IS DISTINCT FROM $4 OR payload IS DISTINCT FROM $7))
+               FROM pgwatch.watches WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2"
+        }
+    };
+    let args: [DatumWithOid; 9] = [
+        watch.tbl.into(),
+        watch.label.as_deref().into(),
+        events.into(),
+        watch.extras.clone().into(),
+        watch.trigger_columns.clone().into(),
+        watch.condition.as_deref().into(),
+        watch.payload.as_str().into(),
+        watch.fire_on_replica.into(),
+        watch.retain.into(),
+    ];
+    let args = if matches!(shape, Shape::Current) { &args[..] } else { &args[..8] };
+    first::<bool>(query, args).unwrap_or(false)
+}
+
 /// Removes the watch of table `tbl` named `label`, or all of them when `label` is NULL; their ids.
 pub fn delete(tbl: pg_sys::Oid, label: Option<&str>) -> Vec<i64> {
     column(
