@@ -225,6 +225,11 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
                 r#"{"tbl":"public.o_parts","op":"resync"}"#,
             ],
         );
+        // A command rolled back to a savepoint changed nothing: no refetch.
+        writer
+            .batch_execute("BEGIN; SAVEPOINT s; ALTER TABLE o_parts DETACH PARTITION o_parts_2; ROLLBACK TO s; COMMIT")
+            .unwrap();
+        listener.expect_silence();
         // Rows leave it with no delete: truncated alone (PostgreSQL passes no statement trigger
         // down; pgwatch is preloaded here), detached, or dropped with their partition.
         for ddl in ["TRUNCATE o_parts_2", "ALTER TABLE o_parts DETACH PARTITION o_parts_2", "DROP TABLE o_parts_1"] {
@@ -258,6 +263,26 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
         writer.batch_execute("ALTER TABLE o_plain ENABLE TRIGGER USER").unwrap();
         listener.expect_on(&[("public.o_plain", resync), ("o_plain_notes", resync)]);
         writer.batch_execute("DROP TABLE o_parts, o_parts_2, o_plain").unwrap();
+    }
+    // A compact watch's refetch goes after the transaction's rows too, also when the DDL came first.
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_cparts (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE o_cparts_1 (id int PRIMARY KEY);
+             SELECT watch_table('o_cparts', payload => 'compact')",
+            &["public.o_cparts"],
+        );
+        listener.expect_after(
+            &mut writer,
+            "BEGIN; ALTER TABLE o_cparts ATTACH PARTITION o_cparts_1 FOR VALUES FROM (0) TO (10);
+             INSERT INTO o_cparts VALUES (1); COMMIT",
+            &[
+                r#"{"tbl":"public.o_cparts","op":"insert","cols":["id"],"rows":[[1]]}"#,
+                r#"{"tbl":"public.o_cparts","op":"resync"}"#,
+            ],
+        );
+        writer.batch_execute("DROP TABLE o_cparts").unwrap();
     }
     // On a retained channel the refetch is a reset marker with reason "ddl", in the log like any
     // payload: not a gap.

@@ -255,6 +255,37 @@ fn a_database_owners_settings_cannot_stop_its_worker() {
 }
 
 #[test]
+fn ddl_another_role_may_not_run_has_no_subscriber_refetch() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    let (_writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE t_reshape (id int PRIMARY KEY, v int) PARTITION BY RANGE (id);
+         CREATE TABLE t_reshape_1 PARTITION OF t_reshape FOR VALUES FROM (0) TO (10);
+         SELECT watch_table('t_reshape', '*', '{v}');
+         GRANT SELECT ON t_reshape, t_reshape_1 TO mallory",
+        &["public.t_reshape"],
+    );
+    // pgwatch sees these before PostgreSQL refuses them: caught at a savepoint, mallory's
+    // attempts must not have every subscriber of the table refetch, over and over.
+    for ddl in [
+        "DROP TABLE public.t_reshape_1",
+        "ALTER TABLE public.t_reshape DETACH PARTITION public.t_reshape_1",
+        "ALTER TABLE public.t_reshape ALTER COLUMN v TYPE bigint",
+        "ALTER TABLE public.t_reshape ENABLE TRIGGER ALL",
+    ] {
+        m.batch_execute("BEGIN; SAVEPOINT s").unwrap();
+        let (code, message) = failure(&mut m, ddl);
+        assert_eq!(code, "42501", "{ddl}: {message}");
+        m.batch_execute("ROLLBACK TO s; COMMIT").unwrap();
+    }
+    listener.expect_silence();
+    drop(m);
+    admin.batch_execute("DROP TABLE t_reshape; DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
 fn a_channel_belongs_to_one_table() {
     let _serial = serial();
     let mut admin = connect();

@@ -90,6 +90,6 @@ ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 -- parse tree, before the command changes the catalog).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
     LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE')
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
 ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;

@@ -295,7 +295,8 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
             }
         } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_DropStmt) {
             let drop = stmt.cast::<pg_sys::DropStmt>();
-            if (*drop).removeType == pg_sys::ObjectType::OBJECT_TABLE {
+            let tables = [pg_sys::ObjectType::OBJECT_TABLE, pg_sys::ObjectType::OBJECT_FOREIGN_TABLE];
+            if tables.contains(&(*drop).removeType) {
                 let names = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
                 let dropped = names.iter_ptr().filter_map(|name| table(pg_sys::makeRangeVarFromNameList(name)));
                 reshaped.extend(
@@ -337,6 +338,18 @@ enum Reshape {
 /// transaction commits (a resync, on a retained channel a reset marker with reason `ddl`). A
 /// subcommand that then fails leaves at most a needless refetch.
 fn refetch_after(relid: pg_sys::Oid, reshape: Reshape) {
+    // PostgreSQL checks who may run the command only after this trigger: no one else's attempt
+    // (rolled back to a savepoint, say) may have every subscriber refetch. It needs the table's
+    // owner's rights, or for a drop its schema's owner's.
+    let may = first::<bool>(
+        "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE') OR ($2 AND pg_catalog.pg_has_role(n.nspowner, 'USAGE'))
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[relid.into(), (reshape == Reshape::Dropped).into()],
+    );
+    if may != Some(true) {
+        return;
+    }
     let (up, down) = match reshape {
         Reshape::Partitions | Reshape::Dropped => (true, false),
         Reshape::ColumnType(_) => (false, true),

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use pgrx::prelude::*;
 
+use crate::encode::packer::cols_header;
 use crate::error;
 use crate::model::watch::{Rows, Target};
 
@@ -55,11 +56,19 @@ pub fn read(which: Watches<'_>) -> Vec<Rc<Target>> {
         Watches::OfTables(tables, column) => (Some(tables.to_vec()), column, None),
         Watches::Ids(ids) => (None, None, Some(ids.to_vec())),
     };
-    // `retain` is read from the row as JSON, which works before `ALTER EXTENSION pgwatch UPDATE`
-    // added the column too.
+    // `retain` and `payload` are read from the row as JSON, which works with an older release's
+    // SQL too (before `ALTER EXTENSION pgwatch UPDATE` added them). A compact watch's rows are
+    // named as its triggers name them, so that the target is the very one they record under:
+    // the refetch joins their changes (in this transaction, and in a worker's batch) and is sent
+    // after them.
     let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
                         pg_catalog.convert_to(pg_catalog.concat(n.nspname, '.', c.relname), pg_catalog.getdatabaseencoding()),
-                        pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL
+                        pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL,
+                        CASE WHEN pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'payload' OPERATOR(pg_catalog.=) 'compact'
+                             THEN pg_catalog.convert_to(
+                                      pg_catalog.to_json(w.key_columns OPERATOR(pg_catalog.||) w.extra_columns)::pg_catalog.text,
+                                      pg_catalog.getdatabaseencoding())
+                        END
                    FROM pgwatch.watches w
                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.tbl
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -74,12 +83,20 @@ pub fn read(which: Watches<'_>) -> Vec<Rc<Target>> {
             .map(|row| {
                 let channel: Vec<u8> = row.get(1)?.unwrap_or_default();
                 let tbl: Vec<u8> = row.get(2)?.unwrap_or_default();
-                // As the trigger names it (see `capture::plan`): in the database's encoding, read
-                // lossily where that is not UTF-8.
+                // A compact watch's column names, a JSON array, read as the trigger reads them (see
+                // `capture::plan`): in the database's encoding, lossily where that is not UTF-8.
+                let compact: Option<Vec<u8>> = row.get(4)?;
+                let names = compact.map(|json| serde_json::from_str::<Vec<String>>(&String::from_utf8_lossy(&json)));
+                let rows = match names {
+                    Some(Ok(names)) => {
+                        cols_header(names.iter().map(String::as_str)).map_or(Rows::Objects, Rows::Compact)
+                    }
+                    _ => Rows::Objects,
+                };
                 Ok(Rc::new(Target {
                     channel: std::ffi::CString::new(channel).expect("a channel holds no NUL"),
                     tbl: String::from_utf8_lossy(&tbl).into_owned(),
-                    rows: Rows::Objects,
+                    rows,
                     retained: row.get::<bool>(3)?.unwrap_or(false),
                 }))
             })

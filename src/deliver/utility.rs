@@ -126,6 +126,14 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, context: pg_sys::ProcessUtili
     unsafe {
         pg_sys::LockSharedObject(pg_sys::DatabaseRelationId, pg_sys::Oid::from(dboid), 0, mode as pg_sys::LOCKMODE)
     };
+    // While this waited for the lock, the database may have been renamed or dropped (its slot then
+    // taken by another): the statement will not touch it, nor may this.
+    // SAFETY: a lookup by a name from the parse tree, a C string.
+    let same = unsafe { pg_sys::get_database_oid(exclusive.name.as_ptr(), true) } == pg_sys::Oid::from(dboid)
+        && shmem::shared().and_then(|shared| shared.find_slot(dboid)).is_some_and(|now| std::ptr::eq(now, slot));
+    if !same {
+        return run();
+    }
     // SAFETY: reading this backend's pid.
     let me = unsafe { pg_sys::MyProcPid };
     slot.held_by.store(me, Ordering::Release);
@@ -148,12 +156,12 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, context: pg_sys::ProcessUtili
     })
     .execute();
     match exclusive.kind {
-        Kind::Drop => {
+        Kind::Drop if !database_exists(dboid) => {
             if let Some(shared) = shmem::shared() {
                 shared.forget_database(dboid);
             }
         }
-        Kind::Copy | Kind::Rename | Kind::Move => slot.release(me),
+        _ => slot.release(me),
     }
 }
 
@@ -175,6 +183,8 @@ enum Kind {
 /// for other sessions.
 struct Exclusive {
     kind: Kind,
+    /// The database's name as the statement gives it.
+    name: std::ffi::CString,
     /// The name of the database it makes (a copy) or renames it to: must be free.
     new_name: Option<std::ffi::CString>,
 }
@@ -253,34 +263,49 @@ fn exclusive_database(stmt: *mut pg_sys::Node) -> Option<(u32, Exclusive)> {
         (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_owned())
     };
     // SAFETY: a valid parse node, cast only after checking its tag, as is every option read.
-    let (name, exclusive) = unsafe {
+    let (name, kind, new_name) = unsafe {
         if pgrx::is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
-            ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Exclusive { kind: Kind::Drop, new_name: None })
+            ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Kind::Drop, None)
         } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_CreatedbStmt) {
             let create = stmt.cast::<pg_sys::CreatedbStmt>();
             let template = option((*create).options, c"template").filter(|def| !(**def).arg.is_null());
             let name = template.map_or(c"template1".as_ptr().cast_mut(), |def| pg_sys::defGetString(def));
-            (name, Exclusive { kind: Kind::Copy, new_name: owned((*create).dbname) })
+            (name, Kind::Copy, owned((*create).dbname))
         } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
             let rename = stmt.cast::<pg_sys::RenameStmt>();
             if (*rename).renameType != pg_sys::ObjectType::OBJECT_DATABASE {
                 return None;
             }
-            ((*rename).subname, Exclusive { kind: Kind::Rename, new_name: owned((*rename).newname) })
+            ((*rename).subname, Kind::Rename, owned((*rename).newname))
         } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseStmt) {
             let alter = stmt.cast::<pg_sys::AlterDatabaseStmt>();
             option((*alter).options, c"tablespace")?;
-            ((*alter).dbname, Exclusive { kind: Kind::Move, new_name: None })
+            ((*alter).dbname, Kind::Move, None)
         } else {
             return None;
         }
     };
-    if name.is_null() {
-        return None;
+    let name = owned(name)?;
+    // SAFETY: a database name, a C string.
+    let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
+    (oid != pg_sys::Oid::INVALID).then(|| (oid.to_u32(), Exclusive { kind, name, new_name }))
+}
+
+/// Whether database `dboid` is still in the catalog as this transaction sees it (a DROP DATABASE
+/// that skipped it, IF EXISTS after a rename say, left it).
+fn database_exists(dboid: u32) -> bool {
+    // SAFETY: a syscache lookup inside the statement's transaction, its tuple released at once.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+            pg_sys::Datum::from(pg_sys::Oid::from(dboid)),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        pg_sys::ReleaseSysCache(tuple);
+        true
     }
-    // SAFETY: a database name from the parse tree, a C string.
-    let oid = unsafe { pg_sys::get_database_oid(name, true) };
-    (oid != pg_sys::Oid::INVALID).then(|| (oid.to_u32(), exclusive))
 }
 
 /// The option named `name` of a statement's option list (DefElems), if given.

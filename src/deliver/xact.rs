@@ -33,9 +33,6 @@ struct Buffer {
     folded: Folded,
     /// Changes of this watch still in the tail.
     pending: usize,
-    /// Made for a refetch, from a target read from the catalog: the first trigger of its channel
-    /// to record gives it its own (see `Xact::buffer`).
-    from_catalog: bool,
 }
 
 impl Buffer {
@@ -48,6 +45,7 @@ impl Buffer {
             Recorded::Row(change) => self.folded.apply(change),
             Recorded::Overflow(op) => self.folded.mark_overflow(op),
             Recorded::Truncate(on) => self.folded.truncate(on),
+            Recorded::Reshape => self.folded.mark_reshaped(),
         }
     }
 }
@@ -58,6 +56,8 @@ enum Recorded {
     /// A row change that cannot be listed: subscribers are told to refetch.
     Overflow(Op),
     Truncate(OnTruncate),
+    /// DDL changed which rows the table holds: subscribers refetch (see `refetch_at_commit`).
+    Reshape,
 }
 
 /// A change recorded inside a subtransaction.
@@ -117,26 +117,9 @@ impl Xact {
         if let Some(i) = self.buffers.iter().position(|b| Rc::ptr_eq(&b.target, target) || b.target == *target) {
             return i;
         }
-        if let Some(i) = self.buffers.iter().position(|b| b.from_catalog && b.target.channel == target.channel) {
-            let buffer = &mut self.buffers[i];
-            (buffer.target, buffer.from_catalog) = (target.clone(), false);
-            return i;
-        }
         let folded = self.spare_folds.pop().unwrap_or_default();
-        self.buffers.push(Buffer { target: target.clone(), folded, pending: 0, from_catalog: false });
+        self.buffers.push(Buffer { target: target.clone(), folded, pending: 0 });
         self.buffers.len() - 1
-    }
-
-    /// The buffer of `target`'s channel, for a refetch read from the catalog (which does not
-    /// know the shape of the trigger's rows, see `targets`): the one the transaction's changes of
-    /// that channel are recorded in, before or after, so that the refetch is sent after them all.
-    fn channel_buffer(&mut self, target: &Rc<Target>) -> usize {
-        if let Some(at) = self.buffers.iter().position(|b| b.target.channel == target.channel) {
-            return at;
-        }
-        let at = self.buffer(target);
-        self.buffers[at].from_catalog = true;
-        at
     }
 
     /// Forgets everything recorded, keeping the memory a small transaction needs for the next.
@@ -332,7 +315,7 @@ fn announce_after_commit(shared: &Shared) {
 pub fn resync_at_commit(targets: Vec<Rc<Target>>) {
     XACT.with_borrow_mut(|xact| {
         for target in &targets {
-            let at = xact.channel_buffer(target);
+            let at = xact.buffer(target);
             xact.buffers[at].folded.mark_resync();
         }
     });
@@ -340,13 +323,14 @@ pub fn resync_at_commit(targets: Vec<Rc<Target>>) {
 
 /// Asks the subscribers of `targets` to refetch after this transaction's changes, once it
 /// commits: DDL in it changed which rows their tables hold or how they read (see
-/// `define::follow`). Not a gap: on a retained channel the reset marker (reason `ddl`) is in the
-/// log like any payload.
+/// `define::follow`). Recorded like a change, so that a subtransaction rolled back takes it back.
+/// Not a gap: on a retained channel the reset marker (reason `ddl`) is in the log like any
+/// payload.
 pub fn refetch_at_commit(targets: Vec<Rc<Target>>) {
     XACT.with_borrow_mut(|xact| {
         for target in &targets {
-            let at = xact.channel_buffer(target);
-            xact.buffers[at].folded.mark_reshaped();
+            let at = xact.buffer(target);
+            xact.push(at, Recorded::Reshape);
         }
     });
 }
