@@ -10,10 +10,11 @@ use pgrx::{PgRelation, PgSqlErrorCode};
 
 use super::owner::{column, first, managing, with_safe_search_path};
 use super::store::{column_names, deferrable_primary_key, load};
-use super::triggers::{existing_triggers, needs_row_triggers, trigger_name, triggers_refer_to, watch_id_of, Existing};
+use super::triggers::{
+    existing_triggers, needs_row_triggers, silenced, trigger_name, triggers_refer_to, watch_id_of, Existing,
+};
 use super::watches::rebuild;
 use crate::deliver::targets::{self, Watches};
-use crate::deliver::xact;
 use crate::error::{self, fail};
 use crate::model::events::Event;
 use crate::model::trigger_arg::TriggerArg;
@@ -359,21 +360,13 @@ fn refetch_after(relid: pg_sys::Oid, reshape: Reshape) {
     if reshape == Reshape::Dropped {
         tables.retain(|&table| table != relid);
     }
-    if reshape == Reshape::Enable {
-        // Only a trigger of pgwatch's that was disabled (or fired only on replicas) missed changes.
-        let missed = first::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger
-                             WHERE tgrelid OPERATOR(pg_catalog.=) ANY ($1) AND pg_catalog.left(tgname::pg_catalog.text, 8) OPERATOR(pg_catalog.=) 'pgwatch_'
-                               AND tgenabled OPERATOR(pg_catalog.=) ANY ('{D,R}'::pg_catalog.\"char\"[]))",
-            &[tables.clone().into()],
-        );
-        if missed != Some(true) {
-            return;
-        }
+    // Only a trigger of pgwatch's that was disabled (or fired only on replicas) missed changes.
+    if reshape == Reshape::Enable && !silenced(&tables, None, false) {
+        return;
     }
     let column = match &reshape {
         Reshape::ColumnType(column) => Some(column.as_str()),
         _ => None,
     };
-    xact::refetch_at_commit(targets::read(Watches::OfTables(&tables, column)));
+    targets::refetch(Watches::OfTables(&tables, column));
 }

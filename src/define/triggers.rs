@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::{PgRelation, PgSqlErrorCode};
 
-use super::owner::run;
+use super::owner::{first, run};
 use super::when::{self, Images, When};
 use crate::error::{self, fail};
 use crate::model::events::{Event, Op};
@@ -32,6 +32,25 @@ pub fn watch_id_of(name: &str) -> Option<i64> {
     let (id, event) = rest.split_once('_').unwrap_or((rest, ""));
     let known = event.is_empty() || Event::ALL.iter().any(|e| e.as_str() == event);
     (known && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then(|| id.parse().ok()).flatten()
+}
+
+/// Whether a trigger of pgwatch's on one of `tables` (of watch `id`, or of any watch) is not
+/// firing for ordinary writes, or, with `fire_on_replica`, for replicated ones: disabled, set to
+/// fire only on replicas, or (with `fire_on_replica`) only at the origin. What it missed was never
+/// sent.
+pub fn silenced(tables: &[pg_sys::Oid], id: Option<i64>, fire_on_replica: bool) -> bool {
+    let silenced = first::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger
+                         WHERE tgrelid OPERATOR(pg_catalog.=) ANY ($1)
+                           AND CASE WHEN $2::pg_catalog.int8 IS NULL
+                                    THEN pg_catalog.left(tgname::pg_catalog.text, 8) OPERATOR(pg_catalog.=) 'pgwatch_'
+                                    ELSE tgname OPERATOR(pg_catalog.~) ('^pgwatch_' OPERATOR(pg_catalog.||) $2
+                                                                        OPERATOR(pg_catalog.||) '(_[a-z]+)?$') END
+                           AND (tgenabled OPERATOR(pg_catalog.=) ANY ('{D,R}'::pg_catalog.\"char\"[])
+                                OR (tgenabled OPERATOR(pg_catalog.=) 'O' AND $3)))",
+        &[tables.to_vec().into(), id.into(), fire_on_replica.into()],
+    );
+    silenced == Some(true)
 }
 
 /// A trigger of a watch as the catalog has it.

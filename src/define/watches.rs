@@ -7,12 +7,11 @@ use pgrx::{PgRelation, PgSqlErrorCode};
 use super::owner::{as_extension_owner, run, Managing};
 use super::store;
 use super::triggers::{
-    create_triggers, drop_triggers, existing_triggers, existing_whens, needs_row_triggers, Existing,
+    create_triggers, drop_triggers, existing_triggers, existing_whens, needs_row_triggers, silenced, Existing,
 };
 use super::validate::check_may_watch;
 use super::when::When;
 use crate::deliver::targets::{self, Watches};
-use crate::deliver::xact;
 use crate::error::fail;
 use crate::model::events::Event;
 use crate::model::watch::{Shape, TableName, Watch};
@@ -39,25 +38,17 @@ pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], sha
         if redefined || missed {
             // What subscribers' copies hold was sent by the old definition, or misses what was
             // written while the triggers made again now were not firing.
-            xact::refetch_at_commit(targets::read(Watches::Ids(&[id])));
+            targets::refetch(Watches::Ids(&[id]));
         }
         id
     })
 }
 
-/// Whether a trigger of watch `id` (on its table or a table below it) was not firing for
-/// ordinary writes, or for a `fire_on_replica` watch's replicated ones: disabled, or set to fire
-/// only on replicas (or, for `fire_on_replica`, only at the origin). Making the triggers again
-/// enables them, and the changes they missed were never sent: subscribers refetch.
+/// Whether a trigger of watch `id` (on its table or a table below it) was not firing (see
+/// `triggers::silenced`). Making the triggers again enables them, and the changes they missed
+/// were never sent: subscribers refetch.
 fn missed_changes(id: i64, watch: &Watch) -> bool {
-    let tables = targets::tree(watch.tbl, false, true);
-    let missed = super::owner::first::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_trigger
-                         WHERE tgrelid = ANY ($1) AND tgname ~ ('^pgwatch_' || $2 || '(_[a-z]+)?$')
-                           AND (tgenabled IN ('D', 'R') OR (tgenabled = 'O' AND $3)))",
-        &[tables.into(), id.into(), watch.fire_on_replica.into()],
-    );
-    missed == Some(true)
+    silenced(&targets::tree(watch.tbl, false, true), Some(id), watch.fire_on_replica)
 }
 
 /// Removes the watch of `rel` named `label`, or all of them when `label` is NULL, with their
@@ -94,7 +85,7 @@ pub fn rebuild(id: i64, watch: &Watch, table: &TableName, existing: &[Existing],
         drop_triggers(id, watch.tbl, table);
         create_triggers(id, watch, watch.tbl, table, table_needs_rows, &whens);
         if missed {
-            xact::refetch_at_commit(targets::read(Watches::Ids(&[id])));
+            targets::refetch(Watches::Ids(&[id]));
         }
     });
 }

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use pgrx::prelude::*;
 
+use super::xact;
 use crate::encode::packer::cols_header;
 use crate::error;
 use crate::model::watch::{Rows, Target};
@@ -19,6 +20,12 @@ pub enum Watches<'a> {
     OfTables(&'a [pg_sys::Oid], Option<&'a str>),
     /// These watches, by id.
     Ids(&'a [i64]),
+}
+
+/// Has the subscribers of the watches `which` names refetch once this transaction commits (see
+/// `xact::refetch_at_commit`).
+pub fn refetch(which: Watches<'_>) {
+    xact::refetch_at_commit(read(which));
 }
 
 /// Table `relid` and, if asked, the partitions above it (its partition ancestors) and the tables

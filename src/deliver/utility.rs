@@ -104,7 +104,7 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, context: pg_sys::ProcessUtili
         // then on, kept its clones of the watches' row triggers until this second one.
         run();
         let above = targets::tree(parent, true, false);
-        return xact::refetch_at_commit(targets::read(Watches::OfTables(&above, None)));
+        return targets::refetch(Watches::OfTables(&above, None));
     }
     let taken = exclusive_database(stmt);
     let Some((dboid, slot, exclusive)) =
@@ -391,7 +391,7 @@ fn refetch_above(partitions: &[pg_sys::Oid]) {
         .iter()
         .flat_map(|&partition| targets::tree(partition, true, false).into_iter().filter(move |&t| t != partition))
         .collect();
-    xact::refetch_at_commit(targets::read(Watches::OfTables(&above, None)));
+    targets::refetch(Watches::OfTables(&above, None));
 }
 
 /// What a transaction statement does with a prepared transaction, and its GID.

@@ -21,6 +21,7 @@ use super::notify;
 use super::ring::Batch;
 use super::shmem::{self, Shared};
 use super::slots::{in_buckets, DbSlot, WorkerState};
+use super::targets::{self, Watches};
 use crate::encode::fold::Folded;
 use crate::encode::packer::{reset_payload, ResetReason};
 use crate::encode::record::decode;
@@ -194,30 +195,8 @@ unsafe extern "C-unwind" fn detach_at_exit(_code: i32, slot: pg_sys::Datum) {
     unsafe { &*(slot.value() as *const DbSlot) }.detach_worker();
 }
 
-/// Every watch's channel in the database, with its table's name as payloads write it.
-fn watch_channels() -> Vec<(Vec<u8>, String)> {
-    Spi::connect(|client| {
-        client
-            .select(
-                "SELECT convert_to(w.channel, getdatabaseencoding()),
-                        convert_to(n.nspname || '.' || c.relname, getdatabaseencoding())
-                   FROM pgwatch.watches w JOIN pg_class c ON c.oid = w.tbl JOIN pg_namespace n ON n.oid = c.relnamespace",
-                None,
-                &[],
-            )?
-            .map(|row| {
-                let tbl: Vec<u8> = row.get(2)?.unwrap_or_default();
-                Ok((row.get::<Vec<u8>>(1)?.unwrap_or_default(), String::from_utf8_lossy(&tbl).into_owned()))
-            })
-            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
-    })
-    .unwrap_or_else(|e| crate::error::spi_failed("pgwatch.watches", e))
-}
-
 fn extension_installed() -> bool {
-    // SAFETY: a syscache lookup inside a transaction.
-    BackgroundWorker::transaction(|| unsafe { pg_sys::get_extension_oid(c"pgwatch".as_ptr(), true) })
-        != pg_sys::Oid::INVALID
+    BackgroundWorker::transaction(targets::pgwatch_here)
 }
 
 /// A channel this worker has sent on.
@@ -568,8 +547,9 @@ impl Worker {
             }),
             None => Vec::new(),
         };
-        let mut plain: HashMap<Vec<u8>, String> = BackgroundWorker::transaction(watch_channels)
+        let mut plain: HashMap<Vec<u8>, String> = BackgroundWorker::transaction(|| targets::read(Watches::All))
             .into_iter()
+            .map(|target| (target.channel.as_bytes().to_vec(), target.tbl.clone()))
             .chain(self.channels.iter().map(|(channel, known)| (channel.clone(), known.tbl.clone())))
             .collect();
         plain.retain(|channel, _| in_buckets(&buckets, channel) && !retained.iter().any(|(c, _)| c == channel));
