@@ -78,7 +78,7 @@ impl Cluster {
 
     fn configure(&self) {
         let conf = format!(
-            "port = {}\nlisten_addresses = 'localhost'\nunix_socket_directories = '{}'\nshared_preload_libraries = 'pgwatch'\nwal_level = replica\nmax_wal_senders = 4\nfsync = off\n",
+            "port = {}\nlisten_addresses = 'localhost'\nunix_socket_directories = '{}'\nshared_preload_libraries = 'pgwatch'\nwal_level = replica\nmax_wal_senders = 4\nmax_prepared_transactions = 4\nfsync = off\n",
             self.port,
             self.dir.display()
         );

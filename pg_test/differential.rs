@@ -1,5 +1,6 @@
 //! A randomized differential test: writers run random transactions on watched tables while a
-//! subscriber applies the notifications by the README's rules, and nothing else; once the
+//! subscriber applies the notifications by the README's rules, and nothing else, on top of a
+//! snapshot of each table it took while they wrote (having listened from the start); once the
 //! writers are done, its copy of each table must equal the table. Shared by the main suite
 //! (inline and worker delivery) and the small-queue suite (worker delivery that falls back).
 //!
@@ -8,6 +9,7 @@
 //! replayed serially.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use postgres::Client;
@@ -233,15 +235,27 @@ pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
             admin.query_one("SELECT pgwatch.position($1)", &[&format!("public.{RETAINED}")]).unwrap().get(0);
         let mut retained_sent: Vec<(i64, String)> = Vec::new();
         let committed = Mutex::new(Vec::new());
+        // The subscriber's first fetch, taken once the writers are about halfway: notifications
+        // of changes before it are applied on top of it as well, as a real subscriber's are.
+        let (attempted, snapshot) = (AtomicUsize::new(0), Mutex::new(None));
         std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut db = connect();
+                while attempted.load(Ordering::Relaxed) < 2 * transactions {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                let tables: Vec<_> = TABLES.iter().map(|(table, _)| fetch(&mut db, table, None)).collect();
+                *snapshot.lock().unwrap() = Some(tables);
+            });
             for writer in 0..4u64 {
-                let committed = &committed;
+                let (committed, attempted) = (&committed, &attempted);
                 scope.spawn(move || {
                     let mut db = connect();
                     db.batch_execute(&format!("SET pgwatch.delivery = {mode}; SET lock_timeout = '5s'")).unwrap();
                     let mut rng = Rng::new(seed * 16 + writer);
                     for _ in 0..transactions {
                         let (sql, commit) = transaction(&mut rng);
+                        attempted.fetch_add(1, Ordering::Relaxed);
                         match db.batch_execute(&sql) {
                             // Each committed transaction, numbered in commit order by a sequence
                             // read after its commit (close enough to replay a failure from).
@@ -259,7 +273,8 @@ pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
         });
         // Two last transactions, each waited for: once the second has arrived, so has every
         // notification sent before it (a resync the first one's batch ends with included).
-        let mut copies: Vec<Copy> = TABLES.iter().map(|_| Copy::default()).collect();
+        let snapshot = snapshot.into_inner().unwrap().expect("the snapshot was taken");
+        let mut copies: Vec<Copy> = snapshot.into_iter().map(|rows| Copy { rows, ..Copy::default() }).collect();
         let mut db = connect();
         for (round, sentinel) in
             ["INSERT INTO {t} VALUES (9999, 'end', 0)", "DELETE FROM {t} WHERE id = 9999"].iter().enumerate()

@@ -1118,6 +1118,19 @@ fn a_committed_prepared_transaction_tells_the_watches_it_changed_to_refetch() {
             replayed[0].contains(r#""op":"reset""#) && replayed[0].contains(r#""reason":"fallback""#),
             "{replayed:?}"
         );
+        // A GID used again: the session that prepared it first does not take the second
+        // transaction for its own (which changed another table).
+        writer.batch_execute("BEGIN; INSERT INTO e2e_prep VALUES (3); PREPARE TRANSACTION 'e2e_prep_6'").unwrap();
+        other.batch_execute("ROLLBACK PREPARED 'e2e_prep_6'").unwrap();
+        other.batch_execute("BEGIN; INSERT INTO e2e_prep_kept VALUES (2); PREPARE TRANSACTION 'e2e_prep_6'").unwrap();
+        writer.batch_execute("COMMIT PREPARED 'e2e_prep_6'").unwrap();
+        let mut got: Vec<String> = listener.receive(2, WAIT).into_iter().map(|(_, payload)| payload).collect();
+        got.sort();
+        assert_eq!(got, [resync, reset]);
+        // A GID no transaction has: PostgreSQL's own error.
+        assert_eq!(failure(&mut writer, "COMMIT PREPARED 'e2e_prep_none'").0, "42704");
+        assert_eq!(failure(&mut writer, "ROLLBACK PREPARED 'e2e_prep_none'").0, "42704");
+        listener.expect_silence();
         writer.batch_execute("DROP TABLE e2e_prep, e2e_prep_kept").unwrap();
     }
 }

@@ -134,6 +134,23 @@ fn replay_returns_exactly_what_was_notified_and_says_when_it_cannot() {
     db.batch_execute("SET pgwatch.delivery = worker; INSERT INTO r_items VALUES (4, 'e')").unwrap();
     let unretained = listener.receive_raw(1, WAIT).pop().unwrap().1;
     assert_eq!(seq(&unretained), fresh + 1, "{unretained}");
+    // Retained once more and then not again: the worker, which numbered the channel itself just
+    // before, goes on above the new feed's numbers too.
+    let mut seqs = vec![fresh + 1];
+    for (retain, row) in [(", retain => '2 hours'", 6), ("", 7)] {
+        db.batch_execute(&format!(
+            "SELECT watch_table('r_items', extra_columns => '{{v}}'{retain}); INSERT INTO r_items VALUES ({row}, 'g')"
+        ))
+        .unwrap();
+        loop {
+            let payload = listener.receive_raw(1, WAIT).pop().expect("the insert arrives").1;
+            seqs.push(seq(&payload));
+            if payload.contains(&format!(r#"{{"id":{row},"#)) {
+                break;
+            }
+        }
+    }
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "seq went back: {seqs:?}");
     db.batch_execute("DROP TABLE r_items, r_plain").unwrap();
 }
 
@@ -190,6 +207,29 @@ fn replay_answers_only_roles_that_may_read_everything_the_watch_sends() {
     for sql in &calls {
         assert_eq!(as_reader(&mut db, sql), "42501", "{sql}");
     }
+    // pgwatch.channels shows only what replay answers.
+    assert_eq!(visible(&mut db), 0);
+    // The columns the watch sends, when it chooses rows by others: which rows it sent tells of
+    // those too. A condition needs SELECT on the table, trigger columns SELECT on them.
+    db.batch_execute(
+        "ALTER TABLE r_secret DISABLE ROW LEVEL SECURITY; REVOKE SELECT ON r_secret FROM r_reader;
+         GRANT SELECT (id, v) ON r_secret TO r_reader",
+    )
+    .unwrap();
+    assert_eq!(visible(&mut db), 1);
+    for (definition, what) in [
+        ("'insert, update', '{v}', retain => '1 hour', condition => $$NEW.hidden <> 'x'$$", "a condition"),
+        ("'*', '{v}', retain => '1 hour', trigger_columns => '{hidden}'", "trigger columns"),
+    ] {
+        db.batch_execute(&format!("SELECT watch_table('r_secret', {definition})")).unwrap();
+        for sql in &calls {
+            assert_eq!(as_reader(&mut db, sql), "42501", "{what}: {sql}");
+        }
+        assert_eq!(visible(&mut db), 0, "{what}");
+    }
+    db.batch_execute("GRANT SELECT (hidden) ON r_secret TO r_reader").unwrap();
+    db.batch_execute(&format!("SET ROLE r_reader; SELECT pgwatch.position('{channel}'); RESET ROLE")).unwrap();
+    assert_eq!(visible(&mut db), 1);
     db.batch_execute("DROP TABLE r_secret; DROP ROLE r_reader").unwrap();
 }
 

@@ -186,6 +186,35 @@ fn a_crash_restart_leaves_a_reset_marker_above_everything_sent_before() {
     assert!(stats >= 1);
 }
 
+/// A transaction prepared before a crash restart, whose changes this server run never captured,
+/// has every watch of its database refetch when it commits, whichever session commits it.
+#[test]
+fn a_transaction_prepared_before_a_crash_restart_is_announced_when_it_commits() {
+    let _serial = serial();
+    let cluster = Cluster::new("prepared");
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION pgwatch; CREATE TABLE prep (id int PRIMARY KEY); SELECT watch_table('prep')")
+        .unwrap();
+    db.batch_execute("BEGIN; INSERT INTO prep VALUES (1); PREPARE TRANSACTION 'before_crash'").unwrap();
+    let mut bystander = cluster.connect();
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    // The postmaster ends every backend (this one too) before it starts again.
+    let deadline = Instant::now() + WAIT;
+    while bystander.batch_execute("SELECT 1").is_ok() {
+        assert!(Instant::now() < deadline, "the server did not restart");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut listener = cluster.connect();
+    listener.batch_execute("LISTEN \"public.prep\"").unwrap();
+    cluster.connect().batch_execute("COMMIT PREPARED 'before_crash'").unwrap();
+    let mut notifications = listener.notifications();
+    let heard = notifications.timeout_iter(WAIT).next().unwrap().expect("a notification after COMMIT PREPARED");
+    let payload: serde_json::Value = serde_json::from_str(heard.payload()).unwrap();
+    assert_eq!(payload["op"], "resync", "{payload}");
+    assert_eq!(payload["tbl"], "public.prep", "{payload}");
+}
+
 #[test]
 fn a_promoted_standby_goes_on_with_a_reset_marker_above_the_primarys_numbers() {
     let _serial = serial();

@@ -379,6 +379,9 @@ fn a_hand_made_trigger_cannot_send_on_a_watchs_channel() {
     .unwrap();
     let (code, message) = failure(&mut m, "INSERT INTO f VALUES (1)");
     assert_eq!(code, "39P01", "{message}");
+    // Called as a plain function, it says it is a trigger function.
+    let (code, message) = failure(&mut m, "SELECT pgwatch.capture()");
+    assert_eq!(code, "39P01", "{message}");
     m.batch_execute("ALTER TABLE f DISABLE TRIGGER by_hand; INSERT INTO f VALUES (1)").unwrap();
     let (code, message) = failure(&mut m, "BEGIN; SET LOCAL pgwatch.delivery = worker; DELETE FROM f; COMMIT");
     assert_eq!(code, "39P01", "{message}");
@@ -658,6 +661,75 @@ fn a_worker_folding_transactions_that_move_keys_sends_each_key_its_final_row() {
     ]);
     let rows = table(&mut writer, "t_fold");
     assert_eq!(rows, BTreeMap::from([(2, "x2".to_string()), (3, "a.".to_string())]));
+}
+
+/// A transaction whose commit hangs after it queued its changes (its temporary table, emptied at
+/// commit, waits for a lock that another session holds) does not hold up later changes: the
+/// worker passes it over, and once it commits its subscribers refetch.
+#[test]
+fn a_commit_that_hangs_after_queuing_does_not_hold_up_delivery() {
+    let _serial = serial();
+    let (mut writer, mut listener) =
+        watched("worker", "CREATE TABLE t_hang (id int PRIMARY KEY); SELECT watch_table('t_hang')", &["public.t_hang"]);
+    let passed = stat(&mut writer, "passed_over");
+    let mut hanging = connect();
+    hanging
+        .batch_execute("SET pgwatch.delivery = worker; CREATE TEMP TABLE t_hang_tmp (id int) ON COMMIT DELETE ROWS")
+        .unwrap();
+    hanging.batch_execute("BEGIN; INSERT INTO t_hang_tmp VALUES (1); INSERT INTO t_hang VALUES (1)").unwrap();
+    let temp_schema: String = hanging
+        .query_one("SELECT nspname::text FROM pg_namespace WHERE oid = pg_my_temp_schema()", &[])
+        .unwrap()
+        .get(0);
+    let mut locker = connect();
+    locker.batch_execute(&format!("BEGIN; LOCK TABLE {temp_schema}.t_hang_tmp IN ACCESS SHARE MODE")).unwrap();
+    std::thread::scope(|scope| {
+        let committing = scope.spawn(move || hanging.batch_execute("COMMIT").unwrap());
+        // Its commit waits; what commits meanwhile is sent all the same, a second or so later.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!committing.is_finished(), "the commit did not wait for the lock");
+        listener.expect_after(
+            &mut writer,
+            "INSERT INTO t_hang VALUES (2)",
+            &[r#"{"tbl":"public.t_hang","op":"insert","rows":[{"id":2}]}"#],
+        );
+        locker.batch_execute("COMMIT").unwrap();
+        committing.join().unwrap();
+    });
+    // Its own row was not sent: its subscribers refetch, behind what was sent meanwhile.
+    listener.expect(&[r#"{"tbl":"public.t_hang","op":"resync"}"#]);
+    assert!(eventually(|| stat(&mut writer, "passed_over") > passed));
+    assert_eq!(table_ids(&mut writer, "t_hang"), [1, 2]);
+}
+
+fn table_ids(client: &mut Client, name: &str) -> Vec<i32> {
+    client.query(&format!("SELECT id FROM {name} ORDER BY id"), &[]).unwrap().iter().map(|row| row.get(0)).collect()
+}
+
+#[test]
+fn a_row_committed_and_deleted_within_one_batch_reaches_a_copy_fetched_in_between() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "worker",
+        "CREATE TABLE t_between (id int PRIMARY KEY, v text); SELECT watch_table('t_between', '*', '{v}')",
+        &["public.t_between"],
+    );
+    let frozen = FrozenWorker::new(&mut writer);
+    writer.batch_execute("INSERT INTO t_between VALUES (1, 'a'), (2, 'b')").unwrap();
+    // A subscriber takes its snapshot (or refetches) between the two commits: it holds both rows.
+    let mut copy = table(&mut writer, "t_between");
+    writer.batch_execute("DELETE FROM t_between WHERE id = 1; UPDATE t_between SET id = 3 WHERE id = 2").unwrap();
+    drop(frozen);
+    // Both transactions in one batch: the rows the first inserted and the second removed are sent
+    // as deleted, not folded away.
+    listener.expect(&[
+        r#"{"tbl":"public.t_between","op":"delete","rows":[{"id":1,"v":"a"},{"id":2,"v":"b"}]}"#,
+        r#"{"tbl":"public.t_between","op":"insert","rows":[{"id":3,"v":"b"}]}"#,
+    ]);
+    copy.remove(&1);
+    copy.remove(&2);
+    copy.insert(3, "b".to_string());
+    assert_eq!(copy, table(&mut writer, "t_between"));
 }
 
 /// The pid of this server's pgwatch launcher: a child of the postmaster (the parent of this

@@ -38,7 +38,7 @@ AS $$
       FROM pgwatch.read_replay(convert_to(channel, getdatabaseencoding()), after_seq, max_payloads) AS r;
 $$;
 
--- One row per retained channel whose table the caller may read. The view is parsed as the script
+-- One row per retained channel the caller may replay (see pgwatch.may_replay). The view is parsed as the script
 -- runs, with the extension's schema on the search_path: its functions and operators are
 -- qualified, so that none a user made there beforehand can stand in for pg_catalog's.
 CREATE VIEW pgwatch.channels WITH (security_barrier) AS
@@ -56,7 +56,10 @@ SELECT w.channel, w.tbl, w.retain,
                             pg_catalog.sum(pg_catalog.octet_length(g.payload)) AS bytes
                        FROM pgwatch.log g
                       WHERE g.channel OPERATOR(pg_catalog.=) w.channel AND g.feed OPERATOR(pg_catalog.=) w.feed_start) l ON true
- WHERE w.retain IS NOT NULL AND pg_catalog.has_table_privilege(w.tbl, 'SELECT');
+ WHERE w.retain IS NOT NULL
+   AND pgwatch.may_replay(w.tbl::pg_catalog.oid,
+                          w.key_columns OPERATOR(pg_catalog.||) w.extra_columns OPERATOR(pg_catalog.||) w.trigger_columns,
+                          w.condition IS NOT NULL);
 GRANT SELECT ON pgwatch.channels TO PUBLIC;
 
 -- The version of the subscriber protocol (docs/protocol.md) this pgwatch speaks; a client checks

@@ -68,7 +68,8 @@ CREATE FUNCTION pgwatch."stats"() RETURNS TABLE (
     "pruned_bytes" bigint,
     "prunes_skipped" bigint,
     "feed_resets" bigint,
-    "retained_unlogged" bigint
+    "retained_unlogged" bigint,
+    "passed_over" bigint
 )
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c
@@ -98,6 +99,12 @@ VOLATILE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'read_position_wrapper';
+
+CREATE FUNCTION pgwatch."may_replay"("tbl" oid, "columns" TEXT[], "condition" bool) RETURNS bool
+STRICT STABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'may_replay_wrapper';
 
 CREATE FUNCTION pgwatch."read_replay"("channel" bytea, "after_seq" bigint, "max_payloads" INT)
 RETURNS TABLE ("seq" bigint, "payload" bytea)
@@ -142,7 +149,7 @@ AS $$
       FROM pgwatch.read_replay(convert_to(channel, getdatabaseencoding()), after_seq, max_payloads) AS r;
 $$;
 
--- One row per retained channel whose table the caller may read. The view is parsed as the script
+-- One row per retained channel the caller may replay (see pgwatch.may_replay). The view is parsed as the script
 -- runs, with the extension's schema on the search_path: its functions and operators are
 -- qualified, so that none a user made there beforehand can stand in for pg_catalog's.
 CREATE VIEW pgwatch.channels WITH (security_barrier) AS
@@ -160,7 +167,10 @@ SELECT w.channel, w.tbl, w.retain,
                             pg_catalog.sum(pg_catalog.octet_length(g.payload)) AS bytes
                        FROM pgwatch.log g
                       WHERE g.channel OPERATOR(pg_catalog.=) w.channel AND g.feed OPERATOR(pg_catalog.=) w.feed_start) l ON true
- WHERE w.retain IS NOT NULL AND pg_catalog.has_table_privilege(w.tbl, 'SELECT');
+ WHERE w.retain IS NOT NULL
+   AND pgwatch.may_replay(w.tbl::pg_catalog.oid,
+                          w.key_columns OPERATOR(pg_catalog.||) w.extra_columns OPERATOR(pg_catalog.||) w.trigger_columns,
+                          w.condition IS NOT NULL);
 GRANT SELECT ON pgwatch.channels TO PUBLIC;
 
 -- The version of the subscriber protocol (docs/protocol.md) this pgwatch speaks; a client checks

@@ -29,6 +29,10 @@ pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery
 /// The longest a worker lets its next batch gather (it waits in proportion to the commit rate), in ms.
 pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
+/// How long a worker waits for a transaction that queued its changes to finish committing before
+/// it passes it over (see `deliver::ring`), in ms.
+pub static STUCK_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 /// The most the replay log of one database may take, in MB (see `feed::prune`).
 pub static LOG_MAX_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
@@ -69,6 +73,16 @@ pub fn register() {
         &BUSY_BATCH_DELAY_MS,
         0,
         1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pgwatch.stuck_commit_timeout",
+        c"How long a delivery worker waits for a transaction that queued its changes to finish committing.",
+        c"Past it the worker sends the changes queued after it, and the transaction's subscribers are told to refetch once it commits (pgwatch.stats().passed_over). Raise it where commits wait long on purpose (synchronous_commit = remote_apply, say).",
+        &STUCK_COMMIT_TIMEOUT_MS,
+        100,
+        3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

@@ -161,6 +161,7 @@ mod pgwatch {
             name!(prunes_skipped, i64),
             name!(feed_resets, i64),
             name!(retained_unlogged, i64),
+            name!(passed_over, i64),
         ),
     > {
         stats::flush();
@@ -188,6 +189,7 @@ mod pgwatch {
             stats::get(Counter::PrunesSkipped),
             stats::get(Counter::FeedResets),
             stats::get(Counter::RetainedUnlogged),
+            stats::get(Counter::PassedOver),
         ))
     }
 
@@ -197,6 +199,24 @@ mod pgwatch {
     #[search_path(pg_catalog, pg_temp)]
     fn read_position(channel: Option<&[u8]>) -> i64 {
         feed::read::position(channel)
+    }
+
+    /// Whether the current user may replay a retained watch of `tbl` that sends or fires on
+    /// `columns`, with a `condition` or not (see `feed::read::refusal`): the rows of
+    /// `pgwatch.channels` they see. A table dropped since the caller's snapshot: no.
+    #[pg_extern(stable, parallel_safe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn may_replay(tbl: pg_sys::Oid, columns: Vec<Option<String>>, condition: bool) -> bool {
+        let Some(columns) = columns.into_iter().collect::<Option<Vec<String>>>() else { return false };
+        // SAFETY: a syscache lookup, its tuple released at once.
+        let exists = unsafe {
+            let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(tbl));
+            !tuple.is_null() && {
+                pg_sys::ReleaseSysCache(tuple);
+                true
+            }
+        };
+        exists && feed::read::refusal(tbl, &columns, condition).is_none()
     }
 
     /// The payloads of a retained channel after `after_seq` (`pgwatch.replay()`, which turns
@@ -260,12 +280,42 @@ fn unwatch_table(tbl: Option<RegClass>, label: default!(Option<&str>, "NULL")) -
     watches::remove(&rel, label)
 }
 
-/// The trigger of every watch (see `capture::trigger`).
+/// The trigger of every watch (see `capture::trigger`), called through [`capture_wrapper`].
 #[pg_trigger(
-    sql = "CREATE FUNCTION pgwatch.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+    sql = "CREATE FUNCTION pgwatch.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';"
 )]
-fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+fn capture_as_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
     capture::trigger::capture(trigger)
+}
+
+/// `pgwatch.capture()`: called other than as a trigger (`SELECT pgwatch.capture()`), it fails as
+/// a trigger function should (39P01), where pgrx's wrapper would panic (XX000).
+///
+/// # Safety
+/// Called by PostgreSQL as a version-1 C function.
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn capture_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fcinfo is this call's; a trigger's context is its TriggerData, checked by tag.
+    let as_trigger = unsafe { !fcinfo.is_null() && pgrx::is_a((*fcinfo).context, pg_sys::NodeTag::T_TriggerData) };
+    if !as_trigger {
+        crate::error::fail(
+            pgrx::PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "pgwatch.capture() was not called as a trigger".into(),
+            "it is the trigger function of pgwatch's watches: use watch_table()",
+        );
+    }
+    // SAFETY: called as a trigger, as pgrx's wrapper expects.
+    unsafe { capture_as_trigger_wrapper(fcinfo) }
+}
+
+/// Marks `capture_wrapper` as a version-1 C function.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_capture_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
 }
 
 /// The `ddl_command_start` event trigger of ALTER TABLE and DROP TABLE (`pgwatch.on_ddl_command_start()`, see

@@ -45,9 +45,12 @@ pub enum Counter {
     FeedResets,
     /// Retained watches' transactions notified inline without a slot to announce the gap through.
     RetainedUnlogged,
+    /// Transactions whose queued changes the worker passed over, as they took too long to
+    /// commit: their subscribers were told to refetch instead.
+    PassedOver,
 }
 
-pub const COUNTERS: usize = Counter::RetainedUnlogged as usize + 1;
+pub const COUNTERS: usize = Counter::PassedOver as usize + 1;
 
 /// The totals: in the shared segment, or this backend's own.
 pub type Counters = [AtomicU64; COUNTERS];

@@ -48,6 +48,12 @@ fn open(tbl: Option<RegClass>) -> PgRelation {
     let Some(RegClass(oid)) = tbl else {
         fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "tbl must not be NULL".into(), "pass a table name");
     };
+    open_oid(oid)
+}
+
+/// The relation `oid`, open and locked for reading; 42P01 when there is none (any more: a
+/// catalog row read under an older snapshot may name a table dropped since).
+pub fn open_oid(oid: pg_sys::Oid) -> PgRelation {
     // SAFETY: opens the relation if it exists, taking the lock PgRelation::with_lock takes.
     let rel = unsafe { pg_sys::try_relation_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
     if rel.is_null() {

@@ -9,7 +9,7 @@ use super::store;
 use super::triggers::{
     create_triggers, drop_triggers, existing_triggers, existing_whens, needs_row_triggers, silenced, Existing,
 };
-use super::validate::check_may_watch;
+use super::validate::{check_may_watch, open_oid};
 use super::when::When;
 use crate::deliver::targets::{self, Watches};
 use crate::error::fail;
@@ -102,8 +102,8 @@ pub fn renew(id: i64) {
             "see pgwatch.watches",
         );
     };
-    // SAFETY: the watched table exists (DROP TABLE removes its watches); locked for reading.
-    let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    // DROP TABLE removes the table's watches, but this transaction's snapshot may be older.
+    let rel = open_oid(watch.tbl);
     let table = TableName::of(&rel);
     check_may_watch(&rel);
     if let Some(deferrable) = store::deferrable_primary_key(watch.tbl) {

@@ -10,14 +10,30 @@
 //! writes the record's header, which readers take as valid only once its `at` matches its place
 //! (until then the ring is read up to it). The lock is for the workers: finding records and
 //! freeing done ones at the tail (a writer takes it only when the ring looks full).
+//!
+//! A worker stops at its database's oldest reserved record, and the ring's tail at the oldest
+//! record of any database. A transaction that reserved its record and then does not finish
+//! committing (waiting on a lock held elsewhere, as its temporary tables are emptied at commit,
+//! say) would hold up delivery for everyone: after [`pass_after`] its worker passes it over,
+//! taking the record back (see [`Shared::pass`]); the transaction, once it commits, has its
+//! subscribers refetch instead. Which of the two a reservation goes to, its writer or the worker,
+//! is settled by one compare-and-swap on the writer's entry in `Shared::pending`, never by the
+//! record itself, whose space the writer no longer touches once it was passed.
 
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
-use super::shmem::{Locked, Shared, ALIGN};
+use super::shmem::{Locked, Shared, ALIGN, MAX_PROCS};
 use super::slots::{bucket, set_latch, DbSlot, DATABASE_SHARE};
+
+/// How long a worker waits for a reserved record (a transaction between its pre-commit and its
+/// commit) before it passes it over: `pgwatch.stuck_commit_timeout`. A commit takes that long
+/// only when it waits: on a lock, on a synchronous standby, on a disk that has stalled.
+pub fn pass_after() -> std::time::Duration {
+    std::time::Duration::from_millis(crate::guc::STUCK_COMMIT_TIMEOUT_MS.get().max(1) as u64)
+}
 
 const RESERVED: u32 = 1;
 
@@ -38,6 +54,8 @@ struct RecordHeader {
     len: AtomicU32,
     dboid: AtomicU32,
     body_len: AtomicU32,
+    /// The process number of the backend that reserved it (see `Shared::pending`).
+    owner: AtomicU32,
 }
 
 const HEADER: usize = size_of::<RecordHeader>();
@@ -48,6 +66,29 @@ const _: () = assert!(HEADER <= ALIGN);
 pub struct Reservation {
     at: u64,
     slot: usize,
+    /// The reserving backend's process number: its entry in `Shared::pending`.
+    owner: usize,
+}
+
+/// What `Shared::pending` holds for a reservation at `at` while its writer may still publish it
+/// or drop it; once the worker passed it over, [`passed`]; 0 for none.
+fn reserved(at: u64) -> u64 {
+    at + 1
+}
+
+fn passed(at: u64) -> u64 {
+    at + 2
+}
+
+/// This backend's process number, its index in `Shared::pending`.
+fn my_proc_number() -> usize {
+    // SAFETY: reading this backend's own process number, set before any transaction runs.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    let number = unsafe { pg_sys::MyProcNumber };
+    // SAFETY: as above; every backend that runs transactions has its PGPROC.
+    #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+    let number = unsafe { (*pg_sys::MyProc).pgprocno };
+    usize::try_from(number).unwrap_or(usize::MAX)
 }
 
 /// Why a transaction could not be queued (it is then notified inline).
@@ -131,6 +172,7 @@ impl Shared {
         slot.recheck_extension.store(false, Ordering::Relaxed);
         slot.resync_after.store(0, Ordering::Relaxed);
         slot.resync_buckets.iter().for_each(|bits| bits.store(0, Ordering::Relaxed));
+        slot.resync_inflight.iter().for_each(|bits| bits.store(0, Ordering::Relaxed));
         slot.unsent_bytes.store(0, Ordering::Relaxed);
         slot.unsent_channels.iter().for_each(|count| count.store(0, Ordering::Relaxed));
         slot.held_by.store(0, Ordering::Relaxed);
@@ -155,6 +197,10 @@ impl Shared {
     /// ring, or one that would give its database more than its share, does not go in.
     pub fn reserve(&self, dboid: u32, body: &[u8]) -> Result<Reservation, NotQueued> {
         let len = (HEADER + body.len()).div_ceil(ALIGN) * ALIGN;
+        let owner = my_proc_number();
+        if owner >= MAX_PROCS {
+            return Err(NotQueued::NoSlot);
+        }
         let slot = match self.find_slot_index(dboid) {
             Some(slot) => slot,
             None => self.slot_of(dboid, &self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE)).ok_or(NotQueued::NoSlot)?,
@@ -176,12 +222,14 @@ impl Shared {
             }
         };
         self.slots[slot].count_unsent(len as u64, body, true);
-        self.header(at).write(at, len as u32, dboid, body.len() as u32, RESERVED);
-        self.high_water.fetch_max(self.used(), Ordering::Relaxed);
-        // SAFETY: the reserved record is this backend's alone until it is published or dropped,
-        // and it has room for the body after the header.
+        // SAFETY: the claimed space is this backend's alone until its header is written, and it
+        // has room for the body after the header.
         unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.record(at).add(HEADER), body.len()) };
-        Ok(Reservation { at, slot })
+        // Before the header: a worker that finds the record reserved finds this entry too.
+        self.pending[owner].store(reserved(at), Ordering::Release);
+        self.header(at).write(at, len as u32, dboid, body.len() as u32, RESERVED, owner as u32);
+        self.high_water.fetch_max(self.used(), Ordering::Relaxed);
+        Ok(Reservation { at, slot, owner })
     }
 
     /// The body of the record at `at`.
@@ -218,7 +266,7 @@ impl Shared {
             match self.head.compare_exchange_weak(head, head + skip + len, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     if skip > 0 {
-                        self.header(head).write(head, skip as u32, 0, 0, PADDING);
+                        self.header(head).write(head, skip as u32, 0, 0, PADDING, 0);
                     }
                     return Some(head + skip);
                 }
@@ -227,10 +275,32 @@ impl Shared {
         }
     }
 
-    /// Hands a reserved record to its database's worker and wakes it (or the launcher). Cannot fail.
-    pub fn publish(&self, reservation: Reservation) {
+    /// Takes a reservation back from the worker: `false` when the worker passed it over (see
+    /// [`Shared::pass`]), and its space is no longer the writer's.
+    fn settle(&self, reservation: &Reservation) -> bool {
+        let entry = &self.pending[reservation.owner];
+        let settled = entry.compare_exchange(reserved(reservation.at), 0, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if !settled {
+            entry.store(0, Ordering::Release);
+        }
+        settled
+    }
+
+    /// Hands a reserved record to its database's worker and wakes it (or the launcher); `false`
+    /// when the worker passed it over while this transaction was committing (its subscribers are
+    /// then to refetch). Cannot fail.
+    pub fn publish(&self, reservation: Reservation) -> bool {
+        if !self.settle(&reservation) {
+            return false;
+        }
         self.header(reservation.at).state.store(PUBLISHED, Ordering::Release);
-        let slot = &self.slots[reservation.slot];
+        self.published(reservation.slot);
+        true
+    }
+
+    /// Counts a published record and wakes its database's worker (or the launcher).
+    fn published(&self, slot: usize) {
+        let slot = &self.slots[slot];
         slot.backlog.fetch_add(1, Ordering::Relaxed);
         slot.wake();
         if slot.pid.load(Ordering::Relaxed) == 0 {
@@ -238,12 +308,35 @@ impl Shared {
         }
     }
 
-    /// Drops a reserved record of a transaction that aborted. Cannot fail. The worker is woken:
-    /// it stops at a reserved record (see [`Shared::collect`]), and may wait behind this one.
+    /// Drops a reserved record of a transaction that aborted (unless the worker passed it over
+    /// and dropped it already). Cannot fail. The worker is woken: it stops at a reserved record
+    /// (see [`Shared::collect`]), and may wait behind this one.
     pub fn cancel(&self, reservation: Reservation) {
+        if !self.settle(&reservation) {
+            return;
+        }
         let slot = &self.slots[reservation.slot];
         self.done(slot, reservation.at);
         slot.wake();
+    }
+
+    /// Passes over the record of `slot`'s database reserved at `at`, whose transaction has been
+    /// committing for [`pass_after`] (see the module's introduction): drops it, so that the
+    /// records behind it can be sent and its space freed. `false` when its writer settled it
+    /// first (it is published or dropped in a moment). The writer, once committed, has the
+    /// subscribers of its watches refetch, behind what was queued by then.
+    pub fn pass(&self, slot: &DbSlot, at: u64) -> bool {
+        let Some(header) = self.written_header(at) else { return false };
+        if header.state.load(Ordering::Acquire) != RESERVED {
+            return false;
+        }
+        let Some(entry) = self.pending.get(header.owner.load(Ordering::Relaxed) as usize) else { return false };
+        if entry.compare_exchange(reserved(at), passed(at), Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
+        self.done(slot, at);
+        self.advance_tail(&self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE));
+        true
     }
 
     /// Queues `body`, a committed transaction's resync record (see [`encode_resync`]) for
@@ -258,10 +351,11 @@ impl Shared {
         match self.claim(len as u64) {
             Some(at) => {
                 slot.count_unsent(len as u64, body, true);
-                self.header(at).write(at, len as u32, dboid, body.len() as u32, RESERVED);
-                // SAFETY: as in reserve(): the claimed record is this backend's until published.
+                // SAFETY: as in reserve(): the claimed space is this backend's until its header
+                // is written, published at once.
                 unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.record(at).add(HEADER), body.len()) };
-                self.publish(Reservation { at, slot: slot_index });
+                self.header(at).write(at, len as u32, dboid, body.len() as u32, PUBLISHED, my_proc_number() as u32);
+                self.published(slot_index);
             }
             None => {
                 for channel in channels {
@@ -275,6 +369,20 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// The oldest record not done, when it is a reservation: where it starts and its database.
+    pub fn reserved_at_tail(&self) -> Option<(u64, u32)> {
+        let mut found = None;
+        self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| match header.state.load(Ordering::Acquire) {
+            DONE | PADDING => true,
+            RESERVED => {
+                found = Some((at, header.dboid()));
+                false
+            }
+            _ => false,
+        });
+        found
     }
 
     /// Whether a record of `dboid` that starts before ring position `before` is still to be sent
@@ -315,7 +423,10 @@ impl Shared {
                         batch.positions.push(at);
                         batch.ends.push(bytes);
                     }
-                    RESERVED => return false,
+                    RESERVED => {
+                        batch.blocked = Some(at);
+                        return false;
+                    }
                     _ => {}
                 }
             }
@@ -400,11 +511,12 @@ impl Shared {
 impl RecordHeader {
     /// Fills in the header of ring space at `at` that the caller claimed; readers take it as
     /// written once `at` is stored, last, with release ordering.
-    fn write(&self, at: u64, len: u32, dboid: u32, body_len: u32, state: u32) {
+    fn write(&self, at: u64, len: u32, dboid: u32, body_len: u32, state: u32, owner: u32) {
         self.len.store(len, Ordering::Relaxed);
         self.dboid.store(dboid, Ordering::Relaxed);
         self.body_len.store(body_len, Ordering::Relaxed);
         self.state.store(state, Ordering::Relaxed);
+        self.owner.store(owner, Ordering::Relaxed);
         self.at.store(at + 1, Ordering::Release);
     }
 
@@ -430,6 +542,8 @@ pub struct Batch {
     /// Where each record's body ends in `bodies`.
     ends: Vec<usize>,
     bodies: Vec<u8>,
+    /// The reserved record of the database that stopped the collection, if one did.
+    blocked: Option<u64>,
 }
 
 impl Batch {
@@ -439,6 +553,12 @@ impl Batch {
         self.positions.clear();
         self.ends.clear();
         clear_keeping(&mut self.bodies, limit);
+        self.blocked = None;
+    }
+
+    /// Where the reserved record that stopped the collection starts, if one did.
+    pub fn blocked(&self) -> Option<u64> {
+        self.blocked
     }
 
     pub fn is_empty(&self) -> bool {

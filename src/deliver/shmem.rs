@@ -6,7 +6,7 @@
 //! sequence number of each channel, and the cluster-wide counters.
 
 use std::mem::size_of;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use pgrx::pg_sys;
@@ -32,9 +32,12 @@ pub struct Shared {
     /// had no slot): every slot claimed from then on resets its database's feeds, and the run
     /// does not end clean, so that the gap is marked wherever it may be.
     pub unlogged: AtomicBool,
-    /// Bits of the hashed GIDs of transactions prepared in this run that changed watched
-    /// tables (see `prepared`).
-    pub prepared_gids: [AtomicU64; PREPARED_GID_BITS / 64],
+    /// The transactions prepared in this run and not yet committed or rolled back (see
+    /// `prepared`).
+    prepared: [PreparedXact; PREPARED_XACTS],
+    /// Per backend (by process number), the reservation it may still publish or drop (see
+    /// `ring`).
+    pub pending: [AtomicU64; MAX_PROCS],
     pub slots: [DbSlot; MAX_DATABASES],
     pub channels: [ChannelSeq; MAX_CHANNELS],
     pub counters: Counters,
@@ -47,8 +50,36 @@ static PREV_SHMEM_STARTUP: OnceLock<pg_sys::shmem_startup_hook_type> = OnceLock:
 #[cfg(not(any(feature = "pg13", feature = "pg14")))]
 static PREV_SHMEM_REQUEST: OnceLock<pg_sys::shmem_request_hook_type> = OnceLock::new();
 
-/// How many bits `Shared::prepared_gids` has.
-pub const PREPARED_GID_BITS: usize = 1024;
+/// How many prepared transactions `Shared::prepared` notes at once; those past it are told
+/// apart no better than those prepared before the server started.
+const PREPARED_XACTS: usize = 1024;
+
+/// The longest GID PostgreSQL takes (GIDSIZE less its NUL).
+pub const MAX_GID: usize = 199;
+
+/// A prepared transaction, by its xid (0: a free entry), database and GID, and whether it
+/// changed watched tables.
+#[repr(C)]
+struct PreparedXact {
+    xid: AtomicU32,
+    dboid: AtomicU32,
+    changed: AtomicBool,
+    gid_len: AtomicU32,
+    gid: [AtomicU8; MAX_GID],
+}
+
+impl PreparedXact {
+    fn is(&self, dboid: u32, gid: &[u8]) -> bool {
+        self.xid.load(Ordering::Relaxed) != 0
+            && self.dboid.load(Ordering::Relaxed) == dboid
+            && self.gid_len.load(Ordering::Relaxed) as usize == gid.len()
+            && self.gid.iter().zip(gid).all(|(stored, &b)| stored.load(Ordering::Relaxed) == b)
+    }
+}
+
+/// Process numbers the queue has an entry for; a backend numbered above (a server with more
+/// than about 65,000 connections) notifies inline.
+pub const MAX_PROCS: usize = 1 << 16;
 
 /// Record alignment: every aligned place has room for a header, even right before the ring's end.
 pub const ALIGN: usize = 32;
@@ -192,6 +223,64 @@ impl Shared {
         entry.seq.store(seq, Ordering::Relaxed);
         entry.dboid.store(dboid, Ordering::Relaxed);
         true
+    }
+
+    /// Notes the transaction `xid` of `dboid`, prepared as `gid`, and whether it `changed`
+    /// watched tables. A full table first forgets transactions that ended unseen (committed by a
+    /// process that does not run pgwatch's hooks, a logical replication worker's say); `false`
+    /// when it is still full.
+    pub fn note_prepared(&self, dboid: u32, xid: u32, gid: &[u8], changed: bool) -> bool {
+        if gid.len() > MAX_GID || xid == 0 {
+            return false;
+        }
+        let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let free = || self.prepared.iter().find(|p| p.xid.load(Ordering::Relaxed) == 0);
+        let entry = free().or_else(|| {
+            for p in &self.prepared {
+                let xid = pg_sys::TransactionId::from_inner(p.xid.load(Ordering::Relaxed));
+                // SAFETY: looks the xid up in the shared process array (a prepared transaction
+                // counts as in progress until it is committed or rolled back).
+                if !unsafe { pg_sys::TransactionIdIsInProgress(xid) } {
+                    p.xid.store(0, Ordering::Relaxed);
+                }
+            }
+            free()
+        });
+        let Some(entry) = entry else { return false };
+        entry.dboid.store(dboid, Ordering::Relaxed);
+        entry.changed.store(changed, Ordering::Relaxed);
+        entry.gid_len.store(gid.len() as u32, Ordering::Relaxed);
+        for (stored, &b) in entry.gid.iter().zip(gid) {
+            stored.store(b, Ordering::Relaxed);
+        }
+        entry.xid.store(xid, Ordering::Relaxed);
+        true
+    }
+
+    /// The xid of the transaction of `dboid` noted as prepared as `gid`, if there is one.
+    pub fn prepared_xid(&self, dboid: u32, gid: &[u8]) -> Option<u32> {
+        let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
+        self.prepared.iter().find(|p| p.is(dboid, gid)).map(|p| p.xid.load(Ordering::Relaxed))
+    }
+
+    /// Forgets the prepared transaction `xid` of `dboid` as it ends: whether it changed watched
+    /// tables, `None` if it was not noted.
+    pub fn take_prepared(&self, dboid: u32, xid: u32) -> Option<bool> {
+        let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let entry = self.find_prepared(dboid, xid)?;
+        entry.xid.store(0, Ordering::Relaxed);
+        Some(entry.changed.load(Ordering::Relaxed))
+    }
+
+    /// Whether the transaction `xid` of `dboid` is noted as prepared.
+    pub fn is_prepared(&self, dboid: u32, xid: u32) -> bool {
+        let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
+        self.find_prepared(dboid, xid).is_some()
+    }
+
+    fn find_prepared(&self, dboid: u32, xid: u32) -> Option<&PreparedXact> {
+        (xid != 0).then_some(())?;
+        self.prepared.iter().find(|p| p.xid.load(Ordering::Relaxed) == xid && p.dboid.load(Ordering::Relaxed) == dboid)
     }
 
     /// Called by the launcher once it runs: commits needing a worker wake it.

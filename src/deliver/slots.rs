@@ -67,6 +67,9 @@ pub struct DbSlot {
     pub resync_after: AtomicU64,
     /// Channel buckets (see [`bucket`]) of the channels `resync_after` is for, one bit each.
     pub resync_buckets: [AtomicU64; BUCKETS / 64],
+    /// The buckets of a resync the worker took and has not sent yet: a worker that dies sending
+    /// it (an ERROR) leaves them for the next one (see [`DbSlot::take_resync`]).
+    pub resync_inflight: [AtomicU64; BUCKETS / 64],
     /// Bytes of this database's records in the ring that are not sent yet (reserved or
     /// published): a database may hold at most [`DATABASE_SHARE`] of the ring.
     pub unsent_bytes: AtomicU64,
@@ -163,16 +166,38 @@ impl DbSlot {
     }
 
     /// Takes the channel buckets the resync due after `after` is for, and marks it done; `None`
-    /// when a later one was asked for meanwhile (its buckets are left for it, with these).
+    /// when a later one was asked for meanwhile (its buckets are left for it, with these). They
+    /// stay in flight until [`DbSlot::resync_sent`].
     pub fn take_resync(&self, after: u64) -> Option<[u64; BUCKETS / 64]> {
         let buckets = self.resync_buckets.each_ref().map(|bits| bits.swap(0, Ordering::AcqRel));
         if self.resync_after.compare_exchange(after, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            for (bits, taken) in self.resync_inflight.iter().zip(buckets) {
+                bits.fetch_or(taken, Ordering::AcqRel);
+            }
             return Some(buckets);
         }
         for (bits, taken) in self.resync_buckets.iter().zip(buckets) {
             bits.fetch_or(taken, Ordering::AcqRel);
         }
         None
+    }
+
+    /// The resync taken last has been sent (committed).
+    pub fn resync_sent(&self) {
+        self.resync_inflight.iter().for_each(|bits| bits.store(0, Ordering::Release));
+    }
+
+    /// As a worker starts: a resync its predecessor took and did not send is due again, after
+    /// everything queued up to `head`.
+    pub fn resume_resync(&self, head: u64) {
+        let inflight = self.resync_inflight.each_ref().map(|bits| bits.swap(0, Ordering::AcqRel));
+        if inflight.iter().all(|&bits| bits == 0) {
+            return;
+        }
+        for (bits, taken) in self.resync_buckets.iter().zip(inflight) {
+            bits.fetch_or(taken, Ordering::AcqRel);
+        }
+        self.resync_after.fetch_max(head + 1, Ordering::AcqRel);
     }
 
     /// Whether a record not sent yet may have changes on `channel`.

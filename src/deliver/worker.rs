@@ -18,7 +18,7 @@ use pgrx::pg_guard;
 use pgrx::prelude::*;
 
 use super::notify;
-use super::ring::Batch;
+use super::ring::{pass_after, Batch};
 use super::shmem::{self, Shared};
 use super::slots::{in_buckets, DbSlot, WorkerState};
 use super::targets::{self, Watches};
@@ -68,13 +68,16 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     let shared = shmem::shared().expect("workers run only with pgwatch preloaded");
     let Some(slot) = shared.find_slot(dboid) else { return };
-    // A lock_timeout of the server's configuration must not fail the connection (a worker that
-    // cannot connect has its database's queued changes dropped, see `launcher`).
+    // Connecting waits on the database's lock, which a statement that needs the database to
+    // itself holds until its transaction ends (ALTER DATABASE ... RENAME left open, say): a
+    // worker that cannot connect within this fails, and after a few such starts its database's
+    // queued changes are dropped (see `launcher`), rather than holding the shared queue's tail
+    // for every database. The server's own lock_timeout, shorter, must not fail it.
     // SAFETY: setting a GUC of this process's own session, before it connects.
     unsafe {
         pg_sys::SetConfigOption(
             c"lock_timeout".as_ptr(),
-            c"0".as_ptr(),
+            c"5s".as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
@@ -104,6 +107,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
     if !slot.attach_worker() {
         return;
     }
+    slot.resume_resync(shared.head.load(Ordering::Acquire));
     // SAFETY: registers a plain function for this process's invalidations, once.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(feeds_stale), pg_sys::Datum::from(0)) };
     // SAFETY: registers a plain function with no argument, once; it lives as long as the process.
@@ -123,6 +127,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
         feeds: HashMap::new(),
         arrived_over: Duration::ZERO,
         wake_time: Duration::ZERO,
+        stopped_at: None,
     };
     worker.start_feeds();
     let mut checked: Option<Instant> = None;
@@ -136,9 +141,15 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
             checked = Some(Instant::now());
         }
         worker.prune_if_due();
-        // While the log holds payloads, the worker wakes every second to prune it.
-        let wake =
-            if worker.ring.as_ref().is_some_and(|ring| ring.active) { PRUNE_WAKE } else { EXTENSION_CHECK_INTERVAL };
+        // While the log holds payloads, the worker wakes every second to prune it; while a
+        // reserved record stops it, often enough to pass it over in time.
+        let wake = if worker.stopped_at.is_some() {
+            pass_after() / 4
+        } else if worker.ring.as_ref().is_some_and(|ring| ring.active) {
+            PRUNE_WAKE
+        } else {
+            EXTENSION_CHECK_INTERVAL
+        };
         if !BackgroundWorker::wait_latch(Some(wake)) {
             break;
         }
@@ -231,6 +242,9 @@ struct Worker {
     /// process goes on. It grows with the listeners, where the whole send's time also has the
     /// batch's size, the log and the WAL in it.
     wake_time: Duration,
+    /// The reserved record this worker's collections have stopped at, and since when (see
+    /// [`Worker::pass_if_stuck`]).
+    stopped_at: Option<(u64, Instant)>,
 }
 
 /// What one look at the queue did.
@@ -292,6 +306,7 @@ impl Worker {
     fn step(&mut self) -> Step {
         let resync_after = self.slot.resync_due_after();
         let complete = self.shared.collect(self.dboid, BATCH_BYTES, &mut self.batch);
+        self.pass_if_stuck();
         if self.batch.is_empty() {
             if complete {
                 self.resync_if_due(resync_after);
@@ -312,6 +327,31 @@ impl Worker {
             self.slot.set_state(WorkerState::Idle);
         }
         Step::Sent
+    }
+
+    /// Passes over the reserved record the collection stopped at once it has stopped them for
+    /// [`pass_after`]: its transaction, between pre-commit and commit all that time, is waiting
+    /// for something, and would hold up every later change of the database (and, through the
+    /// ring's tail, of every database). Its writer has its subscribers refetch once it commits.
+    fn pass_if_stuck(&mut self) {
+        let Some(at) = self.batch.blocked() else {
+            self.stopped_at = None;
+            return;
+        };
+        match self.stopped_at {
+            Some((stopped, since)) if stopped == at => {
+                if since.elapsed() >= pass_after() && self.shared.pass(self.slot, at) {
+                    self.stopped_at = None;
+                    // The records behind it are ready: look again at once.
+                    self.slot.wake();
+                    log!(
+                        "pgwatch: passed over the changes of a transaction that has not finished committing for {} ms; its subscribers are told to refetch once it commits",
+                        since.elapsed().as_millis()
+                    );
+                }
+            }
+            _ => self.stopped_at = Some((at, Instant::now())),
+        }
     }
 
     /// Lets the next batch gather after one was sent (see [`gather_delay`]).
@@ -342,11 +382,20 @@ impl Worker {
                 let at = match watches.iter().position(|(known, _)| record.is_for(known)) {
                     Some(at) => at,
                     None => {
-                        watches.push((record.target(), Folded::default()));
+                        watches.push((record.target(), Folded::of_transactions()));
                         watches.len() - 1
                     }
                 };
                 record.fold_into(&mut watches[at].1);
+            }
+        }
+        // Two entries on one channel (a labelled watch whose table was renamed between changes)
+        // are sent one after the other, not in the order their rows changed: the channel's
+        // subscribers refetch after the second.
+        for at in 1..watches.len() {
+            let (before, rest) = watches.split_at_mut(at);
+            if before.iter().any(|(target, _)| target.channel == rest[0].0.channel) {
+                rest[0].1.mark_resync();
             }
         }
         if let Some(wake) = self.send(&watches) {
@@ -398,6 +447,9 @@ impl Worker {
             for (target, folded) in watches {
                 let channel = target.channel.to_bytes();
                 if target.retained && logged.borrow().has(channel) {
+                    if let Some((.., seq)) = last.iter().find(|(c, ..)| *c == channel) {
+                        logged.borrow_mut().skip_past(channel, *seq);
+                    }
                     if folded.resync() {
                         // The reset marker `send_changes` sends last for the fallback's gap.
                         logged.borrow_mut().note_reset(channel, ResetReason::Fallback);
@@ -420,6 +472,9 @@ impl Worker {
                         },
                         |c| c.seq,
                     );
+                    // Above what the feed numbered in this transaction, too (its watch kept
+                    // payloads when other records of this batch were queued).
+                    let seq = seq.max(logged.borrow().position(channel).unwrap_or(0));
                     last.push((channel, &target.tbl, seq));
                     last.len() - 1
                 });
@@ -447,13 +502,16 @@ impl Worker {
         if wrote {
             self.ring.as_mut().expect("logged into it").active = true;
         }
-        for (channel, tbl, feed) in logged.into_feeds() {
-            self.feeds.insert(channel, (tbl, feed));
-        }
         // Committed: the notifications are on their way.
         for (channel, tbl, seq) in sent {
             self.shared.store_seq(self.dboid, channel, seq);
             self.channels.insert(channel.to_vec(), KnownChannel { tbl: tbl.to_string(), seq });
+        }
+        for (channel, tbl, feed) in logged.into_feeds() {
+            // Numbered by its feed now: should the watch lose its retention again, its numbers go
+            // on above the feed's (looked up again), never from what this worker sent before.
+            self.channels.remove(&channel);
+            self.feeds.insert(channel, (tbl, feed));
         }
         wake
     }
@@ -561,6 +619,7 @@ impl Worker {
         if !watches.is_empty() {
             self.send(&watches);
         }
+        self.slot.resync_sent();
     }
 }
 

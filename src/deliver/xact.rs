@@ -97,6 +97,9 @@ thread_local! {
     static XACT: RefCell<Xact> = RefCell::default();
     /// This transaction's record in the delivery queue, between pre-commit and commit or abort.
     static QUEUED: Cell<Option<Reservation>> = const { Cell::new(None) };
+    /// The watches of the queued record, whose subscribers are told to refetch should the
+    /// worker pass the record over before this transaction commits (see `ring`).
+    static QUEUED_TARGETS: RefCell<Vec<Rc<Target>>> = const { RefCell::new(Vec::new()) };
     /// This transaction was notified inline in a database that has a delivery worker: its
     /// watches, whose subscribers are told to refetch if the worker still holds older changes
     /// for them once it commits (see `announce_after_commit`).
@@ -249,6 +252,10 @@ fn queue_for_worker(xact: &mut Xact) -> bool {
     match shared.reserve(dboid, record) {
         Ok(reservation) => {
             QUEUED.set(Some(reservation));
+            QUEUED_TARGETS.with_borrow_mut(|targets| {
+                targets.clear();
+                targets.extend(buffers.iter().map(|buffer| buffer.target.clone()));
+            });
             true
         }
         Err(_) => {
@@ -299,14 +306,21 @@ fn announce_after_commit(shared: &Shared) {
                 .iter()
                 .filter(|target| slot.is_some_and(|slot| target.retained || slot.may_hold(target.channel.as_bytes())))
         };
-        if overtaking().next().is_some() {
-            let mut record = Vec::new();
-            overtaking().for_each(|target| record::encode_resync(&mut record, target));
-            let channels: Vec<&[u8]> = overtaking().map(|target| target.channel.as_bytes()).collect();
-            shared.announce(dboid, &record, &channels);
-        }
+        announce_resync(shared, dboid, overtaking);
         inline.clear();
     });
+}
+
+/// Queues a resync for the watches `targets` yields (if any) behind what is queued, for
+/// `dboid`'s worker to send in turn (see `Shared::announce`).
+fn announce_resync<'a, I: Iterator<Item = &'a Rc<Target>>>(shared: &Shared, dboid: u32, targets: impl Fn() -> I) {
+    if targets().next().is_none() {
+        return;
+    }
+    let mut record = Vec::new();
+    targets().for_each(|target| record::encode_resync(&mut record, target));
+    let channels: Vec<&[u8]> = targets().map(|target| target.channel.as_bytes()).collect();
+    shared.announce(dboid, &record, &channels);
 }
 
 /// Asks the subscribers of `targets` to refetch once this transaction commits, in sequence
@@ -358,6 +372,14 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let mut xact = take();
             xact.fold_tail();
             xact.buffers.retain(|buffer| buffer.folded.has_news());
+            // Two buffers on one channel (a labelled watch whose table was renamed between
+            // changes) are sent one after the other, not in the order their rows changed.
+            for at in 1..xact.buffers.len() {
+                let (before, rest) = xact.buffers.split_at_mut(at);
+                if before.iter().any(|b| b.target.channel == rest[0].target.channel) {
+                    rest[0].folded.mark_resync();
+                }
+            }
             if !xact.buffers.is_empty() && !queue_for_worker(&mut xact) {
                 for buffer in &xact.buffers {
                     notify::send_changes(&buffer.target, &buffer.folded, &mut || None, &mut |_| {});
@@ -389,11 +411,19 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             prepared::prepare(xact.buffers.iter().filter(|b| b.folded.has_news()).map(|b| b.target.clone()).collect());
             put_back(xact);
         }
+        XactEvent::XACT_EVENT_PREPARE => prepared::prepared(),
         XactEvent::XACT_EVENT_COMMIT => {
             forget();
             if let Some(shared) = shmem::shared() {
                 if let Some(queued) = QUEUED.take() {
-                    shared.publish(queued);
+                    if !shared.publish(queued) {
+                        // Passed over while it committed: its changes were not sent, and later
+                        // ones may have been; its subscribers refetch behind them.
+                        stats::add(Counter::PassedOver, 1);
+                        // SAFETY: reading the id of the database this backend is connected to.
+                        let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+                        QUEUED_TARGETS.with_borrow(|targets| announce_resync(shared, dboid, || targets.iter()));
+                    }
                 }
                 announce_after_commit(shared);
                 if CHECK_EXTENSION.take() {
@@ -406,6 +436,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         }
         XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             forget();
+            prepared::abandon();
             INLINE.with_borrow_mut(Vec::clear);
             CHECK_EXTENSION.set(false);
             if let (Some(queued), Some(shared)) = (QUEUED.take(), shmem::shared()) {

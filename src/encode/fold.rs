@@ -9,7 +9,9 @@
 //! depend on each other: applied in any order, also spread over many payloads, they leave a
 //! subscriber's copy equal to the table (swaps and rotations of keys fold to updates). Folding a
 //! fold's net changes on top of another's is the same as folding all their changes at once, which
-//! lets a delivery worker fold transactions together. A TRUNCATE makes every earlier change moot:
+//! lets a delivery worker fold transactions together, with one difference: a row one transaction
+//! inserted and a later one deleted was committed in between, where a subscriber may have fetched
+//! it, so a fold of several transactions sends its delete. A TRUNCATE makes every earlier change moot:
 //! subscribers are told the table was emptied, then get what followed. Pure Rust, unit-tested with
 //! plain `#[test]`s.
 
@@ -45,7 +47,7 @@ impl Change {
 struct Entry {
     change: Change,
     /// Once a row inserted in this fold is deleted again neither image remains: the deleted
-    /// row, kept for its key.
+    /// row, kept for its key (and, in a fold of several transactions, sent as its delete).
     gone: Option<Image>,
 }
 
@@ -70,9 +72,17 @@ impl Entry {
         after.as_ref().or(before.as_ref()).or(self.gone.as_ref()).expect("an entry keeps an image of its key").key()
     }
 
-    fn net_row(&self) -> Option<NetRow<'_>> {
+    /// The key's net change; with `committed_between`, a row inserted and deleted again is
+    /// sent as deleted.
+    fn net_row(&self, committed_between: bool) -> Option<NetRow<'_>> {
         let Change { before, after } = &self.change;
-        Some(NetRow { op: self.change.op()?, before: before.as_ref(), after: after.as_ref() })
+        match self.change.op() {
+            Some(op) => Some(NetRow { op, before: before.as_ref(), after: after.as_ref() }),
+            None if committed_between => {
+                self.gone.as_ref().map(|gone| NetRow { op: Op::Delete, before: Some(gone), after: None })
+            }
+            None => None,
+        }
     }
 }
 
@@ -99,9 +109,21 @@ pub struct Folded {
     /// DDL changed which rows the table holds or how they read (a partition attached, say): no
     /// row event says so, and subscribers refetch after these changes.
     reshaped: bool,
+    /// The changes are of several transactions, each folded to its net changes before (see
+    /// [`Folded::of_transactions`]).
+    of_transactions: bool,
 }
 
 impl Folded {
+    /// A fold of committed transactions' net changes, one after another (a delivery worker's):
+    /// each transaction's changes are of distinct keys, so a key inserted and then deleted here
+    /// was inserted by one transaction and deleted by a later one. Between their commits a
+    /// subscriber may have fetched the row (its first snapshot, or a refetch), so the delete is
+    /// sent: applying it to a copy that never held the row changes nothing.
+    pub fn of_transactions() -> Folded {
+        Folded { of_transactions: true, ..Folded::default() }
+    }
+
     /// Notes that some `op` rows could not be listed: subscribers are told to refetch.
     pub fn mark_overflow(&mut self, op: Op) {
         self.overflow[op.index()] = true;
@@ -135,7 +157,14 @@ impl Folded {
     pub fn truncate(&mut self, on: OnTruncate) {
         let (truncated, refetch) =
             (self.truncated || on == OnTruncate::Notice, self.refetch || on == OnTruncate::Refetch);
-        *self = Folded { truncated, refetch, resync: self.resync, reshaped: self.reshaped, ..Folded::default() };
+        *self = Folded {
+            truncated,
+            refetch,
+            resync: self.resync,
+            reshaped: self.reshaped,
+            of_transactions: self.of_transactions,
+            ..Folded::default()
+        };
     }
 
     /// A truncate notice is due, before the changes held here.
@@ -170,7 +199,8 @@ impl Folded {
 
     /// Forgets every change, keeping the memory for the next transaction's.
     pub fn clear(&mut self) {
-        let Folded { entries, index, indexed, overflow, truncated, refetch, resync, reshaped } = self;
+        let Folded { entries, index, indexed, overflow, truncated, refetch, resync, reshaped, of_transactions: _ } =
+            self;
         entries.clear();
         index.clear();
         *indexed = 0;
@@ -254,9 +284,10 @@ impl Folded {
         entry.change.after = after;
     }
 
-    /// Net changes in first-change order, keys whose changes cancel out left out.
+    /// Net changes in first-change order, keys whose changes cancel out left out (within one
+    /// transaction: see [`Folded::of_transactions`]).
     pub fn net_rows(&self) -> impl Iterator<Item = NetRow<'_>> {
-        self.entries.iter().filter_map(Entry::net_row)
+        self.entries.iter().filter_map(|entry| entry.net_row(self.of_transactions))
     }
 }
 
@@ -392,9 +423,10 @@ pub(crate) mod tests {
     }
 
     /// Folds each of `transactions` as its writer does, then their net rows one after the other,
-    /// as a delivery worker does; the result must equal folding every change at once.
+    /// as a delivery worker does; the result equals folding every change at once, but for rows
+    /// one transaction inserted and a later one deleted.
     fn fold_queued(transactions: Vec<Vec<Change>>) -> Vec<String> {
-        let mut worker = Folded::default();
+        let mut worker = Folded::of_transactions();
         for changes in transactions {
             let mut writer = Folded::default();
             changes.into_iter().for_each(|change| writer.apply(change));
@@ -416,6 +448,30 @@ pub(crate) mod tests {
         let all: Vec<Change> = first().into_iter().chain(then()).collect();
         assert_eq!(fold_queued(vec![first(), then()]), fold(all));
         assert_eq!(fold_queued(vec![first(), then()]), [r#"update {"id":2,"role":"z","old":{"role":"b"}}"#]);
+    }
+
+    #[test]
+    fn a_row_inserted_by_one_transaction_and_deleted_by_a_later_one_is_sent_deleted() {
+        // A subscriber may have fetched the table between the two commits.
+        assert_eq!(fold_queued(vec![vec![ins(1, "a")], vec![del(1, "a")]]), [r#"delete {"id":1,"role":"a"}"#]);
+        // Within one transaction no one saw it.
+        assert_eq!(
+            fold_queued(vec![vec![ins(1, "a"), del(1, "a")], vec![ins(2, "b")]]),
+            [r#"insert {"id":2,"role":"b"}"#]
+        );
+        // Inserted again by a third: the insert alone.
+        assert_eq!(
+            fold_queued(vec![vec![ins(1, "a")], vec![del(1, "a")], vec![ins(1, "c")]]),
+            [r#"insert {"id":1,"role":"c"}"#]
+        );
+    }
+
+    #[test]
+    fn a_key_one_transaction_inserted_and_a_later_one_moved_away_is_sent_deleted() {
+        assert_eq!(
+            fold_queued(vec![vec![ins(1, "a")], vec![upd((1, "a"), (2, "a"))]]),
+            [r#"delete {"id":1,"role":"a"}"#, r#"insert {"id":2,"role":"a"}"#]
+        );
     }
 
     #[test]

@@ -289,7 +289,7 @@ mod tests {
         assert_eq!(Op::ALL.map(|op| decoded[1].overflowed(op)), [false; 3]);
         assert!(!decoded[0].truncated() && !decoded[1].truncated());
 
-        let mut worker = Folded::default();
+        let mut worker = Folded::of_transactions();
         decoded.iter().for_each(|w| w.fold_into(&mut worker));
         assert!(worker.overflowed(Op::Update));
         assert_eq!(
@@ -322,7 +322,7 @@ mod tests {
         let mut body = Vec::new();
         encode(&mut body, &target, &earlier);
         encode(&mut body, &target, &truncating);
-        let mut worker = Folded::default();
+        let mut worker = Folded::of_transactions();
         decode(&body).for_each(|w| w.fold_into(&mut worker));
         assert!(worker.truncated() && !worker.overflowed(Op::Delete));
         assert_eq!(render(&worker), [r#"insert {"id":2,"note":"b"}"#]);
@@ -341,7 +341,7 @@ mod tests {
         encode(&mut body, &target, &truncating);
         let parts: Vec<_> = decode(&body).collect();
         assert!(parts[0].reshaped() && !parts[0].resync() && parts[0].retained() && !parts[1].reshaped());
-        let mut worker = Folded::default();
+        let mut worker = Folded::of_transactions();
         parts.iter().for_each(|w| w.fold_into(&mut worker));
         assert!(worker.reshaped() && worker.truncated() && worker.net_rows().next().is_none());
     }

@@ -217,6 +217,21 @@ impl Logged {
         self.feeds.iter().map(|(channel, open)| (channel.as_slice(), open.tbl.as_str()))
     }
 
+    /// The highest number `channel`'s feed may have given, if it is open: the numbers this worker
+    /// gives the channel without the log go on above it.
+    pub fn position(&self, channel: &[u8]) -> Option<u64> {
+        self.feeds.get(channel).map(|open| (open.feed.next - 1).max(0) as u64)
+    }
+
+    /// Makes the next number of `channel`'s feed come after `seq`, a number this worker gave the
+    /// channel without the log in this transaction (its watch lost or gained `retain` since
+    /// records of it were queued).
+    pub fn skip_past(&mut self, channel: &[u8], seq: u64) {
+        if let Some(open) = self.feeds.get_mut(channel) {
+            open.feed.next = open.feed.next.max(seq as i64 + 1);
+        }
+    }
+
     /// Numbers the next payload on `channel` (which must be open).
     pub fn next_seq(&mut self, channel: &[u8]) -> u64 {
         let open = self.feeds.get_mut(channel).expect("an open feed");

@@ -19,10 +19,12 @@ pub const MAX_PAYLOADS: i32 = 10_000;
 /// How long a reader waits for the worker to reset the database's feeds after a restart.
 const READY_WAIT: Duration = Duration::from_secs(10);
 
-/// A retained watch's feed: its table, the columns it sends, and the feed's id.
+/// A retained watch's feed: its table, the columns it sends or filters on (see [`refusal`]),
+/// whether a condition filters its rows, and the feed's id.
 struct Watched {
     tbl: pg_sys::Oid,
     columns: Vec<String>,
+    condition: bool,
     feed: i64,
 }
 
@@ -42,51 +44,70 @@ fn channel_text(channel: &[u8]) -> String {
 fn watched(channel: &[u8]) -> Watched {
     let row = Spi::connect(|client| {
         let rows = client.select(
-            "SELECT tbl::oid, key_columns || extra_columns, feed_start FROM pgwatch.watches
+            "SELECT tbl::oid, key_columns || extra_columns || trigger_columns, condition IS NOT NULL, feed_start
+               FROM pgwatch.watches
               WHERE channel = pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding()) AND retain IS NOT NULL",
             None,
             &[channel.into()],
         )?;
         match rows.into_iter().next() {
-            Some(row) => Ok(Some((row.get::<pg_sys::Oid>(1)?, row.get::<Vec<String>>(2)?, row.get::<i64>(3)?))),
+            Some(row) => Ok(Some((
+                row.get::<pg_sys::Oid>(1)?,
+                row.get::<Vec<String>>(2)?,
+                row.get::<bool>(3)?,
+                row.get::<i64>(4)?,
+            ))),
             None => Ok(None),
         }
     })
     .unwrap_or_else(|e: pgrx::spi::SpiError| error::spi_failed("pgwatch.watches", e));
     match row {
-        Some((Some(tbl), columns, Some(feed))) => Watched { tbl, columns: columns.unwrap_or_default(), feed },
+        Some((Some(tbl), columns, condition, Some(feed))) => {
+            Watched { tbl, columns: columns.unwrap_or_default(), condition: condition.unwrap_or(true), feed }
+        }
         _ => must_refetch(format!("channel \"{}\" keeps no payloads to replay", channel_text(channel))),
     }
 }
 
-/// Refuses the current user unless they may read everything the watch sends: SELECT on the table
-/// or on each column it sends, and no row-level security in the way (replay cannot filter rows
-/// by policy).
-fn check_access(watched: &Watched, channel: &[u8]) {
+/// Why the current user may not replay a watch of table `tbl`, if they may not: they must be
+/// able to read everything the watch sends and everything it chooses rows by, since which rows
+/// it sent tells of those values too: SELECT on the table, or on each of `columns` (sent, key
+/// and trigger columns) when no `condition` filters rows (a condition may read any column), and
+/// no row-level security in the way (replay cannot filter rows by policy).
+pub fn refusal(tbl: pg_sys::Oid, columns: &[String], condition: bool) -> Option<&'static str> {
     // SAFETY: reading the current user's id.
     let user = unsafe { pg_sys::GetUserId() };
     // SAFETY: a plain ACL check of an existing relation for the current user.
-    let table = unsafe { pg_sys::pg_class_aclcheck(watched.tbl, user, pg_sys::ACL_SELECT as _) };
-    let columns = table == pg_sys::AclResult::ACLCHECK_OK
-        || watched.columns.iter().all(|column| {
-            let name = std::ffi::CString::new(column.as_str()).expect("a column name holds no NUL byte");
-            // SAFETY: a syscache lookup and an ACL check of an existing relation.
-            unsafe {
-                let attnum = pg_sys::get_attnum(watched.tbl, name.as_ptr());
-                attnum > 0
-                    && pg_sys::pg_attribute_aclcheck(watched.tbl, attnum, user, pg_sys::ACL_SELECT as _)
-                        == pg_sys::AclResult::ACLCHECK_OK
-            }
-        });
-    // SAFETY: checks whether row-level security applies to the current user on the table.
-    let rls = unsafe { pg_sys::check_enable_rls(watched.tbl, pg_sys::Oid::INVALID, false) }
+    let table = unsafe { pg_sys::pg_class_aclcheck(tbl, user, pg_sys::ACL_SELECT as _) };
+    let readable = table == pg_sys::AclResult::ACLCHECK_OK
+        || !condition
+            && columns.iter().all(|column| {
+                let Ok(name) = std::ffi::CString::new(column.as_str()) else { return false };
+                // SAFETY: a syscache lookup and an ACL check of an existing relation.
+                unsafe {
+                    let attnum = pg_sys::get_attnum(tbl, name.as_ptr());
+                    attnum > 0
+                        && pg_sys::pg_attribute_aclcheck(tbl, attnum, user, pg_sys::ACL_SELECT as _)
+                            == pg_sys::AclResult::ACLCHECK_OK
+                }
+            });
+    if !readable {
+        return Some("you may not read its table");
+    }
+    // SAFETY: checks whether row-level security applies to the current user on the table (with
+    // no ERROR when row_security is off and it would).
+    let rls = unsafe { pg_sys::check_enable_rls(tbl, pg_sys::Oid::INVALID, true) }
         == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32;
-    if !columns || rls {
-        let why = if rls { "row-level security applies to you on its table" } else { "you may not read its table" };
+    rls.then_some("row-level security applies to you on its table")
+}
+
+/// Refuses the current user unless they may replay the watch (see [`refusal`]).
+fn check_access(watched: &Watched, channel: &[u8]) {
+    if let Some(why) = refusal(watched.tbl, &watched.columns, watched.condition) {
         fail(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("permission denied to replay channel \"{}\": {why}", channel_text(channel)),
-            "replay needs SELECT on the watched table (or on every column the watch sends), and no row-level security policy in the way",
+            "replay needs SELECT on the watched table (or, for a watch without a condition, on every column it sends or fires on), and no row-level security policy in the way",
         );
     }
 }
