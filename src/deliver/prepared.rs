@@ -5,13 +5,15 @@
 //!
 //! Every transaction prepared by `PREPARE TRANSACTION` in this server run is noted in shared
 //! memory by database, GID and xid, with whether it changed watched tables, until it is committed
-//! or rolled back (see `Shared::note_prepared`); no SQL is run for it. The backend that prepared
-//! it also knows which watches it changed; any other backend tells every watch of the database.
-//! So does a `COMMIT PREPARED` of a transaction that was not noted: prepared before the server
-//! (re)started, or before a standby was promoted (its changes were replayed, not captured), or
-//! when the table was full.
+//! or rolled back (see `Shared::note_prepared`): claimed at pre-prepare, where an ERROR still
+//! aborts the transaction, and confirmed once it is prepared, where nothing may fail. No SQL is
+//! run for it but the read of the database's watches before `COMMIT PREPARED` commits. The
+//! backend that prepared a transaction also knows which watches it changed; any other backend
+//! tells every watch of the database. So does a `COMMIT PREPARED` of a transaction that was not
+//! noted: prepared before the server (re)started, or before a standby was promoted (its changes
+//! were replayed, not captured), or when the table was full.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -22,16 +24,12 @@ use super::targets::{self, Watches};
 use super::xact;
 use crate::model::watch::Target;
 
-/// The transaction being prepared: its GID, from the PREPARE TRANSACTION statement, and the
-/// watches it changed, from its pre-prepare on.
-#[derive(Default)]
-struct Preparing {
-    gid: Option<String>,
-    targets: Option<Vec<Rc<Target>>>,
-}
-
 thread_local! {
-    static PREPARING: RefCell<Preparing> = RefCell::default();
+    /// The GID of the PREPARE TRANSACTION this backend runs, until its pre-prepare.
+    static PREPARING_GID: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+    /// The entry claimed for the transaction being prepared, and its xid, from its pre-prepare
+    /// until it is prepared or aborts.
+    static CLAIMED: Cell<Option<(usize, u32)>> = const { Cell::new(None) };
     /// The watches each transaction this backend prepared changed, by xid.
     static PREPARED: RefCell<HashMap<u32, Vec<Rc<Target>>>> = RefCell::default();
 }
@@ -48,11 +46,11 @@ pub enum Statement {
 }
 
 /// Runs `run`, a statement that prepares, commits or rolls back the prepared transaction `gid`.
-pub fn around(statement: Statement, gid: String, run: impl FnOnce()) {
+pub fn around(statement: Statement, gid: Vec<u8>, run: impl FnOnce()) {
     let committing = match statement {
-        // The transaction is prepared as the statement's transaction block ends (see `prepared`).
+        // The transaction is prepared as the statement's transaction block ends (see `prepare`).
         Statement::Prepare => {
-            PREPARING.with_borrow_mut(|preparing| preparing.gid = Some(gid));
+            PREPARING_GID.set(Some(gid));
             return run();
         }
         Statement::Commit => true,
@@ -62,53 +60,75 @@ pub fn around(statement: Statement, gid: String, run: impl FnOnce()) {
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let shared = shmem::shared();
     // Looked up before: once it ends, the GID names nothing (or, used again, another transaction).
-    let xid = shared.and_then(|shared| shared.prepared_xid(dboid, gid.as_bytes()));
+    let looked = shared.and_then(|shared| shared.prepared_xid(dboid, &gid));
+    let xid = looked.map(|(xid, _)| xid);
+    // Every watch, when what it changed is not known here: read before the transaction commits,
+    // since nothing after that may fail and have a committed COMMIT PREPARED reported as failed.
+    let unknown = match looked {
+        Some((_, false)) => false,
+        Some((xid, true)) => !PREPARED.with_borrow(|prepared| prepared.contains_key(&xid)),
+        None => true,
+    };
+    let mut all = (committing && unknown).then(|| targets::read(Watches::All));
     // PostgreSQL refuses a GID it does not know (or one of another database) here.
     run();
     // Taken by xid: should another session have ended that transaction first and a third
-    // prepared another under the same GID, the one just committed was not noted.
-    let noted = xid.and_then(|xid| Some((xid, shared?.take_prepared(dboid, xid)?)));
+    // prepared another under the same GID, the one just committed is not the one looked up.
+    let noted = xid.and_then(|xid| shared?.take_prepared(dboid, xid));
     let known = xid.and_then(|xid| PREPARED.with_borrow_mut(|prepared| prepared.remove(&xid)));
     if !committing {
         return;
     }
     let targets = match (noted, known) {
-        (Some((_, false)), _) => Vec::new(),
-        (Some(_), Some(targets)) => targets,
-        // Not noted, or noted by another backend: what it changed is not known here.
-        _ if targets::pgwatch_here() => targets::read(Watches::All),
-        _ => Vec::new(),
+        (Some(false), _) => Vec::new(),
+        (Some(true), Some(targets)) => targets,
+        // Not noted, or noted by another backend: what it changed is not known here (read
+        // after the commit only in that race).
+        _ => all.take().unwrap_or_else(|| targets::read(Watches::All)),
     };
     xact::resync_at_commit(targets);
 }
 
-/// Remembers the watches a transaction being prepared changed (`targets`, none if it changed
-/// nothing watched), for [`prepared`].
-pub fn prepare(targets: Vec<Rc<Target>>) {
-    PREPARING.with_borrow_mut(|preparing| preparing.targets = Some(targets));
-}
-
-/// Notes the transaction just prepared (see [`prepare`]), once PostgreSQL has prepared it:
-/// a PREPARE that fails (its GID taken, say) leaves nothing behind. One prepared other than by
-/// `PREPARE TRANSACTION` (a logical replication worker's) is not noted.
-pub fn prepared() {
-    let Preparing { gid: Some(gid), targets: Some(targets) } = PREPARING.take() else { return };
-    let Some(shared) = shmem::shared() else { return };
-    // SAFETY: the prepared transaction's id, still this backend's until PREPARE ends.
-    let (xid, dboid) = unsafe { (pg_sys::GetTopTransactionIdIfAny(), pg_sys::MyDatabaseId) };
-    let (xid, dboid) = (xid.into_inner(), dboid.to_u32());
-    if !shared.note_prepared(dboid, xid, gid.as_bytes(), !targets.is_empty()) || targets.is_empty() {
-        return;
+/// At pre-prepare: claims the transaction's entry, noting whether it changed watches
+/// (`targets`), and remembers those; `true` when its commit will have them refetch. A
+/// transaction prepared other than by `PREPARE TRANSACTION` (a logical replication worker's,
+/// which also commits it without a statement) is not noted, and its commit not announced.
+pub fn prepare(targets: Vec<Rc<Target>>) -> bool {
+    let gid = PREPARING_GID.take();
+    let Some(shared) = shmem::shared() else { return false };
+    let Some(gid) = gid else { return false };
+    // SAFETY: PREPARE assigns the transaction its xid before the pre-prepare callbacks; reading
+    // the id of the database this backend is connected to.
+    let (xid, dboid) = unsafe { (pg_sys::GetTopTransactionIdIfAny().into_inner(), pg_sys::MyDatabaseId.to_u32()) };
+    let Some(entry) = shared.note_prepared(dboid, xid, &gid, !targets.is_empty()) else {
+        // Not noted (the table is full of transactions still prepared): its commit tells every
+        // watch of the database.
+        return true;
+    };
+    CLAIMED.set(Some((entry, xid)));
+    if !targets.is_empty() {
+        PREPARED.with_borrow_mut(|prepared| {
+            if prepared.len() >= REMEMBERED {
+                prepared.retain(|&xid, _| shared.is_prepared(dboid, xid));
+            }
+            prepared.insert(xid, targets);
+        });
     }
-    PREPARED.with_borrow_mut(|prepared| {
-        if prepared.len() >= REMEMBERED {
-            prepared.retain(|&xid, _| shared.is_prepared(dboid, xid));
-        }
-        prepared.insert(xid, targets);
-    });
+    true
 }
 
-/// Forgets a transaction that was to be prepared and was rolled back instead.
+/// The transaction is prepared: its claimed entry is confirmed. Nothing here may fail.
+pub fn prepared() {
+    if let (Some((entry, _)), Some(shared)) = (CLAIMED.take(), shmem::shared()) {
+        shared.confirm_prepared(entry);
+    }
+}
+
+/// A transaction that was to be prepared was rolled back instead (its GID was taken, say).
 pub fn abandon() {
-    PREPARING.take();
+    PREPARING_GID.take();
+    if let (Some((entry, xid)), Some(shared)) = (CLAIMED.take(), shmem::shared()) {
+        shared.release_prepared(entry, xid);
+        PREPARED.with_borrow_mut(|prepared| prepared.remove(&xid));
+    }
 }

@@ -64,16 +64,21 @@ struct PreparedXact {
     xid: AtomicU32,
     dboid: AtomicU32,
     changed: AtomicBool,
+    /// Claimed at pre-prepare, confirmed once prepared: only confirmed entries are looked up.
+    confirmed: AtomicBool,
     gid_len: AtomicU32,
     gid: [AtomicU8; MAX_GID],
 }
 
 impl PreparedXact {
-    fn is(&self, dboid: u32, gid: &[u8]) -> bool {
+    fn has_gid(&self, gid: &[u8]) -> bool {
         self.xid.load(Ordering::Relaxed) != 0
-            && self.dboid.load(Ordering::Relaxed) == dboid
             && self.gid_len.load(Ordering::Relaxed) as usize == gid.len()
             && self.gid.iter().zip(gid).all(|(stored, &b)| stored.load(Ordering::Relaxed) == b)
+    }
+
+    fn is_confirmed(&self, dboid: u32) -> bool {
+        self.confirmed.load(Ordering::Acquire) && self.dboid.load(Ordering::Relaxed) == dboid
     }
 }
 
@@ -225,17 +230,24 @@ impl Shared {
         true
     }
 
-    /// Notes the transaction `xid` of `dboid`, prepared as `gid`, and whether it `changed`
-    /// watched tables. A full table first forgets transactions that ended unseen (committed by a
-    /// process that does not run pgwatch's hooks, a logical replication worker's say); `false`
-    /// when it is still full.
-    pub fn note_prepared(&self, dboid: u32, xid: u32, gid: &[u8], changed: bool) -> bool {
+    /// Claims an entry for the transaction `xid` of `dboid`, about to be prepared as `gid`,
+    /// noting whether it `changed` watched tables; its index, to confirm once prepared. Entries
+    /// of the same GID or xid are stale (PostgreSQL would refuse the GID, and the xid is this
+    /// transaction's) and go. A full table first forgets transactions that ended unseen
+    /// (committed by a process that runs no statement for it, a logical replication worker's
+    /// say). Runs at pre-prepare, where an ERROR still aborts the transaction.
+    pub fn note_prepared(&self, dboid: u32, xid: u32, gid: &[u8], changed: bool) -> Option<usize> {
         if gid.len() > MAX_GID || xid == 0 {
-            return false;
+            return None;
         }
         let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let free = || self.prepared.iter().find(|p| p.xid.load(Ordering::Relaxed) == 0);
-        let entry = free().or_else(|| {
+        for p in &self.prepared {
+            if p.has_gid(gid) || p.xid.load(Ordering::Relaxed) == xid {
+                p.xid.store(0, Ordering::Relaxed);
+            }
+        }
+        let free = || self.prepared.iter().position(|p| p.xid.load(Ordering::Relaxed) == 0);
+        let index = free().or_else(|| {
             for p in &self.prepared {
                 let xid = pg_sys::TransactionId::from_inner(p.xid.load(Ordering::Relaxed));
                 // SAFETY: looks the xid up in the shared process array (a prepared transaction
@@ -245,22 +257,43 @@ impl Shared {
                 }
             }
             free()
-        });
-        let Some(entry) = entry else { return false };
+        })?;
+        let entry = &self.prepared[index];
         entry.dboid.store(dboid, Ordering::Relaxed);
         entry.changed.store(changed, Ordering::Relaxed);
+        entry.confirmed.store(false, Ordering::Relaxed);
         entry.gid_len.store(gid.len() as u32, Ordering::Relaxed);
         for (stored, &b) in entry.gid.iter().zip(gid) {
             stored.store(b, Ordering::Relaxed);
         }
         entry.xid.store(xid, Ordering::Relaxed);
-        true
+        Some(index)
     }
 
-    /// The xid of the transaction of `dboid` noted as prepared as `gid`, if there is one.
-    pub fn prepared_xid(&self, dboid: u32, gid: &[u8]) -> Option<u32> {
+    /// Confirms the entry claimed at `index` (see [`Shared::note_prepared`]) once its transaction
+    /// is prepared: no lock, nothing that can fail.
+    pub fn confirm_prepared(&self, index: usize) {
+        self.prepared[index].confirmed.store(true, Ordering::Release);
+    }
+
+    /// Frees the entry claimed at `index` for `xid`, whose PREPARE failed.
+    pub fn release_prepared(&self, index: usize, xid: u32) {
+        let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let entry = &self.prepared[index];
+        if entry.xid.load(Ordering::Relaxed) == xid && !entry.confirmed.load(Ordering::Relaxed) {
+            entry.xid.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The xid of the transaction of `dboid` noted as prepared as `gid`, if exactly one is, and
+    /// whether it changed watched tables.
+    pub fn prepared_xid(&self, dboid: u32, gid: &[u8]) -> Option<(u32, bool)> {
         let _shared = self.lock(pg_sys::LWLockMode::LW_SHARED);
-        self.prepared.iter().find(|p| p.is(dboid, gid)).map(|p| p.xid.load(Ordering::Relaxed))
+        let mut found = self.prepared.iter().filter(|p| p.is_confirmed(dboid) && p.has_gid(gid));
+        match (found.next(), found.next()) {
+            (Some(p), None) => Some((p.xid.load(Ordering::Relaxed), p.changed.load(Ordering::Relaxed))),
+            _ => None,
+        }
     }
 
     /// Forgets the prepared transaction `xid` of `dboid` as it ends: whether it changed watched
@@ -280,7 +313,7 @@ impl Shared {
 
     fn find_prepared(&self, dboid: u32, xid: u32) -> Option<&PreparedXact> {
         (xid != 0).then_some(())?;
-        self.prepared.iter().find(|p| p.xid.load(Ordering::Relaxed) == xid && p.dboid.load(Ordering::Relaxed) == dboid)
+        self.prepared.iter().find(|p| p.xid.load(Ordering::Relaxed) == xid && p.is_confirmed(dboid))
     }
 
     /// Called by the launcher once it runs: commits needing a worker wake it.

@@ -395,7 +395,7 @@ fn refetch_above(partitions: &[pg_sys::Oid]) {
 }
 
 /// What a transaction statement does with a prepared transaction, and its GID.
-fn prepared_transaction(stmt: *mut pg_sys::Node) -> Option<(Statement, String)> {
+fn prepared_transaction(stmt: *mut pg_sys::Node) -> Option<(Statement, Vec<u8>)> {
     // SAFETY: a valid parse node, cast only after checking its tag; a GID is a C string.
     unsafe {
         if !pgrx::is_a(stmt, pg_sys::NodeTag::T_TransactionStmt) {
@@ -409,6 +409,7 @@ fn prepared_transaction(stmt: *mut pg_sys::Node) -> Option<(Statement, String)> 
             _ => return None,
         };
         let gid = (*stmt).gid;
-        (!gid.is_null()).then(|| (statement, std::ffi::CStr::from_ptr(gid).to_string_lossy().into_owned()))
+        // As bytes: in a database not in UTF-8, GIDs that differ must stay different.
+        (!gid.is_null()).then(|| (statement, std::ffi::CStr::from_ptr(gid).to_bytes().to_vec()))
     }
 }

@@ -472,14 +472,14 @@ impl Worker {
                         },
                         |c| c.seq,
                     );
-                    // Above what the feed numbered in this transaction, too (its watch kept
-                    // payloads when other records of this batch were queued).
-                    let seq = seq.max(logged.borrow().position(channel).unwrap_or(0));
                     last.push((channel, &target.tbl, seq));
                     last.len() - 1
                 });
                 let (_, tbl, seq) = &mut last[at];
                 *tbl = &target.tbl;
+                // Above what the channel's feed numbered in this transaction (its watch kept
+                // payloads when other records of this batch were queued).
+                *seq = (*seq).max(logged.borrow().position(channel).unwrap_or(0));
                 notify::send_changes(
                     target,
                     folded,
@@ -509,8 +509,10 @@ impl Worker {
         }
         for (channel, tbl, feed) in logged.into_feeds() {
             // Numbered by its feed now: should the watch lose its retention again, its numbers go
-            // on above the feed's (looked up again), never from what this worker sent before.
-            self.channels.remove(&channel);
+            // on above the feed's, never from what this worker sent before.
+            let fed = (feed.next - 1).max(0) as u64;
+            let known = self.channels.entry(channel.clone()).or_insert(KnownChannel { tbl: tbl.clone(), seq: 0 });
+            known.seq = known.seq.max(fed);
             self.feeds.insert(channel, (tbl, feed));
         }
         wake

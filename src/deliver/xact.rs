@@ -397,18 +397,16 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let rows: usize = xact.buffers.iter().map(|b| b.folded.net_rows().count()).sum();
             let truncates =
                 xact.buffers.iter().filter(|b| b.folded.truncated() || b.folded.refetch_after_truncate()).count();
+            let announced = prepared::prepare(
+                xact.buffers.iter().filter(|b| b.folded.has_news()).map(|b| b.target.clone()).collect(),
+            );
             if rows + truncates > 0 {
                 stats::add(Counter::PreparedUnsent, (rows + truncates) as u64);
-                let then = if shmem::shared().is_some() {
-                    ": their subscribers are told to refetch when it commits"
-                } else {
-                    ""
-                };
+                let then = if announced { ": their subscribers are told to refetch when it commits" } else { "" };
                 warning!(
                     "pgwatch: {rows} changed rows and {truncates} truncated tables of this prepared transaction will not be notified{then}"
                 );
             }
-            prepared::prepare(xact.buffers.iter().filter(|b| b.folded.has_news()).map(|b| b.target.clone()).collect());
             put_back(xact);
         }
         XactEvent::XACT_EVENT_PREPARE => prepared::prepared(),
