@@ -1,7 +1,8 @@
 //! A randomized differential test: writers run random transactions on watched tables while a
-//! subscriber applies the notifications by the README's rules, and nothing else, on top of a
-//! snapshot of each table it took while they wrote (having listened from the start); once the
-//! writers are done, its copy of each table must equal the table. Shared by the main suite
+//! subscriber, listening from the start, takes a snapshot of each table once they are under way
+//! and then applies the notifications as they arrive, by the README's rules and nothing else
+//! (its refetches read the tables as they are at that moment); once the writers are done, its
+//! copy of each table must equal the table. Shared by the main suite
 //! (inline and worker delivery) and the small-queue suite (worker delivery that falls back).
 //!
 //! Writers run concurrently, so a seed fixes what they try, not the order they commit in: a
@@ -9,8 +10,9 @@
 //! replayed serially.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use postgres::Client;
 
@@ -213,6 +215,76 @@ fn lists(payload: &str, op: &str, id: i64) -> bool {
             .is_some_and(|rows| rows.iter().any(|row| key(row) == Some(id)))
 }
 
+/// What the subscriber thread shares with the test: how far the writers are, and how far it is.
+struct Progress {
+    /// Transactions the writers have started.
+    attempted: AtomicUsize,
+    /// Sentinel rounds the subscriber has seen on every table (see [`run`]).
+    rounds_seen: AtomicUsize,
+    /// The test failed elsewhere: the subscriber stops.
+    give_up: AtomicBool,
+}
+
+/// How many copies of each table the subscriber keeps: its first, and one from each later fetch.
+const COPIES: usize = 8;
+
+/// The subscriber: listening since before the writers began, it takes its first snapshot once
+/// they are a quarter through (`first_fetch_after` transactions), then applies every notification
+/// as it arrives, until it has seen both sentinel rounds. A subscriber may refetch whenever it
+/// likes (a reconnect, say), and every later notification must then bring its copy to the
+/// table just the same: so every fifth notification of a table, while the writers are in their
+/// first three quarters, starts another copy of it from a fresh fetch (up to [`COPIES`]), each
+/// kept by the rules from then on, so that fetches fall between transactions that a worker sends
+/// together. Returns every table's copies and the retained channel's payloads with their seq.
+fn subscribe(
+    mut listener: Listener,
+    progress: &Progress,
+    first_fetch_after: usize,
+    channels: &[String],
+    muted_channel: &str,
+) -> (Vec<Vec<Copy>>, Vec<(i64, String)>) {
+    let mut db = connect();
+    while progress.attempted.load(Ordering::Relaxed) < first_fetch_after {
+        assert!(!progress.give_up.load(Ordering::Relaxed), "given up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let fresh = |db: &mut Client, table: &str| Copy { rows: fetch(db, table, None), ..Copy::default() };
+    let mut copies: Vec<Vec<Copy>> = TABLES.iter().map(|(table, _)| vec![fresh(&mut db, table)]).collect();
+    let mut retained_sent: Vec<(i64, String)> = Vec::new();
+    let mut seen = [[false; TABLES.len()]; 2];
+    let mut applied = [0usize; TABLES.len()];
+    while progress.rounds_seen.load(Ordering::Relaxed) < 2 {
+        assert!(!progress.give_up.load(Ordering::Relaxed), "given up");
+        let Some((channel, payload)) = listener.receive_raw(1, Duration::from_millis(100)).pop() else { continue };
+        assert_ne!(channel, muted_channel, "a muted change was sent: {payload}");
+        let i = channels.iter().position(|c| *c == channel).unwrap();
+        let table = TABLES[i].0;
+        if table == RETAINED {
+            // Those notified inline (the queue was full) carry no seq and are not logged.
+            if let Some(seq) = serde_json::from_str::<serde_json::Value>(&payload).unwrap()["seq"].as_i64() {
+                retained_sent.push((seq, payload.clone()));
+            }
+        }
+        for copy in &mut copies[i] {
+            copy.apply(&mut db, table, &payload);
+        }
+        applied[i] += 1;
+        let early = progress.attempted.load(Ordering::Relaxed) < 3 * first_fetch_after;
+        if applied[i] % 5 == 0 && early && copies[i].len() < COPIES {
+            let mut copy = fresh(&mut db, table);
+            copy.seq = copies[i][0].seq;
+            copies[i].push(copy);
+        }
+        for (round, op) in ["insert", "delete"].iter().enumerate() {
+            seen[round][i] |= lists(&payload, op, 9999);
+        }
+        let rounds = seen.iter().take_while(|round| round.iter().all(|&s| s)).count();
+        progress.rounds_seen.fetch_max(rounds, Ordering::Relaxed);
+    }
+    listener.expect_silence();
+    (copies, retained_sent)
+}
+
 /// Runs `transactions` random transactions in each of 4 writers for each seed, delivering in
 /// `mode`, and checks every table against the copy its notifications rebuild.
 pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
@@ -230,79 +302,78 @@ pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
         let mut all: Vec<&str> = channels.iter().map(String::as_str).collect();
         let muted_channel = format!("public.{MUTED}");
         all.push(&muted_channel);
-        let mut listener = Listener::new(connect(), &all);
+        let listener = Listener::new(connect(), &all);
         let retained_start: i64 =
             admin.query_one("SELECT pgwatch.position($1)", &[&format!("public.{RETAINED}")]).unwrap().get(0);
-        let mut retained_sent: Vec<(i64, String)> = Vec::new();
         let committed = Mutex::new(Vec::new());
-        // The subscriber's first fetch, taken once the writers are about halfway: notifications
-        // of changes before it are applied on top of it as well, as a real subscriber's are.
-        let (attempted, snapshot) = (AtomicUsize::new(0), Mutex::new(None));
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                let mut db = connect();
-                while attempted.load(Ordering::Relaxed) < 2 * transactions {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                let tables: Vec<_> = TABLES.iter().map(|(table, _)| fetch(&mut db, table, None)).collect();
-                *snapshot.lock().unwrap() = Some(tables);
-            });
-            for writer in 0..4u64 {
-                let (committed, attempted) = (&committed, &attempted);
-                scope.spawn(move || {
-                    let mut db = connect();
-                    db.batch_execute(&format!("SET pgwatch.delivery = {mode}; SET lock_timeout = '5s'")).unwrap();
-                    let mut rng = Rng::new(seed * 16 + writer);
-                    for _ in 0..transactions {
-                        let (sql, commit) = transaction(&mut rng);
-                        attempted.fetch_add(1, Ordering::Relaxed);
-                        match db.batch_execute(&sql) {
-                            // Each committed transaction, numbered in commit order by a sequence
-                            // read after its commit (close enough to replay a failure from).
-                            Ok(()) if commit => {
-                                let at: i64 = db.query_one("SELECT txid_current()", &[]).unwrap().get(0);
-                                committed.lock().unwrap().push((at, sql));
+        let progress = Progress {
+            attempted: AtomicUsize::new(0),
+            rounds_seen: AtomicUsize::new(0),
+            give_up: AtomicBool::new(false),
+        };
+        let (copies, retained_sent) = std::thread::scope(|scope| {
+            let subscriber = scope.spawn(|| subscribe(listener, &progress, transactions, &channels, &muted_channel));
+            let writers: Vec<_> = (0..4u64)
+                .map(|writer| {
+                    let (committed, progress) = (&committed, &progress);
+                    scope.spawn(move || {
+                        let mut db = connect();
+                        db.batch_execute(&format!("SET pgwatch.delivery = {mode}; SET lock_timeout = '5s'")).unwrap();
+                        let mut rng = Rng::new(seed * 16 + writer);
+                        for _ in 0..transactions {
+                            let (sql, commit) = transaction(&mut rng);
+                            progress.attempted.fetch_add(1, Ordering::Relaxed);
+                            match db.batch_execute(&sql) {
+                                // Each committed transaction, numbered in commit order by a
+                                // sequence read after its commit (close enough to replay a
+                                // failure from).
+                                Ok(()) if commit => {
+                                    let at: i64 = db.query_one("SELECT txid_current()", &[]).unwrap().get(0);
+                                    committed.lock().unwrap().push((at, sql));
+                                }
+                                Ok(()) => {}
+                                // Conflicts (duplicate keys, deadlocks) abort the transaction.
+                                Err(_) => db.batch_execute("ROLLBACK").unwrap(),
                             }
-                            Ok(()) => {}
-                            // Conflicts (duplicate keys, deadlocks) abort the transaction.
-                            Err(_) => db.batch_execute("ROLLBACK").unwrap(),
                         }
-                    }
-                });
-            }
-        });
-        // Two last transactions, each waited for: once the second has arrived, so has every
-        // notification sent before it (a resync the first one's batch ends with included).
-        let snapshot = snapshot.into_inner().unwrap().expect("the snapshot was taken");
-        let mut copies: Vec<Copy> = snapshot.into_iter().map(|rows| Copy { rows, ..Copy::default() }).collect();
-        let mut db = connect();
-        for (round, sentinel) in
-            ["INSERT INTO {t} VALUES (9999, 'end', 0)", "DELETE FROM {t} WHERE id = 9999"].iter().enumerate()
-        {
+                    })
+                })
+                .collect();
+            let failed = writers.into_iter().map(|writer| writer.join()).filter(Result::is_err).count();
+            // Two last transactions on every table, each waited for: once the second has
+            // arrived, so has every notification sent before it (a resync the first one's batch
+            // ends with included).
             let mut writer = connect();
             writer.batch_execute(&format!("SET pgwatch.delivery = {mode}")).unwrap();
-            for (table, _) in TABLES {
-                writer.batch_execute(&sentinel.replace("{t}", table)).unwrap();
-            }
-            let mut seen = [false; TABLES.len()];
-            while !seen.iter().all(|&s| s) {
-                let Some((channel, payload)) = listener.receive_raw(1, WAIT).pop() else {
-                    panic!("seed {seed}: the last transactions did not arrive ({round})");
-                };
-                assert_ne!(channel, muted_channel, "seed {seed}: a muted change was sent: {payload}");
-                let i = channels.iter().position(|c| *c == channel).unwrap();
-                let table = TABLES[i].0;
-                if table == RETAINED {
-                    // Those notified inline (the queue was full) carry no seq and are not logged.
-                    if let Some(seq) = serde_json::from_str::<serde_json::Value>(&payload).unwrap()["seq"].as_i64() {
-                        retained_sent.push((seq, payload.clone()));
-                    }
+            for (round, sentinel) in
+                ["INSERT INTO {t} VALUES (9999, 'end', 0)", "DELETE FROM {t} WHERE id = 9999"].iter().enumerate()
+            {
+                if failed > 0 {
+                    break;
                 }
-                copies[i].apply(&mut db, table, &payload);
-                seen[i] |= lists(&payload, if round == 0 { "insert" } else { "delete" }, 9999);
+                for (table, _) in TABLES {
+                    writer.batch_execute(&sentinel.replace("{t}", table)).unwrap();
+                }
+                let deadline = Instant::now() + WAIT;
+                while progress.rounds_seen.load(Ordering::Relaxed) <= round
+                    && Instant::now() < deadline
+                    && !subscriber.is_finished()
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if progress.rounds_seen.load(Ordering::Relaxed) <= round {
+                    progress.give_up.store(true, Ordering::Relaxed);
+                    break;
+                }
             }
-        }
-        listener.expect_silence();
+            progress.give_up.fetch_or(failed > 0, Ordering::Relaxed);
+            let subscribed = subscriber.join();
+            assert_eq!(failed, 0, "seed {seed}, {mode}: a writer failed");
+            subscribed.unwrap_or_else(|_| {
+                panic!("seed {seed}, {mode}: the subscriber failed, or the last transactions did not arrive")
+            })
+        });
+        let mut db = connect();
         // The log holds exactly what was notified on the retained channel, in order.
         let channel = format!("public.{RETAINED}");
         let mut replayed: Vec<(i64, String)> = Vec::new();
@@ -318,17 +389,18 @@ pub fn run(seeds: &[u64], transactions: usize, mode: &str) {
         assert_eq!(replayed, retained_sent, "seed {seed}, {mode}: replay differs from what was notified");
         for (i, (table, _)) in TABLES.iter().enumerate() {
             let expected = fetch(&mut db, table, None);
-            if copies[i].rows != expected {
-                let mut log = committed.lock().unwrap().clone();
-                log.sort();
-                panic!(
-                    "seed {seed}, {mode}: the copy of {table} differs from it\ncopy:  {:?}\ntable: {expected:?}\ncommitted transactions:\n{}",
-                    copies[i].rows,
-                    log.iter().map(|(_, sql)| sql.as_str()).collect::<Vec<_>>().join("\n")
-                );
+            for (n, copy) in copies[i].iter().enumerate() {
+                if copy.rows != expected {
+                    let mut log = committed.lock().unwrap().clone();
+                    log.sort();
+                    panic!(
+                        "seed {seed}, {mode}: copy {n} of {table} differs from it\ncopy:  {:?}\ntable: {expected:?}\ncommitted transactions:\n{}",
+                        copy.rows,
+                        log.iter().map(|(_, sql)| sql.as_str()).collect::<Vec<_>>().join("\n")
+                    );
+                }
             }
         }
-        drop(listener);
         admin.batch_execute(&format!("DROP TABLE {MUTED}, d_obj, d_cmp, d_key, d_ret")).unwrap();
     }
 }
