@@ -204,8 +204,13 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
     for mode in MODES {
         let (mut writer, mut listener) = watched(
             mode,
-            "CREATE TABLE o_parts (id int PRIMARY KEY, v int) PARTITION BY RANGE (id);
+            "DROP SCHEMA IF EXISTS o_elsewhere CASCADE; DROP ROLE IF EXISTS o_owner; CREATE ROLE o_owner;
+             CREATE TABLE o_parts (id int PRIMARY KEY, v int) PARTITION BY RANGE (id);
              CREATE TABLE o_parts_1 PARTITION OF o_parts FOR VALUES FROM (0) TO (10);
+             CREATE SCHEMA o_elsewhere;
+             CREATE TABLE o_elsewhere.o_parts_3 PARTITION OF o_parts FOR VALUES FROM (20) TO (30);
+             CREATE TABLE o_parts_4 PARTITION OF o_parts FOR VALUES FROM (30) TO (40);
+             ALTER TABLE o_parts_4 OWNER TO o_owner;
              CREATE TABLE o_parts_2 (id int PRIMARY KEY, v int);
              INSERT INTO o_parts_2 VALUES (15, 1);
              CREATE TABLE o_plain (id int PRIMARY KEY, v int, note text);
@@ -231,8 +236,15 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
             .unwrap();
         listener.expect_silence();
         // Rows leave it with no delete: truncated alone (PostgreSQL passes no statement trigger
-        // down; pgwatch is preloaded here), detached, or dropped with their partition.
-        for ddl in ["TRUNCATE o_parts_2", "ALTER TABLE o_parts DETACH PARTITION o_parts_2", "DROP TABLE o_parts_1"] {
+        // down; pgwatch is preloaded here), detached, or dropped with their partition, also by
+        // DROP SCHEMA ... CASCADE or DROP OWNED.
+        for ddl in [
+            "TRUNCATE o_parts_2",
+            "ALTER TABLE o_parts DETACH PARTITION o_parts_2",
+            "DROP TABLE o_parts_1",
+            "DROP SCHEMA o_elsewhere CASCADE",
+            "DROP OWNED BY o_owner",
+        ] {
             listener.expect_after(&mut writer, ddl, &[r#"{"tbl":"public.o_parts","op":"resync"}"#]);
         }
         // A sent column's values may read differently under another type: the watches that
@@ -262,7 +274,7 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
         listener.expect_on(&[("public.o_plain", resync)]);
         writer.batch_execute("ALTER TABLE o_plain ENABLE TRIGGER USER").unwrap();
         listener.expect_on(&[("public.o_plain", resync), ("o_plain_notes", resync)]);
-        writer.batch_execute("DROP TABLE o_parts, o_parts_2, o_plain").unwrap();
+        writer.batch_execute("DROP TABLE o_parts, o_parts_2, o_plain; DROP ROLE o_owner").unwrap();
     }
     // A compact watch's refetch goes after the transaction's rows too, also when the DDL came first.
     for mode in MODES {

@@ -86,10 +86,10 @@ ALTER EVENT TRIGGER pgwatch_ddl_command_end ENABLE ALWAYS;
 
 -- Before ALTER TABLE: a watched table about to become a partition or an inheritance child gets row
 -- triggers first, and DDL that changes which rows watched tables hold with no row event (ALTER
--- TABLE, or DROP TABLE of a partition) has their subscribers refetch (a C function: it reads the
--- parse tree, before the command changes the catalog).
+-- TABLE, or DROP TABLE, DROP SCHEMA or DROP OWNED of a partition) has their subscribers refetch (a
+-- C function: it reads the parse tree, before the command changes the catalog).
 CREATE FUNCTION pgwatch.on_ddl_command_start() RETURNS event_trigger
     LANGUAGE c AS 'MODULE_PATHNAME', 'pgwatch_on_ddl_command_start';
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE')
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
 ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;

@@ -180,9 +180,10 @@ CREATE FUNCTION pgwatch.protocol_version() RETURNS int
 AS 'SELECT 1';
 
 -- DDL that changes which rows a watched table holds with no row event has its subscribers
--- refetch: the ddl_command_start trigger now also sees DROP TABLE (of a partition).
+-- refetch: the ddl_command_start trigger now also sees DROP TABLE, DROP SCHEMA and DROP OWNED (of a
+-- partition).
 DROP EVENT TRIGGER pgwatch_ddl_command_start;
-CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE')
+CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
 ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;
 

@@ -224,8 +224,8 @@ pub fn follow_ddl() {
 /// the watches whose rows the command changes without a row event (see [`Reshape`]) have their
 /// subscribers refetch once the transaction commits. It needs the parse tree, which only a C
 /// function can read. (A watched parent that gains a child is followed at `ddl_command_end`, in
-/// `follow_ddl`.) Also the `ddl_command_start` trigger of DROP TABLE: a dropped partition's rows
-/// leave the watched tables above it.
+/// `follow_ddl`.) Also the `ddl_command_start` trigger of DROP TABLE, DROP SCHEMA and DROP OWNED:
+/// a dropped partition's rows leave the watched tables above it.
 ///
 /// # Safety
 /// `fcinfo` must be the call of PostgreSQL running an event trigger function.
@@ -257,6 +257,8 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
         };
         let mut joining = Vec::new();
         let mut reshaped = Vec::new();
+        // Schemas being dropped, and roles whose objects are: partitions there or theirs go.
+        let (mut schemas, mut owners) = (Vec::new(), Vec::new());
         if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
             let alter = stmt.cast::<pg_sys::AlterTableStmt>();
             let relation = table((*alter).relation);
@@ -305,13 +307,43 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
                         .filter(|&relid| pg_sys::get_rel_relispartition(relid))
                         .map(|relid| (relid, Reshape::Dropped)),
                 );
+            } else if (*drop).removeType == pg_sys::ObjectType::OBJECT_SCHEMA {
+                // DROP SCHEMA ... CASCADE drops the partitions in it of tables elsewhere.
+                for name in pgrx::PgList::<pg_sys::Node>::from_pg((*drop).objects).iter_ptr() {
+                    #[cfg(any(feature = "pg13", feature = "pg14"))]
+                    let name = (*name.cast::<pg_sys::Value>()).val.str_;
+                    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+                    let name = (*name.cast::<pg_sys::String>()).sval;
+                    let schema = pg_sys::get_namespace_oid(name, true);
+                    if schema != pg_sys::Oid::INVALID {
+                        schemas.push(schema);
+                    }
+                }
+            }
+        } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_DropOwnedStmt) {
+            // DROP OWNED drops the partitions the roles own, of tables they may not own.
+            let roles = (*stmt.cast::<pg_sys::DropOwnedStmt>()).roles;
+            for role in pgrx::PgList::<pg_sys::RoleSpec>::from_pg(roles).iter_ptr() {
+                let role = pg_sys::get_rolespec_oid(role, true);
+                if role != pg_sys::Oid::INVALID {
+                    owners.push(role);
+                }
             }
         }
         // Names were resolved with the command's search_path; pgwatch's own SQL runs with a safe
         // one.
-        if !joining.is_empty() || !reshaped.is_empty() {
+        if !joining.is_empty() || !reshaped.is_empty() || !schemas.is_empty() || !owners.is_empty() {
             with_safe_search_path(|| {
                 joining.into_iter().for_each(use_row_triggers);
+                if !schemas.is_empty() || !owners.is_empty() {
+                    let dropped = column::<pg_sys::Oid>(
+                        "SELECT c.oid FROM pg_catalog.pg_class c
+                          WHERE c.relispartition
+                            AND (c.relnamespace OPERATOR(pg_catalog.=) ANY($1) OR c.relowner OPERATOR(pg_catalog.=) ANY($2))",
+                        &[schemas.into(), owners.into()],
+                    );
+                    reshaped.extend(dropped.into_iter().map(|relid| (relid, Reshape::Dropped)));
+                }
                 reshaped.into_iter().for_each(|(relid, reshape)| refetch_after(relid, reshape));
             });
         }
