@@ -10,7 +10,7 @@ use pgrx::bgworkers::{
 };
 use pgrx::prelude::*;
 
-use super::ring::pass_after;
+use super::ring::Stuck;
 use super::shmem;
 use super::slots::{WorkerState, MAX_DATABASES};
 use crate::stats::{self, Counter};
@@ -42,8 +42,8 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     let mut owners = [0u32; MAX_DATABASES];
     // Per slot, how many workers in a row ended without attaching: they could not connect.
     let mut unattached = [0u32; MAX_DATABASES];
-    // The reservation at the ring's tail, and since when it has been there.
-    let mut tail_stuck: Option<(u64, Instant)> = None;
+    // The reservation at the ring's tail.
+    let mut tail_stuck = Stuck::default();
     loop {
         let mut wait = Duration::from_secs(1);
         if BackgroundWorker::sighup_received() {
@@ -141,21 +141,11 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
 /// Passes over the reservation at the ring's tail once it has been there for `pass_after`: its
 /// database's worker would (see `Worker::pass_if_stuck`), but may not run (held, failing to
 /// start, or gone with its extension), and the tail holds every database's delivery.
-fn pass_stuck_tail(shared: &shmem::Shared, stuck: &mut Option<(u64, Instant)>) {
-    let Some((at, dboid)) = shared.reserved_at_tail() else {
-        *stuck = None;
-        return;
-    };
-    match *stuck {
-        Some((seen, since)) if seen == at => {
-            if since.elapsed() >= pass_after() {
-                *stuck = None;
-                if shared.find_slot(dboid).is_some_and(|slot| shared.pass(slot, at)) {
-                    log!("pgwatch: passed over the changes of a transaction of database {dboid} that has not finished committing; its subscribers are told to refetch once it commits");
-                }
-            }
-        }
-        _ => *stuck = Some((at, Instant::now())),
+fn pass_stuck_tail(shared: &shmem::Shared, stuck: &mut Stuck) {
+    let at_tail = shared.reserved_at_tail();
+    let (Some(at), Some((_, dboid))) = (stuck.due(at_tail.map(|(at, _)| at)), at_tail) else { return };
+    if shared.find_slot(dboid).is_some_and(|slot| shared.pass(slot, at)) {
+        log!("pgwatch: passed over the changes of a transaction of database {dboid} that has not finished committing; its subscribers are told to refetch once it commits");
     }
 }
 

@@ -19,6 +19,21 @@ unsafe extern "C-unwind" {
     fn Async_Notify(channel: *const c_char, payload: *const c_char);
 }
 
+/// Marks for a resync every watch's changes that follow another's on the same channel (a
+/// labelled watch whose table was renamed between changes, or one redefined): each is sent
+/// whole, one after the other, not in the order their rows changed, so the channel's
+/// subscribers refetch after the later ones. `watches` is in sending order.
+pub fn resync_shared_channels<'a>(watches: impl Iterator<Item = (&'a CStr, &'a mut Folded)>) {
+    let mut seen: Vec<&CStr> = Vec::new();
+    for (channel, folded) in watches {
+        if seen.contains(&channel) {
+            folded.mark_resync();
+        } else {
+            seen.push(channel);
+        }
+    }
+}
+
 /// Queues `payload` on `channel` for delivery when the current transaction commits.
 pub fn send(channel: &CStr, payload: &CStr, rows: usize) {
     let len = payload.to_bytes().len();

@@ -35,6 +35,37 @@ pub fn pass_after() -> std::time::Duration {
     std::time::Duration::from_millis(crate::guc::STUCK_COMMIT_TIMEOUT_MS.get().max(1) as u64)
 }
 
+/// The reservation that keeps a worker (or the launcher, at the ring's tail) waiting, and since
+/// when it has.
+#[derive(Default)]
+pub struct Stuck(Option<(u64, std::time::Instant)>);
+
+impl Stuck {
+    /// Takes in where the reservation waited for now starts (`None`: none is); returns it once
+    /// the same one has been waited for [`pass_after`], to be passed over.
+    pub fn due(&mut self, waiting: Option<u64>) -> Option<u64> {
+        match (waiting, self.0) {
+            (None, _) => {
+                self.0 = None;
+                None
+            }
+            (Some(at), Some((seen, since))) if seen == at => (since.elapsed() >= pass_after()).then(|| {
+                self.0 = None;
+                at
+            }),
+            (Some(at), _) => {
+                self.0 = Some((at, std::time::Instant::now()));
+                None
+            }
+        }
+    }
+
+    /// Whether a reservation is being waited for.
+    pub fn is_waiting(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 const RESERVED: u32 = 1;
 
 const PUBLISHED: u32 = 2;

@@ -231,31 +231,35 @@ impl Shared {
     }
 
     /// Claims an entry for the transaction `xid` of `dboid`, about to be prepared as `gid`,
-    /// noting whether it `changed` watched tables; its index, to confirm once prepared. Entries
-    /// of the same GID or xid are stale (PostgreSQL would refuse the GID, and the xid is this
-    /// transaction's) and go. A full table first forgets transactions that ended unseen
-    /// (committed by a process that runs no statement for it, a logical replication worker's
-    /// say). Runs at pre-prepare, where an ERROR still aborts the transaction.
+    /// noting whether it `changed` watched tables; its index, to confirm once prepared. An entry
+    /// of this xid is stale, and so is one of this GID whose transaction ended unseen (committed
+    /// by a process that runs no statement for it, a logical replication worker's say): they go,
+    /// and a full table first forgets every such ended transaction. An entry of this GID still in
+    /// progress stays (PostgreSQL refuses this PREPARE then). Runs at pre-prepare, where an ERROR
+    /// still aborts the transaction.
     pub fn note_prepared(&self, dboid: u32, xid: u32, gid: &[u8], changed: bool) -> Option<usize> {
         if gid.len() > MAX_GID || xid == 0 {
             return None;
         }
         let _exclusive = self.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-        for p in &self.prepared {
-            if p.has_gid(gid) || p.xid.load(Ordering::Relaxed) == xid {
+        let forget_ended = |p: &PreparedXact| {
+            let noted = pg_sys::TransactionId::from_inner(p.xid.load(Ordering::Relaxed));
+            // SAFETY: looks the xid up in the shared process array (a prepared transaction
+            // counts as in progress until it is committed or rolled back).
+            if !unsafe { pg_sys::TransactionIdIsInProgress(noted) } {
                 p.xid.store(0, Ordering::Relaxed);
+            }
+        };
+        for p in &self.prepared {
+            if p.xid.load(Ordering::Relaxed) == xid {
+                p.xid.store(0, Ordering::Relaxed);
+            } else if p.has_gid(gid) {
+                forget_ended(p);
             }
         }
         let free = || self.prepared.iter().position(|p| p.xid.load(Ordering::Relaxed) == 0);
         let index = free().or_else(|| {
-            for p in &self.prepared {
-                let xid = pg_sys::TransactionId::from_inner(p.xid.load(Ordering::Relaxed));
-                // SAFETY: looks the xid up in the shared process array (a prepared transaction
-                // counts as in progress until it is committed or rolled back).
-                if !unsafe { pg_sys::TransactionIdIsInProgress(xid) } {
-                    p.xid.store(0, Ordering::Relaxed);
-                }
-            }
+            self.prepared.iter().for_each(forget_ended);
             free()
         })?;
         let entry = &self.prepared[index];

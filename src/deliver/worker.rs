@@ -18,7 +18,7 @@ use pgrx::pg_guard;
 use pgrx::prelude::*;
 
 use super::notify;
-use super::ring::{pass_after, Batch};
+use super::ring::{pass_after, Batch, Stuck};
 use super::shmem::{self, Shared};
 use super::slots::{in_buckets, DbSlot, WorkerState};
 use super::targets::{self, Watches};
@@ -127,7 +127,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
         feeds: HashMap::new(),
         arrived_over: Duration::ZERO,
         wake_time: Duration::ZERO,
-        stopped_at: None,
+        stopped_at: Stuck::default(),
     };
     worker.start_feeds();
     let mut checked: Option<Instant> = None;
@@ -143,7 +143,7 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
         worker.prune_if_due();
         // While the log holds payloads, the worker wakes every second to prune it; while a
         // reserved record stops it, often enough to pass it over in time.
-        let wake = if worker.stopped_at.is_some() {
+        let wake = if worker.stopped_at.is_waiting() {
             pass_after() / 4
         } else if worker.ring.as_ref().is_some_and(|ring| ring.active) {
             PRUNE_WAKE
@@ -242,9 +242,9 @@ struct Worker {
     /// process goes on. It grows with the listeners, where the whole send's time also has the
     /// batch's size, the log and the WAL in it.
     wake_time: Duration,
-    /// The reserved record this worker's collections have stopped at, and since when (see
+    /// The reserved record this worker's collections have stopped at (see
     /// [`Worker::pass_if_stuck`]).
-    stopped_at: Option<(u64, Instant)>,
+    stopped_at: Stuck,
 }
 
 /// What one look at the queue did.
@@ -334,23 +334,14 @@ impl Worker {
     /// for something, and would hold up every later change of the database (and, through the
     /// ring's tail, of every database). Its writer has its subscribers refetch once it commits.
     fn pass_if_stuck(&mut self) {
-        let Some(at) = self.batch.blocked() else {
-            self.stopped_at = None;
-            return;
-        };
-        match self.stopped_at {
-            Some((stopped, since)) if stopped == at => {
-                if since.elapsed() >= pass_after() && self.shared.pass(self.slot, at) {
-                    self.stopped_at = None;
-                    // The records behind it are ready: look again at once.
-                    self.slot.wake();
-                    log!(
-                        "pgwatch: passed over the changes of a transaction that has not finished committing for {} ms; its subscribers are told to refetch once it commits",
-                        since.elapsed().as_millis()
-                    );
-                }
-            }
-            _ => self.stopped_at = Some((at, Instant::now())),
+        let Some(at) = self.stopped_at.due(self.batch.blocked()) else { return };
+        if self.shared.pass(self.slot, at) {
+            // The records behind it are ready: look again at once.
+            self.slot.wake();
+            log!(
+                "pgwatch: passed over the changes of a transaction that has not finished committing for {} ms; its subscribers are told to refetch once it commits",
+                pass_after().as_millis()
+            );
         }
     }
 
@@ -389,15 +380,7 @@ impl Worker {
                 record.fold_into(&mut watches[at].1);
             }
         }
-        // Two entries on one channel (a labelled watch whose table was renamed between changes)
-        // are sent one after the other, not in the order their rows changed: the channel's
-        // subscribers refetch after the second.
-        for at in 1..watches.len() {
-            let (before, rest) = watches.split_at_mut(at);
-            if before.iter().any(|(target, _)| target.channel == rest[0].0.channel) {
-                rest[0].1.mark_resync();
-            }
-        }
+        notify::resync_shared_channels(watches.iter_mut().map(|(target, folded)| (target.channel.as_c_str(), folded)));
         if let Some(wake) = self.send(&watches) {
             // A smoothed mean: one slow commit (a page fault, a preemption) moves it an eighth,
             // and a stall of the whole machine no more than one wait at the setting's longest.

@@ -372,14 +372,9 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let mut xact = take();
             xact.fold_tail();
             xact.buffers.retain(|buffer| buffer.folded.has_news());
-            // Two buffers on one channel (a labelled watch whose table was renamed between
-            // changes) are sent one after the other, not in the order their rows changed.
-            for at in 1..xact.buffers.len() {
-                let (before, rest) = xact.buffers.split_at_mut(at);
-                if before.iter().any(|b| b.target.channel == rest[0].target.channel) {
-                    rest[0].folded.mark_resync();
-                }
-            }
+            notify::resync_shared_channels(
+                xact.buffers.iter_mut().map(|b| (b.target.channel.as_c_str(), &mut b.folded)),
+            );
             if !xact.buffers.is_empty() && !queue_for_worker(&mut xact) {
                 for buffer in &xact.buffers {
                     notify::send_changes(&buffer.target, &buffer.folded, &mut || None, &mut |_| {});
