@@ -213,6 +213,9 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
              ALTER TABLE o_parts_4 OWNER TO o_owner;
              CREATE TABLE o_parts_2 (id int PRIMARY KEY, v int);
              INSERT INTO o_parts_2 VALUES (15, 1);
+             CREATE TABLE o_ref (id int PRIMARY KEY); INSERT INTO o_ref VALUES (7);
+             CREATE TABLE o_parts_5 PARTITION OF o_parts FOR VALUES FROM (40) TO (50);
+             ALTER TABLE o_parts_5 ADD FOREIGN KEY (v) REFERENCES o_ref;
              CREATE TABLE o_plain (id int PRIMARY KEY, v int, note text);
              SELECT watch_table('o_parts', '*', '{v}');
              SELECT watch_table('o_plain', '*', '{v}');
@@ -235,11 +238,15 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
             .batch_execute("BEGIN; SAVEPOINT s; ALTER TABLE o_parts DETACH PARTITION o_parts_2; ROLLBACK TO s; COMMIT")
             .unwrap();
         listener.expect_silence();
+        writer.batch_execute("INSERT INTO o_parts VALUES (45, 7)").unwrap();
+        listener.expect_on(&[("public.o_parts", r#"{"tbl":"public.o_parts","op":"insert","rows":[{"id":45,"v":7}]}"#)]);
         // Rows leave it with no delete: truncated alone (PostgreSQL passes no statement trigger
-        // down; pgwatch is preloaded here), detached, or dropped with their partition, also by
-        // DROP SCHEMA ... CASCADE or DROP OWNED.
+        // down; pgwatch is preloaded here), also as a table that references a truncated one
+        // (CASCADE), detached, or dropped with their partition, also by DROP SCHEMA ... CASCADE
+        // or DROP OWNED.
         for ddl in [
             "TRUNCATE o_parts_2",
+            "TRUNCATE o_ref CASCADE",
             "ALTER TABLE o_parts DETACH PARTITION o_parts_2",
             "DROP TABLE o_parts_1",
             "DROP SCHEMA o_elsewhere CASCADE",
@@ -274,7 +281,7 @@ fn ddl_that_changes_what_a_table_holds_has_its_subscribers_refetch() {
         listener.expect_on(&[("public.o_plain", resync)]);
         writer.batch_execute("ALTER TABLE o_plain ENABLE TRIGGER USER").unwrap();
         listener.expect_on(&[("public.o_plain", resync), ("o_plain_notes", resync)]);
-        writer.batch_execute("DROP TABLE o_parts, o_parts_2, o_plain; DROP ROLE o_owner").unwrap();
+        writer.batch_execute("DROP TABLE o_parts, o_parts_2, o_plain, o_ref; DROP ROLE o_owner").unwrap();
     }
     // A compact watch's refetch goes after the transaction's rows too, also when the DDL came first.
     for mode in MODES {

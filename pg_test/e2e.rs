@@ -1134,3 +1134,104 @@ fn a_committed_prepared_transaction_tells_the_watches_it_changed_to_refetch() {
         writer.batch_execute("DROP TABLE e2e_prep, e2e_prep_kept").unwrap();
     }
 }
+
+/// Puts `synchronous_standby_names` back as it was, however the test ends: while it names a
+/// standby that never comes, every commit that waits for one hangs.
+struct NoStandby(Client);
+
+impl Drop for NoStandby {
+    fn drop(&mut self) {
+        // (ALTER SYSTEM runs outside a transaction block: a statement of its own.)
+        let _ = self.0.batch_execute("ALTER SYSTEM RESET synchronous_standby_names");
+        let _ = self.0.batch_execute("SELECT pg_reload_conf()");
+    }
+}
+
+#[test]
+fn a_commit_prepared_that_fails_after_committing_still_has_its_watches_refetch() {
+    let _serial = serial();
+    let (mut writer, mut listener) = watched(
+        "inline",
+        "CREATE TABLE e2e_prep_lost (id int PRIMARY KEY);
+         CREATE TABLE e2e_prep_wal (id int);
+         SELECT watch_table('e2e_prep_lost')",
+        &["public.e2e_prep_lost"],
+    );
+    // A session that notified and waits, at commit, for a standby that never comes holds
+    // PostgreSQL's NOTIFY lock all the while (a commit waits only when it wrote WAL).
+    let mut admin = NoStandby(connect());
+    // Connected first: while the setting holds, a commit that waits for a standby hangs.
+    let mut holders: Vec<Client> = (0..5).map(|_| connect()).collect();
+    admin.0.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'pgwatch_nobody'").unwrap();
+    admin.0.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(eventually(|| {
+        let shown: String = admin.0.query_one("SHOW synchronous_standby_names", &[]).unwrap().get(0);
+        shown == "pgwatch_nobody"
+    }));
+    let blocker = loop {
+        let mut holder = holders.pop().expect("the setting reached the checkpointer");
+        let pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let commit = std::thread::spawn(move || {
+            holder.batch_execute("BEGIN; INSERT INTO e2e_prep_wal VALUES (1); NOTIFY e2e_prep_lost_other; COMMIT")
+        });
+        let waits = eventually(|| {
+            commit.is_finished()
+                || admin
+                    .0
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                        &[&pid],
+                    )
+                    .unwrap()
+                    .get::<_, i64>(0)
+                    == 1
+        });
+        assert!(waits);
+        if !commit.is_finished() {
+            break (pid, commit);
+        }
+        // The checkpointer had not yet taken in the setting: that commit did not wait.
+        commit.join().unwrap().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // The prepared transaction commits; the statement's own transaction then cannot send the
+    // resync inline (the NOTIFY lock is held), times out and aborts.
+    writer
+        .batch_execute(
+            "SET synchronous_commit = local; BEGIN; INSERT INTO e2e_prep_lost VALUES (1);
+             PREPARE TRANSACTION 'e2e_prep_lost'; SET lock_timeout = '200ms'",
+        )
+        .unwrap();
+    assert_eq!(failure(&mut writer, "COMMIT PREPARED 'e2e_prep_lost'").0, "55P03");
+    writer.batch_execute("RESET lock_timeout").unwrap();
+    let committed: i64 = writer.query_one("SELECT count(*) FROM e2e_prep_lost", &[]).unwrap().get(0);
+    assert_eq!(committed, 1, "the prepared transaction committed");
+    // Let the blocker go; the worker sends the resync the aborted statement could not.
+    admin.0.batch_execute(&format!("SELECT pg_cancel_backend({})", blocker.0)).unwrap();
+    blocker.1.join().unwrap().unwrap();
+    drop(admin);
+    listener.expect(&[r#"{"tbl":"public.e2e_prep_lost","op":"resync"}"#]);
+    writer.batch_execute("DROP TABLE e2e_prep_lost, e2e_prep_wal").unwrap();
+}
+
+#[test]
+fn pgwatch_installs_and_works_in_a_schema_of_its_own() {
+    let _serial = serial();
+    let mut admin = connect();
+    admin.batch_execute("DROP DATABASE IF EXISTS e2e_own_schema WITH (FORCE)").unwrap();
+    admin.batch_execute("CREATE DATABASE e2e_own_schema").unwrap();
+    let mut db = connect_to(&mut admin, "e2e_own_schema");
+    db.batch_execute(
+        "CREATE SCHEMA pgwatch_api; CREATE EXTENSION pgwatch SCHEMA pgwatch_api;
+         CREATE TABLE t (id int PRIMARY KEY); SELECT pgwatch_api.watch_table('t', 'insert')",
+    )
+    .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "e2e_own_schema"), &["public.t"]);
+    for (id, mode) in MODES.iter().enumerate() {
+        db.batch_execute(&format!("SET pgwatch.delivery = {mode}; INSERT INTO t VALUES ({id})")).unwrap();
+        listener.expect(&[&format!(r#"{{"tbl":"public.t","op":"insert","rows":[{{"id":{id}}}]}}"#)]);
+    }
+    db.batch_execute("SELECT pgwatch_api.unwatch_table('t')").unwrap();
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE e2e_own_schema WITH (FORCE)").unwrap();
+}

@@ -558,3 +558,56 @@ fn fire_on_replica_notifies_changes_applied_by_logical_replication() {
     admin.batch_execute("DROP DATABASE o_pub WITH (FORCE)").unwrap();
     admin.batch_execute("DROP DATABASE o_sub WITH (FORCE)").unwrap();
 }
+
+#[test]
+fn a_row_moved_to_another_partition_is_a_key_change_for_every_watch_that_reports_updates() {
+    let _serial = serial();
+    for mode in MODES {
+        // PostgreSQL runs a move as a delete and an insert, and fires no update trigger for it.
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_move (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+             CREATE TABLE o_move_1 PARTITION OF o_move FOR VALUES FROM (0) TO (100);
+             CREATE TABLE o_move_2 PARTITION OF o_move FOR VALUES FROM (100) TO (200);
+             INSERT INTO o_move VALUES (1, 'a'), (2, 'b');
+             SELECT watch_table('o_move', 'update', '{v}', label => 'o_move_u');
+             SELECT watch_table('o_move', 'insert, update', '{v}', label => 'o_move_iu');
+             SELECT watch_table('o_move', 'update, delete', '{v}', label => 'o_move_ud');
+             SELECT watch_table('o_move', 'update', '{v}', condition => $$NEW.v <> 'hidden'$$, label => 'o_move_c')",
+            &["o_move_u", "o_move_iu", "o_move_ud", "o_move_c"],
+        );
+        let all = ["o_move_u", "o_move_iu", "o_move_ud", "o_move_c"];
+        let delete = |row: &str| format!(r#"{{"tbl":"public.o_move","op":"delete","rows":[{row}]}}"#);
+        let insert = |row: &str| format!(r#"{{"tbl":"public.o_move","op":"insert","rows":[{row}]}}"#);
+        writer.batch_execute("UPDATE o_move SET id = 150 WHERE id = 1").unwrap();
+        let (gone, came) = (delete(r#"{"id":1,"v":"a"}"#), insert(r#"{"id":150,"v":"a"}"#));
+        let expected: Vec<(&str, &str)> = all.iter().flat_map(|&c| [(c, gone.as_str()), (c, came.as_str())]).collect();
+        listener.expect_on(&expected);
+        // The condition reads the new row: it judges the whole move, as it would an update (a
+        // filtered channel never carries rows its condition keeps out).
+        writer.batch_execute("UPDATE o_move SET id = 160, v = 'hidden' WHERE id = 2").unwrap();
+        let (gone, came) = (delete(r#"{"id":2,"v":"b"}"#), insert(r#"{"id":160,"v":"hidden"}"#));
+        let expected: Vec<(&str, &str)> =
+            all[..3].iter().flat_map(|&c| [(c, gone.as_str()), (c, came.as_str())]).collect();
+        listener.expect_on(&expected);
+        // Inserts and deletes that move nothing reach only the watches that report them.
+        writer.batch_execute("INSERT INTO o_move VALUES (3, 'c')").unwrap();
+        listener.expect_on(&[("o_move_iu", &insert(r#"{"id":3,"v":"c"}"#))]);
+        writer.batch_execute("DELETE FROM o_move WHERE id = 3").unwrap();
+        listener.expect_on(&[("o_move_ud", &delete(r#"{"id":3,"v":"c"}"#))]);
+        // Moved back within one transaction, among other changes.
+        writer
+            .batch_execute(
+                "BEGIN; INSERT INTO o_move VALUES (4, 'd'); UPDATE o_move SET id = 50 WHERE id = 150; COMMIT",
+            )
+            .unwrap();
+        let (gone, came) = (delete(r#"{"id":150,"v":"a"}"#), insert(r#"{"id":50,"v":"a"}"#));
+        let both = insert(r#"{"id":4,"v":"d"},{"id":50,"v":"a"}"#);
+        let expected: Vec<(&str, &str)> = all
+            .iter()
+            .flat_map(|&c| [(c, gone.as_str()), (c, if c == "o_move_iu" { both.as_str() } else { came.as_str() })])
+            .collect();
+        listener.expect_on(&expected);
+        writer.batch_execute("DROP TABLE o_move").unwrap();
+    }
+}

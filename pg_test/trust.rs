@@ -902,3 +902,39 @@ fn a_transaction_that_watches_a_table_holds_up_no_one_elses_ddl() {
     slow.batch_execute("COMMIT").unwrap();
     admin.batch_execute("DROP TABLE t_slow_watch").unwrap();
 }
+
+#[test]
+fn a_watch_on_someone_elses_objects_cannot_stop_their_drop_cascade() {
+    let _serial = serial();
+    let mut admin = connect();
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS t_theirs; DROP TYPE IF EXISTS t_theirs_mood;
+             CREATE TABLE t_theirs (id int PRIMARY KEY); CREATE TYPE t_theirs_mood AS ENUM ('ok')",
+        )
+        .unwrap();
+    let mut m = mallory(&mut admin);
+    // Mallory's watches depend on another's table (a constant in the condition) and type (a sent
+    // column's): PostgreSQL records both dependencies.
+    m.batch_execute(
+        "CREATE TABLE m (id int PRIMARY KEY, mood public.t_theirs_mood);
+         SELECT watch_table('m', 'insert', condition => $$'public.t_theirs'::regclass IS NOT NULL$$);
+         SELECT watch_table('m', 'update', '{mood}', label => 'm_moods')",
+    )
+    .unwrap();
+    // Their DROP ... CASCADE drops what depends on their objects, mallory's watches with it (and
+    // their triggers), instead of failing.
+    admin.batch_execute("DROP TABLE t_theirs CASCADE").unwrap();
+    admin.batch_execute("DROP TYPE t_theirs_mood CASCADE").unwrap();
+    let left: i64 =
+        admin.query_one("SELECT count(*) FROM pgwatch.watches WHERE tbl = 'mallory.m'::regclass", &[]).unwrap().get(0);
+    assert_eq!(left, 0);
+    let triggers: i64 =
+        admin.query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'mallory.m'::regclass", &[]).unwrap().get(0);
+    assert_eq!(triggers, 0);
+    // The table's own DDL is still refused when it would break a watch (see ddl.rs).
+    m.batch_execute("SELECT watch_table('m')").unwrap();
+    assert_eq!(failure(&mut m, "ALTER TABLE m DROP CONSTRAINT m_pkey CASCADE").0, "2BP01");
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}

@@ -58,7 +58,9 @@ SELECT w.channel, w.tbl, w.retain,
                       WHERE g.channel OPERATOR(pg_catalog.=) w.channel AND g.feed OPERATOR(pg_catalog.=) w.feed_start) l ON true
  WHERE w.retain IS NOT NULL
    AND pgwatch.may_replay(w.tbl::pg_catalog.oid,
-                          w.key_columns OPERATOR(pg_catalog.||) w.extra_columns OPERATOR(pg_catalog.||) w.trigger_columns,
+                          ARRAY(SELECT pg_catalog.convert_to(c, pg_catalog.getdatabaseencoding())
+                                  FROM pg_catalog.unnest(w.key_columns OPERATOR(pg_catalog.||) w.extra_columns
+                                                         OPERATOR(pg_catalog.||) w.trigger_columns) AS c),
                           w.condition IS NOT NULL);
 GRANT SELECT ON pgwatch.channels TO PUBLIC;
 

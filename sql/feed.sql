@@ -50,4 +50,4 @@ CREATE TABLE pgwatch.log_segments (
     payloads  bigint NOT NULL DEFAULT 0,
     bytes     bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 10);
-INSERT INTO pgwatch.log_segments (segment) SELECT generate_series(0, 7);
+INSERT INTO pgwatch.log_segments (segment) SELECT pg_catalog.generate_series(0, 7);

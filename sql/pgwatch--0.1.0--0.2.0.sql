@@ -113,13 +113,15 @@ CREATE EVENT TRIGGER pgwatch_ddl_command_end ON ddl_command_end WHEN TAG IN ('AL
 
 -- Each watch's one 0.1.0 trigger becomes a trigger per event. A watch that cannot be defined
 -- again (its table changed since) keeps its 0.1.0 trigger, which this library still runs.
+-- Functions are named with their schema: this runs as a superuser with the extension's schema
+-- (public, often) on the path, where another role may have put a closer match.
 DO $$
 DECLARE
     w record;
 BEGIN
     FOR w IN SELECT * FROM pgwatch.watches ORDER BY id LOOP
         BEGIN
-            PERFORM pgwatch.define_watch(w.tbl, array_to_string(w.events, ','), w.extra_columns, w.label,
+            PERFORM pgwatch.define_watch(w.tbl, pg_catalog.array_to_string(w.events, ','), w.extra_columns, w.label,
                                          '{}', NULL, 'full', false);
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'pgwatch: watch % of table % keeps its 0.1.0 trigger: %', w.id, w.tbl, SQLERRM

@@ -7,14 +7,15 @@ ALTER TABLE pgwatch.watches
     ADD CONSTRAINT watches_payload_check CHECK (payload IN ('full', 'keys', 'compact'));
 
 -- A channel carries one watch's changes. Watches that share one are left for the administrator to
--- tell apart: pgwatch does not pick which of them keeps the channel.
+-- tell apart: pgwatch does not pick which of them keeps the channel. (Functions are named with
+-- their schema: this runs as a superuser with the extension's schema on the path, see 0.1.0->0.2.0.)
 DO $$
 DECLARE
     shared text;
 BEGIN
-    SELECT string_agg(format('"%s" (watches %s)', channel, ids), ', ') INTO shared
-      FROM (SELECT channel, string_agg(id::text, ', ' ORDER BY id) AS ids
-              FROM pgwatch.watches GROUP BY channel HAVING count(*) > 1) AS d;
+    SELECT pg_catalog.string_agg(pg_catalog.format('"%s" (watches %s)', channel, ids), ', ') INTO shared
+      FROM (SELECT channel, pg_catalog.string_agg(id::text, ', ' ORDER BY id) AS ids
+              FROM pgwatch.watches GROUP BY channel HAVING pg_catalog.count(*) > 1) AS d;
     IF shared IS NOT NULL THEN
         RAISE EXCEPTION 'pgwatch 0.3.0 gives each channel to one watch, and these share one: %', shared
             USING ERRCODE = 'duplicate_object',

@@ -43,7 +43,7 @@ CREATE TABLE pgwatch.log_segments (
     payloads  bigint NOT NULL DEFAULT 0,
     bytes     bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 10);
-INSERT INTO pgwatch.log_segments (segment) SELECT generate_series(0, 7);
+INSERT INTO pgwatch.log_segments (segment) SELECT pg_catalog.generate_series(0, 7);
 
 -- New counters.
 DROP FUNCTION pgwatch.stats();
@@ -100,7 +100,7 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'read_position_wrapper';
 
-CREATE FUNCTION pgwatch."may_replay"("tbl" oid, "columns" TEXT[], "condition" bool) RETURNS bool
+CREATE FUNCTION pgwatch."may_replay"("tbl" oid, "columns" bytea[], "condition" bool) RETURNS bool
 STRICT STABLE PARALLEL SAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
@@ -169,7 +169,9 @@ SELECT w.channel, w.tbl, w.retain,
                       WHERE g.channel OPERATOR(pg_catalog.=) w.channel AND g.feed OPERATOR(pg_catalog.=) w.feed_start) l ON true
  WHERE w.retain IS NOT NULL
    AND pgwatch.may_replay(w.tbl::pg_catalog.oid,
-                          w.key_columns OPERATOR(pg_catalog.||) w.extra_columns OPERATOR(pg_catalog.||) w.trigger_columns,
+                          ARRAY(SELECT pg_catalog.convert_to(c, pg_catalog.getdatabaseencoding())
+                                  FROM pg_catalog.unnest(w.key_columns OPERATOR(pg_catalog.||) w.extra_columns
+                                                         OPERATOR(pg_catalog.||) w.trigger_columns) AS c),
                           w.condition IS NOT NULL);
 GRANT SELECT ON pgwatch.channels TO PUBLIC;
 
@@ -186,6 +188,106 @@ DROP EVENT TRIGGER pgwatch_ddl_command_start;
 CREATE EVENT TRIGGER pgwatch_ddl_command_start ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION pgwatch.on_ddl_command_start();
 ALTER EVENT TRIGGER pgwatch_ddl_command_start ENABLE ALWAYS;
+
+-- A drop that breaks a watch only through another object (DROP ... CASCADE of a type, a function,
+-- a table or a schema the watch depends on) takes the watch with it instead of failing: another
+-- role's watch could otherwise stop a DROP ... CASCADE of one's own objects.
+CREATE OR REPLACE FUNCTION pgwatch.on_sql_drop() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    broken record;
+    refused record;
+    refusing boolean := false;
+    gone bigint[] := '{}';
+    doomed text;
+BEGIN
+    DELETE FROM pgwatch.watches w
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND w.tbl::oid = d.objid;
+    IF pgwatch.managing() THEN
+        RETURN;
+    END IF;
+    FOR broken IN
+        SELECT w.id, w.channel, w.tbl, w.key_columns, d.object_type, d.address_names[3] AS name,
+               -- Whether the command drops something of the watched table itself (a column, a
+               -- constraint, a trigger), rather than only objects elsewhere the watch depends on.
+               EXISTS (SELECT FROM pg_event_trigger_dropped_objects() o
+                        WHERE o.original AND o.object_type IN ('table column', 'trigger', 'table constraint')
+                          AND (o.address_names[1], o.address_names[2]) =
+                              (SELECT n.nspname::text, c.relname::text FROM pg_class c
+                                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = w.tbl)) AS own
+          FROM pg_event_trigger_dropped_objects() d
+          JOIN pgwatch.watches w ON
+               (d.object_type = 'table column' AND d.objid = w.tbl::oid
+                AND d.address_names[3] = ANY (w.key_columns || w.extra_columns || w.trigger_columns))
+            OR (d.object_type IN ('trigger', 'table constraint')
+                AND (d.address_names[1], d.address_names[2]) =
+                    (SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.oid = w.tbl)
+                AND CASE d.object_type
+                    WHEN 'trigger' THEN
+                        d.address_names[3] IN ('pgwatch_' || w.id, 'pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
+                                               'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate')
+                    -- Keys that may repeat (no key, another one, a deferrable one) would let
+                    -- coalescing fold different rows together.
+                    ELSE NOT EXISTS (
+                        SELECT FROM pg_constraint k
+                         WHERE k.conrelid = w.tbl AND k.contype = 'p' AND NOT k.condeferrable
+                           AND ARRAY(SELECT a.attname::text
+                                       FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, n)
+                                       JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
+                                      ORDER BY u.n) = w.key_columns)
+                    END)
+         ORDER BY 7 DESC, w.id, d.object_type = 'table constraint'  -- refusals first; a dropped key column is named
+    LOOP
+        IF broken.own THEN
+            refused := broken;
+            refusing := true;
+            EXIT;
+        END IF;
+        -- Broken only through an object elsewhere (DROP ... CASCADE of a type, a function, a
+        -- table or a schema its columns or condition depend on): the watch goes with it, as
+        -- PostgreSQL's dependent objects do. Refusing would let a table's owner stop other
+        -- roles' DROP ... CASCADE by making a watch depend on their objects. The command holds
+        -- the table's lock already.
+        CONTINUE WHEN broken.id = ANY (gone);
+        gone := gone || broken.id;
+        DELETE FROM pgwatch.watches WHERE id = broken.id;
+        FOR doomed IN SELECT t.tgname FROM pg_trigger t
+                     WHERE t.tgrelid = broken.tbl
+                       AND t.tgname IN ('pgwatch_' || broken.id, 'pgwatch_' || broken.id || '_insert',
+                                        'pgwatch_' || broken.id || '_update', 'pgwatch_' || broken.id || '_delete',
+                                        'pgwatch_' || broken.id || '_truncate') LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', doomed, broken.tbl);
+        END LOOP;
+        RAISE WARNING 'pgwatch: watch % of table % (channel "%") removed: it depended on an object this command drops',
+                broken.id, broken.tbl, broken.channel
+            USING HINT = 'Watch the table again with watch_table() if it is still wanted.';
+    END LOOP;
+    IF NOT refusing THEN
+        RETURN;
+    END IF;
+    broken := refused;
+    IF broken.object_type = 'trigger' THEN
+        RAISE EXCEPTION 'cannot drop trigger % of table %: it belongs to pgwatch watch % (channel "%")',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Remove the watch with unwatch_table(), which drops its triggers.';
+    ELSIF broken.object_type = 'table constraint' THEN
+        RAISE EXCEPTION 'cannot drop constraint % of table %: pgwatch watch % (channel "%") identifies rows by this primary key',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = format('Keep a NOT DEFERRABLE primary key on (%s), or unwatch the table first.',
+                                array_to_string(broken.key_columns, ', '));
+    ELSIF broken.object_type IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot drop column % of table %: pgwatch watch % (channel "%") uses it',
+                broken.name, broken.tbl, broken.id, broken.channel
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Watch the table again without this column (SELECT watch_table(...)), or unwatch it, first.';
+    END IF;
+END
+$$;
 
 -- Each watch's triggers are made again: a watch that does not report truncate gets the TRUNCATE
 -- trigger that has its subscribers refetch; WHEN conditions are kept as PostgreSQL stored them (a

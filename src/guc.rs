@@ -29,6 +29,10 @@ pub static DELIVERY: GucSetting<Delivery> = GucSetting::<Delivery>::new(Delivery
 /// The longest a worker lets its next batch gather (it waits in proportion to the commit rate), in ms.
 pub static BUSY_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
+/// The longest a delivery worker lets a batch gather while signalling the listening backends
+/// takes long (many of them), in ms (see `deliver::worker::gather_delay`).
+pub static LISTENER_BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
+
 /// How long a worker waits for a transaction that queued its changes to finish committing before
 /// it passes it over (see `deliver::ring`), in ms.
 pub static STUCK_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -69,10 +73,20 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"pgwatch.busy_batch_delay",
         c"The longest a delivery worker lets changes gather before its next batch.",
-        c"After each batch the worker waits in proportion to the commit rate it saw (1 ms per 1000 transactions per second), under a steady stream at least 8 times as long as its last sends took to signal the listening backends, at most this long, next to nothing after a quiet spell; 0 disables.",
+        c"After each batch the worker waits in proportion to the commit rate it saw (1 ms per 1000 transactions per second), at most this long (but see pgwatch.listener_batch_delay), next to nothing after a quiet spell; 0 disables waiting.",
         &BUSY_BATCH_DELAY_MS,
         0,
         1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pgwatch.listener_batch_delay",
+        c"The longest a delivery worker lets changes gather when waking the listening backends takes long.",
+        c"Under a steady stream the worker waits at least 8 times as long as its last sends took to signal the backends that listen (which grows with their number), up to this or pgwatch.busy_batch_delay, whichever is longer: many listeners then wake up for fewer, fuller notifications.",
+        &LISTENER_BATCH_DELAY_MS,
+        0,
+        10_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

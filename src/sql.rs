@@ -202,12 +202,12 @@ mod pgwatch {
     }
 
     /// Whether the current user may replay a retained watch of `tbl` that sends or fires on
-    /// `columns`, with a `condition` or not (see `feed::read::refusal`): the rows of
+    /// `columns` (their names as bytes in the database's encoding), with a `condition` or not (see `feed::read::refusal`): the rows of
     /// `pgwatch.channels` they see. A table dropped since the caller's snapshot: no.
     #[pg_extern(stable, parallel_safe)]
     #[search_path(pg_catalog, pg_temp)]
-    fn may_replay(tbl: pg_sys::Oid, columns: Vec<Option<String>>, condition: bool) -> bool {
-        let Some(columns) = columns.into_iter().collect::<Option<Vec<String>>>() else { return false };
+    fn may_replay(tbl: pg_sys::Oid, columns: pgrx::datum::Array<'_, &[u8]>, condition: bool) -> bool {
+        let Some(columns) = columns.iter().collect::<Option<Vec<&[u8]>>>() else { return false };
         // SAFETY: a syscache lookup, its tuple released at once.
         let exists = unsafe {
             let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(tbl));

@@ -19,7 +19,7 @@ use crate::encode::image::{pair_prefix, Full, ImageBuilder, MAX_PAYLOAD};
 use crate::encode::packer::{cols_header, row_budget, MAX_TABLE_NAME};
 use crate::error::fail;
 use crate::fxhash::FxHashMap;
-use crate::model::trigger_arg::{Layout, TriggerArg};
+use crate::model::trigger_arg::{Layout, Moves, TriggerArg};
 use crate::model::watch::{OnTruncate, Rows, Target};
 use crate::unguarded;
 
@@ -58,6 +58,8 @@ pub struct Plan {
     pub target: Rc<Target>,
     /// What a TRUNCATE of the table sends the watch's subscribers.
     pub on_truncate: OnTruncate,
+    /// Which rows moved between partitions the trigger reports (see `Watch::move_events`).
+    pub moves: Moves,
     relid: Oid,
     /// `None` when a watched column is gone from the table: rows are reported as overflows.
     pub columns: Option<Columns>,
@@ -145,7 +147,7 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
             None
         }
     };
-    Plan { target, on_truncate: arg.on_truncate, relid, columns, transition_slots: OnceCell::new() }
+    Plan { target, on_truncate: arg.on_truncate, moves: arg.moves, relid, columns, transition_slots: OnceCell::new() }
 }
 
 /// Finds each named column in `rel` and how to encode it (a compact watch's values go without

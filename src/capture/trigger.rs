@@ -58,6 +58,22 @@ pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, 
     }
     // SAFETY: this is a firing trigger of pgwatch.capture.
     let plan = unsafe { plan::for_trigger(data) };
+    // SAFETY: a firing row trigger's data, of the plan's trigger.
+    let half = if is_row { unsafe { moves::half(data, &plan, op) } } else { moves::Half::Record };
+    let image = |tuple| {
+        // SAFETY: a row trigger's tuples are valid and described by its relation's descriptor.
+        plan.columns.as_ref().map(|columns| unsafe { columns.image_of_tuple(tuple, (*data.tg_relation).rd_att) })
+    };
+    match half {
+        moves::Half::Skip => return Ok(None),
+        moves::Half::Hold(pending) => {
+            // An image that does not fit, or a column gone, is held as an overflow.
+            moves::hold(pending, image(data.tg_trigtuple).flatten());
+            return Ok(None);
+        }
+        moves::Half::AfterHeld(held) => record(&plan, Op::Delete, Some(held), None),
+        moves::Half::Record => {}
+    }
     let Some(columns) = &plan.columns else {
         xact::record_overflow(&plan.target, op);
         return Ok(None);
@@ -81,6 +97,146 @@ pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, 
         unsafe { record_transition_tables(data, &plan, columns, op, statement_rows) };
     }
     Ok(None)
+}
+
+/// Rows an UPDATE moves from one partition to another (see `Watch::move_events`).
+mod moves {
+    use std::cell::RefCell;
+    use std::ffi::CString;
+
+    use pgrx::pg_sys;
+
+    use crate::capture::plan::Plan;
+    use crate::encode::image::Image;
+    use crate::model::events::Op;
+    use crate::model::trigger_arg::Moves;
+
+    /// A moved row's delete half that waits for its insert half: the channel of its watch, the
+    /// command that moved it, and the old row when it is held (`Some(None)`: one that does not
+    /// fit, sent as an overflow) rather than sent already.
+    struct Waiting {
+        channel: CString,
+        command: pg_sys::CommandId,
+        held: Option<Option<Image>>,
+    }
+
+    thread_local! {
+        /// This transaction's waiting delete halves, of one command (those of earlier commands
+        /// can no longer be matched), with the top-level xid they belong to.
+        static WAITING: RefCell<(pg_sys::TransactionId, Vec<Waiting>)> =
+            const { RefCell::new((pg_sys::InvalidTransactionId, Vec::new())) };
+    }
+
+    /// What a row trigger does with its row.
+    pub enum Half {
+        /// Records it: a row of the trigger's event, or a moved row's half it reports.
+        Record,
+        /// Nothing: a move trigger's row that was not moved (or whose delete half the watch did
+        /// not report).
+        Skip,
+        /// Holds the old row of a moved row until its insert half comes (see [`hold`]).
+        Hold(Pending),
+        /// Records the held delete half (`None`: as an overflow) before this insert half.
+        AfterHeld(Option<Image>),
+    }
+
+    /// A delete half to hold.
+    pub struct Pending {
+        channel: CString,
+        command: pg_sys::CommandId,
+    }
+
+    /// What the row trigger of `plan` does with its row (see [`Half`]). PostgreSQL runs a move
+    /// as a delete from one partition (the old row's header then says "moved to another
+    /// partition") and an insert into another, by the same command, and fires the delete's
+    /// AFTER triggers right before the insert's: an insert of that command that follows a moved
+    /// row's delete for the same watch is its other half. A delete half whose insert half does
+    /// not come (its WHEN failed; a BEFORE trigger dropped the insert) stays a delete alone, or
+    /// when held is dropped with the next command's.
+    ///
+    /// # Safety
+    /// `data` must be a firing AFTER row trigger's, of `plan`'s trigger.
+    pub unsafe fn half(data: &pg_sys::TriggerData, plan: &Plan, op: Op) -> Half {
+        let otherwise = if plan.moves == Moves::All { Half::Record } else { Half::Skip };
+        // SAFETY: a firing trigger's relation is open, with its pg_class row. Row triggers on a
+        // partitioned table fire on its partitions.
+        if !unsafe { (*(*data.tg_relation).rd_rel).relispartition } {
+            return otherwise;
+        }
+        // SAFETY: as the caller promised, the row of a firing AFTER insert or delete trigger,
+        // fetched from its table, written by this transaction.
+        let header = unsafe { (*data.tg_trigtuple).t_data };
+        match op {
+            // SAFETY: as above: the old row of a firing AFTER delete trigger.
+            Op::Delete if unsafe { moved_away(header) } => {
+                // SAFETY: this transaction deleted the row.
+                let command = unsafe { pg_sys::HeapTupleHeaderGetCmax(header) };
+                let channel = plan.target.channel.clone();
+                if plan.moves == Moves::OnlyWithInsert {
+                    return Half::Hold(Pending { channel, command });
+                }
+                wait(Waiting { channel, command, held: None });
+                Half::Record
+            }
+            Op::Insert => {
+                let waited = waiting(|waiting| {
+                    if waiting.is_empty() {
+                        return None;
+                    }
+                    // SAFETY: this transaction inserted the row.
+                    let command = unsafe { pg_sys::HeapTupleHeaderGetCmin(header) };
+                    let at = waiting.iter().position(|w| w.command == command && w.channel == plan.target.channel)?;
+                    Some(waiting.swap_remove(at))
+                });
+                match waited {
+                    Some(Waiting { held: Some(held), .. }) => Half::AfterHeld(held),
+                    Some(_) => Half::Record,
+                    None => otherwise,
+                }
+            }
+            _ => otherwise,
+        }
+    }
+
+    /// Holds a delete half's old row (`None`: as an overflow) until its insert half comes.
+    pub fn hold(pending: Pending, old: Option<Image>) {
+        wait(Waiting { channel: pending.channel, command: pending.command, held: Some(old) });
+    }
+
+    /// Adds a delete half to wait for its insert half, in place of one of an earlier command or
+    /// of the same watch and command whose insert half never came.
+    fn wait(half: Waiting) {
+        waiting(|waiting| {
+            waiting.retain(|w| w.command == half.command && w.channel != half.channel);
+            waiting.push(half);
+        });
+    }
+
+    /// Runs `f` on this transaction's waiting halves (those of an earlier one are dropped).
+    fn waiting<T>(f: impl FnOnce(&mut Vec<Waiting>) -> T) -> T {
+        // SAFETY: reading the transaction's id; a row was deleted or inserted, so it has one.
+        let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
+        WAITING.with_borrow_mut(|(of, waiting)| {
+            if *of != xid {
+                *of = xid;
+                waiting.clear();
+            }
+            f(waiting)
+        })
+    }
+
+    /// Whether a deleted row was moved to another partition: its header's next-version pointer
+    /// says so instead of pointing to a row.
+    ///
+    /// # Safety
+    /// `header` must be the header of a firing AFTER delete trigger's old row.
+    unsafe fn moved_away(header: pg_sys::HeapTupleHeader) -> bool {
+        // SAFETY: as the caller promised, the header is valid.
+        let ctid = unsafe { (*header).t_ctid };
+        let block = (u32::from(ctid.ip_blkid.bi_hi) << 16) | u32::from(ctid.ip_blkid.bi_lo);
+        // MovedPartitionsBlockNumber is InvalidBlockNumber.
+        u32::from(ctid.ip_posid) == pg_sys::MovedPartitionsOffsetNumber && block == u32::MAX
+    }
 }
 
 /// Whether a row trigger's new row was changed again by this transaction before the trigger fired:

@@ -11,13 +11,14 @@ use pgrx::{PgRelation, PgSqlErrorCode};
 use super::owner::{column, first, managing, with_safe_search_path};
 use super::store::{column_names, deferrable_primary_key, load};
 use super::triggers::{
-    existing_triggers, needs_row_triggers, silenced, trigger_name, triggers_refer_to, watch_id_of, Existing,
+    existing_triggers, holds_moving_rows, needs_row_triggers, silenced, trigger_name, triggers_refer_to, watch_id_of,
+    Existing,
 };
 use super::watches::rebuild;
 use crate::deliver::targets::{self, Watches};
 use crate::error::{self, fail};
 use crate::model::events::Event;
-use crate::model::trigger_arg::TriggerArg;
+use crate::model::trigger_arg::{Moves, TriggerArg};
 use crate::model::watch::{channel_name, OnTruncate, TableName, MAX_CHANNEL};
 
 /// One object a DDL command changed, as `pg_event_trigger_ddl_commands()` lists it.
@@ -137,25 +138,36 @@ fn follow(id: i64, changes: &[Changed]) {
         );
     }
     let args = TriggerArg::write(&watch, &table.display);
+    let moves_args =
+        [Moves::Only, Moves::OnlyWithInsert].map(|moves| TriggerArg::write_for(&watch, &table.display, moves));
     // The table's triggers or place in an inheritance tree may have changed what its watches need.
-    let table_needs_rows = needs_row_triggers(&rel);
+    let placement @ (table_needs_rows, moving_rows) = (needs_row_triggers(&rel), holds_moving_rows(&rel));
     let wanted = |trigger: &Existing| {
-        watch.trigger_events().any(|event| {
-            trigger.name == trigger_name(id, event) && trigger.per_row == watch.fires_per_row(event, table_needs_rows)
-        })
+        let event = watch.trigger_events().any(|event| {
+            trigger.name == trigger_name(id, event)
+                && trigger.per_row == watch.fires_per_row(event, table_needs_rows)
+                && trigger.args == [args.clone()]
+        });
+        // A detached partition's move triggers are no longer wanted: made again without them.
+        let moves = moving_rows
+            && watch.move_events().any(|op| trigger.name == trigger_name(id, Event::Row(op)))
+            && trigger.per_row
+            && moves_args.iter().any(|moves| trigger.args == [moves.clone()]);
+        event || moves
     };
-    if !changed && existing.iter().all(|trigger| trigger.args == [args.clone()] && wanted(trigger)) {
+    if !changed && existing.iter().all(wanted) {
         return;
     }
     drop(rel);
-    rebuild(id, &watch, &table, &existing, table_needs_rows, moved);
+    rebuild(id, &watch, &table, &existing, placement, moved);
 }
 
-/// Gives the watches of `relid`, a table about to become a partition or an inheritance child, row
-/// triggers in place of statement triggers (see [`needs_row_triggers`]). It must happen before the
-/// command: PostgreSQL 13 refuses to attach or inherit a table that has triggers with transition
-/// tables.
-fn use_row_triggers(relid: pg_sys::Oid) {
+/// Gives the watches of `relid`, a table about to become a partition (`partition`) or an
+/// inheritance child, row triggers in place of statement triggers (see [`needs_row_triggers`]),
+/// and, for a partition, the triggers of their move events (see `create_triggers`). It must
+/// happen before the command: PostgreSQL 13 refuses to attach or inherit a table that has
+/// triggers with transition tables.
+fn use_row_triggers(relid: pg_sys::Oid, partition: bool) {
     // Only for a user who may run the command (it needs ownership): anyone else's fails anyway,
     // and should not lock the table for a rebuild first.
     let ids: Vec<i64> = column(
@@ -167,14 +179,16 @@ fn use_row_triggers(relid: pg_sys::Oid) {
         let Some(watch) = load(id) else { continue };
         let truncate = trigger_name(id, Event::Truncate);
         let existing = existing_triggers(id, relid);
-        if existing.iter().all(|t| t.per_row || t.name == truncate) {
+        let moves = !partition
+            || watch.move_events().all(|op| existing.iter().any(|t| t.name == trigger_name(id, Event::Row(op))));
+        if moves && existing.iter().all(|t| t.per_row || t.name == truncate) {
             continue;
         }
         // SAFETY: the table exists (its watch's triggers do); ALTER TABLE locks it next.
         let rel = unsafe { PgRelation::with_lock(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
         let table = TableName::of(&rel);
         drop(rel);
-        rebuild(id, &watch, &table, &existing, true, false);
+        rebuild(id, &watch, &table, &existing, (true, partition), false);
     }
 }
 
@@ -269,9 +283,9 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
                 let subtype = (*cmd).subtype;
                 match subtype {
                     pg_sys::AlterTableType::AT_AttachPartition if pgrx::is_a(def, pg_sys::NodeTag::T_PartitionCmd) => {
-                        joining.extend(table((*def.cast::<pg_sys::PartitionCmd>()).name));
+                        joining.extend(table((*def.cast::<pg_sys::PartitionCmd>()).name).map(|relid| (relid, true)));
                     }
-                    pg_sys::AlterTableType::AT_AddInherit => joining.extend(relation),
+                    pg_sys::AlterTableType::AT_AddInherit => joining.extend(relation.map(|relid| (relid, false))),
                     _ => {}
                 }
                 let reshape = match subtype {
@@ -334,7 +348,7 @@ pub unsafe fn on_ddl_command_start(fcinfo: pg_sys::FunctionCallInfo) {
         // one.
         if !joining.is_empty() || !reshaped.is_empty() || !schemas.is_empty() || !owners.is_empty() {
             with_safe_search_path(|| {
-                joining.into_iter().for_each(use_row_triggers);
+                joining.into_iter().for_each(|(relid, partition)| use_row_triggers(relid, partition));
                 if !schemas.is_empty() || !owners.is_empty() {
                     let dropped = column::<pg_sys::Oid>(
                         "SELECT c.oid FROM pg_catalog.pg_class c

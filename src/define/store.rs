@@ -189,16 +189,18 @@ pub fn upsert(watch: &Watch, shape: Shape) -> (i64, bool) {
          VALUES ($1::regclass, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
             &fields[..10],
         ),
-        // A feed goes on while its watch keeps retention, its channel and what its payloads
-        // carry; otherwise a new one starts (see `feed`): a feed's payloads are read by whoever
-        // may read every column it sends now, so narrowing them must not expose older payloads.
+        // A feed goes on while its watch keeps retention, its channel, what its payloads carry
+        // and how it chooses rows; otherwise a new one starts (see `feed`): a feed's payloads are
+        // read by whoever may read every column it sends and chooses rows by now, so narrowing
+        // those (or dropping a condition) must not expose older payloads.
         Shape::Current => (
             "UPDATE pgwatch.watches SET channel = $3, events = $4, extra_columns = $5, key_columns = $6,
             trigger_columns = $7, condition = $8, payload = $9, fire_on_replica = $10,
             retain = $11 * interval '1 microsecond',
             feed_start = CASE WHEN $11 IS NULL THEN NULL
                               WHEN retain IS NOT NULL AND channel = $3 AND key_columns = $6
-                                   AND extra_columns = $5 AND payload IS NOT DISTINCT FROM $9 THEN feed_start
+                                   AND extra_columns = $5 AND payload IS NOT DISTINCT FROM $9
+                                   AND trigger_columns = $7 AND condition IS NOT DISTINCT FROM $8 THEN feed_start
                               ELSE $12 END
           WHERE tbl = $1::regclass AND label IS NOT DISTINCT FROM $2 RETURNING id",
             "INSERT INTO pgwatch.watches (tbl, label, channel, events, extra_columns, key_columns,

@@ -3,7 +3,8 @@
 //!
 //! A watch installs one trigger per event, `pgwatch_<id>_<event>`, whose one argument holds what
 //! the trigger needs (see `model::trigger_arg`), whose `UPDATE OF` and `WHEN` hold the trigger
-//! columns and the condition.
+//! columns and the condition; on a partitioned table or a partition, also a trigger per move
+//! event under the same name (see `Watch::move_events`).
 
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
@@ -13,7 +14,7 @@ use super::owner::{first, run};
 use super::when::{self, Images, When};
 use crate::error::{self, fail};
 use crate::model::events::{Event, Op};
-use crate::model::trigger_arg::TriggerArg;
+use crate::model::trigger_arg::{Moves, TriggerArg};
 use crate::model::watch::{TableName, Watch};
 
 pub fn trigger_name(id: i64, event: Event) -> String {
@@ -223,19 +224,34 @@ pub fn drop_triggers(id: i64, tbl: pg_sys::Oid, table: &TableName) {
     }
 }
 
+/// Whether rows can move between partitions of `rel` or into and out of it: a partitioned table,
+/// or a partition (see `Watch::move_events`).
+pub fn holds_moving_rows(rel: &PgRelation) -> bool {
+    // SAFETY: an open relation has its pg_class row.
+    let class = unsafe { &*rel.rd_rel };
+    class.relispartition || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE
+}
+
 /// Installs one trigger per event of watch `id` on table `tbl`, each with the WHEN `whens` gives
-/// for its event; `table_needs_rows` is what [`needs_row_triggers`] says of the table. The table
-/// must not be open in this backend: `ALTER TABLE` refuses a table in use.
+/// for its event; `table_needs_rows` is what [`needs_row_triggers`] says of the table, and
+/// `moving_rows` what [`holds_moving_rows`] says (or that it is about to become a partition): it
+/// then also gets the triggers of the watch's move events. The table must not be open in this
+/// backend: `ALTER TABLE` refuses a table in use.
 pub fn create_triggers(
     id: i64,
     watch: &Watch,
     tbl: pg_sys::Oid,
     table: &TableName,
-    table_needs_rows: bool,
+    (table_needs_rows, moving_rows): (bool, bool),
     whens: &[(Event, Option<When>)],
 ) {
     let args = [TriggerArg::write(watch, &table.display)];
     let update_columns = watch.update_columns();
+    let enable_always = |name: &str| {
+        if watch.fire_on_replica {
+            run(&format!("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}", table.quoted, quote_identifier(name)), &[]);
+        }
+    };
     for &(event, when) in whens {
         let name = trigger_name(id, event);
         let per_row = watch.fires_per_row(event, table_needs_rows);
@@ -247,9 +263,36 @@ pub fn create_triggers(
         };
         // SAFETY: the table exists and is locked by this transaction (see save and follow).
         unsafe { create_trigger(tbl, &name, event, per_row, update_of, when, &args) };
-        if watch.fire_on_replica {
-            run(&format!("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}", table.quoted, quote_identifier(&name)), &[]);
+        enable_always(&name);
+    }
+    if !moving_rows {
+        return;
+    }
+    // PostgreSQL judges no WHEN on a move as on the update it is. Without a condition a move is
+    // sent whole (with trigger columns too: a key change always is). A condition that reads only
+    // the old row judges the delete half, and the insert half follows it; one that reads only the
+    // new row judges the insert half, and the delete half is held until it comes. One that reads
+    // both cannot be judged, and such a watch sends no moves: a condition decides what may go on
+    // its channel.
+    let update_when = whens.iter().find(|(event, _)| *event == Event::Row(Op::Update)).and_then(|(_, when)| *when);
+    let (delete, insert) = match (&watch.condition, update_when) {
+        (Some(_), Some(when)) if when::reads_only(when, Images { old: true, new: false }) => {
+            ((Moves::Only, Some(when)), (Moves::Only, None))
         }
+        (Some(_), Some(when)) if when::reads_only(when, Images { old: false, new: true }) => {
+            ((Moves::OnlyWithInsert, None), (Moves::Only, Some(when)))
+        }
+        (Some(_), Some(_)) => return,
+        _ => ((Moves::Only, None), (Moves::Only, None)),
+    };
+    for op in watch.move_events() {
+        let event = Event::Row(op);
+        let name = trigger_name(id, event);
+        let (moves, when) = if op == Op::Delete { delete } else { insert };
+        let args = [TriggerArg::write_for(watch, &table.display, moves)];
+        // SAFETY: as above.
+        unsafe { create_trigger(tbl, &name, event, true, &[], when, &args) };
+        enable_always(&name);
     }
 }
 

@@ -7,7 +7,8 @@ use pgrx::{PgRelation, PgSqlErrorCode};
 use super::owner::{as_extension_owner, run, Managing};
 use super::store;
 use super::triggers::{
-    create_triggers, drop_triggers, existing_triggers, existing_whens, needs_row_triggers, silenced, Existing,
+    create_triggers, drop_triggers, existing_triggers, existing_whens, holds_moving_rows, needs_row_triggers, silenced,
+    Existing,
 };
 use super::validate::{check_may_watch, open_oid};
 use super::when::When;
@@ -21,7 +22,7 @@ use crate::model::watch::{Shape, TableName, Watch};
 /// returns its id.
 pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], shape: Shape) -> i64 {
     let table = TableName::of(&rel);
-    let table_needs_rows = needs_row_triggers(&rel);
+    let placement = (needs_row_triggers(&rel), holds_moving_rows(&rel));
     drop(rel);
     as_extension_owner(|| {
         let _managing = Managing::start();
@@ -34,7 +35,7 @@ pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], sha
             missed = missed_changes(id, watch);
             drop_triggers(id, watch.tbl, &table);
         }
-        create_triggers(id, watch, watch.tbl, &table, table_needs_rows, whens);
+        create_triggers(id, watch, watch.tbl, &table, placement, whens);
         if redefined || missed {
             // What subscribers' copies hold was sent by the old definition, or misses what was
             // written while the triggers made again now were not firing.
@@ -68,8 +69,9 @@ pub fn remove(rel: &PgRelation, label: Option<&str>) -> i32 {
 /// Makes the triggers of watch `id` again from `watch` (stored first, as it may have followed a
 /// rename), keeping the WHEN each of its `existing` triggers has: the one way pgwatch remakes a
 /// watch's triggers (following DDL, turning statement triggers into row triggers, upgrading).
-/// `claim`: the channel changed, and must not be another table's.
-pub fn rebuild(id: i64, watch: &Watch, table: &TableName, existing: &[Existing], table_needs_rows: bool, claim: bool) {
+/// `placement`: whether the table needs row triggers and holds moving rows (see
+/// `create_triggers`); `claim`: the channel changed, and must not be another table's.
+pub fn rebuild(id: i64, watch: &Watch, table: &TableName, existing: &[Existing], placement: (bool, bool), claim: bool) {
     let whens = {
         // SAFETY: the table exists (its watch does) and is locked by the DDL that led here.
         let rel = unsafe { PgRelation::with_lock(watch.tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
@@ -83,7 +85,7 @@ pub fn rebuild(id: i64, watch: &Watch, table: &TableName, existing: &[Existing],
         store::store_names(id, watch);
         let missed = missed_changes(id, watch);
         drop_triggers(id, watch.tbl, table);
-        create_triggers(id, watch, watch.tbl, table, table_needs_rows, &whens);
+        create_triggers(id, watch, watch.tbl, table, placement, &whens);
         if missed {
             targets::refetch(Watches::Ids(&[id]));
         }
@@ -114,7 +116,7 @@ pub fn renew(id: i64) {
         );
     }
     let existing = existing_triggers(id, watch.tbl);
-    let table_needs_rows = needs_row_triggers(&rel);
+    let placement = (needs_row_triggers(&rel), holds_moving_rows(&rel));
     drop(rel);
-    rebuild(id, &watch, &table, &existing, table_needs_rows, false);
+    rebuild(id, &watch, &table, &existing, placement, false);
 }

@@ -2,8 +2,8 @@
 //! (DROP DATABASE; CREATE DATABASE from it as the template; ALTER DATABASE RENAME or SET
 //! TABLESPACE) first stops that database's worker, which would otherwise make it fail, and a drop
 //! afterwards forgets the database's queued records; DROP EXTENSION has the worker check, once
-//! committed, whether pgwatch is still there; TRUNCATE of a partition has the watches above it
-//! refetch; PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED go through `prepared`.
+//! committed, whether pgwatch is still there; TRUNCATE of a partition (named, or reached through
+//! CASCADE) has the watches above it refetch; PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED go through `prepared`.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -93,10 +93,9 @@ fn around_utility(pstmt: *mut pg_sys::PlannedStmt, context: pg_sys::ProcessUtili
     if drops_extension {
         xact::check_extension_at_commit();
     }
-    let partitions = truncated_partitions(stmt);
-    if !partitions.is_empty() {
+    if let Some(truncation) = truncation(stmt) {
         run();
-        return refetch_above(&partitions);
+        return truncation.refetch_above_partitions();
     }
     if let Some(parent) = detached_concurrently(stmt) {
         // It commits halfway: the refetch its ddl_command_start trigger asked for went out with
@@ -321,28 +320,105 @@ unsafe fn option(options: *mut pg_sys::List, name: &std::ffi::CStr) -> Option<*m
     }
 }
 
-/// The partitions a TRUNCATE statement names, resolved before it runs (with the statement's
-/// search_path); empty for any other statement.
-fn truncated_partitions(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+/// What a TRUNCATE statement names, resolved before it runs (with the statement's search_path):
+/// each relation with whether its children go too (no ONLY), and whether it cascades to the
+/// tables that reference them.
+struct Truncation {
+    named: Vec<(pg_sys::Oid, bool)>,
+    cascade: bool,
+}
+
+/// The TRUNCATE `stmt` is, when it is one and pgwatch is in this database.
+fn truncation(stmt: *mut pg_sys::Node) -> Option<Truncation> {
     // SAFETY: a valid parse node, cast only after checking its tag; its relations are RangeVars.
     unsafe {
-        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_TruncateStmt) {
-            return Vec::new();
+        if !pgrx::is_a(stmt, pg_sys::NodeTag::T_TruncateStmt) || !targets::pgwatch_here() {
+            return None;
         }
-        pgrx::PgList::<pg_sys::RangeVar>::from_pg((*stmt.cast::<pg_sys::TruncateStmt>()).relations)
+        let stmt = stmt.cast::<pg_sys::TruncateStmt>();
+        let named = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*stmt).relations)
             .iter_ptr()
             .map(|rv| {
-                pg_sys::RangeVarGetRelidExtended(
+                let relid = pg_sys::RangeVarGetRelidExtended(
                     rv,
                     pg_sys::NoLock as pg_sys::LOCKMODE,
                     pg_sys::RVROption::RVR_MISSING_OK,
                     None,
                     std::ptr::null_mut(),
-                )
+                );
+                (relid, (*rv).inh)
             })
-            .filter(|&relid| relid != pg_sys::Oid::INVALID && pg_sys::get_rel_relispartition(relid))
-            .collect()
+            .filter(|&(relid, _)| relid != pg_sys::Oid::INVALID)
+            .collect();
+        Some(Truncation { named, cascade: (*stmt).behavior == pg_sys::DropBehavior::DROP_CASCADE })
     }
+}
+
+impl Truncation {
+    /// Every table the statement emptied, found once it ran (it holds their locks) as
+    /// PostgreSQL's ExecuteTruncate found them: the named ones with their children, then, with
+    /// CASCADE, every table whose foreign keys reference one of them, until none is left.
+    fn emptied(&self) -> Vec<pg_sys::Oid> {
+        // SAFETY: catalog reads inside the statement's transaction, on relations it has locked;
+        // the lists are palloc'd in the current memory context, and read only while it lives.
+        unsafe {
+            let mut relids: *mut pg_sys::List = std::ptr::null_mut();
+            for &(relid, children) in &self.named {
+                let tree = if children { targets::tree(relid, false, true) } else { vec![relid] };
+                for relid in tree {
+                    if !pg_sys::list_member_oid(relids, relid) {
+                        relids = pg_sys::lappend_oid(relids, relid);
+                    }
+                }
+            }
+            if self.cascade {
+                // Its result leaves out what the list has already, so this ends.
+                loop {
+                    let found = oids(pg_sys::heap_truncate_find_FKs(relids));
+                    if found.is_empty() {
+                        break;
+                    }
+                    for relid in found {
+                        relids = pg_sys::lappend_oid(relids, relid);
+                    }
+                }
+            }
+            oids(relids)
+        }
+    }
+
+    /// After the TRUNCATE: PostgreSQL fires each emptied table's own statement triggers but does
+    /// not pass them up, so the watches of the tables above an emptied partition see nothing of
+    /// its rows; their subscribers refetch once the transaction commits (as after DDL that
+    /// changes which rows a table holds, see `define::follow`). Tables the statement emptied
+    /// themselves are left to their TRUNCATE triggers.
+    fn refetch_above_partitions(&self) {
+        let emptied = self.emptied();
+        let mut above: Vec<pg_sys::Oid> = Vec::new();
+        // SAFETY: a syscache lookup inside the statement's transaction.
+        for &partition in emptied.iter().filter(|&&relid| unsafe { pg_sys::get_rel_relispartition(relid) }) {
+            for table in targets::tree(partition, true, false) {
+                if !emptied.contains(&table) && !above.contains(&table) {
+                    above.push(table);
+                }
+            }
+        }
+        if !above.is_empty() {
+            targets::refetch(Watches::OfTables(&above, None));
+        }
+    }
+}
+
+/// The members of an OID list (empty for NIL).
+///
+/// # Safety
+/// `list` must be NIL or a valid `T_OidList`.
+unsafe fn oids(list: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: as the caller promised; an OID list's cells hold OIDs.
+    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).oid_value).collect() }
 }
 
 /// The parent an ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY detaches from (resolved
@@ -377,21 +453,6 @@ fn detached_concurrently(stmt: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
         );
         (parent != pg_sys::Oid::INVALID).then_some(parent)
     }
-}
-
-/// After a TRUNCATE of `partitions`: PostgreSQL does not pass statement triggers down, so the
-/// watches of the tables above them see nothing of their emptied rows; their subscribers refetch
-/// once the transaction commits (as after DDL that changes which rows a table holds, see
-/// `define::follow`). A partition's own watches have its TRUNCATE trigger.
-fn refetch_above(partitions: &[pg_sys::Oid]) {
-    if !targets::pgwatch_here() {
-        return;
-    }
-    let above: Vec<pg_sys::Oid> = partitions
-        .iter()
-        .flat_map(|&partition| targets::tree(partition, true, false).into_iter().filter(move |&t| t != partition))
-        .collect();
-    targets::refetch(Watches::OfTables(&above, None));
 }
 
 /// What a transaction statement does with a prepared transaction, and its GID.

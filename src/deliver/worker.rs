@@ -45,7 +45,8 @@ const LAST: Duration = Duration::from_secs(2);
 
 /// Settings every worker transaction runs with, whatever the database or its owner set (with
 /// ALTER DATABASE ... SET, which a worker takes in as it connects): it runs as itself, names
-/// resolve in pg_catalog only; nothing is read-only, times out, or waits on a replica's role.
+/// resolve in pg_catalog only; nothing is read-only, times out, waits on a replica's role, or
+/// runs under JIT or parallel query.
 const SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     (c"role", c"none"),
     (c"synchronous_commit", c"off"),
@@ -59,6 +60,14 @@ const SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     (c"session_replication_role", c"origin"),
     // The worker's kept statements (see `Plans`) are planned once, not again for every batch.
     (c"plan_cache_mode", c"force_generic_plan"),
+    // Nothing compiles or starts helpers for its small statements: a database's owner could
+    // otherwise slow its worker, and through the queue's shared tail every database's.
+    (c"jit", c"off"),
+    (c"max_parallel_workers_per_gather", c"0"),
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    (c"force_parallel_mode", c"off"),
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    (c"debug_parallel_query", c"off"),
 ];
 
 #[pg_guard]
@@ -349,7 +358,7 @@ impl Worker {
     fn gather(&self) {
         // A batch cut at its size limit leaves records waiting: no reason to wait for more.
         let cut = self.batch.bytes() >= BATCH_BYTES;
-        let longest = busy_batch_delay();
+        let longest = (busy_batch_delay(), listener_batch_delay());
         let delay = gather_delay(self.batch.len(), self.arrived_over, longest, self.wake_time);
         let micros = delay.as_micros() as i64;
         if !cut && micros > 0 {
@@ -383,8 +392,8 @@ impl Worker {
         notify::resync_shared_channels(watches.iter_mut().map(|(target, folded)| (target.channel.as_c_str(), folded)));
         if let Some(wake) = self.send(&watches) {
             // A smoothed mean: one slow commit (a page fault, a preemption) moves it an eighth,
-            // and a stall of the whole machine no more than one wait at the setting's longest.
-            self.wake_time = (self.wake_time * 7 + wake.min(busy_batch_delay())) / 8;
+            // and a stall of the whole machine no more than one wait at the settings' longest.
+            self.wake_time = (self.wake_time * 7 + wake.min(busy_batch_delay().max(listener_batch_delay()))) / 8;
         }
         stats::add(Counter::Batches, 1);
         stats::flush();
@@ -608,9 +617,14 @@ impl Worker {
     }
 }
 
-/// `pgwatch.busy_batch_delay`: the longest the worker lets a batch gather.
+/// `pgwatch.busy_batch_delay`: the longest the worker lets a batch gather for the commit rate.
 fn busy_batch_delay() -> Duration {
     Duration::from_millis(guc::BUSY_BATCH_DELAY_MS.get() as u64)
+}
+
+/// `pgwatch.listener_batch_delay`: the longest the worker lets a batch gather for its listeners.
+fn listener_batch_delay() -> Duration {
+    Duration::from_millis(guc::LISTENER_BATCH_DELAY_MS.get() as u64)
 }
 
 /// How long the worker waits per transaction per second it saw commit: 1 ms at 1,000 commits per
@@ -625,7 +639,7 @@ const WAIT_PER_COMMIT_RATE: Duration = Duration::from_micros(1);
 /// backend that listens in the database, and on a busy machine some of them run before the
 /// worker goes on, so it grows with what the listeners cost (PostgreSQL 13 to 18 tell an
 /// extension nothing else about them). Their wake-ups then take at most about an eighth of the
-/// time, within `busy_batch_delay`.
+/// time, within `listener_batch_delay` (or `busy_batch_delay`, if longer).
 const WAIT_PER_WAKE_TIME: u32 = 8;
 
 /// Below this rate-proportional wait (100 commits per second), commits are sporadic: no wait.
@@ -634,14 +648,20 @@ const WAIT_PER_WAKE_TIME: u32 = 8;
 const STEADY: Duration = Duration::from_micros(100);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
-/// `arrived_over` (since the previous batch): in proportion to that commit rate, under a steady
-/// stream at least [`WAIT_PER_WAKE_TIME`] times `wake_time`, at most `longest`. A change after a
+/// `arrived_over` (since the previous batch): in proportion to that commit rate, at most
+/// `longest`, and under a steady stream at least [`WAIT_PER_WAKE_TIME`] times `wake_time`, at
+/// most `listening` (or `longest`, if longer) for that; nothing when `longest` is 0. A change after a
 /// quiet spell goes out at once and the wait after it is next to nothing; a steady stream of
 /// commits, even one client's, is sent in batches, because every batch costs the worker a
 /// transaction and every notification each listening backend a wake-up, CPU and context
 /// switches that they share with the writers. The wait follows the rate, not the batch, which
 /// itself grows with the wait.
-fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration, wake_time: Duration) -> Duration {
+fn gather_delay(
+    transactions: usize,
+    arrived_over: Duration,
+    (longest, listening): (Duration, Duration),
+    wake_time: Duration,
+) -> Duration {
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
     let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
     let by_rate = if rate >= longest_from { longest } else { WAIT_PER_COMMIT_RATE.mul_f64(rate) };
@@ -649,7 +669,7 @@ fn gather_delay(transactions: usize, arrived_over: Duration, longest: Duration, 
         // Sporadic commits: a sleep this short would gather nothing and cost more than it waits.
         return Duration::ZERO;
     }
-    by_rate.max(wake_time * WAIT_PER_WAKE_TIME).min(longest)
+    by_rate.max((wake_time * WAIT_PER_WAKE_TIME).min(longest.max(listening)))
 }
 
 #[cfg(test)]
@@ -660,7 +680,7 @@ mod tests {
     fn the_gathering_wait_follows_the_commit_rate_up_to_the_setting() {
         let longest = Duration::from_millis(10);
         let ms = Duration::from_millis;
-        let wait = |transactions, over| gather_delay(transactions, over, longest, Duration::ZERO).as_micros();
+        let wait = |transactions, over| gather_delay(transactions, over, (longest, ms(50)), Duration::ZERO).as_micros();
         // 1,000 per second: 1 ms; 4,000: 4 ms; 10,000 and more: all 10, one transaction at a
         // time as well as in batches.
         assert_eq!(
@@ -668,20 +688,25 @@ mod tests {
             [1000, 4000, 10000, 10000, 10000]
         );
         assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [4000, 10000]);
-        assert_eq!(gather_delay(4, ms(1), ms(3), Duration::ZERO), ms(3));
+        assert_eq!(gather_delay(4, ms(1), (ms(3), ms(50)), Duration::ZERO), ms(3));
         // A transaction or two after a second's quiet: no wait.
         assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
-        assert_eq!(gather_delay(100, ms(1), Duration::ZERO, ms(1)), Duration::ZERO);
+        // 0 disables waiting, whatever the listeners.
+        assert_eq!(gather_delay(100, ms(1), (Duration::ZERO, ms(50)), ms(1)), Duration::ZERO);
     }
 
     #[test]
-    fn under_steady_load_slow_wake_ups_stretch_the_wait_within_the_setting() {
-        let (longest, us) = (Duration::from_millis(10), Duration::from_micros);
-        // 1,000 commits per second: 1 ms by the rate; wake-ups of 250 µs (many listeners) make
-        // it 2 ms, of 2 ms the setting's 10.
-        let wait = |wake| gather_delay(1, Duration::from_millis(1), longest, wake);
-        assert_eq!([wait(us(20)), wait(us(250)), wait(us(2000))], [us(1000), us(2000), longest]);
+    fn under_steady_load_slow_wake_ups_stretch_the_wait_within_the_listeners_setting() {
+        let (longest, us, ms) =
+            ((Duration::from_millis(10), Duration::from_millis(50)), Duration::from_micros, Duration::from_millis);
+        // 1,000 commits per second: 1 ms by the rate; wake-ups of 250 µs (20 listeners, say) make
+        // it 2 ms, of 2 ms 16, of 8 ms (a hundred) the listeners' setting's 50.
+        let wait = |wake| gather_delay(1, ms(1), longest, wake);
+        assert_eq!([wait(us(20)), wait(us(250)), wait(ms(2)), wait(ms(8))], [us(1000), us(2000), ms(16), ms(50)]);
+        // The rate's wait is not cut by a shorter listeners' setting.
+        assert_eq!(gather_delay(100, ms(1), (ms(10), ms(5)), ms(8)), ms(10));
+        assert_eq!(gather_delay(1, ms(1), (ms(10), ms(5)), ms(8)), ms(10));
         // A transaction after a second's quiet goes out at once, however slow wake-ups are.
-        assert_eq!(gather_delay(1, Duration::from_secs(1), longest, us(1000)), Duration::ZERO);
+        assert_eq!(gather_delay(1, Duration::from_secs(1), longest, ms(1)), Duration::ZERO);
     }
 }

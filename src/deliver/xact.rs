@@ -107,6 +107,11 @@ thread_local! {
     /// This transaction ran DROP EXTENSION: once it commits, the database's worker checks
     /// whether pgwatch is still installed.
     static CHECK_EXTENSION: Cell<bool> = const { Cell::new(false) };
+    /// The watches of a prepared transaction this one committed (`COMMIT PREPARED`), whose
+    /// resync goes out with this transaction: should this one abort after all (its NOTIFY
+    /// waiting for PostgreSQL's lock cancelled, say), the prepared one stays committed, and the
+    /// worker is asked for the resync instead (see `resync_at_commit`).
+    static COMMITTED_PREPARED: RefCell<Vec<Rc<Target>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Xact {
@@ -333,6 +338,7 @@ pub fn resync_at_commit(targets: Vec<Rc<Target>>) {
             xact.buffers[at].folded.mark_resync();
         }
     });
+    COMMITTED_PREPARED.with_borrow_mut(|committed| committed.extend(targets));
 }
 
 /// Asks the subscribers of `targets` to refetch after this transaction's changes, once it
@@ -407,6 +413,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         XactEvent::XACT_EVENT_PREPARE => prepared::prepared(),
         XactEvent::XACT_EVENT_COMMIT => {
             forget();
+            COMMITTED_PREPARED.with_borrow_mut(Vec::clear);
             if let Some(shared) = shmem::shared() {
                 if let Some(queued) = QUEUED.take() {
                     if !shared.publish(queued) {
@@ -434,6 +441,21 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             CHECK_EXTENSION.set(false);
             if let (Some(queued), Some(shared)) = (QUEUED.take(), shmem::shared()) {
                 shared.cancel(queued);
+            }
+            let committed = COMMITTED_PREPARED.take();
+            if let (false, Some(shared)) = (committed.is_empty(), shmem::shared()) {
+                // SAFETY: reading the id of the database this backend is connected to.
+                let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+                // A database notified inline until now gets a worker for it.
+                if shared.claim_slot(dboid).is_some() {
+                    announce_resync(shared, dboid, || committed.iter());
+                } else {
+                    let channels: Vec<_> = committed.iter().map(|t| t.channel.to_string_lossy()).collect();
+                    warning!(
+                        "pgwatch: the prepared transaction this one committed is not announced on {} (every database's delivery slot is taken): their subscribers must refetch",
+                        channels.join(", ")
+                    );
+                }
             }
             stats::flush();
         }

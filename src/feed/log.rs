@@ -69,7 +69,8 @@ impl Feed {
 
 /// The retained watches' feeds, of the channels `$1` (every retained watch when NULL).
 const OPEN: &str = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
-            (SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c
+            (SELECT pg_catalog.convert_to(n.nspname || '.' || c.relname, pg_catalog.getdatabaseencoding())
+               FROM pg_catalog.pg_class c
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = w.tbl),
             w.feed_start, f.feed, f.seq, f.reserved
        FROM pgwatch.watches w LEFT JOIN pgwatch.feeds f ON f.channel = w.channel
@@ -176,7 +177,10 @@ impl Logged {
                 .select(&plans.open, None, &[channels.into()])?
                 .map(|row| {
                     let channel: Vec<u8> = row.get(1)?.unwrap_or_default();
-                    let tbl: String = row.get(2)?.unwrap_or_default();
+                    // As bytes: in a database not in UTF-8 a name may not be valid UTF-8, and
+                    // reading it as text would stop the worker (see `targets::read`).
+                    let tbl: Vec<u8> = row.get(2)?.unwrap_or_default();
+                    let tbl = String::from_utf8_lossy(&tbl).into_owned();
                     let feed_start: i64 = row.get(3)?.unwrap_or_default();
                     let stored = match (row.get::<i64>(4)?, row.get::<i64>(5)?, row.get::<i64>(6)?) {
                         (Some(feed), Some(seq), Some(reserved)) => Some((feed, seq, reserved)),

@@ -23,7 +23,8 @@ const READY_WAIT: Duration = Duration::from_secs(10);
 /// whether a condition filters its rows, and the feed's id.
 struct Watched {
     tbl: pg_sys::Oid,
-    columns: Vec<String>,
+    /// As bytes in the database's encoding: not every name is valid UTF-8 in one that is not.
+    columns: Vec<Vec<u8>>,
     condition: bool,
     feed: i64,
 }
@@ -44,26 +45,29 @@ fn channel_text(channel: &[u8]) -> String {
 fn watched(channel: &[u8]) -> Watched {
     let row = Spi::connect(|client| {
         let rows = client.select(
-            "SELECT tbl::oid, key_columns || extra_columns || trigger_columns, condition IS NOT NULL, feed_start
+            "SELECT tbl::oid,
+                    (SELECT pg_catalog.string_agg(pg_catalog.convert_to(c, pg_catalog.getdatabaseencoding()),
+                                                  pg_catalog.decode('00', 'hex'))
+                       FROM pg_catalog.unnest(key_columns || extra_columns || trigger_columns) AS c),
+                    condition IS NOT NULL, feed_start
                FROM pgwatch.watches
               WHERE channel = pg_catalog.convert_from($1, pg_catalog.getdatabaseencoding()) AND retain IS NOT NULL",
             None,
             &[channel.into()],
         )?;
         match rows.into_iter().next() {
-            Some(row) => Ok(Some((
-                row.get::<pg_sys::Oid>(1)?,
-                row.get::<Vec<String>>(2)?,
-                row.get::<bool>(3)?,
-                row.get::<i64>(4)?,
-            ))),
+            Some(row) => {
+                Ok(Some((row.get::<pg_sys::Oid>(1)?, row.get::<Vec<u8>>(2)?, row.get::<bool>(3)?, row.get::<i64>(4)?)))
+            }
             None => Ok(None),
         }
     })
     .unwrap_or_else(|e: pgrx::spi::SpiError| error::spi_failed("pgwatch.watches", e));
     match row {
         Some((Some(tbl), columns, condition, Some(feed))) => {
-            Watched { tbl, columns: columns.unwrap_or_default(), condition: condition.unwrap_or(true), feed }
+            // NUL-separated: no name holds one.
+            let columns = columns.map_or_else(Vec::new, |names| names.split(|&b| b == 0).map(<[u8]>::to_vec).collect());
+            Watched { tbl, columns, condition: condition.unwrap_or(true), feed }
         }
         _ => must_refetch(format!("channel \"{}\" keeps no payloads to replay", channel_text(channel))),
     }
@@ -74,7 +78,7 @@ fn watched(channel: &[u8]) -> Watched {
 /// it sent tells of those values too: SELECT on the table, or on each of `columns` (sent, key
 /// and trigger columns) when no `condition` filters rows (a condition may read any column), and
 /// no row-level security in the way (replay cannot filter rows by policy).
-pub fn refusal(tbl: pg_sys::Oid, columns: &[String], condition: bool) -> Option<&'static str> {
+pub fn refusal(tbl: pg_sys::Oid, columns: &[impl AsRef<[u8]>], condition: bool) -> Option<&'static str> {
     // SAFETY: reading the current user's id.
     let user = unsafe { pg_sys::GetUserId() };
     // SAFETY: a plain ACL check of an existing relation for the current user.
@@ -82,7 +86,7 @@ pub fn refusal(tbl: pg_sys::Oid, columns: &[String], condition: bool) -> Option<
     let readable = table == pg_sys::AclResult::ACLCHECK_OK
         || !condition
             && columns.iter().all(|column| {
-                let Ok(name) = std::ffi::CString::new(column.as_str()) else { return false };
+                let Ok(name) = std::ffi::CString::new(column.as_ref()) else { return false };
                 // SAFETY: a syscache lookup and an ACL check of an existing relation.
                 unsafe {
                     let attnum = pg_sys::get_attnum(tbl, name.as_ptr());

@@ -12,12 +12,27 @@ use super::watch::{OnTruncate, PayloadMode, Watch, MAX_CHANNEL};
 
 /// How a watch's rows are written, as its trigger argument says: the key count is followed by
 /// ` compact` for arrays of values (and by ` retained` for a watch whose payloads are kept, see
-/// [`TriggerArg::retained`], and ` refetch` for one that does not report truncate, see
-/// [`TriggerArg::on_truncate`]).
+/// [`TriggerArg::retained`], ` refetch` for one that does not report truncate, see
+/// [`TriggerArg::on_truncate`], and ` moves` or ` moves-with-insert` for a trigger that reports
+/// only rows moved between partitions, see [`Moves`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Objects,
     Compact,
+}
+
+/// Which rows a trigger reports of those an UPDATE moves from one partition to another (see
+/// `Watch::move_events`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moves {
+    /// A trigger of one of the watch's events: every row of it (moved or not).
+    All,
+    /// Moved rows only: the delete trigger their old rows, at once; the insert trigger their new
+    /// rows, each once its delete half was reported.
+    Only,
+    /// Moved rows only, the delete trigger's old rows held until the insert half is reported
+    /// (the watch's condition reads the new row, and decides for the whole move).
+    OnlyWithInsert,
 }
 
 /// A watch's trigger argument, read.
@@ -33,6 +48,8 @@ pub struct TriggerArg {
     /// What a TRUNCATE sends (triggers made before 0.4.0 say nothing: only a watch that reports
     /// truncate had a TRUNCATE trigger then).
     pub on_truncate: OnTruncate,
+    /// Which moved rows the trigger reports.
+    pub moves: Moves,
     /// Key columns, then extra columns.
     pub columns: Vec<Vec<u8>>,
 }
@@ -40,6 +57,11 @@ pub struct TriggerArg {
 impl TriggerArg {
     /// The one argument of `watch`'s triggers on the table subscribers know as `tbl`.
     pub fn write(watch: &Watch, tbl: &str) -> String {
+        Self::write_for(watch, tbl, Moves::All)
+    }
+
+    /// The one argument of `watch`'s triggers that report `moves`.
+    pub fn write_for(watch: &Watch, tbl: &str, moves: Moves) -> String {
         let mut keys = watch.keys.len().to_string();
         if watch.payload == PayloadMode::Compact {
             keys.push_str(" compact");
@@ -49,6 +71,11 @@ impl TriggerArg {
         }
         if watch.on_truncate() == OnTruncate::Refetch {
             keys.push_str(" refetch");
+        }
+        match moves {
+            Moves::All => {}
+            Moves::Only => keys.push_str(" moves"),
+            Moves::OnlyWithInsert => keys.push_str(" moves-with-insert"),
         }
         let fields: Vec<String> = [watch.channel.clone(), tbl.to_string(), keys]
             .into_iter()
@@ -71,12 +98,16 @@ impl TriggerArg {
         let mut words = keys.split(' ');
         let count = words.next().unwrap_or_default();
         let (mut layout, mut retained, mut on_truncate) = (Layout::Objects, false, OnTruncate::Notice);
+        let mut moves = Moves::All;
         for word in words {
             let refetch = on_truncate == OnTruncate::Refetch;
+            let all = moves == Moves::All;
             match word {
-                "compact" if layout == Layout::Objects && !retained && !refetch => layout = Layout::Compact,
-                "retained" if !retained && !refetch => retained = true,
-                "refetch" if !refetch => on_truncate = OnTruncate::Refetch,
+                "compact" if layout == Layout::Objects && !retained && !refetch && all => layout = Layout::Compact,
+                "retained" if !retained && !refetch && all => retained = true,
+                "refetch" if !refetch && all => on_truncate = OnTruncate::Refetch,
+                "moves" if all => moves = Moves::Only,
+                "moves-with-insert" if all => moves = Moves::OnlyWithInsert,
                 _ => return Err(format!("a key count of \"{keys}\"")),
             }
         }
@@ -91,6 +122,7 @@ impl TriggerArg {
             layout,
             retained,
             on_truncate,
+            moves,
             columns: columns.to_vec(),
         })
     }
@@ -135,7 +167,7 @@ fn decode(args: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{decode, encode, Layout, OnTruncate, TriggerArg};
+    use super::{decode, encode, Layout, Moves, OnTruncate, TriggerArg};
 
     fn strings(fields: &[&str]) -> Vec<String> {
         fields.iter().map(|f| f.to_string()).collect()
@@ -186,6 +218,7 @@ mod tests {
                 layout: Layout::Compact,
                 retained: false,
                 on_truncate: OnTruncate::Notice,
+                moves: Moves::All,
                 columns: bytes(&["a", "b", "c"])
             })
         );
@@ -200,6 +233,13 @@ mod tests {
             (Layout::Compact, true, OnTruncate::Refetch)
         );
         assert_eq!(read(arg(&["ch", "t", "1 refetch", "id"])).map(|a| a.on_truncate), Ok(OnTruncate::Refetch));
+        let moves = read(arg(&["ch", "t", "1 compact retained refetch moves", "id"])).unwrap();
+        assert_eq!(
+            (moves.layout, moves.retained, moves.on_truncate, moves.moves),
+            (Layout::Compact, true, OnTruncate::Refetch, Moves::Only)
+        );
+        assert_eq!(read(arg(&["ch", "t", "1 moves-with-insert", "id"])).map(|a| a.moves), Ok(Moves::OnlyWithInsert));
+        assert_eq!(read(arg(&["ch", "t", "1", "id"])).map(|a| a.moves), Ok(Moves::All));
         for bad in [
             arg(&["ch", "t", "1"]),
             arg(&["", "t", "1", "id"]),
@@ -212,6 +252,9 @@ mod tests {
             arg(&["ch", "t", "1 compact compact", "id"]),
             arg(&["ch", "t", "1 refetch compact", "id"]),
             arg(&["ch", "t", "1 refetch refetch", "id"]),
+            arg(&["ch", "t", "1 moves refetch", "id"]),
+            arg(&["ch", "t", "1 moves moves", "id"]),
+            arg(&["ch", "t", "1 moves moves-with-insert", "id"]),
             "ch".to_string(),
         ] {
             assert!(read(bad.clone()).is_err(), "{bad}");

@@ -93,6 +93,18 @@ impl Watch {
         self.events.iter().chain(refetch)
     }
 
+    /// The row events this watch, on a partitioned table or a partition, also has a trigger for
+    /// that reports only rows an UPDATE moved to another partition: PostgreSQL runs such an
+    /// update as the delete of the row from one partition and its insert into another, and fires
+    /// no update trigger for it. The partition key is part of the primary key, so a move is a key
+    /// change, which a watch that reports updates always sends (as the delete of the old key and
+    /// the insert of the new one): a watch without the delete (or insert) event gets a delete
+    /// (insert) trigger for the moved rows alone.
+    pub fn move_events(&self) -> impl Iterator<Item = Op> + '_ {
+        let updates = self.events.has(Event::Row(Op::Update));
+        [Op::Delete, Op::Insert].into_iter().filter(move |&op| updates && !self.events.has(Event::Row(op)))
+    }
+
     /// What a TRUNCATE of the table sends its subscribers.
     pub fn on_truncate(&self) -> OnTruncate {
         if self.events.has(Event::Truncate) {
@@ -185,5 +197,37 @@ impl Target {
 
     pub fn compact(&self) -> bool {
         matches!(self.rows, Rows::Compact(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Events, Op, PayloadMode, Watch};
+
+    fn watching(events: &str) -> Watch {
+        Watch {
+            tbl: pgrx::pg_sys::Oid::INVALID,
+            label: None,
+            channel: "public.t".into(),
+            events: Events::parse(events).unwrap(),
+            keys: vec!["id".into()],
+            extras: Vec::new(),
+            trigger_columns: Vec::new(),
+            condition: None,
+            payload: PayloadMode::Full,
+            fire_on_replica: false,
+            retain: None,
+        }
+    }
+
+    #[test]
+    fn a_watch_that_reports_updates_sees_rows_moved_between_partitions_through_the_halves_it_lacks() {
+        let moves = |events: &str| watching(events).move_events().collect::<Vec<Op>>();
+        assert_eq!(moves("update"), [Op::Delete, Op::Insert]);
+        assert_eq!(moves("insert, update"), [Op::Delete]);
+        assert_eq!(moves("update, delete"), [Op::Insert]);
+        assert_eq!(moves("*"), []);
+        assert_eq!(moves("insert, delete"), []);
+        assert_eq!(moves("truncate"), []);
     }
 }
