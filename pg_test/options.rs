@@ -573,41 +573,56 @@ fn a_row_moved_to_another_partition_is_a_key_change_for_every_watch_that_reports
              SELECT watch_table('o_move', 'update', '{v}', label => 'o_move_u');
              SELECT watch_table('o_move', 'insert, update', '{v}', label => 'o_move_iu');
              SELECT watch_table('o_move', 'update, delete', '{v}', label => 'o_move_ud');
-             SELECT watch_table('o_move', 'update', '{v}', condition => $$NEW.v <> 'hidden'$$, label => 'o_move_c')",
-            &["o_move_u", "o_move_iu", "o_move_ud", "o_move_c"],
+             SELECT watch_table('o_move', 'update', '{v}', condition => $$NEW.v <> 'hidden'$$, label => 'o_move_c');
+             SELECT watch_table('o_move', 'update', '{v}', trigger_columns => '{v}', condition => $$NEW.v <> 'hidden'$$,
+                                label => 'o_move_tc')",
+            &["o_move_u", "o_move_iu", "o_move_ud", "o_move_c", "o_move_tc"],
         );
-        let all = ["o_move_u", "o_move_iu", "o_move_ud", "o_move_c"];
+        let all = ["o_move_u", "o_move_iu", "o_move_ud", "o_move_c", "o_move_tc"];
         let delete = |row: &str| format!(r#"{{"tbl":"public.o_move","op":"delete","rows":[{row}]}}"#);
         let insert = |row: &str| format!(r#"{{"tbl":"public.o_move","op":"insert","rows":[{row}]}}"#);
+        // What each of `watches` gets for a row moved from `old` to `new`: its delete and insert
+        // (o_move_iu, which reports inserts, with the rows `inserted` too, in one payload).
+        let moved = |watches: &[&str], old: &str, new: &str, inserted: &str| -> Vec<(String, String)> {
+            let with = insert(&[new, inserted].into_iter().filter(|r| !r.is_empty()).collect::<Vec<_>>().join(","));
+            let came = |c: &str| if c == "o_move_iu" { with.clone() } else { insert(new) };
+            watches.iter().flat_map(|&c| [(c.to_string(), delete(old)), (c.to_string(), came(c))]).collect()
+        };
+        let expect = |listener: &mut Listener, expected: Vec<(String, String)>| {
+            listener.expect_on(&expected.iter().map(|(c, p)| (c.as_str(), p.as_str())).collect::<Vec<_>>());
+        };
         writer.batch_execute("UPDATE o_move SET id = 150 WHERE id = 1").unwrap();
-        let (gone, came) = (delete(r#"{"id":1,"v":"a"}"#), insert(r#"{"id":150,"v":"a"}"#));
-        let expected: Vec<(&str, &str)> = all.iter().flat_map(|&c| [(c, gone.as_str()), (c, came.as_str())]).collect();
-        listener.expect_on(&expected);
+        expect(&mut listener, moved(&all, r#"{"id":1,"v":"a"}"#, r#"{"id":150,"v":"a"}"#, ""));
         // The condition reads the new row: it judges the whole move, as it would an update (a
-        // filtered channel never carries rows its condition keeps out).
+        // filtered channel never carries rows its condition keeps out). Trigger columns do not
+        // count for a move: it changes the key.
         writer.batch_execute("UPDATE o_move SET id = 160, v = 'hidden' WHERE id = 2").unwrap();
-        let (gone, came) = (delete(r#"{"id":2,"v":"b"}"#), insert(r#"{"id":160,"v":"hidden"}"#));
-        let expected: Vec<(&str, &str)> =
-            all[..3].iter().flat_map(|&c| [(c, gone.as_str()), (c, came.as_str())]).collect();
-        listener.expect_on(&expected);
+        expect(&mut listener, moved(&all[..3], r#"{"id":2,"v":"b"}"#, r#"{"id":160,"v":"hidden"}"#, ""));
         // Inserts and deletes that move nothing reach only the watches that report them.
         writer.batch_execute("INSERT INTO o_move VALUES (3, 'c')").unwrap();
         listener.expect_on(&[("o_move_iu", &insert(r#"{"id":3,"v":"c"}"#))]);
         writer.batch_execute("DELETE FROM o_move WHERE id = 3").unwrap();
         listener.expect_on(&[("o_move_ud", &delete(r#"{"id":3,"v":"c"}"#))]);
-        // Moved back within one transaction, among other changes.
+        // Moved back within one transaction, after another change.
         writer
             .batch_execute(
                 "BEGIN; INSERT INTO o_move VALUES (4, 'd'); UPDATE o_move SET id = 50 WHERE id = 150; COMMIT",
             )
             .unwrap();
-        let (gone, came) = (delete(r#"{"id":150,"v":"a"}"#), insert(r#"{"id":50,"v":"a"}"#));
-        let both = insert(r#"{"id":4,"v":"d"},{"id":50,"v":"a"}"#);
-        let expected: Vec<(&str, &str)> = all
-            .iter()
-            .flat_map(|&c| [(c, gone.as_str()), (c, if c == "o_move_iu" { both.as_str() } else { came.as_str() })])
-            .collect();
-        listener.expect_on(&expected);
+        let four = r#"{"id":4,"v":"d"}"#;
+        let mut expected = moved(&all, r#"{"id":150,"v":"a"}"#, r#"{"id":50,"v":"a"}"#, "");
+        // o_move_iu lists the insert of 4 first, in the same payload.
+        expected[3].1 = insert(&format!(r#"{four},{{"id":50,"v":"a"}}"#));
+        expect(&mut listener, expected);
+        // A move whose new row the condition keeps out, then an insert it lets through, in one
+        // command: the held old row does not go out with that insert.
+        writer
+            .batch_execute(
+                "WITH m AS (UPDATE o_move SET id = 60 WHERE id = 160 RETURNING id) INSERT INTO o_move SELECT 6, 'f' FROM m",
+            )
+            .unwrap();
+        let six = r#"{"id":6,"v":"f"}"#;
+        expect(&mut listener, moved(&all[..3], r#"{"id":160,"v":"hidden"}"#, r#"{"id":60,"v":"hidden"}"#, six));
         writer.batch_execute("DROP TABLE o_move").unwrap();
     }
 }

@@ -228,7 +228,8 @@ BEGIN
                 AND CASE d.object_type
                     WHEN 'trigger' THEN
                         d.address_names[3] IN ('pgwatch_' || w.id, 'pgwatch_' || w.id || '_insert', 'pgwatch_' || w.id || '_update',
-                                               'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate')
+                                               'pgwatch_' || w.id || '_delete', 'pgwatch_' || w.id || '_truncate',
+                                               'pgwatch_' || w.id || '_moved')
                     -- Keys that may repeat (no key, another one, a deferrable one) would let
                     -- coalescing fold different rows together.
                     ELSE NOT EXISTS (
@@ -258,7 +259,7 @@ BEGIN
                      WHERE t.tgrelid = broken.tbl
                        AND t.tgname IN ('pgwatch_' || broken.id, 'pgwatch_' || broken.id || '_insert',
                                         'pgwatch_' || broken.id || '_update', 'pgwatch_' || broken.id || '_delete',
-                                        'pgwatch_' || broken.id || '_truncate') LOOP
+                                        'pgwatch_' || broken.id || '_truncate', 'pgwatch_' || broken.id || '_moved') LOOP
             EXECUTE format('DROP TRIGGER %I ON %s', doomed, broken.tbl);
         END LOOP;
         RAISE WARNING 'pgwatch: watch % of table % (channel "%") removed: it depended on an object this command drops',

@@ -121,8 +121,7 @@ mod moves {
     }
 
     thread_local! {
-        /// This transaction's waiting delete halves, of one command (those of earlier commands
-        /// can no longer be matched), with the top-level xid they belong to.
+        /// This transaction's waiting delete halves, with the top-level xid they belong to.
         static WAITING: RefCell<(pg_sys::TransactionId, Vec<Waiting>)> =
             const { RefCell::new((pg_sys::InvalidTransactionId, Vec::new())) };
     }
@@ -158,6 +157,9 @@ mod moves {
     /// `data` must be a firing AFTER row trigger's, of `plan`'s trigger.
     pub unsafe fn half(data: &pg_sys::TriggerData, plan: &Plan, op: Op) -> Half {
         let otherwise = if plan.moves == Moves::All { Half::Record } else { Half::Skip };
+        if plan.moves == Moves::Clear && op != Op::Insert {
+            return Half::Skip;
+        }
         // SAFETY: a firing trigger's relation is open, with its pg_class row. Row triggers on a
         // partitioned table fire on its partitions.
         if !unsafe { (*(*data.tg_relation).rd_rel).relispartition } {
@@ -180,7 +182,11 @@ mod moves {
             }
             Op::Insert => {
                 let waited = waiting(|waiting| {
-                    if waiting.is_empty() {
+                    // SAFETY: the header of a row of the trigger's table; a row a foreign
+                    // partition hands back has no inserting transaction, and no command.
+                    let ours = !waiting.is_empty()
+                        && unsafe { pg_sys::TransactionIdIsCurrentTransactionId((*header).t_choice.t_heap.t_xmin) };
+                    if !ours {
                         return None;
                     }
                     // SAFETY: this transaction inserted the row.
@@ -188,10 +194,11 @@ mod moves {
                     let at = waiting.iter().position(|w| w.command == command && w.channel == plan.target.channel)?;
                     Some(waiting.swap_remove(at))
                 });
-                match waited {
-                    Some(Waiting { held: Some(held), .. }) => Half::AfterHeld(held),
-                    Some(_) => Half::Record,
-                    None => otherwise,
+                match (waited, plan.moves) {
+                    (_, Moves::Clear) => Half::Skip,
+                    (Some(Waiting { held: Some(held), .. }), _) => Half::AfterHeld(held),
+                    (Some(_), _) => Half::Record,
+                    (None, _) => otherwise,
                 }
             }
             _ => otherwise,
@@ -203,14 +210,23 @@ mod moves {
         wait(Waiting { channel: pending.channel, command: pending.command, held: Some(old) });
     }
 
-    /// Adds a delete half to wait for its insert half, in place of one of an earlier command or
-    /// of the same watch and command whose insert half never came.
+    /// Adds a delete half to wait for its insert half, in place of one of the same watch and
+    /// command whose insert half never came, and of those of later commands (nested statements
+    /// that have ended; earlier ones may be the statement around this one, whose halves are
+    /// still to come).
     fn wait(half: Waiting) {
         waiting(|waiting| {
-            waiting.retain(|w| w.command == half.command && w.channel != half.channel);
+            waiting.retain(|w| w.command < half.command || w.command == half.command && w.channel != half.channel);
+            if waiting.len() >= MOST_WAITING {
+                waiting.remove(0);
+            }
             waiting.push(half);
         });
     }
+
+    /// Delete halves kept waiting at most: one per watch of a statement and of the statements
+    /// around it, whose insert halves did not come (a BEFORE trigger that dropped the insert).
+    const MOST_WAITING: usize = 64;
 
     /// Runs `f` on this transaction's waiting halves (those of an earlier one are dropped).
     fn waiting<T>(f: impl FnOnce(&mut Vec<Waiting>) -> T) -> T {

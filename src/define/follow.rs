@@ -11,8 +11,8 @@ use pgrx::{PgRelation, PgSqlErrorCode};
 use super::owner::{column, first, managing, with_safe_search_path};
 use super::store::{column_names, deferrable_primary_key, load};
 use super::triggers::{
-    existing_triggers, holds_moving_rows, needs_row_triggers, silenced, trigger_name, triggers_refer_to, watch_id_of,
-    Existing,
+    clearing_name, existing_triggers, holds_moving_rows, needs_row_triggers, silenced, trigger_name, triggers_refer_to,
+    watch_id_of, Existing,
 };
 use super::watches::rebuild;
 use crate::deliver::targets::{self, Watches};
@@ -140,6 +140,7 @@ fn follow(id: i64, changes: &[Changed]) {
     let args = TriggerArg::write(&watch, &table.display);
     let moves_args =
         [Moves::Only, Moves::OnlyWithInsert].map(|moves| TriggerArg::write_for(&watch, &table.display, moves));
+    let clearing_args = TriggerArg::write_for(&watch, &table.display, Moves::Clear);
     // The table's triggers or place in an inheritance tree may have changed what its watches need.
     let placement @ (table_needs_rows, moving_rows) = (needs_row_triggers(&rel), holds_moving_rows(&rel));
     let wanted = |trigger: &Existing| {
@@ -153,7 +154,8 @@ fn follow(id: i64, changes: &[Changed]) {
             && watch.move_events().any(|op| trigger.name == trigger_name(id, Event::Row(op)))
             && trigger.per_row
             && moves_args.iter().any(|moves| trigger.args == [moves.clone()]);
-        event || moves
+        let clearing = moving_rows && trigger.name == clearing_name(id) && trigger.args == [clearing_args.clone()];
+        event || moves || clearing
     };
     if !changed && existing.iter().all(wanted) {
         return;

@@ -21,17 +21,28 @@ pub fn trigger_name(id: i64, event: Event) -> String {
     format!("pgwatch_{id}_{}", event.as_str())
 }
 
+/// The name of watch `id`'s trigger that clears what its insert trigger left of a move (see
+/// `Moves::Clear`): it sorts after `pgwatch_<id>_insert`, and triggers of one event fire by name.
+pub fn clearing_name(id: i64) -> String {
+    format!("pgwatch_{id}_{CLEARING}")
+}
+
+const CLEARING: &str = "moved";
+
 /// Every name a trigger of watch `id` can have; 0.1.0 named its one trigger `pgwatch_<id>`.
 pub fn trigger_names(id: i64) -> Vec<String> {
-    std::iter::once(format!("pgwatch_{id}")).chain(Event::ALL.map(|event| trigger_name(id, event))).collect()
+    std::iter::once(format!("pgwatch_{id}"))
+        .chain(Event::ALL.map(|event| trigger_name(id, event)))
+        .chain(std::iter::once(clearing_name(id)))
+        .collect()
 }
 
 /// The id of the watch a trigger named `name` belongs to, if pgwatch names its triggers so:
-/// `pgwatch_<id>_<event>`, or 0.1.0's `pgwatch_<id>`.
+/// `pgwatch_<id>_<event>`, `pgwatch_<id>_moved`, or 0.1.0's `pgwatch_<id>`.
 pub fn watch_id_of(name: &str) -> Option<i64> {
     let rest = name.strip_prefix("pgwatch_")?;
     let (id, event) = rest.split_once('_').unwrap_or((rest, ""));
-    let known = event.is_empty() || Event::ALL.iter().any(|e| e.as_str() == event);
+    let known = event.is_empty() || event == CLEARING || Event::ALL.iter().any(|e| e.as_str() == event);
     (known && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then(|| id.parse().ok()).flatten()
 }
 
@@ -275,15 +286,26 @@ pub fn create_triggers(
     // both cannot be judged, and such a watch sends no moves: a condition decides what may go on
     // its channel.
     let update_when = whens.iter().find(|(event, _)| *event == Event::Row(Op::Update)).and_then(|(_, when)| *when);
-    let (delete, insert) = match (&watch.condition, update_when) {
-        (Some(_), Some(when)) if when::reads_only(when, Images { old: true, new: false }) => {
+    let condition = match (&watch.condition, update_when) {
+        (None, _) => None,
+        // With trigger columns the update's WHEN is their comparisons AND the condition (see
+        // `validate::whens`); a move changes the key, so only the condition counts.
+        (Some(_), Some(when)) if !watch.trigger_columns.is_empty() => match when.second_of_and() {
+            Some(condition) => Some(condition),
+            None => return,
+        },
+        (Some(_), Some(when)) => Some(when),
+        (Some(_), None) => return,
+    };
+    let (delete, insert) = match condition {
+        None => ((Moves::Only, None), (Moves::Only, None)),
+        Some(when) if when::reads_only(when, Images { old: true, new: false }) => {
             ((Moves::Only, Some(when)), (Moves::Only, None))
         }
-        (Some(_), Some(when)) if when::reads_only(when, Images { old: false, new: true }) => {
+        Some(when) if when::reads_only(when, Images { old: false, new: true }) => {
             ((Moves::OnlyWithInsert, None), (Moves::Only, Some(when)))
         }
-        (Some(_), Some(_)) => return,
-        _ => ((Moves::Only, None), (Moves::Only, None)),
+        Some(_) => return,
     };
     for op in watch.move_events() {
         let event = Event::Row(op);
@@ -293,6 +315,15 @@ pub fn create_triggers(
         // SAFETY: as above.
         unsafe { create_trigger(tbl, &name, event, true, &[], when, &args) };
         enable_always(&name);
+        if moves == Moves::OnlyWithInsert {
+            // A held old row whose new row the condition keeps out must not wait for another
+            // insert of the same command (MERGE, a writable CTE) to go out with.
+            let name = clearing_name(id);
+            let args = [TriggerArg::write_for(watch, &table.display, Moves::Clear)];
+            // SAFETY: as above.
+            unsafe { create_trigger(tbl, &name, Event::Row(Op::Insert), true, &[], None, &args) };
+            enable_always(&name);
+        }
     }
 }
 
@@ -404,6 +435,7 @@ mod tests {
         assert_eq!(watch_id_of("pgwatch_12_update"), Some(12));
         assert_eq!(watch_id_of("pgwatch_7"), Some(7));
         assert_eq!(watch_id_of("pgwatch_7_truncate"), Some(7));
+        assert_eq!(watch_id_of("pgwatch_7_moved"), Some(7));
         for name in [
             "pgwatch_",
             "pgwatch_x_insert",

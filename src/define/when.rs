@@ -46,6 +46,21 @@ impl When {
         self.combine(other, pg_sys::BoolExprType::OR_EXPR)
     }
 
+    /// The second operand of a WHEN made by [`When::and`] (a stored one too: PostgreSQL keeps a
+    /// trigger's WHEN as it was given); `None` for any other expression.
+    pub fn second_of_and(self) -> Option<When> {
+        // SAFETY: a WHEN is a valid expression node; a BoolExpr's args are a list of nodes.
+        unsafe {
+            if !pgrx::is_a(self.0, pg_sys::NodeTag::T_BoolExpr) {
+                return None;
+            }
+            let expr = self.0.cast::<pg_sys::BoolExpr>();
+            let args = PgList::<Node>::from_pg((*expr).args);
+            ((*expr).boolop == pg_sys::BoolExprType::AND_EXPR && args.len() == 2)
+                .then(|| When(args.get_ptr(1).expect("two args")))
+        }
+    }
+
     fn combine(self, other: When, op: pg_sys::BoolExprType::Type) -> When {
         let mut args = PgList::<Node>::new();
         args.push(self.0);

@@ -391,9 +391,11 @@ impl Worker {
         }
         notify::resync_shared_channels(watches.iter_mut().map(|(target, folded)| (target.channel.as_c_str(), folded)));
         if let Some(wake) = self.send(&watches) {
-            // A smoothed mean: one slow commit (a page fault, a preemption) moves it an eighth,
-            // and a stall of the whole machine no more than one wait at the settings' longest.
-            self.wake_time = (self.wake_time * 7 + wake.min(busy_batch_delay().max(listener_batch_delay()))) / 8;
+            // A smoothed mean of samples cut at what makes the longest wait: one slow commit (a
+            // page fault, a stall of the machine) moves the wait by an eighth of it at most,
+            // while a hundred listeners' steady wake-ups still reach it.
+            let most = busy_batch_delay().max(listener_batch_delay()) / WAIT_PER_WAKE_TIME;
+            self.wake_time = (self.wake_time * 7 + wake.min(most)) / 8;
         }
         stats::add(Counter::Batches, 1);
         stats::flush();

@@ -13,8 +13,8 @@ use super::watch::{OnTruncate, PayloadMode, Watch, MAX_CHANNEL};
 /// How a watch's rows are written, as its trigger argument says: the key count is followed by
 /// ` compact` for arrays of values (and by ` retained` for a watch whose payloads are kept, see
 /// [`TriggerArg::retained`], ` refetch` for one that does not report truncate, see
-/// [`TriggerArg::on_truncate`], and ` moves` or ` moves-with-insert` for a trigger that reports
-/// only rows moved between partitions, see [`Moves`]).
+/// [`TriggerArg::on_truncate`], and ` moves`, ` moves-with-insert` or ` moves-clear` for a trigger
+/// that reports only rows moved between partitions, see [`Moves`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Objects,
@@ -33,6 +33,9 @@ pub enum Moves {
     /// Moved rows only, the delete trigger's old rows held until the insert half is reported
     /// (the watch's condition reads the new row, and decides for the whole move).
     OnlyWithInsert,
+    /// An insert trigger that reports nothing and fires after the watch's own insert trigger:
+    /// it drops the held old row of a move whose new row the condition kept out.
+    Clear,
 }
 
 /// A watch's trigger argument, read.
@@ -76,6 +79,7 @@ impl TriggerArg {
             Moves::All => {}
             Moves::Only => keys.push_str(" moves"),
             Moves::OnlyWithInsert => keys.push_str(" moves-with-insert"),
+            Moves::Clear => keys.push_str(" moves-clear"),
         }
         let fields: Vec<String> = [watch.channel.clone(), tbl.to_string(), keys]
             .into_iter()
@@ -108,6 +112,7 @@ impl TriggerArg {
                 "refetch" if !refetch && all => on_truncate = OnTruncate::Refetch,
                 "moves" if all => moves = Moves::Only,
                 "moves-with-insert" if all => moves = Moves::OnlyWithInsert,
+                "moves-clear" if all => moves = Moves::Clear,
                 _ => return Err(format!("a key count of \"{keys}\"")),
             }
         }
@@ -239,6 +244,7 @@ mod tests {
             (Layout::Compact, true, OnTruncate::Refetch, Moves::Only)
         );
         assert_eq!(read(arg(&["ch", "t", "1 moves-with-insert", "id"])).map(|a| a.moves), Ok(Moves::OnlyWithInsert));
+        assert_eq!(read(arg(&["ch", "t", "1 moves-clear", "id"])).map(|a| a.moves), Ok(Moves::Clear));
         assert_eq!(read(arg(&["ch", "t", "1", "id"])).map(|a| a.moves), Ok(Moves::All));
         for bad in [
             arg(&["ch", "t", "1"]),
