@@ -182,17 +182,22 @@ mod moves {
             }
             Op::Insert => {
                 let waited = waiting(|waiting| {
-                    // SAFETY: the header of a row of the trigger's table; a row a foreign
-                    // partition hands back has no inserting transaction, and no command.
-                    let ours = !waiting.is_empty()
-                        && unsafe { pg_sys::TransactionIdIsCurrentTransactionId((*header).t_choice.t_heap.t_xmin) };
-                    if !ours {
+                    let channel = &plan.target.channel;
+                    if waiting.is_empty() {
                         return None;
                     }
-                    // SAFETY: this transaction inserted the row.
-                    let command = unsafe { pg_sys::HeapTupleHeaderGetCmin(header) };
-                    let at = waiting.iter().position(|w| w.command == command && w.channel == plan.target.channel)?;
-                    Some(waiting.swap_remove(at))
+                    // SAFETY: the header of a row of the trigger's table.
+                    let ours = unsafe { pg_sys::TransactionIdIsCurrentTransactionId((*header).t_choice.t_heap.t_xmin) };
+                    let at = if ours {
+                        // SAFETY: this transaction inserted the row.
+                        let command = unsafe { pg_sys::HeapTupleHeaderGetCmin(header) };
+                        waiting.iter().position(|w| w.command == command && &w.channel == channel)?
+                    } else {
+                        // A row a foreign partition hands back has no inserting transaction, and
+                        // no command: the move's delete half is the watch's last one.
+                        waiting.iter().rposition(|w| &w.channel == channel)?
+                    };
+                    Some(waiting.remove(at))
                 });
                 match (waited, plan.moves) {
                     (_, Moves::Clear) => Half::Skip,

@@ -17,7 +17,7 @@ use super::triggers::{
 use super::watches::rebuild;
 use crate::deliver::targets::{self, Watches};
 use crate::error::{self, fail};
-use crate::model::events::Event;
+use crate::model::events::{Event, Op};
 use crate::model::trigger_arg::{Moves, TriggerArg};
 use crate::model::watch::{channel_name, OnTruncate, TableName, MAX_CHANNEL};
 
@@ -143,18 +143,33 @@ fn follow(id: i64, changes: &[Changed]) {
     let clearing_args = TriggerArg::write_for(&watch, &table.display, Moves::Clear);
     // The table's triggers or place in an inheritance tree may have changed what its watches need.
     let placement @ (table_needs_rows, moving_rows) = (needs_row_triggers(&rel), holds_moving_rows(&rel));
+    // SAFETY: an open relation has its pg_class row.
+    let (partition, partitioned) = unsafe {
+        let class = &*rel.rd_rel;
+        (class.relispartition, class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE)
+    };
     let wanted = |trigger: &Existing| {
         let event = watch.trigger_events().any(|event| {
             trigger.name == trigger_name(id, event)
                 && trigger.per_row == watch.fires_per_row(event, table_needs_rows)
                 && trigger.args == [args.clone()]
         });
-        // A detached partition's move triggers are no longer wanted: made again without them.
+        // A detached partition's move triggers are no longer wanted, nor an attached one's
+        // pairing ones (see `create_triggers`): made again without them.
+        let [only, with_insert] = &moves_args;
         let moves = moving_rows
-            && watch.move_events().any(|op| trigger.name == trigger_name(id, Event::Row(op)))
             && trigger.per_row
-            && moves_args.iter().any(|moves| trigger.args == [moves.clone()]);
-        let clearing = moving_rows && trigger.name == clearing_name(id) && trigger.args == [clearing_args.clone()];
+            && watch.move_events().any(|op| {
+                let args = |moves: &String| trigger.args == [moves.clone()];
+                trigger.name == trigger_name(id, Event::Row(op))
+                    && match (partition, op) {
+                        (false, _) => args(only) || args(with_insert),
+                        (true, Op::Delete) => args(only),
+                        (true, _) => watch.condition.is_none() && partitioned && args(only),
+                    }
+            });
+        let clearing =
+            moving_rows && !partition && trigger.name == clearing_name(id) && trigger.args == [clearing_args.clone()];
         event || moves || clearing
     };
     if !changed && existing.iter().all(wanted) {

@@ -307,10 +307,25 @@ pub fn create_triggers(
         }
         Some(_) => return,
     };
+    // A watch of a partition sees the delete half of a row moved out of it, but the insert half
+    // lands where it has no trigger, and an insert it does see may be another row's: it reports
+    // the delete where no condition needs the new row, and pairs inserts only without a
+    // condition, under a partitioned table of its own (a leaf has nothing below).
+    // SAFETY: syscache lookups of the table, which exists.
+    let (partition, partitioned) = unsafe {
+        (pg_sys::get_rel_relispartition(tbl), pg_sys::get_rel_relkind(tbl) as u8 == pg_sys::RELKIND_PARTITIONED_TABLE)
+    };
     for op in watch.move_events() {
         let event = Event::Row(op);
         let name = trigger_name(id, event);
         let (moves, when) = if op == Op::Delete { delete } else { insert };
+        let kept = match op {
+            Op::Insert => watch.condition.is_none() && partitioned,
+            _ => moves == Moves::Only,
+        };
+        if partition && !kept {
+            continue;
+        }
         let args = [TriggerArg::write_for(watch, &table.display, moves)];
         // SAFETY: as above.
         unsafe { create_trigger(tbl, &name, event, true, &[], when, &args) };
