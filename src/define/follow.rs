@@ -11,7 +11,7 @@ use pgrx::{PgRelation, PgSqlErrorCode};
 use super::owner::{column, first, managing, with_safe_search_path};
 use super::store::{column_names, deferrable_primary_key, load};
 use super::triggers::{
-    clearing_name, existing_triggers, holds_moving_rows, needs_row_triggers, silenced, trigger_name, triggers_refer_to,
+    clearing_name, existing_triggers, pairs_moved_inserts, placement, silenced, trigger_name, triggers_refer_to,
     watch_id_of, Existing,
 };
 use super::watches::rebuild;
@@ -142,7 +142,7 @@ fn follow(id: i64, changes: &[Changed]) {
         [Moves::Only, Moves::OnlyWithInsert].map(|moves| TriggerArg::write_for(&watch, &table.display, moves));
     let clearing_args = TriggerArg::write_for(&watch, &table.display, Moves::Clear);
     // The table's triggers or place in an inheritance tree may have changed what its watches need.
-    let placement @ (table_needs_rows, moving_rows) = (needs_row_triggers(&rel), holds_moving_rows(&rel));
+    let placement @ (table_needs_rows, moving_rows) = placement(&rel);
     // SAFETY: an open relation has its pg_class row.
     let (partition, partitioned) = unsafe {
         let class = &*rel.rd_rel;
@@ -165,7 +165,7 @@ fn follow(id: i64, changes: &[Changed]) {
                     && match (partition, op) {
                         (false, _) => args(only) || args(with_insert),
                         (true, Op::Delete) => args(only),
-                        (true, _) => watch.condition.is_none() && partitioned && args(only),
+                        (true, _) => pairs_moved_inserts(&watch, partition, partitioned) && args(only),
                     }
             });
         let clearing =
@@ -180,7 +180,7 @@ fn follow(id: i64, changes: &[Changed]) {
 }
 
 /// Gives the watches of `relid`, a table about to become a partition (`partition`) or an
-/// inheritance child, row triggers in place of statement triggers (see [`needs_row_triggers`]),
+/// inheritance child, row triggers in place of statement triggers (see `triggers::needs_row_triggers`),
 /// and, for a partition, the triggers of their move events (see `create_triggers`). It must
 /// happen before the command: PostgreSQL 13 refuses to attach or inherit a table that has
 /// triggers with transition tables.

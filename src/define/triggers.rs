@@ -235,17 +235,27 @@ pub fn drop_triggers(id: i64, tbl: pg_sys::Oid, table: &TableName) {
     }
 }
 
-/// Whether rows can move between partitions of `rel` or into and out of it: a partitioned table,
-/// or a partition (see `Watch::move_events`).
-pub fn holds_moving_rows(rel: &PgRelation) -> bool {
+/// What [`create_triggers`] needs to know of `rel`: whether it needs row triggers (see
+/// [`needs_row_triggers`]), and whether rows can move between partitions of it or into and out of
+/// it (a partitioned table, or a partition; see `Watch::move_events`).
+pub fn placement(rel: &PgRelation) -> (bool, bool) {
     // SAFETY: an open relation has its pg_class row.
     let class = unsafe { &*rel.rd_rel };
-    class.relispartition || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE
+    let moving_rows = class.relispartition || class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE;
+    (needs_row_triggers(rel), moving_rows)
+}
+
+/// Whether a watch of a table so placed gets the insert trigger of its move events. A watch of a
+/// partition sees the delete half of a row moved out of it, but the insert half lands where it
+/// has no trigger, and an insert it does see may be another row's: it pairs inserts only without
+/// a condition, under a partitioned table of its own (a leaf has nothing below).
+pub fn pairs_moved_inserts(watch: &Watch, partition: bool, partitioned: bool) -> bool {
+    !partition || watch.condition.is_none() && partitioned
 }
 
 /// Installs one trigger per event of watch `id` on table `tbl`, each with the WHEN `whens` gives
 /// for its event; `table_needs_rows` is what [`needs_row_triggers`] says of the table, and
-/// `moving_rows` what [`holds_moving_rows`] says (or that it is about to become a partition): it
+/// `moving_rows` what [`placement`] says (or that it is about to become a partition): it
 /// then also gets the triggers of the watch's move events. The table must not be open in this
 /// backend: `ALTER TABLE` refuses a table in use.
 pub fn create_triggers(
@@ -307,10 +317,8 @@ pub fn create_triggers(
         }
         Some(_) => return,
     };
-    // A watch of a partition sees the delete half of a row moved out of it, but the insert half
-    // lands where it has no trigger, and an insert it does see may be another row's: it reports
-    // the delete where no condition needs the new row, and pairs inserts only without a
-    // condition, under a partitioned table of its own (a leaf has nothing below).
+    // A watch of a partition reports the delete half where no condition needs the new row (see
+    // `pairs_moved_inserts` for the insert half).
     // SAFETY: syscache lookups of the table, which exists.
     let (partition, partitioned) = unsafe {
         (pg_sys::get_rel_relispartition(tbl), pg_sys::get_rel_relkind(tbl) as u8 == pg_sys::RELKIND_PARTITIONED_TABLE)
@@ -320,10 +328,10 @@ pub fn create_triggers(
         let name = trigger_name(id, event);
         let (moves, when) = if op == Op::Delete { delete } else { insert };
         let kept = match op {
-            Op::Insert => watch.condition.is_none() && partitioned,
-            _ => moves == Moves::Only,
+            Op::Insert => pairs_moved_inserts(watch, partition, partitioned),
+            _ => !partition || moves == Moves::Only,
         };
-        if partition && !kept {
+        if !kept {
             continue;
         }
         let args = [TriggerArg::write_for(watch, &table.display, moves)];

@@ -7,8 +7,7 @@ use pgrx::{PgRelation, PgSqlErrorCode};
 use super::owner::{as_extension_owner, run, Managing};
 use super::store;
 use super::triggers::{
-    create_triggers, drop_triggers, existing_triggers, existing_whens, holds_moving_rows, needs_row_triggers, silenced,
-    Existing,
+    create_triggers, drop_triggers, existing_triggers, existing_whens, placement, silenced, Existing,
 };
 use super::validate::{check_may_watch, open_oid};
 use super::when::When;
@@ -22,7 +21,7 @@ use crate::model::watch::{Shape, TableName, Watch};
 /// returns its id.
 pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], shape: Shape) -> i64 {
     let table = TableName::of(&rel);
-    let placement = (needs_row_triggers(&rel), holds_moving_rows(&rel));
+    let placement = placement(&rel);
     drop(rel);
     as_extension_owner(|| {
         let _managing = Managing::start();
@@ -116,7 +115,7 @@ pub fn renew(id: i64) {
         );
     }
     let existing = existing_triggers(id, watch.tbl);
-    let placement = (needs_row_triggers(&rel), holds_moving_rows(&rel));
+    let placement = placement(&rel);
     drop(rel);
     rebuild(id, &watch, &table, &existing, placement, false);
 }
