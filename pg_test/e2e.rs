@@ -1235,3 +1235,58 @@ fn pgwatch_installs_and_works_in_a_schema_of_its_own() {
     drop((db, listener));
     admin.batch_execute("DROP DATABASE e2e_own_schema WITH (FORCE)").unwrap();
 }
+
+#[test]
+fn a_database_not_in_utf8_refuses_what_pgwatch_cannot_read_and_delivers_its_text() {
+    let _serial = serial();
+    let mut admin = connect();
+    admin.batch_execute("DROP DATABASE IF EXISTS e2e_latin1 WITH (FORCE)").unwrap();
+    admin
+        .batch_execute("CREATE DATABASE e2e_latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        .unwrap();
+    // The client speaks UTF-8; the server keeps these names and values in LATIN1.
+    let mut db = connect_to(&mut admin, "e2e_latin1");
+    db.batch_execute(
+        "CREATE EXTENSION pgwatch;
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         CREATE TABLE \"café\" (id int PRIMARY KEY);
+         CREATE TABLE k (\"clé\" int PRIMARY KEY)",
+    )
+    .unwrap();
+    let refused = [
+        "SELECT watch_table('t', label => 'lé')",
+        "SELECT watch_table('t', 'insert', extra_columns => '{vé}')",
+        "SELECT watch_table('t', 'insert', trigger_columns => '{vé}')",
+        "SELECT watch_table('t', 'insert', condition => 'NEW.v = ''é''')",
+        "SELECT watch_table('\"café\"')",
+        "SELECT watch_table('k')",
+    ];
+    for sql in refused {
+        assert_eq!(failure(&mut db, sql).0, "0A000", "{sql}");
+    }
+    let watches: i64 = db.query_one("SELECT count(*) FROM pgwatch.watches", &[]).unwrap().get(0);
+    assert_eq!(watches, 0, "a refused watch_table changes nothing");
+
+    db.batch_execute("SELECT watch_table('t', 'insert', extra_columns => '{v}', label => 'l')").unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "e2e_latin1"), &["l"]);
+    let sent = |id: usize| format!(r#"{{"tbl":"public.t","op":"insert","rows":[{{"id":{id},"v":"é ü \"ÿ\""}}]}}"#);
+    for (id, mode) in MODES.iter().enumerate() {
+        db.batch_execute(&format!(r#"SET pgwatch.delivery = {mode}; INSERT INTO t VALUES ({id}, 'é ü "ÿ"')"#)).unwrap();
+        listener.expect(&[&sent(id)]);
+    }
+    // DDL that would give the watched table a name pgwatch cannot read fails, and the watch
+    // goes on as it was.
+    for sql in
+        ["ALTER TABLE t ADD COLUMN \"é\" int", "ALTER TABLE t RENAME TO \"té\"", "ALTER TABLE t RENAME v TO \"vé\""]
+    {
+        assert_eq!(failure(&mut db, sql).0, "0A000", "{sql}");
+    }
+    db.batch_execute("INSERT INTO t VALUES (2, 'é ü \"ÿ\"')").unwrap();
+    listener.expect(&[&sent(2)]);
+    db.query("SELECT * FROM pgwatch.channels", &[]).unwrap();
+    assert_eq!(failure(&mut db, "SELECT unwatch_table('t', 'lé')").0, "0A000");
+    let removed: i32 = db.query_one("SELECT unwatch_table('t', 'l')", &[]).unwrap().get(0);
+    assert_eq!(removed, 1);
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE e2e_latin1 WITH (FORCE)").unwrap();
+}

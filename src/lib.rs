@@ -8,7 +8,8 @@
 //! - `encode`: row images, payload JSON, folding, the queue's record format; pure.
 //! - `deliver`: transaction callbacks, NOTIFY, the shared-memory queue, the workers.
 //! - `feed`: retained watches' replay log: what the worker writes, pruning, `replay()`.
-//! - `sql`: every function PostgreSQL calls; `guc`, `stats`, `error`: settings, counters, errors.
+//! - `sql`: every function PostgreSQL calls; `guc`, `stats`, `error`: settings, counters, errors;
+//!   `text`: text taken from PostgreSQL as Rust strings, checked.
 
 use pgrx::prelude::*;
 
@@ -23,6 +24,7 @@ mod guc;
 mod model;
 mod sql;
 mod stats;
+mod text;
 mod unguarded;
 
 ::pgrx::pg_module_magic!();

@@ -17,6 +17,7 @@ use crate::deliver::shmem;
 use crate::feed;
 use crate::model::watch::Shape;
 use crate::stats::{self, Counter};
+use crate::text::{self, TextArg};
 
 #[pg_schema]
 mod pgwatch {
@@ -29,23 +30,23 @@ mod pgwatch {
     #[allow(clippy::too_many_arguments)]
     fn define_retained_watch(
         tbl: Option<RegClass>,
-        events: Option<&str>,
-        extra_columns: Option<Vec<Option<String>>>,
-        label: Option<&str>,
-        trigger_columns: Option<Vec<Option<String>>>,
-        condition: Option<&str>,
-        payload: Option<&str>,
+        events: Option<TextArg>,
+        extra_columns: Option<Vec<Option<TextArg>>>,
+        label: Option<TextArg>,
+        trigger_columns: Option<Vec<Option<TextArg>>>,
+        condition: Option<TextArg>,
+        payload: Option<TextArg>,
         fire_on_replica: Option<bool>,
         retain: Option<f64>,
     ) -> i64 {
         let args = WatchArgs {
             tbl,
-            events,
-            extra_columns,
-            label,
-            trigger_columns,
-            condition,
-            payload,
+            events: text::arg(&events),
+            extra_columns: text::args(extra_columns),
+            label: text::arg(&label),
+            trigger_columns: text::args(trigger_columns),
+            condition: text::arg(&condition),
+            payload: text::arg(&payload),
             fire_on_replica,
             retain,
         };
@@ -61,22 +62,22 @@ mod pgwatch {
     #[allow(clippy::too_many_arguments)]
     fn define_watch(
         tbl: Option<RegClass>,
-        events: Option<&str>,
-        extra_columns: Option<Vec<Option<String>>>,
-        label: Option<&str>,
-        trigger_columns: Option<Vec<Option<String>>>,
-        condition: Option<&str>,
-        payload: Option<&str>,
+        events: Option<TextArg>,
+        extra_columns: Option<Vec<Option<TextArg>>>,
+        label: Option<TextArg>,
+        trigger_columns: Option<Vec<Option<TextArg>>>,
+        condition: Option<TextArg>,
+        payload: Option<TextArg>,
         fire_on_replica: Option<bool>,
     ) -> i64 {
         let args = WatchArgs {
             tbl,
-            events,
-            extra_columns,
-            label,
-            trigger_columns,
-            condition,
-            payload,
+            events: text::arg(&events),
+            extra_columns: text::args(extra_columns),
+            label: text::arg(&label),
+            trigger_columns: text::args(trigger_columns),
+            condition: text::arg(&condition),
+            payload: text::arg(&payload),
             fire_on_replica,
             retain: None,
         };
@@ -90,15 +91,15 @@ mod pgwatch {
     #[search_path(pg_catalog, pg_temp)]
     fn apply_watch(
         tbl: Option<RegClass>,
-        events: Option<&str>,
-        extra_columns: Option<Vec<Option<String>>>,
-        label: Option<&str>,
+        events: Option<TextArg>,
+        extra_columns: Option<Vec<Option<TextArg>>>,
+        label: Option<TextArg>,
     ) -> i64 {
         let args = WatchArgs {
             tbl,
-            events,
-            extra_columns,
-            label,
+            events: text::arg(&events),
+            extra_columns: text::args(extra_columns),
+            label: text::arg(&label),
             trigger_columns: None,
             condition: None,
             payload: Some("full"),
@@ -275,9 +276,9 @@ mod pgwatch {
 /// their triggers. Returns how many watches were removed.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
-fn unwatch_table(tbl: Option<RegClass>, label: default!(Option<&str>, "NULL")) -> i32 {
+fn unwatch_table(tbl: Option<RegClass>, label: default!(Option<TextArg>, "NULL")) -> i32 {
     let rel = watchable(tbl);
-    watches::remove(&rel, label)
+    watches::remove(&rel, text::arg(&label))
 }
 
 /// The trigger of every watch (see `capture::trigger`), called through [`capture_wrapper`].

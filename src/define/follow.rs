@@ -20,6 +20,7 @@ use crate::error::{self, fail};
 use crate::model::events::{Event, Op};
 use crate::model::trigger_arg::{Moves, TriggerArg};
 use crate::model::watch::{channel_name, OnTruncate, TableName, MAX_CHANNEL};
+use crate::text;
 
 /// One object a DDL command changed, as `pg_event_trigger_ddl_commands()` lists it.
 struct Changed {
@@ -80,7 +81,9 @@ fn follow(id: i64, changes: &[Changed]) {
     let renamed: Vec<(i32, String)> = changes
         .iter()
         .filter(|c| c.objid == watch.tbl && c.objsubid > 0 && c.object_type == "table column")
-        .filter_map(|c| rel.tuple_desc().get(c.objsubid as usize - 1).map(|a| (c.objsubid, a.name().to_string())))
+        .filter_map(|c| {
+            rel.tuple_desc().get(c.objsubid as usize - 1).map(|a| (c.objsubid, text::column_name(&rel, a).to_string()))
+        })
         .collect();
     let columns = column_names(&rel);
     let listed = || watch.keys.iter().chain(&watch.extras).chain(&watch.trigger_columns);

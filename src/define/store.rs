@@ -10,20 +10,25 @@ use super::triggers::watch_id_of;
 use crate::error::{self, fail};
 use crate::model::events::Events;
 use crate::model::watch::{PayloadMode, Shape, TableName, Watch};
+use crate::text;
 
 /// The table's primary key columns, in key order (none without a primary key); not the
-/// columns an `INCLUDE` clause adds to its index.
-pub fn primary_key(tbl: pg_sys::Oid) -> Vec<String> {
-    column(
-        "SELECT a.attname::text
+/// columns an `INCLUDE` clause adds to its index. Names must be readable (see `crate::text`).
+pub fn primary_key(rel: &PgRelation) -> Vec<String> {
+    let attnums: Vec<i32> = column(
+        "SELECT k.attnum::int4
            FROM pg_catalog.pg_index i,
-                unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n),
-                pg_catalog.pg_attribute a
+                unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
           WHERE i.indrelid = $1 AND i.indisprimary AND k.n <= i.indnkeyatts
-            AND a.attrelid = i.indrelid AND a.attnum = k.attnum
           ORDER BY k.n",
-        &[tbl.into()],
-    )
+        &[rel.oid().into()],
+    );
+    let tupdesc = rel.tuple_desc();
+    attnums
+        .iter()
+        .filter_map(|&attnum| tupdesc.get(attnum as usize - 1))
+        .map(|attr| text::column_name(rel, attr).to_string())
+        .collect()
 }
 
 /// The table, or the first partition under it, whose primary key is deferrable. Its keys may
@@ -31,8 +36,10 @@ pub fn primary_key(tbl: pg_sys::Oid) -> Vec<String> {
 /// rows by key, would fold different rows together (`UPDATE ... SET id = id + 1` in key order).
 /// A partition attached with a deferrable key is one: PostgreSQL does not compare deferrability.
 pub fn deferrable_primary_key(tbl: pg_sys::Oid) -> Option<String> {
-    Spi::get_one_with_args::<String>(
-        "SELECT (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+    // As bytes, shown readably whatever the names (the message is all it is for).
+    Spi::get_one_with_args::<Vec<u8>>(
+        "SELECT (SELECT pg_catalog.convert_to(pg_catalog.format('%I.%I', n.nspname, c.relname),
+                                              pg_catalog.getdatabaseencoding())
                    FROM (SELECT $1::pg_catalog.regclass AS relid, 0 AS level
                          UNION ALL  -- (empty for a table that is neither partition nor partitioned)
                          SELECT relid, level FROM pg_catalog.pg_partition_tree($1) WHERE level > 0) t
@@ -44,11 +51,16 @@ pub fn deferrable_primary_key(tbl: pg_sys::Oid) -> Option<String> {
         &[tbl.into()],
     )
     .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e))
+    .map(|name| text::shown(&name))
 }
 
 /// The table's column names, in column order.
 pub fn column_names(rel: &PgRelation) -> Vec<String> {
-    rel.tuple_desc().iter().filter(|attr| !attr.is_dropped()).map(|attr| attr.name().to_string()).collect()
+    rel.tuple_desc()
+        .iter()
+        .filter(|attr| !attr.is_dropped())
+        .map(|attr| text::column_name(rel, attr).to_string())
+        .collect()
 }
 
 /// The stored definition of watch `id`.

@@ -385,7 +385,13 @@ unsafe fn create_trigger(
         let mut stmt = pgrx::PgBox::<pg_sys::CreateTrigStmt>::alloc_node(pg_sys::NodeTag::T_CreateTrigStmt);
         stmt.trigname = cstring(name);
         let rel = PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        stmt.relation = pg_sys::makeRangeVar(cstring(rel.namespace()), cstring(rel.name()), -1);
+        // The names as the catalog has them (CreateTrigger opens the table by OID; they are for
+        // its messages).
+        stmt.relation = pg_sys::makeRangeVar(
+            pg_sys::get_namespace_name(rel.namespace_oid()),
+            pg_sys::pstrdup((*rel.rd_rel).relname.data.as_ptr()),
+            -1,
+        );
         stmt.funcname = strings(&mut ["pgwatch", "capture"].into_iter());
         stmt.args = strings(&mut args.iter().map(String::as_str));
         stmt.row = per_row;

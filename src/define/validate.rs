@@ -11,6 +11,7 @@ use crate::encode::packer::{cols_header, MAX_COLS_HEADER};
 use crate::error::fail;
 use crate::model::events::{Event, Events, EventsError, Op, ACCEPTED};
 use crate::model::watch::{channel_name, PayloadMode, TableName, Watch, MAX_CHANNEL, RETAIN_RANGE};
+use crate::text;
 
 /// Most extra columns one watch may list.
 pub const MAX_EXTRA_COLUMNS: usize = 64;
@@ -120,7 +121,7 @@ pub fn watchable(tbl: Option<RegClass>) -> PgRelation {
 }
 
 fn primary_key(rel: &PgRelation) -> Vec<String> {
-    let keys = store::primary_key(rel.oid());
+    let keys = store::primary_key(rel);
     if keys.is_empty() {
         fail(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -180,7 +181,7 @@ fn column_list(rel: &PgRelation, argument: &str, requested: Option<Vec<Option<St
 
 /// Whether `column` of `rel` is a virtual generated column (PostgreSQL 18 on).
 fn is_virtual_generated(rel: &PgRelation, column: &str) -> bool {
-    rel.tuple_desc().iter().any(|attr| attr.name() == column && attr.attgenerated as u8 == b'v')
+    rel.tuple_desc().iter().any(|attr| text::column_name(rel, attr) == column && attr.attgenerated as u8 == b'v')
 }
 
 fn parse_extra_columns(rel: &PgRelation, keys: &[String], requested: Option<Vec<Option<String>>>) -> Vec<String> {

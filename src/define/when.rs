@@ -15,6 +15,7 @@ use pgrx::spi::quote_identifier;
 use pgrx::{PgList, PgRelation, PgSqlErrorCode};
 
 use crate::error::fail;
+use crate::text;
 
 /// A resolved WHEN expression, in the current memory context.
 #[derive(Clone, Copy)]
@@ -95,7 +96,7 @@ pub fn comparisons(rel: &PgRelation, columns: &[String]) -> Option<When> {
         .map(|column| {
             let attr = tupdesc
                 .iter()
-                .find(|a| !a.is_dropped() && a.name() == column)
+                .find(|a| !a.is_dropped() && text::column_name(rel, a) == column)
                 .expect("trigger columns are checked to exist");
             let typid = attr.type_oid().value();
             // SAFETY: a type cache lookup of an existing column's type.

@@ -12,6 +12,7 @@ use crate::define::owner::{as_extension_owner, with_safe_search_path};
 use crate::deliver::shmem;
 use crate::deliver::slots::{set_latch, MAX_DATABASES};
 use crate::error::{self, fail};
+use crate::text;
 
 /// Most payloads one call of `replay` returns.
 pub const MAX_PAYLOADS: i32 = 10_000;
@@ -37,8 +38,9 @@ fn must_refetch(message: String) -> ! {
     )
 }
 
+/// A channel's name for a message, in any database's encoding.
 fn channel_text(channel: &[u8]) -> String {
-    String::from_utf8_lossy(channel).into_owned()
+    text::shown(channel)
 }
 
 /// The retained watch on `channel`; must-refetch when none keeps its payloads.

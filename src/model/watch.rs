@@ -8,6 +8,7 @@ use pgrx::spi::quote_identifier;
 use pgrx::PgRelation;
 
 use super::events::{Event, Events, Op};
+use crate::text;
 
 /// Longest channel name PostgreSQL accepts (NAMEDATALEN - 1).
 pub const MAX_CHANNEL: usize = 63;
@@ -142,10 +143,12 @@ pub struct TableName {
 }
 
 impl TableName {
+    /// `rel`'s names, which must be readable (see `crate::text`: 0A000 otherwise).
     pub fn of(rel: &PgRelation) -> TableName {
+        let (schema, name) = (text::schema_name(rel), text::relation_name(rel));
         TableName {
-            display: format!("{}.{}", rel.namespace(), rel.name()),
-            quoted: format!("{}.{}", quote_identifier(rel.namespace()), quote_identifier(rel.name())),
+            display: format!("{schema}.{name}"),
+            quoted: format!("{}.{}", quote_identifier(&schema), quote_identifier(name)),
         }
     }
 }
