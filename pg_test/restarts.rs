@@ -14,7 +14,7 @@ use postgres::Client;
 #[allow(dead_code)]
 #[path = "support.rs"]
 mod support;
-use support::{serial, WAIT};
+use support::{eventually, serial, WAIT};
 #[path = "cluster.rs"]
 mod cluster;
 use cluster::Cluster;
@@ -231,6 +231,12 @@ fn a_promoted_standby_goes_on_with_a_reset_marker_above_the_primarys_numbers() {
         let mut notifications = listener.notifications();
         let mut iter = notifications.timeout_iter(Duration::from_millis(300));
         hear(&mut iter, &mut seen, 20);
+        // The standby has what was sent so far (the worker commits asynchronously; the WAL
+        // writer flushes it soon), however loaded the machine.
+        let sent: String = primary.connect().query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+        let mut on_standby = standby.connect();
+        let replayed = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn";
+        assert!(eventually(|| on_standby.query_one(replayed, &[&sent]).unwrap().get::<_, bool>(0)));
         standby.pg_ctl(&["promote"]);
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
