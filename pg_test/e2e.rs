@@ -1268,6 +1268,15 @@ fn a_database_not_in_utf8_refuses_what_pgwatch_cannot_read_and_delivers_its_text
     assert_eq!(watches, 0, "a refused watch_table changes nothing");
 
     db.batch_execute("SELECT watch_table('t', 'insert', extra_columns => '{v}', label => 'l')").unwrap();
+    // A condition spelled in ASCII can still hold a name outside it (a named argument here),
+    // which its stored WHEN keeps: pgwatch reads that as bytes, and can remake and remove it.
+    db.batch_execute(
+        r#"CREATE FUNCTION positive("é" int) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT $1 > 0';
+           SELECT watch_table('t', 'insert', label => 'named', condition => 'public.positive(U&"\00E9" => NEW.id)');
+           ALTER TABLE t ADD COLUMN w int; ALTER TABLE t DROP COLUMN w;
+           SELECT unwatch_table('t', 'named')"#,
+    )
+    .unwrap();
     let mut listener = Listener::new(connect_to(&mut admin, "e2e_latin1"), &["l"]);
     let sent = |id: usize| format!(r#"{{"tbl":"public.t","op":"insert","rows":[{{"id":{id},"v":"é ü \"ÿ\""}}]}}"#);
     for (id, mode) in MODES.iter().enumerate() {
@@ -1289,4 +1298,61 @@ fn a_database_not_in_utf8_refuses_what_pgwatch_cannot_read_and_delivers_its_text
     assert_eq!(removed, 1);
     drop((db, listener));
     admin.batch_execute("DROP DATABASE e2e_latin1 WITH (FORCE)").unwrap();
+}
+
+#[test]
+fn tables_whose_names_hold_dots_have_channels_and_tbl_of_their_own() {
+    let _serial = serial();
+    for mode in MODES {
+        let setup = r#"DROP SCHEMA IF EXISTS "e2e.dot" CASCADE; CREATE SCHEMA "e2e.dot";
+                       CREATE TABLE "e2e.dot".t (id int PRIMARY KEY);
+                       CREATE TABLE "dot.t" (id int PRIMARY KEY);
+                       SELECT watch_table('"e2e.dot".t', retain => '1 hour');
+                       SELECT watch_table('"dot.t"')"#;
+        let (mut writer, mut listener) = watched(mode, setup, &[r#""e2e.dot".t"#, r#"public."dot.t""#]);
+        writer.batch_execute(r#"INSERT INTO "e2e.dot".t VALUES (1); INSERT INTO "dot.t" VALUES (2)"#).unwrap();
+        listener.expect_on(&[
+            (r#""e2e.dot".t"#, r#"{"tbl":"\"e2e.dot\".t","op":"insert","rows":[{"id":1}]}"#),
+            (r#"public."dot.t""#, r#"{"tbl":"public.\"dot.t\"","op":"insert","rows":[{"id":2}]}"#),
+        ]);
+        // Refetches name the tables from the catalog, as the triggers do.
+        writer
+            .batch_execute(r#"ALTER TABLE "e2e.dot".t ALTER COLUMN id TYPE bigint; ALTER TABLE "dot.t" ALTER COLUMN id TYPE bigint"#)
+            .unwrap();
+        listener.expect_on(&[
+            (r#""e2e.dot".t"#, r#"{"tbl":"\"e2e.dot\".t","op":"reset","reason":"ddl"}"#),
+            (r#"public."dot.t""#, r#"{"tbl":"public.\"dot.t\"","op":"resync"}"#),
+        ]);
+        writer.batch_execute(r#"DROP SCHEMA "e2e.dot" CASCADE; DROP TABLE "dot.t""#).unwrap();
+    }
+}
+
+#[test]
+fn a_database_owner_cannot_make_the_worker_run_as_another_role() {
+    let _serial = serial();
+    let mut admin = connect();
+    admin.batch_execute("DROP DATABASE IF EXISTS e2e_sessauth WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP ROLE IF EXISTS e2e_dbowner; CREATE ROLE e2e_dbowner").unwrap();
+    admin.batch_execute("CREATE DATABASE e2e_sessauth OWNER e2e_dbowner").unwrap();
+    let mut owner = connect_to(&mut admin, "e2e_sessauth");
+    // The worker, which connects as the bootstrap superuser, takes this in as it starts.
+    owner
+        .batch_execute("SET ROLE e2e_dbowner; ALTER DATABASE e2e_sessauth SET session_authorization = 'e2e_dbowner'")
+        .unwrap();
+    drop(owner);
+    let mut db = connect_to(&mut admin, "e2e_sessauth");
+    db.batch_execute(
+        "CREATE EXTENSION pgwatch; CREATE TABLE t (id int PRIMARY KEY);
+         SELECT watch_table('t', 'insert', retain => '1 hour')",
+    )
+    .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "e2e_sessauth"), &["public.t"]);
+    let start: i64 = db.query_one("SELECT pgwatch.position('public.t')", &[]).unwrap().get(0);
+    db.batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    listener.expect(&[r#"{"tbl":"public.t","op":"insert","rows":[{"id":1}]}"#]);
+    // The worker wrote the log, which only pgwatch's owner may.
+    assert_eq!(replayed(&mut db, "public.t", start).len(), 1);
+    drop((db, listener));
+    admin.batch_execute("DROP DATABASE e2e_sessauth WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP ROLE e2e_dbowner").unwrap();
 }

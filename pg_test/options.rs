@@ -399,7 +399,7 @@ fn names_with_quotes_backslashes_commas_and_braces_reach_the_trigger_intact() {
             .get(0);
         assert_eq!(args, 1);
         writer.batch_execute(r#"INSERT INTO "o_a""b\c" VALUES (1, 'z')"#).unwrap();
-        listener.expect(&[r#"{"tbl":"public.o_a\"b\\c","op":"insert","rows":[{"x,{y}":1,"it's":"z"}]}"#]);
+        listener.expect(&[r#"{"tbl":"public.\"o_a\"\"b\\c\"","op":"insert","rows":[{"x,{y}":1,"it's":"z"}]}"#]);
     }
 }
 

@@ -95,7 +95,7 @@ pub struct Listener {
 impl Listener {
     pub fn new(mut client: Client, channels: &[&str]) -> Listener {
         for channel in channels {
-            client.batch_execute(&format!("LISTEN \"{channel}\"")).unwrap();
+            client.batch_execute(&format!("LISTEN \"{}\"", channel.replace('"', "\"\""))).unwrap();
         }
         Listener { client, last_seq: HashMap::new() }
     }

@@ -333,22 +333,38 @@ fn a_channel_belongs_to_one_table() {
         .unwrap();
     let (code, message) = failure(&mut admin, "SELECT watch_table('t_chan_d', label => 'app.e')");
     assert_eq!(code, "22023", "{message}");
-    // Replacing a watch keeps its channel; a rename onto another table's channel is refused (a
-    // table "x.y" in schema public and a table y in schema "public.x" have the same one).
+    // Replacing a watch keeps its channel; a rename onto another watch's channel is refused. A
+    // table "x.y" in schema public and a table y in schema "public.x" have channels of their own:
+    // a part of the name with a dot is quoted.
     admin.batch_execute("SELECT watch_table('t_chan_a', 'insert', label => 'shared')").unwrap();
     admin
         .batch_execute(
             r#"DROP SCHEMA IF EXISTS "public.t_chan_e" CASCADE; CREATE SCHEMA "public.t_chan_e";
                CREATE TABLE "public.t_chan_e".f (id int PRIMARY KEY); SELECT watch_table('"public.t_chan_e".f');
-               SELECT watch_table('t_chan_b')"#,
+               SELECT watch_table('t_chan_b');
+               ALTER TABLE t_chan_b RENAME TO "t_chan_e.f""#,
         )
         .unwrap();
-    let (code, message) = failure(&mut admin, r#"ALTER TABLE t_chan_b RENAME TO "t_chan_e.f""#);
+    let channels: Vec<String> = admin
+        .query(
+            r#"SELECT channel FROM pgwatch.watches
+                WHERE tbl IN ('public."t_chan_e.f"'::regclass, '"public.t_chan_e".f'::regclass) ORDER BY id"#,
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(channels, [r#""public.t_chan_e".f"#, r#"public."t_chan_e.f""#]);
+    admin
+        .batch_execute(r#"DROP SCHEMA IF EXISTS app CASCADE; CREATE SCHEMA app; CREATE TABLE app.x (id int PRIMARY KEY); SELECT watch_table('app.x')"#)
+        .unwrap();
+    let (code, message) = failure(&mut admin, "ALTER TABLE app.x RENAME TO d");
     assert_eq!(code, "42710", "{message}");
     drop(m);
     admin
         .batch_execute(
-            r#"DROP TABLE t_chan_a, t_chan_b, t_chan_c, t_chan_d; DROP SCHEMA "public.t_chan_e" CASCADE;
+            r#"DROP TABLE t_chan_a, "t_chan_e.f", t_chan_c, t_chan_d; DROP SCHEMA "public.t_chan_e", app CASCADE;
                DROP SCHEMA mallory CASCADE; DROP ROLE mallory"#,
         )
         .unwrap();
@@ -937,4 +953,31 @@ fn a_watch_on_someone_elses_objects_cannot_stop_their_drop_cascade() {
     assert_eq!(failure(&mut m, "ALTER TABLE m DROP CONSTRAINT m_pkey CASCADE").0, "2BP01");
     drop(m);
     admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_label_claimed_by_an_open_transaction_does_not_hold_up_another_tables_writers() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS t_claim_v; CREATE TABLE t_claim_v (id int PRIMARY KEY);
+             CREATE TABLE mallory.t_claim_m (id int PRIMARY KEY); ALTER TABLE mallory.t_claim_m OWNER TO mallory",
+        )
+        .unwrap();
+    m.batch_execute("BEGIN; SELECT watch_table('mallory.t_claim_m', label => 'claimed')").unwrap();
+    // The victim's watch_table waits for mallory's transaction before it locks its table...
+    let victim = std::thread::spawn(|| failure(&mut connect(), "SELECT watch_table('t_claim_v', label => 'claimed')"));
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'";
+    assert!(eventually(|| admin.query_one(waiting, &[]).unwrap().get::<_, i64>(0) == 1));
+    // ... so that its writers go on meanwhile (they waited for mallory's COMMIT before; the
+    // timeout only ends the test should they wait again).
+    admin.batch_execute("SET lock_timeout = '60s'; INSERT INTO t_claim_v VALUES (1); RESET lock_timeout").unwrap();
+    m.batch_execute("COMMIT").unwrap();
+    // Once it is committed, the claim is refused with the documented SQLSTATE.
+    let (code, message) = victim.join().unwrap();
+    assert_eq!(code, "42710", "{message}");
+    drop(m);
+    admin.batch_execute("DROP TABLE t_claim_v; DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
 }

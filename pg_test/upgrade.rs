@@ -272,6 +272,62 @@ fn watches_made_with_0_3_0_keep_firing_after_update_and_can_keep_their_payloads(
 }
 
 #[test]
+fn an_update_goes_past_a_watched_table_another_transaction_keeps_locked() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut db = released(&mut admin, "o_upgrade_locked", "0.3.0", include_str!("../sql/released/pgwatch--0.3.0.sql"));
+    db.batch_execute(
+        "CREATE TABLE locked (id int PRIMARY KEY); SELECT watch_table('locked', 'insert');
+         CREATE TABLE free (id int PRIMARY KEY); SELECT watch_table('free', 'insert')",
+    )
+    .unwrap();
+    // As 0.3.0 made them: no TRUNCATE trigger for a watch that does not report truncate (see
+    // above); the update makes one, as it makes a watch's triggers again.
+    db.batch_execute(
+        "ALTER EVENT TRIGGER pgwatch_sql_drop DISABLE;
+         DO $$ DECLARE t record; BEGIN
+             FOR t IN SELECT tgname, tgrelid::regclass AS tbl FROM pg_trigger WHERE tgname LIKE 'pgwatch%truncate' LOOP
+                 EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.tbl);
+             END LOOP;
+         END $$;
+         ALTER EVENT TRIGGER pgwatch_sql_drop ENABLE ALWAYS",
+    )
+    .unwrap();
+    // A table owner's transaction that stays open with its table locked: the update waits for
+    // it only so long, and the watch keeps its 0.3.0 triggers (with a WARNING).
+    let mut holder = connect_to(&mut admin, "o_upgrade_locked");
+    holder.batch_execute("BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE").unwrap();
+    db.batch_execute("ALTER EXTENSION pgwatch UPDATE").unwrap();
+    holder.batch_execute("ROLLBACK").unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "o_upgrade_locked"), &["public.locked", "public.free"]);
+    listener.expect_after(
+        &mut db,
+        "INSERT INTO locked VALUES (1)",
+        &[r#"{"tbl":"public.locked","op":"insert","rows":[{"id":1}]}"#],
+    );
+    listener.expect_after(
+        &mut db,
+        "INSERT INTO free VALUES (1)",
+        &[r#"{"tbl":"public.free","op":"insert","rows":[{"id":1}]}"#],
+    );
+    // The update made the free table's triggers again, not the locked one's; watch_table() does.
+    let truncate_triggers = |db: &mut Client| -> Vec<String> {
+        let rows = db
+            .query(
+                "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'pgwatch%truncate' ORDER BY 1",
+                &[],
+            )
+            .unwrap();
+        rows.iter().map(|row| row.get(0)).collect()
+    };
+    assert_eq!(truncate_triggers(&mut db), ["free"]);
+    db.batch_execute("SELECT watch_table('locked', 'insert')").unwrap();
+    assert_eq!(truncate_triggers(&mut db), ["free", "locked"]);
+    drop((db, listener, holder));
+    admin.batch_execute("DROP DATABASE o_upgrade_locked WITH (FORCE)").unwrap();
+}
+
+#[test]
 fn pg_dump_and_pg_restore_keep_watches() {
     let _serial = serial();
     let mut admin = connect();

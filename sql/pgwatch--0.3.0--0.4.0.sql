@@ -293,18 +293,23 @@ $$;
 -- Each watch's triggers are made again: a watch that does not report truncate gets the TRUNCATE
 -- trigger that has its subscribers refetch; WHEN conditions are kept as PostgreSQL stored them (a
 -- condition's text is never parsed again). A watch whose triggers cannot be made again (its
--- table changed since) keeps its 0.3.0 triggers, which this library still runs.
+-- table changed since, or locked by a transaction that stays open: each table is waited for at
+-- most 5 seconds, since the tables renewed before it stay locked until the update commits) keeps
+-- its 0.3.0 triggers, which this library still runs.
 DO $$
 DECLARE
     w record;
+    timeout text := pg_catalog.current_setting('lock_timeout');
 BEGIN
+    PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
     FOR w IN SELECT id, tbl FROM pgwatch.watches ORDER BY id LOOP
         BEGIN
             PERFORM pgwatch.renew_watch(w.id);
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'pgwatch: watch % of table % keeps its 0.3.0 triggers: %', w.id, w.tbl, SQLERRM
-                USING HINT = 'Fix the table or the watch, then call watch_table() for it again.';
+                USING HINT = 'Fix the table or the watch (or wait for the lock), then call watch_table() for it again.';
         END;
     END LOOP;
+    PERFORM pg_catalog.set_config('lock_timeout', timeout, true);
 END
 $$;

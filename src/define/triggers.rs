@@ -75,7 +75,7 @@ pub struct Existing {
     /// It runs `pgwatch.capture()`.
     captures: bool,
     /// Its WHEN, as PostgreSQL stored it (`pg_trigger.tgqual`).
-    qual: Option<String>,
+    qual: Option<Vec<u8>>,
 }
 
 impl Existing {
@@ -105,7 +105,9 @@ pub fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
     Spi::connect(|client| {
         client
             .select(
-                "SELECT tgname::text, tgnargs::int4, tgargs, tgtype::int4, tgqual::text,
+                "SELECT tgname::text, tgnargs::int4, tgargs, tgtype::int4,
+                        -- As bytes: names in it (a named argument's) need not be readable text.
+                        pg_catalog.convert_to(tgqual::text, pg_catalog.getdatabaseencoding()),
                         tgfoid OPERATOR(pg_catalog.=) 'pgwatch.capture()'::pg_catalog.regprocedure
                    FROM pg_catalog.pg_trigger
                   WHERE tgrelid = $1 AND tgname OPERATOR(pg_catalog.=) ANY($2)",
@@ -119,7 +121,7 @@ pub fn existing_triggers(id: i64, tbl: pg_sys::Oid) -> Vec<Existing> {
                 // tgargs holds each argument followed by a NUL byte.
                 let args = args.split(|&b| b == 0).take(count).map(|a| String::from_utf8_lossy(a).into_owned());
                 let tgtype = row.get::<i32>(4)?.unwrap_or(0) as u32;
-                let qual = row.get::<String>(5)?;
+                let qual = row.get::<Vec<u8>>(5)?;
                 let captures = row.get::<bool>(6)?.unwrap_or(false);
                 let per_row = tgtype & pg_sys::TRIGGER_TYPE_ROW != 0;
                 Ok(Existing { name, args: args.collect(), per_row, tgtype, captures, qual })

@@ -16,6 +16,10 @@ use crate::error::fail;
 use crate::model::events::Event;
 use crate::model::watch::{Shape, TableName, Watch};
 
+/// The first key of the transaction advisory lock `save` takes on a channel (the second is its
+/// hash): "pgwc".
+const CHANNEL_LOCK: i32 = 0x7067_7763;
+
 /// Stores `watch` (replacing the watch of its table and label, if any) and installs its
 /// triggers, each event's with the WHEN `whens` gives (resolved by the caller, see `when`);
 /// returns its id.
@@ -25,6 +29,14 @@ pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], sha
     drop(rel);
     as_extension_owner(|| {
         let _managing = Managing::start();
+        // Another transaction defining a watch on the same channel is waited for before the
+        // table is locked: waiting on its catalog row with the table locked would hold up the
+        // table's writers for as long as that transaction stays open. Once it has ended, the
+        // claim below sees its row.
+        run(
+            "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
+            &[CHANNEL_LOCK.into(), watch.channel.as_str().into()],
+        );
         run(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", table.quoted), &[]);
         store::claim_channel(watch, &table, None);
         let redefined = store::redefines(watch, &shape);

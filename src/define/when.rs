@@ -30,7 +30,7 @@ impl When {
     ///
     /// # Safety
     /// `tgqual` must be a trigger's stored WHEN expression.
-    pub unsafe fn from_stored(tgqual: &str) -> When {
+    pub unsafe fn from_stored(tgqual: &[u8]) -> When {
         let text = CString::new(tgqual).expect("a stored node tree holds no NUL byte");
         // SAFETY: the text is a node tree PostgreSQL wrote; reading it allocates in the current
         // memory context.

@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 
 use super::ring::Stuck;
 use super::shmem;
-use super::slots::{WorkerState, MAX_DATABASES};
+use super::slots::{DbSlot, WorkerState, MAX_DATABASES};
 use crate::stats::{self, Counter};
 
 /// Registers the launcher; called from `_PG_init` while preloading.
@@ -42,15 +42,19 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     let mut owners = [0u32; MAX_DATABASES];
     // Per slot, how many workers in a row ended without attaching: they could not connect.
     let mut unattached = [0u32; MAX_DATABASES];
-    // The reservation at the ring's tail.
+    // The reservation at the ring's tail, and the published record there.
     let mut tail_stuck = Stuck::default();
+    let mut tail_held = Stuck::default();
     loop {
         let mut wait = Duration::from_secs(1);
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloading the configuration file, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        pass_stuck_tail(shared, &mut tail_stuck);
+        let tail = shared.at_tail();
+        pass_stuck_tail(shared, &mut tail_stuck, tail);
+        let held_tail = tail.filter(|&(_, _, reserved)| !reserved);
+        let unserved = tail_held.due_after(held_tail.map(|(at, _, _)| at), UNSERVED_TAIL).and(held_tail);
         for (i, slot) in shared.slots.iter().enumerate() {
             let dboid = slot.dboid.load(Ordering::Relaxed);
             if owners[i] != dboid {
@@ -69,20 +73,20 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
                 if unattached[i] >= GIVE_UP_AFTER {
                     // Its database may be invalid (a DROP DATABASE interrupted late): its records
                     // would hold the ring's tail, and every other database's delivery with it.
-                    let dropped = shared.abandon(dboid);
-                    // A worker is still wanted there, to send the refetch once it can connect.
-                    slot.worker_wanted.store(true, Ordering::Release);
-                    if dropped > 0 {
-                        stats::add(Counter::SkippedRecords, dropped);
-                        stats::flush();
-                        warning!(
-                            "pgwatch: the delivery worker of database {dboid} cannot connect; {dropped} queued transactions were dropped, and its subscribers will be told to refetch once it runs"
-                        );
-                    }
+                    abandon(shared, slot, dboid, "cannot connect");
                 }
             }
             if attached {
                 unattached[i] = 0;
+            }
+            if let Some((_, tail_db, _)) =
+                unserved.filter(|&(_, db, _)| db == dboid && dboid != 0 && !alive && !attached)
+            {
+                // The oldest record of the shared queue is this database's, and no worker has
+                // taken it for UNSERVED_TAIL: its worker is kept out (a statement that needs the
+                // database to itself, held or retried over and over) or fails as it starts. Every
+                // other database's delivery waits behind it.
+                abandon(shared, slot, tail_db, "has not run");
             }
             let holder = slot.held_by.load(Ordering::Acquire);
             // SAFETY: a lookup in the shared process array, which takes its lock.
@@ -138,12 +142,32 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// Drops the queued records of database `dboid`, whose worker `why` (see `Shared::abandon`); a
+/// worker is still wanted there, to send the refetch once it runs.
+fn abandon(shared: &shmem::Shared, slot: &DbSlot, dboid: u32, why: &str) {
+    let dropped = shared.abandon(dboid);
+    slot.worker_wanted.store(true, Ordering::Release);
+    if dropped > 0 {
+        stats::add(Counter::SkippedRecords, dropped);
+        // The launcher runs no transactions, whose end would flush the count.
+        stats::flush();
+        warning!(
+            "pgwatch: the delivery worker of database {dboid} {why}; {dropped} queued transactions were dropped, and its subscribers will be told to refetch once it runs"
+        );
+    }
+}
+
+/// How long the shared queue's oldest record may wait for a worker of its database that does
+/// not run before its database's records are dropped (see `abandon`): far longer than a worker
+/// takes to start, and than a `DROP DATABASE` waits for the database's sessions to leave.
+const UNSERVED_TAIL: Duration = Duration::from_secs(30);
+
 /// Passes over the reservation at the ring's tail once it has been there for `pass_after`: its
 /// database's worker would (see `Worker::pass_if_stuck`), but may not run (held, failing to
 /// start, or gone with its extension), and the tail holds every database's delivery.
-fn pass_stuck_tail(shared: &shmem::Shared, stuck: &mut Stuck) {
-    let at_tail = shared.reserved_at_tail();
-    let (Some(at), Some((_, dboid))) = (stuck.due(at_tail.map(|(at, _)| at)), at_tail) else { return };
+fn pass_stuck_tail(shared: &shmem::Shared, stuck: &mut Stuck, tail: Option<(u64, u32, bool)>) {
+    let at_tail = tail.filter(|&(_, _, reserved)| reserved);
+    let (Some(at), Some((_, dboid, _))) = (stuck.due(at_tail.map(|(at, _, _)| at)), at_tail) else { return };
     if shared.find_slot(dboid).is_some_and(|slot| shared.pass(slot, at)) {
         log!("pgwatch: passed over the changes of a transaction of database {dboid} that has not finished committing; its subscribers are told to refetch once it commits");
     }

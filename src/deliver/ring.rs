@@ -35,8 +35,8 @@ pub fn pass_after() -> std::time::Duration {
     std::time::Duration::from_millis(crate::guc::STUCK_COMMIT_TIMEOUT_MS.get().max(1) as u64)
 }
 
-/// The reservation that keeps a worker (or the launcher, at the ring's tail) waiting, and since
-/// when it has.
+/// The record that keeps a worker (or the launcher, at the ring's tail) waiting, and since when
+/// it has: a reservation, or at the tail a published record no worker takes.
 #[derive(Default)]
 pub struct Stuck(Option<(u64, std::time::Instant)>);
 
@@ -44,12 +44,17 @@ impl Stuck {
     /// Takes in where the reservation waited for now starts (`None`: none is); returns it once
     /// the same one has been waited for [`pass_after`], to be passed over.
     pub fn due(&mut self, waiting: Option<u64>) -> Option<u64> {
+        self.due_after(waiting, pass_after())
+    }
+
+    /// As [`Self::due`], once the same one has been waited for `after`.
+    pub fn due_after(&mut self, waiting: Option<u64>, after: std::time::Duration) -> Option<u64> {
         match (waiting, self.0) {
             (None, _) => {
                 self.0 = None;
                 None
             }
-            (Some(at), Some((seen, since))) if seen == at => (since.elapsed() >= pass_after()).then(|| {
+            (Some(at), Some((seen, since))) if seen == at => (since.elapsed() >= after).then(|| {
                 self.0 = None;
                 at
             }),
@@ -402,16 +407,16 @@ impl Shared {
         }
     }
 
-    /// The oldest record not done, when it is a reservation: where it starts and its database.
-    pub fn reserved_at_tail(&self) -> Option<(u64, u32)> {
+    /// The oldest record not done: where it starts, its database, and whether it is still a
+    /// reservation (else published).
+    pub fn at_tail(&self) -> Option<(u64, u32, bool)> {
         let mut found = None;
         self.walk(&self.lock(pg_sys::LWLockMode::LW_SHARED), |at, header| match header.state.load(Ordering::Acquire) {
             DONE | PADDING => true,
-            RESERVED => {
-                found = Some((at, header.dboid()));
+            state => {
+                found = Some((at, header.dboid(), state == RESERVED));
                 false
             }
-            _ => false,
         });
         found
     }

@@ -68,8 +68,11 @@ pub fn read(which: Watches<'_>) -> Vec<Rc<Target>> {
     // named as its triggers name them, so that the target is the very one they record under:
     // the refetch joins their changes (in this transaction, and in a worker's batch) and is sent
     // after them.
-    let query = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
-                        pg_catalog.convert_to(pg_catalog.concat(n.nspname, '.', c.relname), pg_catalog.getdatabaseencoding()),
+    let query = concat!(
+        "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
+                        pg_catalog.convert_to(",
+        crate::display_name_sql!(),
+        ", pg_catalog.getdatabaseencoding()),
                         pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'retain' IS NOT NULL,
                         CASE WHEN pg_catalog.row_to_json(w) OPERATOR(pg_catalog.->>) 'payload' OPERATOR(pg_catalog.=) 'compact'
                              THEN pg_catalog.convert_to(
@@ -83,7 +86,8 @@ pub fn read(which: Watches<'_>) -> Vec<Rc<Target>> {
                     AND ($2::pg_catalog.text IS NULL
                          OR $2 OPERATOR(pg_catalog.=) ANY (w.key_columns OPERATOR(pg_catalog.||) w.extra_columns))
                     AND ($3::pg_catalog.int8[] IS NULL OR w.id OPERATOR(pg_catalog.=) ANY ($3))
-                  ORDER BY w.id";
+                  ORDER BY w.id"
+    );
     Spi::connect(|client| {
         client
             .select(query, None, &[tables.into(), column.into(), ids.into()])?

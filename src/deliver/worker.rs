@@ -44,9 +44,9 @@ const QUIET: Duration = Duration::from_millis(100);
 const LAST: Duration = Duration::from_secs(2);
 
 /// Settings every worker transaction runs with, whatever the database or its owner set (with
-/// ALTER DATABASE ... SET, which a worker takes in as it connects): it runs as itself, names
-/// resolve in pg_catalog only; nothing is read-only, times out, waits on a replica's role, or
-/// runs under JIT or parallel query.
+/// ALTER DATABASE ... SET, which a worker takes in as it connects): it runs as itself (with its
+/// session authorization set back first), names resolve in pg_catalog only; nothing is
+/// read-only, times out, waits on a replica's role, or runs under JIT or parallel query.
 const SETTINGS: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     (c"role", c"none"),
     (c"synchronous_commit", c"off"),
@@ -102,6 +102,11 @@ pub extern "C-unwind" fn pgwatch_worker_main(arg: pg_sys::Datum) {
             pg_sys::BGWORKER_BYPASS_ALLOWCONN,
         )
     };
+    // The database's owner can have its sessions start as another role (ALTER DATABASE ... SET
+    // session_authorization, which a superuser's connection takes in): the worker goes back to
+    // the superuser it connected as, which `role` below then stays.
+    // SAFETY: the connection's authenticated user is the bootstrap superuser.
+    unsafe { pg_sys::SetSessionAuthorization(pg_sys::GetAuthenticatedUserId(), true) };
     for &(name, value) in SETTINGS {
         // SAFETY: setting a GUC of this process's own session, outside any transaction.
         unsafe {

@@ -68,8 +68,11 @@ impl Feed {
 }
 
 /// The retained watches' feeds, of the channels `$1` (every retained watch when NULL).
-const OPEN: &str = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
-            (SELECT pg_catalog.convert_to(n.nspname || '.' || c.relname, pg_catalog.getdatabaseencoding())
+const OPEN: &str = concat!(
+    "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()),
+            (SELECT pg_catalog.convert_to(",
+    crate::display_name_sql!(),
+    ", pg_catalog.getdatabaseencoding())
                FROM pg_catalog.pg_class c
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = w.tbl),
             w.feed_start, f.feed, f.seq, f.reserved
@@ -77,7 +80,8 @@ const OPEN: &str = "SELECT pg_catalog.convert_to(w.channel, pg_catalog.getdataba
       WHERE w.retain IS NOT NULL
         AND ($1::bytea[] IS NULL
              OR w.channel = ANY (SELECT pg_catalog.convert_from(c, pg_catalog.getdatabaseencoding())
-                                   FROM unnest($1::bytea[]) AS c))";
+                                   FROM unnest($1::bytea[]) AS c))"
+);
 
 /// One payload, into segment `$1`. (Routed through the partitioned table: a row inserted into
 /// the segment itself has its partition constraint checked, which costs more.)

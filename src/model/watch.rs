@@ -136,7 +136,8 @@ impl Watch {
 /// The members of an object row besides its columns.
 pub const RESERVED_COLUMNS: [&str; 2] = ["old", "partial"];
 
-/// A table's name as subscribers see it (`schema.table`) and as SQL needs it (quoted).
+/// A table's name as subscribers see it (`schema.table`, see [`display_name`]) and as SQL needs
+/// it (quoted).
 pub struct TableName {
     pub display: String,
     pub quoted: String,
@@ -147,10 +148,41 @@ impl TableName {
     pub fn of(rel: &PgRelation) -> TableName {
         let (schema, name) = (text::schema_name(rel), text::relation_name(rel));
         TableName {
-            display: format!("{schema}.{name}"),
+            display: display_name(&schema, name),
             quoted: format!("{}.{}", quote_identifier(&schema), quote_identifier(name)),
         }
     }
+}
+
+/// `schema.table`, each part as it is unless it holds a dot or a double quote, which is written
+/// quoted (`app."v2.orders"`): one name is never another's (`"app.v2".orders`), so no table can
+/// take another's default channel, nor send its `tbl`.
+pub fn display_name(schema: &str, table: &str) -> String {
+    let part = |name: &str| {
+        if name.contains(['.', '"']) {
+            format!("\"{}\"", name.replace('"', "\"\""))
+        } else {
+            name.to_string()
+        }
+    };
+    format!("{}.{}", part(schema), part(table))
+}
+
+/// [`display_name`] in SQL, of the table `c` (`pg_class`) in the schema `n` (`pg_namespace`), for
+/// queries that name tables as payloads do.
+#[macro_export]
+macro_rules! display_name_sql {
+    () => {
+        "pg_catalog.concat_ws('.',
+            CASE WHEN pg_catalog.strpos(n.nspname, '.') OPERATOR(pg_catalog.>) 0
+                   OR pg_catalog.strpos(n.nspname, '\"') OPERATOR(pg_catalog.>) 0
+                 THEN pg_catalog.concat('\"', pg_catalog.replace(n.nspname, '\"', '\"\"'), '\"')
+                 ELSE n.nspname::pg_catalog.text END,
+            CASE WHEN pg_catalog.strpos(c.relname, '.') OPERATOR(pg_catalog.>) 0
+                   OR pg_catalog.strpos(c.relname, '\"') OPERATOR(pg_catalog.>) 0
+                 THEN pg_catalog.concat('\"', pg_catalog.replace(c.relname, '\"', '\"\"'), '\"')
+                 ELSE c.relname::pg_catalog.text END)"
+    };
 }
 
 /// The channel: the label if given, else `schema.table`; `None` when it is too long.
@@ -205,7 +237,17 @@ impl Target {
 
 #[cfg(test)]
 mod tests {
-    use super::{Events, Op, PayloadMode, Watch};
+    use super::{display_name, Events, Op, PayloadMode, Watch};
+
+    #[test]
+    fn display_names_quote_only_parts_with_dots_or_quotes_so_two_tables_never_share_one() {
+        assert_eq!(display_name("public", "Users"), "public.Users");
+        assert_eq!(display_name("app", "v2.orders"), "app.\"v2.orders\"");
+        assert_eq!(display_name("app.v2", "orders"), "\"app.v2\".orders");
+        assert_eq!(display_name("a", "say \"hi\""), "a.\"say \"\"hi\"\"\"");
+        assert_ne!(display_name("a.b", "c"), display_name("a", "b.c"));
+        assert_ne!(display_name("a", "\"b\".c"), display_name("a.\"b\"", "c"));
+    }
 
     fn watching(events: &str) -> Watch {
         Watch {
