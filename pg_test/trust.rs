@@ -356,6 +356,16 @@ fn a_channel_belongs_to_one_table() {
         .map(|row| row.get(0))
         .collect();
     assert_eq!(channels, [r#""public.t_chan_e".f"#, r#"public."t_chan_e.f""#]);
+    // A watch made before 0.4.0 has its channel unquoted (set so by hand here): DDL that does not
+    // rename its table keeps it.
+    let channel = r#"SELECT channel FROM pgwatch.watches WHERE tbl = 'public."t_chan_e.f"'::regclass"#;
+    admin
+        .batch_execute(
+            r#"UPDATE pgwatch.watches SET channel = 'public.t_chan_e.f' WHERE tbl = 'public."t_chan_e.f"'::regclass;
+               ALTER TABLE "t_chan_e.f" ADD COLUMN extra int"#,
+        )
+        .unwrap();
+    assert_eq!(admin.query_one(channel, &[]).unwrap().get::<_, String>(0), "public.t_chan_e.f");
     admin
         .batch_execute(r#"DROP SCHEMA IF EXISTS app CASCADE; CREATE SCHEMA app; CREATE TABLE app.x (id int PRIMARY KEY); SELECT watch_table('app.x')"#)
         .unwrap();
@@ -969,7 +979,7 @@ fn a_label_claimed_by_an_open_transaction_does_not_hold_up_another_tables_writer
     m.batch_execute("BEGIN; SELECT watch_table('mallory.t_claim_m', label => 'claimed')").unwrap();
     // The victim's watch_table waits for mallory's transaction before it locks its table...
     let victim = std::thread::spawn(|| failure(&mut connect(), "SELECT watch_table('t_claim_v', label => 'claimed')"));
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'";
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'object'";
     assert!(eventually(|| admin.query_one(waiting, &[]).unwrap().get::<_, i64>(0) == 1));
     // ... so that its writers go on meanwhile (they waited for mallory's COMMIT before; the
     // timeout only ends the test should they wait again).

@@ -73,6 +73,16 @@ pub fn schema_name(rel: &PgRelation) -> String {
     checked(bytes, |n| format!("schema name \"{n}\"")).to_string()
 }
 
+/// `rel` as `schema.table` for a message, whatever its names hold (see [`shown`]).
+pub fn shown_relation(rel: &PgRelation) -> String {
+    // SAFETY: as in relation_name and schema_name.
+    let (schema, name) = unsafe {
+        let schema = std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(rel.namespace_oid()));
+        (schema.to_bytes(), std::ffi::CStr::from_ptr((*rel.rd_rel).relname.data.as_ptr()).to_bytes())
+    };
+    format!("{}.{}", shown(schema), shown(name))
+}
+
 /// The name of column `attr` of `rel`, checked.
 pub fn column_name<'a>(rel: &PgRelation, attr: &'a pg_sys::FormData_pg_attribute) -> &'a str {
     name(&attr.attname, |n| {

@@ -117,7 +117,10 @@ fn follow(id: i64, changes: &[Changed]) {
         }
         changed = true;
     }
-    let Some(channel) = channel_name(&table.display, watch.label.as_deref()) else {
+    // A watch made before names with a dot were quoted keeps its channel until its table is
+    // renamed: its subscribers listen there.
+    let kept = (watch.label.is_none() && watch.channel == table.unquoted).then(|| watch.channel.clone());
+    let Some(channel) = kept.or_else(|| channel_name(&table.display, watch.label.as_deref())) else {
         fail(
             PgSqlErrorCode::ERRCODE_NAME_TOO_LONG,
             format!(

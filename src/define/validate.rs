@@ -80,7 +80,7 @@ pub fn check_may_watch(rel: &PgRelation) {
     if allowed != pg_sys::AclResult::ACLCHECK_OK {
         fail(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to watch table {}", TableName::of(rel).display),
+            format!("permission denied to watch table {}", text::shown_relation(rel)),
             "watching needs what CREATE TRIGGER needs: ownership or the TRIGGER privilege on the table",
         );
     }
@@ -103,7 +103,7 @@ pub fn watchable(tbl: Option<RegClass>) -> PgRelation {
         };
         fail(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            format!("\"{}\" is not a table", TableName::of(&rel).display),
+            format!("\"{}\" is not a table", text::shown_relation(&rel)),
             &format!("it is {kind}; pgwatch watches ordinary and partitioned tables"),
         );
     }
@@ -112,7 +112,7 @@ pub fn watchable(tbl: Option<RegClass>) -> PgRelation {
         // Its session's end drops it without event triggers, which would leave the watch behind.
         fail(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("temporary table \"{}\" cannot be watched", TableName::of(&rel).display),
+            format!("temporary table \"{}\" cannot be watched", text::shown_relation(&rel)),
             "pgwatch watches ordinary (also unlogged) and partitioned tables",
         );
     }

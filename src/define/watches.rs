@@ -16,9 +16,28 @@ use crate::error::fail;
 use crate::model::events::Event;
 use crate::model::watch::{Shape, TableName, Watch};
 
-/// The first key of the transaction advisory lock `save` takes on a channel (the second is its
-/// hash): "pgwc".
-const CHANNEL_LOCK: i32 = 0x7067_7763;
+/// Waits for another transaction defining a watch on `channel`, before the table is locked:
+/// waiting on its catalog row with the table locked would hold up the table's writers for as long
+/// as that transaction stays open. Once it has ended, the claim (under READ COMMITTED) sees its
+/// row. The lock is one no SQL statement takes, so that no one but a transaction defining a watch
+/// holds it up; it is held until the transaction ends.
+fn lock_channel(channel: &str) {
+    // FNV-1a, the same in every backend: a channel that shares the hash only waits as well.
+    let hash = channel.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    // SAFETY: a lock on an object tag of pg_extension's catalog with a sub-id PostgreSQL never
+    // gives an extension, taken in the current transaction.
+    unsafe {
+        pg_sys::LockDatabaseObject(
+            pg_sys::ExtensionRelationId,
+            pg_sys::Oid::from(hash),
+            CHANNEL_LOCK_SUBID,
+            pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+        )
+    };
+}
+
+/// The sub-id of [`lock_channel`]'s lock tag: "pw".
+const CHANNEL_LOCK_SUBID: u16 = 0x7077;
 
 /// Stores `watch` (replacing the watch of its table and label, if any) and installs its
 /// triggers, each event's with the WHEN `whens` gives (resolved by the caller, see `when`);
@@ -29,14 +48,7 @@ pub fn save(rel: PgRelation, watch: &Watch, whens: &[(Event, Option<When>)], sha
     drop(rel);
     as_extension_owner(|| {
         let _managing = Managing::start();
-        // Another transaction defining a watch on the same channel is waited for before the
-        // table is locked: waiting on its catalog row with the table locked would hold up the
-        // table's writers for as long as that transaction stays open. Once it has ended, the
-        // claim below sees its row.
-        run(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
-            &[CHANNEL_LOCK.into(), watch.channel.as_str().into()],
-        );
+        lock_channel(&watch.channel);
         run(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", table.quoted), &[]);
         store::claim_channel(watch, &table, None);
         let redefined = store::redefines(watch, &shape);

@@ -55,6 +55,8 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
         pass_stuck_tail(shared, &mut tail_stuck, tail);
         let held_tail = tail.filter(|&(_, _, reserved)| !reserved);
         let unserved = tail_held.due_after(held_tail.map(|(at, _, _)| at), UNSERVED_TAIL).and(held_tail);
+        // Whether a worker of the tail's database runs: its wait starts again.
+        let mut tail_served = false;
         for (i, slot) in shared.slots.iter().enumerate() {
             let dboid = slot.dboid.load(Ordering::Relaxed);
             if owners[i] != dboid {
@@ -79,6 +81,7 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
             if attached {
                 unattached[i] = 0;
             }
+            tail_served |= (alive || attached) && held_tail.is_some_and(|(_, db, _)| db == dboid);
             if let Some((_, tail_db, _)) =
                 unserved.filter(|&(_, db, _)| db == dboid && dboid != 0 && !alive && !attached)
             {
@@ -130,6 +133,9 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
                 }
             }
         }
+        if tail_served {
+            tail_held = Stuck::default();
+        }
         // Woken by commits that find no worker, and by the postmaster when a worker starts or stops.
         if !BackgroundWorker::wait_latch(Some(wait)) {
             break;
@@ -145,7 +151,9 @@ pub extern "C-unwind" fn pgwatch_launcher_main(_arg: pg_sys::Datum) {
 /// Drops the queued records of database `dboid`, whose worker `why` (see `Shared::abandon`); a
 /// worker is still wanted there, to send the refetch once it runs.
 fn abandon(shared: &shmem::Shared, slot: &DbSlot, dboid: u32, why: &str) {
-    let dropped = shared.abandon(dboid);
+    // A worker started by the launcher before this one restarted can attach at any time: it
+    // must not copy out records being dropped (nor finish them twice).
+    let Some(dropped) = slot.without_worker(|| shared.abandon(dboid)) else { return };
     slot.worker_wanted.store(true, Ordering::Release);
     if dropped > 0 {
         stats::add(Counter::SkippedRecords, dropped);

@@ -133,6 +133,22 @@ impl DbSlot {
         true
     }
 
+    /// Runs `f` with no worker attached, and none able to attach meanwhile (the launcher dropping
+    /// the database's records); `None`, without running it, when one is attached.
+    pub fn without_worker<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        /// Puts the slot back to no worker, also when `f` raises an ERROR.
+        struct Unblock<'a>(&'a AtomicI32);
+        impl Drop for Unblock<'_> {
+            fn drop(&mut self) {
+                self.0.store(0, Ordering::Release);
+            }
+        }
+        // -1: no process's pid; a worker's attach_worker finds the slot taken, and it exits.
+        self.pid.compare_exchange(0, -1, Ordering::AcqRel, Ordering::Relaxed).ok()?;
+        let _unblock = Unblock(&self.pid);
+        Some(f())
+    }
+
     /// Wakes the worker, if one runs.
     pub fn wake(&self) {
         set_latch(&self.latch);

@@ -141,6 +141,9 @@ pub const RESERVED_COLUMNS: [&str; 2] = ["old", "partial"];
 pub struct TableName {
     pub display: String,
     pub quoted: String,
+    /// `schema.table` with no part quoted: the channel a watch made before 0.4.0 has, and keeps
+    /// until its table is renamed (see `follow`).
+    pub unquoted: String,
 }
 
 impl TableName {
@@ -150,6 +153,7 @@ impl TableName {
         TableName {
             display: display_name(&schema, name),
             quoted: format!("{}.{}", quote_identifier(&schema), quote_identifier(name)),
+            unquoted: format!("{schema}.{name}"),
         }
     }
 }
