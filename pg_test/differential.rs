@@ -140,9 +140,18 @@ struct Copy {
 /// The rows of `table` as they are now: what a subscriber refetches.
 fn fetch(db: &mut Client, table: &str, key: Option<i64>) -> BTreeMap<i64, (Option<String>, Option<i64>)> {
     let filter = key.map_or(String::new(), |key| format!(" WHERE id = {key}"));
-    db.query(&format!("SELECT id, v, n FROM {table}{filter}"), &[])
-        .unwrap()
-        .iter()
+    let sql = format!("SELECT id, v, n FROM {table}{filter}");
+    let rows = loop {
+        match db.query(&sql, &[]) {
+            Ok(rows) => break rows,
+            // Queued between two writers that deadlock (one holds the table for TRUNCATE and
+            // waits for the other, which waits behind this read), the read can be the one
+            // PostgreSQL cancels: a subscriber reads again.
+            Err(e) if e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => continue,
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    };
+    rows.iter()
         .map(|row| (i64::from(row.get::<_, i32>(0)), (row.get(1), row.get::<_, Option<i32>>(2).map(i64::from))))
         .collect()
 }
