@@ -634,11 +634,13 @@ fn listener_batch_delay() -> Duration {
     Duration::from_millis(guc::LISTENER_BATCH_DELAY_MS.get() as u64)
 }
 
-/// How long the worker waits per transaction per second it saw commit: 1 ms at 1,000 commits per
-/// second, the default `busy_batch_delay` of 10 ms from 10,000 on. A batch costs the worker, the
-/// WAL writer and every listening backend about the same whatever it carries, so at one client's
-/// rate (a few thousand commits per second) batches of a few transactions would cost more than
-/// the writes they announce; the wait at half that rate stays within a few milliseconds.
+/// The commit rate at which the worker waits its longest (`busy_batch_delay`), in commits per
+/// second per millisecond of it: the default 10 ms from 10,000 commits per second on. Below that
+/// the wait falls with the square of the rate (2.5 ms at 5,000, 0.1 ms at 1,000). A batch costs
+/// the worker, the WAL writer and every listening backend about the same whatever it carries, so
+/// near one client's full rate batches of a few transactions would cost more than the writes
+/// they announce; at half that rate a quarter of the wait keeps changes within a few
+/// milliseconds, and a wait in proportion to the rate would grow with the machine's speed.
 const WAIT_PER_COMMIT_RATE: Duration = Duration::from_micros(1);
 
 /// Under a steady stream of commits, the worker lets the next batch gather at least this many
@@ -655,8 +657,8 @@ const WAIT_PER_WAKE_TIME: u32 = 8;
 const STEADY: Duration = Duration::from_micros(100);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
-/// `arrived_over` (since the previous batch): in proportion to that commit rate, at most
-/// `longest`, and under a steady stream at least [`WAIT_PER_WAKE_TIME`] times `wake_time`, at
+/// `arrived_over` (since the previous batch): with the square of that commit rate (see
+/// [`WAIT_PER_COMMIT_RATE`]), at most `longest`, and under a steady stream at least [`WAIT_PER_WAKE_TIME`] times `wake_time`, at
 /// most `listening` (or `longest`, if longer) for that; nothing when `longest` is 0. A change after a
 /// quiet spell goes out at once and the wait after it is next to nothing; a steady stream of
 /// commits, even one client's, is sent in batches, because every batch costs the worker a
@@ -670,12 +672,13 @@ fn gather_delay(
     wake_time: Duration,
 ) -> Duration {
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
-    let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
-    let by_rate = if rate >= longest_from { longest } else { WAIT_PER_COMMIT_RATE.mul_f64(rate) };
-    if by_rate < STEADY {
+    if longest.is_zero() || WAIT_PER_COMMIT_RATE.mul_f64(rate.min(1e9)) < STEADY {
         // Sporadic commits: a sleep this short would gather nothing and cost more than it waits.
         return Duration::ZERO;
     }
+    let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
+    let share = (rate / longest_from).min(1.0);
+    let by_rate = longest.mul_f64(share * share);
     by_rate.max((wake_time * WAIT_PER_WAKE_TIME).min(longest.max(listening)))
 }
 
@@ -688,13 +691,13 @@ mod tests {
         let longest = Duration::from_millis(10);
         let ms = Duration::from_millis;
         let wait = |transactions, over| gather_delay(transactions, over, (longest, ms(50)), Duration::ZERO).as_micros();
-        // 1,000 per second: 1 ms; 4,000: 4 ms; 10,000 and more: all 10, one transaction at a
-        // time as well as in batches.
+        // 1,000 per second: 0.1 ms; 4,000: 1.6 ms; 10,000 and more: all 10, one transaction at
+        // a time as well as in batches.
         assert_eq!(
             [wait(1, ms(1)), wait(4, ms(1)), wait(10, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
-            [1000, 4000, 10000, 10000, 10000]
+            [100, 1600, 10000, 10000, 10000]
         );
-        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [4000, 10000]);
+        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1600, 10000]);
         assert_eq!(gather_delay(4, ms(1), (ms(3), ms(50)), Duration::ZERO), ms(3));
         // A transaction or two after a second's quiet: no wait.
         assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
@@ -706,10 +709,10 @@ mod tests {
     fn under_steady_load_slow_wake_ups_stretch_the_wait_within_the_listeners_setting() {
         let (longest, us, ms) =
             ((Duration::from_millis(10), Duration::from_millis(50)), Duration::from_micros, Duration::from_millis);
-        // 1,000 commits per second: 1 ms by the rate; wake-ups of 250 µs (20 listeners, say) make
-        // it 2 ms, of 2 ms 16, of 8 ms (a hundred) the listeners' setting's 50.
+        // 1,000 commits per second: 0.1 ms by the rate; wake-ups of 20 µs make it 160 µs, of
+        // 250 µs (20 listeners, say) 2 ms, of 2 ms 16, of 8 ms (a hundred) the listeners' 50.
         let wait = |wake| gather_delay(1, ms(1), longest, wake);
-        assert_eq!([wait(us(20)), wait(us(250)), wait(ms(2)), wait(ms(8))], [us(1000), us(2000), ms(16), ms(50)]);
+        assert_eq!([wait(us(20)), wait(us(250)), wait(ms(2)), wait(ms(8))], [us(160), us(2000), ms(16), ms(50)]);
         // The rate's wait is not cut by a shorter listeners' setting.
         assert_eq!(gather_delay(100, ms(1), (ms(10), ms(5)), ms(8)), ms(10));
         assert_eq!(gather_delay(1, ms(1), (ms(10), ms(5)), ms(8)), ms(10));
