@@ -51,45 +51,43 @@ pub fn checked(bytes: &[u8], what: impl FnOnce(String) -> String) -> &str {
     })
 }
 
-/// A name of the catalog's (`NameData`), checked.
-fn name(data: &pg_sys::NameData, what: impl FnOnce(String) -> String) -> &str {
+/// The bytes of a name of the catalog's (`NameData`).
+fn name_bytes(data: &pg_sys::NameData) -> &[u8] {
     // SAFETY: a NameData holds a NUL-terminated string within its array.
-    let bytes = unsafe { std::ffi::CStr::from_ptr(data.data.as_ptr()) }.to_bytes();
-    checked(bytes, what)
+    unsafe { std::ffi::CStr::from_ptr(data.data.as_ptr()) }.to_bytes()
+}
+
+/// The bytes of `rel`'s name.
+fn relation_bytes(rel: &PgRelation) -> &[u8] {
+    // SAFETY: an open relation has its pg_class row.
+    name_bytes(unsafe { &(*rel.rd_rel).relname })
+}
+
+/// The bytes of `rel`'s schema's name.
+fn schema_bytes(rel: &PgRelation) -> Vec<u8> {
+    // SAFETY: the schema of an open (locked) relation exists; its name is a palloc'd,
+    // NUL-terminated string, copied here.
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(rel.namespace_oid())) }.to_bytes().to_vec()
 }
 
 /// The name of `rel`, checked.
 pub fn relation_name(rel: &PgRelation) -> &str {
-    // SAFETY: an open relation has its pg_class row.
-    name(unsafe { &(*rel.rd_rel).relname }, |n| format!("table name \"{n}\""))
+    checked(relation_bytes(rel), |n| format!("table name \"{n}\""))
 }
 
 /// The name of `rel`'s schema, checked.
 pub fn schema_name(rel: &PgRelation) -> String {
-    // SAFETY: the schema of an open (locked) relation exists; its name is palloc'd.
-    let ptr = unsafe { pg_sys::get_namespace_name(rel.namespace_oid()) };
-    // SAFETY: as above, a NUL-terminated string.
-    let bytes = unsafe { std::ffi::CStr::from_ptr(ptr) }.to_bytes();
-    checked(bytes, |n| format!("schema name \"{n}\"")).to_string()
+    checked(&schema_bytes(rel), |n| format!("schema name \"{n}\"")).to_string()
 }
 
 /// `rel` as `schema.table` for a message, whatever its names hold (see [`shown`]).
 pub fn shown_relation(rel: &PgRelation) -> String {
-    // SAFETY: as in relation_name and schema_name.
-    let (schema, name) = unsafe {
-        let schema = std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(rel.namespace_oid()));
-        (schema.to_bytes(), std::ffi::CStr::from_ptr((*rel.rd_rel).relname.data.as_ptr()).to_bytes())
-    };
-    format!("{}.{}", shown(schema), shown(name))
+    format!("{}.{}", shown(&schema_bytes(rel)), shown(relation_bytes(rel)))
 }
 
 /// The name of column `attr` of `rel`, checked.
 pub fn column_name<'a>(rel: &PgRelation, attr: &'a pg_sys::FormData_pg_attribute) -> &'a str {
-    name(&attr.attname, |n| {
-        // SAFETY: as in relation_name; used for the message only.
-        let table = unsafe { std::ffi::CStr::from_ptr((*rel.rd_rel).relname.data.as_ptr()) }.to_bytes();
-        format!("column name \"{n}\" of table \"{}\"", shown(table))
-    })
+    checked(name_bytes(&attr.attname), |n| format!("column name \"{n}\" of table \"{}\"", shown(relation_bytes(rel))))
 }
 
 /// A text argument of a function of pgwatch's, checked: where pgrx's `&str` and `String` would
