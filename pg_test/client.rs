@@ -29,7 +29,8 @@ const CONF: &[&str] = &["shared_preload_libraries = 'pgwatch'"];
 const CHANNEL: &str = "public.items";
 
 /// The table the writers change: `version` takes a new value of one sequence at every write, so
-/// a row's versions only grow, also across deletes, re-inserts and key changes.
+/// a row's versions only grow, also across deletes, re-inserts and key changes (the writers lock
+/// the ids they write first: see `write_once`).
 const SETUP: &str = "CREATE EXTENSION IF NOT EXISTS pgwatch;
      CREATE SEQUENCE versions;
      CREATE TABLE items (id int PRIMARY KEY, grp int NOT NULL, version bigint NOT NULL);
@@ -116,10 +117,18 @@ impl Dice {
 
 /// One writer's transaction: a few inserts, updates, key changes and deletes, now and then a
 /// truncate, a fifth of them rolled back. Errors (a key taken, a connection killed) roll back.
+///
+/// Each statement first takes a lock on the ids it writes, held to the end of the transaction,
+/// so that a row's versions grow in the order of commits. Without it they need not: an INSERT
+/// computes its values before it checks the key, so one delayed there (waiting on a row, or
+/// just not scheduled) can insert a version older than one that another transaction wrote to
+/// the same id and a third deleted meanwhile.
 fn write_once(db: &mut Client, dice: &mut Dice) -> Result<(), postgres::Error> {
     let mut sql = String::from("BEGIN;");
     for _ in 0..1 + dice.roll(4) {
         let (id, grp) = (1 + dice.roll(300), dice.roll(4));
+        // A key change writes the id 300 above too.
+        sql += &format!("SELECT pg_advisory_xact_lock({id}), pg_advisory_xact_lock({id} + 300);");
         sql += &match dice.roll(100) {
             0 => "TRUNCATE items;".to_string(),
             1..=35 => {
