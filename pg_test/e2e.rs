@@ -8,8 +8,8 @@ use postgres::Client;
 #[path = "support.rs"]
 mod support;
 use support::{
-    connect, connect_to, database, eventually, failure, replayed, seq_of, serial, stat, watched, Listener, Replica,
-    MODES, WAIT,
+    connect, connect_to, database, eventually, failure, owned_database, replayed, seq_of, serial, stat, watched,
+    Listener, Replica, MODES, WAIT,
 };
 
 // Logical replication (wal_level) serves the fire_on_replica test.
@@ -1331,10 +1331,7 @@ fn tables_whose_names_hold_dots_have_channels_and_tbl_of_their_own() {
 fn a_database_owner_cannot_make_the_worker_run_as_another_role() {
     let _serial = serial();
     let mut admin = connect();
-    admin.batch_execute("DROP DATABASE IF EXISTS e2e_sessauth WITH (FORCE)").unwrap();
-    admin.batch_execute("DROP ROLE IF EXISTS e2e_dbowner; CREATE ROLE e2e_dbowner").unwrap();
-    admin.batch_execute("CREATE DATABASE e2e_sessauth OWNER e2e_dbowner").unwrap();
-    let mut owner = connect_to(&mut admin, "e2e_sessauth");
+    let mut owner = owned_database(&mut admin, "e2e_sessauth", "e2e_dbowner");
     // The worker, which connects as the bootstrap superuser, takes this in as it starts.
     owner
         .batch_execute("SET ROLE e2e_dbowner; ALTER DATABASE e2e_sessauth SET session_authorization = 'e2e_dbowner'")

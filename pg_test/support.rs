@@ -61,6 +61,15 @@ pub fn connect_to(via: &mut Client, dbname: &str) -> Client {
     postgres::Config::new().host("localhost").port(port as u16).user(&user).dbname(dbname).connect(NoTls).unwrap()
 }
 
+/// A fresh database `name` owned by a fresh role `owner` (both dropped first, if there), and a
+/// connection to it as `admin`'s user.
+pub fn owned_database(admin: &mut Client, name: &str, owner: &str) -> Client {
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+    admin.batch_execute(&format!("DROP ROLE IF EXISTS {owner}; CREATE ROLE {owner}")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name} OWNER {owner}")).unwrap();
+    connect_to(admin, name)
+}
+
 /// A fresh database `name` with pgwatch installed (at `version`, if given), and a connection to it.
 pub fn database(admin: &mut Client, name: &str, version: Option<&str>) -> Client {
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();

@@ -2,11 +2,13 @@
 //! payload streams a subscriber following the README's rules can rebuild each table from.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use postgres::Client;
+use postgres::{Client, NoTls};
 
 use super::support::{
-    connect, database, eventually, failure, serial, stat, watched, without_locations, Listener, MODES, WAIT,
+    connect, connect_to, database, eventually, failure, owned_database, serial, stat, watched, without_locations,
+    Listener, MODES, WAIT,
 };
 
 /// A connection acting as `mallory`, a role with no privileges but its own schema, where its
@@ -159,8 +161,73 @@ fn only_a_role_with_the_owners_rights_can_mute_a_table() {
     // The owner (here a superuser) can.
     writer.batch_execute("SET pgwatch.mute = on; INSERT INTO t_mute VALUES (2)").unwrap();
     listener.expect_silence();
+    // Not through a function of another role's that leaves it on for the caller's session.
+    m.batch_execute(
+        "CREATE FUNCTION quiet() RETURNS text LANGUAGE sql SECURITY DEFINER
+             AS $$ SELECT set_config('pgwatch.mute', 'on', false) $$",
+    )
+    .unwrap();
+    writer.batch_execute("RESET pgwatch.mute; SELECT mallory.quiet()").unwrap();
+    let shown: String = writer.query_one("SHOW pgwatch.mute", &[]).unwrap().get(0);
+    assert_eq!(shown, "on", "the function left it on");
+    listener.expect_after(
+        &mut writer,
+        "INSERT INTO t_mute VALUES (3)",
+        &[r#"{"tbl":"public.t_mute","op":"insert","rows":[{"id":3}]}"#],
+    );
+    writer.batch_execute("RESET pgwatch.mute").unwrap();
     drop(m);
     admin.batch_execute("DROP SCHEMA mallory CASCADE; REVOKE ALL ON t_mute FROM mallory; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_default_for_a_database_or_role_cannot_mute_anyones_writes() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut db = owned_database(&mut admin, "t_mutedb", "t_dbowner");
+    // The database's owner may set defaults for its database; PostgreSQL checks them only where
+    // they apply, as it does a function's SET clause.
+    db.batch_execute(
+        "CREATE EXTENSION pgwatch; CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', 'insert');
+         SET ROLE t_dbowner; ALTER DATABASE t_mutedb SET pgwatch.mute = on; RESET ROLE;
+         ALTER ROLE CURRENT_USER IN DATABASE t_mutedb SET pgwatch.mute = on",
+    )
+    .unwrap();
+    let mut listener = Listener::new(connect_to(&mut admin, "t_mutedb"), &["public.t"]);
+    // A new session, here the table owner's, is told and not muted.
+    let notices = Arc::new(Mutex::new(Vec::new()));
+    let seen = notices.clone();
+    let port: i32 = admin.query_one("SELECT inet_server_port()", &[]).unwrap().get(0);
+    let user: String = admin.query_one("SELECT current_user::text", &[]).unwrap().get(0);
+    let mut writer = postgres::Config::new()
+        .host("localhost")
+        .port(port as u16)
+        .user(&user)
+        .dbname("t_mutedb")
+        .notice_callback(move |n| seen.lock().unwrap().push(format!("{}: {}", n.severity(), n.message())))
+        .connect(NoTls)
+        .unwrap();
+    let mute: String = writer.query_one("SHOW pgwatch.mute", &[]).unwrap().get(0);
+    assert_eq!(mute, "off");
+    let told = notices.lock().unwrap().clone();
+    assert!(
+        told.iter()
+            .filter(|n| *n == "WARNING: pgwatch.mute = on is refused as a default of the server, a database or a role")
+            .count()
+            == 2,
+        "both defaults refused aloud: {told:?}"
+    );
+    listener.expect_after(
+        &mut writer,
+        "INSERT INTO t VALUES (1)",
+        &[r#"{"tbl":"public.t","op":"insert","rows":[{"id":1}]}"#],
+    );
+    // What the session chooses itself still counts.
+    writer.batch_execute("SET pgwatch.mute = on; INSERT INTO t VALUES (2)").unwrap();
+    listener.expect_silence();
+    drop((db, listener, writer));
+    admin.batch_execute("DROP DATABASE t_mutedb WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP ROLE t_dbowner").unwrap();
 }
 
 #[test]

@@ -3,6 +3,8 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::PostgresGucEnum;
 
+use crate::capture::mute;
+
 /// Row changes one transaction may track, over all its watches, before the rest are reported as
 /// overflows. Only a superuser may change it.
 pub static MAX_ROWS_PER_XACT: GucSetting<i32> = GucSetting::<i32>::new(100_000);
@@ -54,14 +56,20 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    GucRegistry::define_bool_guc(
-        c"pgwatch.mute",
-        c"Records no changes: the current session's (or, with SET LOCAL, transaction's) writes send nothing.",
-        c"For bulk jobs and migrations; silences only tables whose owner's rights the current role has (others' changes are sent as usual), and only pgwatch, unlike session_replication_role.",
-        &MUTE,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
+    // SAFETY: the hooks are guarded (an ERROR inside them is PostgreSQL's to handle).
+    unsafe {
+        GucRegistry::define_bool_guc_with_hooks(
+            c"pgwatch.mute",
+            c"Records no changes: the current session's (or, with SET LOCAL, transaction's) writes send nothing.",
+            c"For bulk jobs and migrations; silences only tables whose owner's rights the current role has (others' changes are sent as usual), and only pgwatch, unlike session_replication_role. Only a session or transaction may turn it on, not a default of the server, a database or a role.",
+            &MUTE,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(mute::check),
+            Some(mute::assign),
+            None,
+        );
+    }
     GucRegistry::define_enum_guc(
         c"pgwatch.delivery",
         c"Who sends notifications: auto, worker or inline.",

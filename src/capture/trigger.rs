@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
+use super::mute;
 use super::plan::{self, Columns, Plan};
 use super::transition::{RowMemory, TransitionSlots, TransitionTable};
 use crate::deliver::xact;
@@ -290,19 +291,10 @@ unsafe fn changed_since(tuple: *mut pg_sys::HeapTupleData) -> bool {
     }
 }
 
-/// Whether `pgwatch.mute` silences this table for the current user: only a role with its owner's
-/// rights, who could as well disable its triggers, may mute it. Anyone else's writes are sent
-/// whatever the session set, so that no writer can hide its changes from subscribers; that
-/// includes writes made for them by a SECURITY DEFINER function of the owner's, so the role the
-/// session runs as (outside such functions) must have the owner's rights too.
+/// Whether `pgwatch.mute` silences this trigger's table for the current user (see `mute`).
 fn may_mute(data: &pg_sys::TriggerData) -> bool {
-    // SAFETY: a firing trigger's relation is open, its pg_class row in rd_rel; the membership
-    // checks read cached role lists (a catalog read only when they changed).
-    unsafe {
-        let owner = (*(*data.tg_relation).rd_rel).relowner;
-        pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner)
-            && pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), owner)
-    }
+    // SAFETY: a firing trigger's relation is open, its pg_class row in rd_rel.
+    mute::silences(unsafe { (*(*data.tg_relation).rd_rel).relowner })
 }
 
 /// Records one row's change from its images (`Some(None)`: an image that does not fit).
