@@ -14,7 +14,7 @@ use postgres::Client;
 #[allow(dead_code)]
 #[path = "support.rs"]
 mod support;
-use support::{eventually, serial, WAIT};
+use support::{eventually, serial, Listener, WAIT};
 #[path = "cluster.rs"]
 mod cluster;
 use cluster::Cluster;
@@ -311,6 +311,56 @@ fn a_database_without_a_delivery_slot_gets_a_reset_marker_once_it_has_one() {
     let logged = replay_until(&mut other, starts[5], |logged| !logged.is_empty());
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert_eq!(logged[0].1["op"], "reset");
+}
+
+/// A database whose worker cannot start (no background worker slot left) has its queued changes
+/// dropped once the oldest of them has waited half a minute at the shared queue's tail, where they
+/// held up every database's delivery; they are counted, and its subscribers refetch once a worker
+/// runs there.
+#[test]
+fn a_database_whose_worker_cannot_start_stops_holding_the_shared_queue() {
+    let _serial = serial();
+    let cluster = Cluster::new("unserved");
+    let mut admin = cluster.connect();
+    // One slot for pgwatch's launcher and one for a single delivery worker; nothing else takes one.
+    for setting in ["max_worker_processes = 2", "max_logical_replication_workers = 0", "max_parallel_workers = 0"] {
+        admin.batch_execute(&format!("ALTER SYSTEM SET {setting}")).unwrap();
+    }
+    cluster.pg_ctl(&["restart", "-m", "fast"]);
+    let mut admin = cluster.connect();
+    let mut watched = |name: &str| {
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let mut db = cluster.connect_to(name);
+        db.batch_execute(
+            "CREATE EXTENSION pgwatch; CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t', 'insert')",
+        )
+        .unwrap();
+        let listener = Listener::new(cluster.connect_to(name), &["public.t"]);
+        (db, listener)
+    };
+    let insert = |n: i32| format!(r#"{{"tbl":"public.t","op":"insert","rows":[{{"id":{n}}}]}}"#);
+    // The first database's worker takes the one slot.
+    let (mut served, mut served_listener) = watched("served");
+    served_listener.expect_after(&mut served, "INSERT INTO t VALUES (1)", &[&insert(1)]);
+    let (mut unserved, mut unserved_listener) = watched("unserved");
+    let skipped =
+        |db: &mut Client| -> i64 { db.query_one("SELECT skipped_records FROM pgwatch.stats()", &[]).unwrap().get(0) };
+    let before = skipped(&mut unserved);
+    unserved.batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    // Dropped after half a minute at the tail (polled for up to two minutes).
+    let deadline = Instant::now() + WAIT * 2;
+    while skipped(&mut unserved) == before {
+        assert!(Instant::now() < deadline, "the unserved database's changes were not dropped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(skipped(&mut unserved), before + 1);
+    served_listener.expect_after(&mut served, "INSERT INTO t VALUES (2)", &[&insert(2)]);
+    // The slot comes free: the unserved database's worker starts and has its subscribers refetch
+    // (the dropped insert is never sent), then sends as usual.
+    drop((served, served_listener));
+    admin.batch_execute("DROP DATABASE served WITH (FORCE)").unwrap();
+    unserved_listener.expect(&[r#"{"tbl":"public.t","op":"resync"}"#]);
+    unserved_listener.expect_after(&mut unserved, "INSERT INTO t VALUES (2)", &[&insert(2)]);
 }
 
 /// A run without pgwatch preloaded notifies a retained watch's changes inline, unlogged: the next
