@@ -56,9 +56,16 @@ pub fn connect() -> Client {
 
 /// A connection to another database of the test server.
 pub fn connect_to(via: &mut Client, dbname: &str) -> Client {
+    config_to(via, dbname).connect(NoTls).unwrap()
+}
+
+/// What [`connect_to`] connects with, for a test to add to.
+pub fn config_to(via: &mut Client, dbname: &str) -> postgres::Config {
     let row = via.query_one("SELECT inet_server_port(), current_user::text", &[]).unwrap();
     let (port, user): (i32, String) = (row.get(0), row.get(1));
-    postgres::Config::new().host("localhost").port(port as u16).user(&user).dbname(dbname).connect(NoTls).unwrap()
+    let mut config = postgres::Config::new();
+    config.host("localhost").port(port as u16).user(&user).dbname(dbname);
+    config
 }
 
 /// A fresh database `name` owned by a fresh role `owner` (both dropped first, if there), and a

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use postgres::{Client, NoTls};
 
 use super::support::{
-    connect, connect_to, database, eventually, failure, owned_database, serial, stat, watched, without_locations,
-    Listener, MODES, WAIT,
+    config_to, connect, connect_to, database, eventually, failure, owned_database, serial, stat, watched,
+    without_locations, Listener, MODES, WAIT,
 };
 
 /// A connection acting as `mallory`, a role with no privileges but its own schema, where its
@@ -197,13 +197,7 @@ fn a_default_for_a_database_or_role_cannot_mute_anyones_writes() {
     // A new session, here the table owner's, is told and not muted.
     let notices = Arc::new(Mutex::new(Vec::new()));
     let seen = notices.clone();
-    let port: i32 = admin.query_one("SELECT inet_server_port()", &[]).unwrap().get(0);
-    let user: String = admin.query_one("SELECT current_user::text", &[]).unwrap().get(0);
-    let mut writer = postgres::Config::new()
-        .host("localhost")
-        .port(port as u16)
-        .user(&user)
-        .dbname("t_mutedb")
+    let mut writer = config_to(&mut admin, "t_mutedb")
         .notice_callback(move |n| seen.lock().unwrap().push(format!("{}: {}", n.severity(), n.message())))
         .connect(NoTls)
         .unwrap();
