@@ -658,13 +658,13 @@ const STEADY: Duration = Duration::from_micros(100);
 
 /// How long to let the next batch gather after sending `transactions` that committed over
 /// `arrived_over` (since the previous batch): with the square of that commit rate (see
-/// [`WAIT_PER_COMMIT_RATE`]), at most `longest`, and under a steady stream at least [`WAIT_PER_WAKE_TIME`] times `wake_time`, at
-/// most `listening` (or `longest`, if longer) for that; nothing when `longest` is 0. A change after a
-/// quiet spell goes out at once and the wait after it is next to nothing; a steady stream of
-/// commits, even one client's, is sent in batches, because every batch costs the worker a
-/// transaction and every notification each listening backend a wake-up, CPU and context
-/// switches that they share with the writers. The wait follows the rate, not the batch, which
-/// itself grows with the wait.
+/// [`WAIT_PER_COMMIT_RATE`]), at most `longest`, and under a steady stream at least
+/// [`WAIT_PER_WAKE_TIME`] times `wake_time`, at most `listening` (or `longest`, if longer) for
+/// that; nothing when `longest` is 0. A change after a quiet spell goes out at once and the wait
+/// after it is next to nothing; a steady stream of commits, even one client's, is sent in batches,
+/// because every batch costs the worker a transaction and every notification each listening backend
+/// a wake-up, CPU and context switches that they share with the writers. The wait follows the rate,
+/// not the batch, which itself grows with the wait.
 fn gather_delay(
     transactions: usize,
     arrived_over: Duration,
