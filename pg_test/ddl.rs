@@ -22,10 +22,12 @@ fn renamed_tables_schemas_and_columns_are_followed() {
         writer
             .batch_execute("ALTER TABLE o_s.o_ren RENAME COLUMN role_id TO role; UPDATE o_s.o_ren SET role = 2")
             .unwrap();
-        listener.expect_on(&[(
-            "o_s.o_ren",
-            r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2,"old":{"role":1}}]}"#,
-        )]);
+        // A sent column's rename: subscribers refetch (their copies hold the old name).
+        let resync = r#"{"tbl":"o_s.o_ren","op":"resync"}"#;
+        listener.expect_on(&[
+            ("o_s.o_ren", r#"{"tbl":"o_s.o_ren","op":"update","rows":[{"id":1,"role":2,"old":{"role":1}}]}"#),
+            ("o_s.o_ren", resync),
+        ]);
         writer
             .batch_execute(
                 r#"ALTER TABLE o_s.o_ren RENAME COLUMN flag TO "is on"; UPDATE o_s.o_ren SET "is on" = true"#,
@@ -38,26 +40,35 @@ fn renamed_tables_schemas_and_columns_are_followed() {
         let inserted = r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2,"role":3}]}"#;
         listener.expect_on(&[
             ("o_s.o_ren", inserted),
+            ("o_s.o_ren", resync),
             ("o_ren_label", r#"{"tbl":"o_s.o_ren","op":"insert","rows":[{"key":2}]}"#),
+            ("o_ren_label", resync),
         ]);
-        // A table without a label changes channel with its name; a labelled one keeps it.
+        // A table without a label changes channel with its name (its subscribers on the old one
+        // are told to refetch); a labelled one keeps it.
         writer
             .batch_execute("ALTER TABLE o_s.o_ren RENAME TO o_renamed; DELETE FROM o_s.o_renamed WHERE key = 2")
             .unwrap();
-        listener
-            .expect_on(&[("o_s.o_renamed", r#"{"tbl":"o_s.o_renamed","op":"delete","rows":[{"key":2,"role":3}]}"#)]);
+        listener.expect_on(&[
+            ("o_s.o_renamed", r#"{"tbl":"o_s.o_renamed","op":"delete","rows":[{"key":2,"role":3}]}"#),
+            ("o_s.o_ren", r#"{"tbl":"o_s.o_renamed","op":"resync"}"#),
+        ]);
         writer.batch_execute("ALTER SCHEMA o_s RENAME TO o_s2; INSERT INTO o_s2.o_renamed VALUES (3, 3)").unwrap();
         listener.expect_on(&[
             ("o_s2.o_renamed", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3,"role":3}]}"#),
+            ("o_s.o_renamed", r#"{"tbl":"o_s2.o_renamed","op":"resync"}"#),
             ("o_ren_label", r#"{"tbl":"o_s2.o_renamed","op":"insert","rows":[{"key":3}]}"#),
         ]);
         writer
             .batch_execute("ALTER TABLE o_s2.o_renamed SET SCHEMA public; UPDATE o_renamed SET role = 4 WHERE key = 3")
             .unwrap();
-        listener.expect_on(&[(
-            "public.o_renamed",
-            r#"{"tbl":"public.o_renamed","op":"update","rows":[{"key":3,"role":4,"old":{"role":3}}]}"#,
-        )]);
+        listener.expect_on(&[
+            (
+                "public.o_renamed",
+                r#"{"tbl":"public.o_renamed","op":"update","rows":[{"key":3,"role":4,"old":{"role":3}}]}"#,
+            ),
+            ("o_s2.o_renamed", r#"{"tbl":"public.o_renamed","op":"resync"}"#),
+        ]);
         let row = writer
             .query_one(
                 "SELECT channel, key_columns, extra_columns, trigger_columns FROM pgwatch.watches
@@ -405,6 +416,7 @@ fn a_key_or_trigger_column_its_condition_does_not_name_can_be_renamed() {
         .unwrap();
     writer.batch_execute("UPDATE o_kren SET ident = 2").unwrap();
     listener.expect(&[
+        r#"{"tbl":"public.o_kren","op":"resync"}"#,
         r#"{"tbl":"public.o_kren","op":"delete","rows":[{"ident":1,"state":"a"}]}"#,
         r#"{"tbl":"public.o_kren","op":"insert","rows":[{"ident":2,"state":"a"}]}"#,
     ]);

@@ -133,6 +133,44 @@ fn truncate_is_reported_after_what_it_makes_moot_is_dropped() {
 }
 
 #[test]
+fn rows_another_truncate_trigger_writes_first_are_refetched() {
+    let _serial = serial();
+    for mode in MODES {
+        let (mut writer, mut listener) = watched(
+            mode,
+            "CREATE TABLE o_reseed (id int PRIMARY KEY, v text);
+             CREATE OR REPLACE FUNCTION o_reseed_default() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN INSERT INTO o_reseed VALUES (0, 'default'); RETURN NULL; END $$;
+             CREATE TRIGGER add_default AFTER TRUNCATE ON o_reseed FOR EACH STATEMENT
+                 EXECUTE FUNCTION o_reseed_default();
+             SELECT watch_table('o_reseed', 'insert, update, delete, truncate', '{v}')",
+            &["public.o_reseed"],
+        );
+        // The trigger, named before pgwatch's, writes its row before pgwatch's truncate is
+        // recorded, which drops what came before it: subscribers refetch after the truncate.
+        writer.batch_execute("TRUNCATE o_reseed").unwrap();
+        listener.expect_on(&[
+            ("public.o_reseed", r#"{"tbl":"public.o_reseed","op":"truncate"}"#),
+            ("public.o_reseed", r#"{"tbl":"public.o_reseed","op":"resync"}"#),
+        ]);
+        // One named after pgwatch's writes after the truncate is recorded: its row is sent.
+        writer
+            .batch_execute(
+                "DROP TRIGGER add_default ON o_reseed;
+                 CREATE TRIGGER zz_default AFTER TRUNCATE ON o_reseed FOR EACH STATEMENT
+                     EXECUTE FUNCTION o_reseed_default();
+                 TRUNCATE o_reseed",
+            )
+            .unwrap();
+        listener.expect_on(&[
+            ("public.o_reseed", r#"{"tbl":"public.o_reseed","op":"truncate"}"#),
+            ("public.o_reseed", r#"{"tbl":"public.o_reseed","op":"insert","rows":[{"id":0,"v":"default"}]}"#),
+        ]);
+    }
+    connect().batch_execute("DROP TABLE o_reseed; DROP FUNCTION o_reseed_default()").unwrap();
+}
+
+#[test]
 fn partitions_attached_later_report_under_the_parent_and_detached_ones_stop() {
     let _serial = serial();
     for mode in MODES {

@@ -237,7 +237,32 @@ fn replay_answers_only_roles_that_may_read_everything_the_watch_sends() {
     db.batch_execute("GRANT SELECT (hidden) ON r_secret TO r_reader").unwrap();
     db.batch_execute(&format!("SET ROLE r_reader; SELECT pgwatch.position('{channel}'); RESET ROLE")).unwrap();
     assert_eq!(visible(&mut db), 1);
-    db.batch_execute("DROP TABLE r_secret; DROP ROLE r_reader").unwrap();
+    // SELECT on a table in a schema one may not use reads nothing in PostgreSQL, nor in replay.
+    db.batch_execute(
+        "DROP SCHEMA IF EXISTS r_closed CASCADE; CREATE SCHEMA r_closed;
+         CREATE TABLE r_closed.t (id int PRIMARY KEY, v text);
+         SELECT watch_table('r_closed.t', extra_columns => '{v}', retain => '1 hour');
+         INSERT INTO r_closed.t VALUES (1, 'private'); GRANT SELECT ON r_closed.t TO r_reader",
+    )
+    .unwrap();
+    let closed = [
+        "SELECT pgwatch.position('r_closed.t')".to_string(),
+        "SELECT * FROM pgwatch.replay('r_closed.t', 0)".to_string(),
+    ];
+    for sql in &closed {
+        assert_eq!(as_reader(&mut db, sql), "42501", "{sql}");
+    }
+    let listed = |db: &mut Client| -> i64 {
+        db.batch_execute("SET ROLE r_reader").unwrap();
+        let n = db.query_one("SELECT count(*) FROM pgwatch.channels WHERE channel = 'r_closed.t'", &[]).unwrap().get(0);
+        db.batch_execute("RESET ROLE").unwrap();
+        n
+    };
+    assert_eq!(listed(&mut db), 0);
+    db.batch_execute("GRANT USAGE ON SCHEMA r_closed TO r_reader").unwrap();
+    assert_eq!(listed(&mut db), 1);
+    db.batch_execute("SET ROLE r_reader; SELECT pgwatch.position('r_closed.t'); RESET ROLE").unwrap();
+    db.batch_execute("DROP SCHEMA r_closed CASCADE; DROP TABLE r_secret; DROP ROLE r_reader").unwrap();
 }
 
 /// A subscriber's copy of `r_feed` (id → v), kept by the rules of docs/replay.md.

@@ -138,6 +138,31 @@ fn a_hand_made_trigger_cannot_stop_delivery_for_others() {
         "INSERT INTO t_victim VALUES (1)",
         &[r#"{"tbl":"public.t_victim","op":"insert","rows":[{"id":1}]}"#],
     );
+    // Named as a trigger of her own watch and sending on its channel, but folding by another
+    // column than the key, sending a column twice or in another layout. On a partition, whose
+    // triggers pgwatch does not remake when one is added (it does on the watched table itself).
+    for (n, fields) in
+        [r#""1","grp","id""#, r#""1","id","grp","grp""#, r#""1 compact","id","grp""#].into_iter().enumerate()
+    {
+        let table = format!("forged_{n}");
+        m.batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, grp text) PARTITION BY RANGE (id);
+             CREATE TABLE {table}_1 PARTITION OF {table} FOR VALUES FROM (0) TO (100);
+             SELECT watch_table('{table}', extra_columns => '{{grp}}')"
+        ))
+        .unwrap();
+        let id: i64 = m
+            .query_one("SELECT id FROM pgwatch.watches WHERE channel = $1", &[&format!("mallory.{table}")])
+            .unwrap()
+            .get(0);
+        let argument = format!(r#"{{"mallory.{table}","mallory.{table}",{fields}}}"#);
+        m.batch_execute(&format!(
+            "CREATE TRIGGER pgwatch_{id} AFTER INSERT ON {table}_1 FOR EACH ROW EXECUTE FUNCTION pgwatch.capture('{argument}')"
+        ))
+        .unwrap();
+        let (code, message) = failure(&mut m, &format!("INSERT INTO {table} VALUES (1, 'g'), (2, 'g')"));
+        assert_eq!(code, "39P01", "{argument}: {message}");
+    }
     drop(m);
     admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
 }
@@ -963,6 +988,8 @@ fn renames_through_other_commands_are_followed() {
                  ALTER VIEW t_via_renamed RENAME COLUMN v TO w",
             )
             .unwrap();
+        // A sent column renamed: subscribers refetch (the table's old channel is told too).
+        listener.expect(&[r#"{"tbl":"public.t_via_renamed","op":"resync"}"#]);
         listener.expect_after(
             &mut writer,
             "INSERT INTO t_via_renamed VALUES (1, 2)",
@@ -1051,4 +1078,100 @@ fn a_label_claimed_by_an_open_transaction_does_not_hold_up_another_tables_writer
     assert_eq!(code, "42710", "{message}");
     drop(m);
     admin.batch_execute("DROP TABLE t_claim_v; DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_condition_postgresql_would_misread_or_drop_with_a_session_is_refused() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    m.batch_execute("CREATE TABLE m (id int PRIMARY KEY, n int)").unwrap();
+    // A bare star is no expression: PostgreSQL's grammar expands it only in a target list (once,
+    // this crashed the server).
+    for condition in ["*", "*\n-- all"] {
+        let (code, message) = failure(&mut m, &format!("SELECT watch_table('m', condition => $c${condition}$c$)"));
+        assert_eq!(code, "42601", "{condition}: {message}");
+    }
+    // A temporary function or operator: the session's end would drop the watch's triggers with it,
+    // without the event triggers that keep a watch and its triggers together.
+    m.batch_execute(
+        "CREATE FUNCTION pg_temp.tf(int) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         CREATE OPERATOR pg_temp.=== (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq)",
+    )
+    .unwrap();
+    for condition in ["pg_temp.tf(NEW.n)", "NEW.n OPERATOR(pg_temp.===) 1"] {
+        let (code, message) =
+            failure(&mut m, &format!("SELECT watch_table('m', 'insert, update', condition => $c${condition}$c$)"));
+        assert_eq!(code, "0A000", "{condition}: {message}");
+        assert!(message.contains("temporary object"), "{message}");
+    }
+    let left: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgwatch.watches WHERE tbl::text LIKE 'mallory.%')
+                  + (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'mallory.m'::regclass)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    // The same condition over a function of a permanent schema is fine.
+    m.batch_execute(
+        "CREATE FUNCTION tf(int) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         SELECT watch_table('m', 'insert, update', condition => 'mallory.tf(NEW.n)')",
+    )
+    .unwrap();
+    // Her temporary objects go before her role does, not as her backend exits.
+    m.batch_execute("DISCARD TEMP").unwrap();
+    drop(m);
+    admin.batch_execute("DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn a_label_cannot_be_chosen_to_hold_up_the_claim_of_another_channel() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    admin.batch_execute("DROP TABLE IF EXISTS victim; CREATE TABLE victim (id int PRIMARY KEY)").unwrap();
+    m.batch_execute("CREATE TABLE t_hash (id int PRIMARY KEY)").unwrap();
+    // The two channels shared the unkeyed hash that once named the claim lock: mallory, holding
+    // her claim open, stalled every definition of the victim's channel.
+    m.batch_execute("BEGIN; SELECT watch_table('t_hash', label => 'mal_au0a9bb')").unwrap();
+    admin
+        .batch_execute("SET statement_timeout = '60s'; SELECT watch_table('victim'); RESET statement_timeout")
+        .unwrap();
+    m.batch_execute("COMMIT").unwrap();
+    drop(m);
+    admin.batch_execute("DROP TABLE victim; DROP SCHEMA mallory CASCADE; DROP ROLE mallory").unwrap();
+}
+
+#[test]
+fn other_databases_activity_shows_only_to_roles_that_read_all_statistics() {
+    let _serial = serial();
+    let mut admin = connect();
+    let mut m = mallory(&mut admin);
+    // The counters are the whole cluster's: payload bytes tell the length of others' values.
+    let (code, message) = failure(&mut m, "SELECT payload_bytes FROM pgwatch.stats()");
+    assert_eq!(code, "42501", "{message}");
+    // A database mallory may not connect to, with a worker: its row is not hers to see.
+    let mut closed = database(&mut admin, "t_closed", None);
+    admin.batch_execute("REVOKE CONNECT ON DATABASE t_closed FROM PUBLIC").unwrap();
+    closed
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); SELECT watch_table('t');
+             SET pgwatch.delivery = worker; INSERT INTO t VALUES (1)",
+        )
+        .unwrap();
+    let listed = |client: &mut Client| -> i64 {
+        client.query_one("SELECT count(*) FROM pgwatch.workers WHERE database = 't_closed'", &[]).unwrap().get(0)
+    };
+    assert!(eventually(|| listed(&mut admin) == 1));
+    assert_eq!(listed(&mut m), 0);
+    admin.batch_execute("GRANT pg_read_all_stats TO mallory").unwrap();
+    assert_eq!(listed(&mut m), 1);
+    m.batch_execute("SELECT payload_bytes FROM pgwatch.stats()").unwrap();
+    drop((m, closed));
+    admin.batch_execute("DROP DATABASE t_closed WITH (FORCE)").unwrap();
+    admin
+        .batch_execute("REVOKE pg_read_all_stats FROM mallory; DROP SCHEMA mallory CASCADE; DROP ROLE mallory")
+        .unwrap();
 }

@@ -18,9 +18,15 @@ AS $$
     SELECT w.* FROM pgwatch.watches w WHERE w.tbl = $1 AND w.label IS NOT DISTINCT FROM $4;
 $$;
 
--- One row per database that uses worker delivery (empty unless pgwatch is preloaded).
+-- One row per database that uses worker delivery (empty unless pgwatch is preloaded); a role
+-- sees the databases it may connect to, unless it has pg_read_all_stats.
 CREATE VIEW pgwatch.workers AS SELECT * FROM pgwatch.worker_status();
 GRANT SELECT ON pgwatch.workers TO PUBLIC;
+
+-- The counters are the whole cluster's: which rows and how many payload bytes other databases
+-- sent tells of their data. As PostgreSQL's own statistics of that kind: for pg_read_all_stats.
+REVOKE EXECUTE ON FUNCTION pgwatch.stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgwatch.stats() TO pg_read_all_stats;
 
 -- The replay of a retained channel (see docs/replay.md). The channel and the payloads travel as
 -- bytes in the database's encoding between these and the functions that read the log.

@@ -30,3 +30,10 @@ CREATE UNIQUE INDEX watches_channel ON pgwatch.watches (channel);
 GRANT SELECT ON pgwatch.watches TO PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('pgwatch.watches', '');
 SELECT pg_catalog.pg_extension_config_dump('pgwatch.watches_id_seq', '');
+
+-- A random key per database for the lock watch_table takes on a channel name while it claims it
+-- (see src/define/watches.rs): lock tags are visible to all, and with a key no role can compute a
+-- name whose lock falls on another's channel. Readable only by the extension's owner; not dumped
+-- (a restored database gets a new one).
+CREATE TABLE pgwatch.claim_key (key bytea NOT NULL);
+INSERT INTO pgwatch.claim_key SELECT pg_catalog.uuid_send(pg_catalog.gen_random_uuid());

@@ -7,6 +7,10 @@ ALTER TABLE pgwatch.watches
     ADD COLUMN feed_start bigint,
     ADD CONSTRAINT watches_feed_start_with_retain CHECK ((retain IS NULL) = (feed_start IS NULL));
 
+-- The channel claims' key: as in sql/bootstrap.sql.
+CREATE TABLE pgwatch.claim_key (key bytea NOT NULL);
+INSERT INTO pgwatch.claim_key SELECT pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
+
 -- The log: as in sql/feed.sql.
 CREATE TABLE pgwatch.feeds (
     channel      text PRIMARY KEY,
@@ -74,6 +78,9 @@ CREATE FUNCTION pgwatch."stats"() RETURNS TABLE (
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'stats_wrapper';
+-- For pg_read_all_stats only: as in sql/api.sql.
+REVOKE EXECUTE ON FUNCTION pgwatch.stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgwatch.stats() TO pg_read_all_stats;
 
 -- watch_table() and the function behind it gain retain.
 DROP FUNCTION watch_table(regclass, text, text[], text, text[], text, text, boolean);

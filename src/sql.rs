@@ -246,30 +246,58 @@ mod pgwatch {
         ),
     > {
         let Some(shared) = shmem::shared() else { return TableIterator::new(Vec::new()) };
+        let every_database = reads_all_stats();
         let rows: Vec<_> = shared
             .slots
             .iter()
             .filter(|slot| slot.dboid.load(Ordering::Relaxed) != 0)
-            .map(|slot| {
+            .filter_map(|slot| {
                 let dboid = pg_sys::Oid::from(slot.dboid.load(Ordering::Relaxed));
                 // SAFETY: a syscache lookup; NULL for a database dropped meanwhile.
                 let name = unsafe { pg_sys::get_database_name(dboid) };
+                // As PostgreSQL's database sizes: only of databases the role may connect to.
+                if !every_database && (name.is_null() || !may_connect(dboid)) {
+                    return None;
+                }
                 // SAFETY: a database name is a NUL-terminated string.
                 let name =
                     (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into());
                 let pid = slot.pid.load(Ordering::Relaxed);
                 let last_send = slot.last_send.load(Ordering::Relaxed);
-                (
+                Some((
                     name,
                     (pid != 0).then_some(pid),
                     slot.state().as_str().to_string(),
                     (last_send != 0).then(|| last_send.try_into().ok()).flatten(),
                     slot.backlog.load(Ordering::Relaxed) as i64,
-                )
+                ))
             })
             .collect();
         TableIterator::new(rows)
     }
+}
+
+/// Whether the current role has the rights of pg_read_all_stats (superusers do).
+fn reads_all_stats() -> bool {
+    #[cfg(feature = "pg13")]
+    let role = pg_sys::DEFAULT_ROLE_READ_ALL_STATS;
+    #[cfg(not(feature = "pg13"))]
+    let role = pg_sys::ROLE_PG_READ_ALL_STATS;
+    // SAFETY: a role membership check of the current user.
+    unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), pg_sys::Oid::from(role)) }
+}
+
+/// Whether the current role may connect to database `dboid`, which exists.
+fn may_connect(dboid: pg_sys::Oid) -> bool {
+    // SAFETY: a plain ACL check of an existing database.
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    let allowed = unsafe { pg_sys::pg_database_aclcheck(dboid, pg_sys::GetUserId(), pg_sys::ACL_CONNECT as _) };
+    // SAFETY: as above (PostgreSQL 16 folded the per-kind checks into one).
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    let allowed = unsafe {
+        pg_sys::object_aclcheck(pg_sys::DatabaseRelationId, dboid, pg_sys::GetUserId(), pg_sys::ACL_CONNECT as _)
+    };
+    allowed == pg_sys::AclResult::ACLCHECK_OK
 }
 
 /// Removes the watch of `tbl` named `label`, or every watch of `tbl` when `label` is NULL, with

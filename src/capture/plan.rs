@@ -104,12 +104,12 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
     let arg = TriggerArg::read(&args).unwrap_or_else(|why| refuse(&why));
     // SAFETY: a firing trigger's name is a NUL-terminated string; rel is open.
     let (name, relid) = unsafe { (CStr::from_ptr(trigger.tgname).to_string_lossy(), (*rel).rd_id) };
-    if !made_by_pgwatch(&name, relid, &arg.channel, arg.retained) {
+    let Some(tbl) = made_by_pgwatch(&name, relid, &arg) else {
         refuse(&format!(
-            "trigger \"{name}\" is not a trigger of a watch of this table on channel \"{}\"",
+            "trigger \"{name}\" is not a trigger of a watch of this table on channel \"{}\" with its columns",
             String::from_utf8_lossy(&arg.channel)
         ));
-    }
+    };
     let compact = arg.layout == Layout::Compact;
     let rows = if compact {
         let names: Vec<_> = arg.columns.iter().map(|n| String::from_utf8_lossy(n)).collect();
@@ -118,7 +118,9 @@ unsafe fn build(trigger: &pg_sys::Trigger, rel: pg_sys::Relation) -> Plan {
         Some(Rows::Objects)
     };
     let channel = CString::new(arg.channel).expect("a trigger argument holds no NUL byte");
-    let tbl = String::from_utf8_lossy(&arg.tbl).into_owned();
+    // The watched table's name now, not the one the argument was written with (see
+    // `made_by_pgwatch`).
+    let tbl = String::from_utf8_lossy(&tbl).into_owned();
     if tbl.len() > MAX_TABLE_NAME {
         refuse(&format!("a table name of {} bytes (at most {MAX_TABLE_NAME})", tbl.len()));
     }

@@ -1,6 +1,6 @@
 //! The trigger each watch installs: encodes the changed rows' watched columns (or notes a
-//! TRUNCATE) and records them for this transaction. No SPI, no catalog lookups and nothing that can
-//! fail a user's write.
+//! TRUNCATE) and records them for this transaction. No SPI, no catalog lookups for rows and
+//! nothing that can fail a user's write.
 //!
 //! Plain tables get statement triggers that read the statement's transition tables: PostgreSQL
 //! then only appends each row to a tuplestore, instead of queueing an AFTER-trigger event per row
@@ -20,6 +20,7 @@ use crate::encode::fold::Change;
 use crate::encode::image::Image;
 use crate::error::fail;
 use crate::model::events::Op;
+use crate::model::watch::OnTruncate;
 use crate::{guc, unguarded};
 
 /// What `pgwatch.capture()` does when it fires (see `sql.rs`).
@@ -38,6 +39,11 @@ pub fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, 
             // SAFETY: this is a firing trigger of pgwatch.capture.
             let plan = unsafe { plan::for_trigger(data) };
             xact::record_truncate(&plan.target, plan.on_truncate);
+            // SAFETY: a firing statement trigger's relation, which its TRUNCATE emptied and
+            // locked with its partitions.
+            if plan.on_truncate == OnTruncate::Notice && unsafe { refilled(data.tg_relation) } {
+                xact::refetch_at_commit(vec![plan.target.clone()]);
+            }
             return Ok(None);
         }
         _ => misfired("a row trigger on TRUNCATE"),
@@ -295,6 +301,43 @@ unsafe fn changed_since(tuple: *mut pg_sys::HeapTupleData) -> bool {
 fn may_mute(data: &pg_sys::TriggerData) -> bool {
     // SAFETY: a firing trigger's relation is open, its pg_class row in rd_rel.
     mute::silences(unsafe { (*(*data.tg_relation).rd_rel).relowner })
+}
+
+/// Whether `rel`, which the firing TRUNCATE just emptied, holds pages again: another AFTER
+/// TRUNCATE trigger of the command (the table's own, named before pgwatch's, or one of another
+/// table the command truncated) wrote it before pgwatch's fired, and the truncate just recorded
+/// drops the rows recorded before it. Its subscribers then refetch after the truncate. Reads
+/// the relation cache only; a partitioned table's partitions are looked at.
+///
+/// # Safety
+/// `rel` must be open, and it and its partitions locked by the TRUNCATE.
+unsafe fn refilled(rel: pg_sys::Relation) -> bool {
+    // SAFETY: as the caller promised; partitions are opened by OID under the TRUNCATE's lock
+    // and closed again.
+    unsafe {
+        match (*(*rel).rd_rel).relkind as u8 {
+            pg_sys::RELKIND_RELATION => {
+                pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) > 0
+            }
+            pg_sys::RELKIND_PARTITIONED_TABLE => {
+                #[cfg(feature = "pg13")]
+                let desc = pg_sys::RelationGetPartitionDesc(rel);
+                #[cfg(not(feature = "pg13"))]
+                let desc = pg_sys::RelationGetPartitionDesc(rel, true);
+                let Some(desc) = desc.as_ref() else { return false };
+                (0..desc.nparts as usize).any(|i| {
+                    let partition = pg_sys::RelationIdGetRelation(*desc.oids.add(i));
+                    if partition.is_null() {
+                        return false;
+                    }
+                    let filled = refilled(partition);
+                    pg_sys::RelationClose(partition);
+                    filled
+                })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Records one row's change from its images (`Some(None)`: an image that does not fit).

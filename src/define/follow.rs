@@ -111,7 +111,11 @@ fn follow(id: i64, changes: &[Changed]) {
         }
     }
     let mut changed = false;
+    // A renamed key or extra column changes the rows' members: the same row would be sent under
+    // two names (and folded as two keys within a transaction), so subscribers refetch.
+    let mut sent_renamed = false;
     if let ([old], [(_, new)]) = (&missing.into_iter().collect::<Vec<_>>()[..], &renamed[..]) {
+        sent_renamed = watch.keys.contains(old) || watch.extras.contains(old);
         for list in [&mut watch.keys, &mut watch.extras, &mut watch.trigger_columns] {
             list.iter_mut().filter(|c| *c == old).for_each(|c| c.clone_from(new));
         }
@@ -131,6 +135,12 @@ fn follow(id: i64, changes: &[Changed]) {
         );
     };
     let moved = channel != watch.channel;
+    if moved {
+        // The watch's changes go to the new channel from now on: its subscribers on the old one
+        // are told to refetch (the catalog still names the old channel here), as they would miss
+        // them otherwise.
+        targets::refetch(Watches::Ids(&[id]));
+    }
     changed |= moved;
     watch.channel = channel;
     if let Some(reserved) = watch.reserved_column() {
@@ -183,6 +193,9 @@ fn follow(id: i64, changes: &[Changed]) {
     }
     drop(rel);
     rebuild(id, &watch, &table, &existing, placement, moved);
+    if sent_renamed {
+        targets::refetch(Watches::Ids(&[id]));
+    }
 }
 
 /// Gives the watches of `relid`, a table about to become a partition (`partition`) or an

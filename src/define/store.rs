@@ -9,6 +9,7 @@ use super::owner::{as_extension_owner, column, first, with_safe_search_path};
 use super::triggers::watch_id_of;
 use crate::error::{self, fail};
 use crate::model::events::Events;
+use crate::model::trigger_arg::{Layout, TriggerArg};
 use crate::model::watch::{PayloadMode, Shape, TableName, Watch};
 use crate::text;
 
@@ -138,28 +139,55 @@ pub fn claim_channel(watch: &Watch, table: &TableName, id: Option<i64>) {
     }
 }
 
-/// Whether trigger `name` on table `relid`, sending on `channel`, is one pgwatch made: a watch's
-/// trigger on the watch's table (or a partition under it, which has a clone of it) that sends on
-/// the watch's channel. A trigger of a user's own that runs `pgwatch.capture()` could otherwise
-/// send on any channel, with its changes folded into those of the watch that owns it. Read once
+/// The table name subscribers know the watch of trigger `name` on table `relid` by (`schema.table`
+/// as payloads write it, of its current name), if the trigger is one pgwatch made: a watch's
+/// trigger on the watch's table (or a partition under it, which has a clone of it) with the
+/// watch's channel, key and extra columns, payload layout and retention in its argument `arg`. A
+/// trigger of a user's own that runs `pgwatch.capture()` could otherwise send on any channel, with
+/// its changes folded into those of the watch that owns it, or fold its own rows by other columns
+/// than its key. The table name in `arg` is not used: a trigger names its table as it was when the
+/// trigger was made, which PostgreSQL does not keep in step with renames where pgwatch does not
+/// follow them (under `session_replication_role = replica`, no event trigger fires). Read once
 /// per trigger and backend (see `plan`), never per row.
-pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, channel: &[u8], retained: bool) -> bool {
-    let Some(id) = watch_id_of(name) else { return false };
+pub fn made_by_pgwatch(name: &str, relid: pg_sys::Oid, arg: &TriggerArg) -> Option<Vec<u8>> {
+    let id = watch_id_of(name)?;
+    let columns: Vec<Vec<u8>> = arg.columns.clone();
     with_safe_search_path(|| {
         as_extension_owner(|| {
-            Spi::get_one_with_args::<bool>(
-                "SELECT EXISTS (
-                    SELECT FROM pgwatch.watches w
-                     WHERE w.id OPERATOR(pg_catalog.=) $1
-                       AND pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()) OPERATOR(pg_catalog.=) $3
-                       AND ((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'retain') IS NOT NULL) OPERATOR(pg_catalog.=) $4
-                       AND (w.tbl::pg_catalog.oid OPERATOR(pg_catalog.=) $2
-                            OR w.tbl::pg_catalog.oid IN (SELECT a.relid::pg_catalog.oid
-                                                           FROM pg_catalog.pg_partition_ancestors($2::pg_catalog.regclass) a)))",
-                &[id.into(), relid.into(), channel.into(), retained.into()],
-            )
+            let query = concat!(
+                    "SELECT pg_catalog.convert_to(",
+                    crate::display_name_sql!(),
+                    ", pg_catalog.getdatabaseencoding())
+                       FROM pgwatch.watches w, pg_catalog.pg_class c, pg_catalog.pg_namespace n
+                      WHERE w.id OPERATOR(pg_catalog.=) $1
+                        AND pg_catalog.convert_to(w.channel, pg_catalog.getdatabaseencoding()) OPERATOR(pg_catalog.=) $3
+                        AND ((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'retain') IS NOT NULL) OPERATOR(pg_catalog.=) $4
+                        AND (w.tbl::pg_catalog.oid OPERATOR(pg_catalog.=) $2
+                             OR w.tbl::pg_catalog.oid IN (SELECT a.relid::pg_catalog.oid
+                                                            FROM pg_catalog.pg_partition_ancestors($2::pg_catalog.regclass) a))
+                        AND c.oid OPERATOR(pg_catalog.=) w.tbl::pg_catalog.oid AND n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                        AND pg_catalog.cardinality(w.key_columns) OPERATOR(pg_catalog.=) $5
+                        AND (SELECT pg_catalog.array_agg(pg_catalog.convert_to(u.name, pg_catalog.getdatabaseencoding()) ORDER BY u.i)
+                               FROM pg_catalog.unnest(w.key_columns OPERATOR(pg_catalog.||) w.extra_columns)
+                                    WITH ORDINALITY AS u(name, i)) OPERATOR(pg_catalog.=) $6
+                        AND (COALESCE(pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'payload', 'full')
+                             OPERATOR(pg_catalog.=) 'compact') OPERATOR(pg_catalog.=) $7"
+            );
+            let args = [
+                id.into(),
+                relid.into(),
+                arg.channel.as_slice().into(),
+                arg.retained.into(),
+                (arg.keys as i32).into(),
+                columns.into(),
+                (arg.layout == Layout::Compact).into(),
+            ];
+            // Read-only: a trigger's first firing takes no snapshot or command of its own.
+            Spi::connect(|client| {
+                let rows = client.select(query, Some(1), &args)?;
+                rows.into_iter().next().map_or(Ok(None), |row| row.get::<Vec<u8>>(1))
+            })
             .unwrap_or_else(|e| error::spi_failed("pgwatch.watches", e))
-            .unwrap_or(false)
         })
     })
 }

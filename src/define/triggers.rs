@@ -445,6 +445,8 @@ unsafe fn create_trigger(
                 pg_sys::DependencyType::DEPENDENCY_NORMAL,
             );
             pg_sys::free_parsestate(pstate);
+            pg_sys::CommandCounterIncrement();
+            refuse_temporary_objects(trigger.objectId);
         }
         let extension = pg_sys::ObjectAddress {
             classId: pg_sys::ExtensionRelationId,
@@ -454,6 +456,30 @@ unsafe fn create_trigger(
         pg_sys::recordDependencyOn(&trigger, &extension, pg_sys::DependencyType::DEPENDENCY_AUTO_EXTENSION);
         drop(rel);
         pg_sys::CommandCounterIncrement();
+    }
+}
+
+/// Fails if trigger `oid`'s WHEN refers to a temporary object (a function, operator or type in
+/// `pg_temp`): its session's end would drop it, and with it the trigger, without the event
+/// triggers that keep watches and their triggers together, leaving a watch that sends nothing.
+/// Only what the WHEN names itself is looked at (not, say, a permanent function of a temporary
+/// type's argument).
+fn refuse_temporary_objects(oid: pg_sys::Oid) {
+    // Schema names starting with pg_ are PostgreSQL's own: pg_temp (this session's) or
+    // pg_temp_N (another's) is a temporary schema.
+    let temporary = first::<Vec<u8>>(
+        "SELECT pg_catalog.convert_to(pg_catalog.concat_ws(' ', o.type, o.identity), pg_catalog.getdatabaseencoding())
+           FROM pg_catalog.pg_depend d, LATERAL pg_catalog.pg_identify_object(d.refclassid, d.refobjid, 0) o
+          WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass AND d.objid = $1
+            AND o.schema OPERATOR(pg_catalog.~) '^pg_temp'",
+        &[oid.into()],
+    );
+    if let Some(object) = temporary {
+        fail(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("condition refers to temporary object {}", String::from_utf8_lossy(&object)),
+            "the session's end would drop it and the watch's triggers with it: use an object of a permanent schema",
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 use pgrx::prelude::*;
 use pgrx::{PgRelation, PgSqlErrorCode};
 
-use super::owner::{as_extension_owner, run, Managing};
+use super::owner::{as_extension_owner, first, run, Managing};
 use super::store;
 use super::triggers::{
     create_triggers, drop_triggers, existing_triggers, existing_whens, placement, silenced, Existing,
@@ -20,24 +20,44 @@ use crate::model::watch::{Shape, TableName, Watch};
 /// waiting on its catalog row with the table locked would hold up the table's writers for as long
 /// as that transaction stays open. Once it has ended, the claim (under READ COMMITTED) sees its
 /// row. The lock is one no SQL statement takes, so that no one but a transaction defining a watch
-/// holds it up; it is held until the transaction ends.
+/// holds it up; it is held until the transaction ends. Its tag is a keyed hash of the channel
+/// (see [`channel_lock_tag`]): every role sees lock tags in pg_locks, and without a key one could
+/// compute a label of its own whose lock, held open, stalls the definition of another's channel.
+/// Run as the extension's owner, who alone reads the key.
 fn lock_channel(channel: &str) {
-    // FNV-1a, the same in every backend: a channel that shares the hash only waits as well.
-    let hash = channel.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    // A database whose pgwatch is not updated to 0.4.0 yet has no key (a statement naming the
+    // table would fail there, however it is guarded).
+    let keyed = first::<bool>("SELECT pg_catalog.to_regclass('pgwatch.claim_key') IS NOT NULL", &[]);
+    let key = keyed.unwrap_or(false).then(|| first::<Vec<u8>>("SELECT k.key FROM pgwatch.claim_key k LIMIT 1", &[]));
+    let key = key.flatten();
+    let (objid, subid) = channel_lock_tag(key.as_deref().unwrap_or_default(), channel);
     // SAFETY: a lock on an object tag of pg_extension's catalog with a sub-id PostgreSQL never
-    // gives an extension, taken in the current transaction.
+    // gives an extension (it has no sub-objects), taken in the current transaction.
     unsafe {
         pg_sys::LockDatabaseObject(
             pg_sys::ExtensionRelationId,
-            pg_sys::Oid::from(hash),
-            CHANNEL_LOCK_SUBID,
+            pg_sys::Oid::from(objid),
+            subid,
             pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
         )
     };
 }
 
-/// The sub-id of [`lock_channel`]'s lock tag: "pw".
-const CHANNEL_LOCK_SUBID: u16 = 0x7077;
+/// The object id and sub-id of `channel`'s claim lock: 47 bits of SipHash-2-4 keyed with `key`
+/// (the database's, 16 random bytes; none in a database whose pgwatch is not updated yet), the
+/// sub-id never 0.
+fn channel_lock_tag(key: &[u8], channel: &str) -> (u32, u16) {
+    let half = |range: std::ops::Range<usize>| {
+        key.get(range).map_or(0, |bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+    };
+    // SipHash-2-4, which std keeps as SipHasher (deprecated for hash maps, which need no key):
+    // a pseudo-random function of the key, so that seeing tags tells nothing of other names'.
+    #[allow(deprecated)]
+    let mut hasher = std::hash::SipHasher::new_with_keys(half(0..8), half(8..16));
+    std::hash::Hasher::write(&mut hasher, channel.as_bytes());
+    let hash = std::hash::Hasher::finish(&hasher);
+    ((hash >> 32) as u32, hash as u16 | 0x8000)
+}
 
 /// Stores `watch` (replacing the watch of its table and label, if any) and installs its
 /// triggers, each event's with the WHEN `whens` gives (resolved by the caller, see `when`);
@@ -142,4 +162,25 @@ pub fn renew(id: i64) {
     let placement = placement(&rel);
     drop(rel);
     rebuild(id, &watch, &table, &existing, placement, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::channel_lock_tag;
+
+    #[test]
+    fn a_channels_claim_lock_depends_on_the_databases_key() {
+        let key: Vec<u8> = (1..=16).collect();
+        let other: Vec<u8> = (101..=116).collect();
+        let tag = channel_lock_tag(&key, "public.victim");
+        assert_eq!(tag, channel_lock_tag(&key, "public.victim"));
+        assert_ne!(tag, channel_lock_tag(&other, "public.victim"));
+        assert_ne!(tag, channel_lock_tag(&key, "public.victin"));
+        // Not the tag of an extension itself (sub-id 0), with or without a key.
+        for key in [&key[..], &[]] {
+            for channel in ["", "a", "public.victim", "mal_au0a9bb"] {
+                assert!(channel_lock_tag(key, channel).1 >= 0x8000);
+            }
+        }
+    }
 }

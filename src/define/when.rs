@@ -192,7 +192,24 @@ unsafe fn single_expression(stmt: *mut Node) -> Option<*mut Node> {
         let target = targets
             .get_ptr(0)
             .filter(|&target| plain && (*target).name.is_null() && (*target).indirection.is_null())?;
-        Some((*target).val)
+        // A bare `*` is a column reference only a target list expands: transformExpr would read
+        // its star as a column name (PostgreSQL's grammar never hands it one).
+        (!bare_star((*target).val)).then_some((*target).val)
+    }
+}
+
+/// Whether `node` is `*` alone: a column reference whose only field is a star.
+///
+/// # Safety
+/// `node` must be a valid parse node or null.
+unsafe fn bare_star(node: *mut Node) -> bool {
+    // SAFETY: checked to be a ColumnRef before the cast; its fields are parse nodes.
+    unsafe {
+        if node.is_null() || !pgrx::is_a(node, pg_sys::NodeTag::T_ColumnRef) {
+            return false;
+        }
+        let fields = PgList::<Node>::from_pg((*node.cast::<pg_sys::ColumnRef>()).fields);
+        fields.len() == 1 && fields.get_ptr(0).is_some_and(|field| pgrx::is_a(field, pg_sys::NodeTag::T_A_Star))
     }
 }
 

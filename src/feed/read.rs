@@ -78,8 +78,8 @@ fn watched(channel: &[u8]) -> Watched {
 /// Why the current user may not replay a watch of table `tbl`, if they may not: they must be
 /// able to read everything the watch sends and everything it chooses rows by, since which rows
 /// it sent tells of those values too: SELECT on the table, or on each of `columns` (sent, key
-/// and trigger columns) when no `condition` filters rows (a condition may read any column), and
-/// no row-level security in the way (replay cannot filter rows by policy).
+/// and trigger columns) when no `condition` filters rows (a condition may read any column), USAGE
+/// on its schema, and no row-level security in the way (replay cannot filter rows by policy).
 pub fn refusal(tbl: pg_sys::Oid, columns: &[impl AsRef<[u8]>], condition: bool) -> Option<&'static str> {
     // SAFETY: reading the current user's id.
     let user = unsafe { pg_sys::GetUserId() };
@@ -100,11 +100,33 @@ pub fn refusal(tbl: pg_sys::Oid, columns: &[impl AsRef<[u8]>], condition: bool) 
     if !readable {
         return Some("you may not read its table");
     }
+    // PostgreSQL lets nobody read a table in a schema they may not use, whatever the table's
+    // own privileges.
+    if !may_use_schema_of(tbl, user) {
+        return Some("you may not use its table's schema");
+    }
     // SAFETY: checks whether row-level security applies to the current user on the table (with
     // no ERROR when row_security is off and it would).
     let rls = unsafe { pg_sys::check_enable_rls(tbl, pg_sys::Oid::INVALID, true) }
         == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32;
     rls.then_some("row-level security applies to you on its table")
+}
+
+/// Whether `user` has USAGE on the schema of table `tbl`.
+fn may_use_schema_of(tbl: pg_sys::Oid, user: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup of an existing relation.
+    let schema = unsafe { pg_sys::get_rel_namespace(tbl) };
+    // A table dropped meanwhile: nothing to read (an ACL check would fail on the missing schema).
+    if schema == pg_sys::Oid::INVALID {
+        return false;
+    }
+    // SAFETY: a plain ACL check of an existing schema.
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    let allowed = unsafe { pg_sys::pg_namespace_aclcheck(schema, user, pg_sys::ACL_USAGE as _) };
+    // SAFETY: as above (PostgreSQL 16 folded the per-kind checks into one).
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    let allowed = unsafe { pg_sys::object_aclcheck(pg_sys::NamespaceRelationId, schema, user, pg_sys::ACL_USAGE as _) };
+    allowed == pg_sys::AclResult::ACLCHECK_OK
 }
 
 /// Refuses the current user unless they may replay the watch (see [`refusal`]).
@@ -113,7 +135,7 @@ fn check_access(watched: &Watched, channel: &[u8]) {
         fail(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("permission denied to replay channel \"{}\": {why}", channel_text(channel)),
-            "replay needs SELECT on the watched table (or, for a watch without a condition, on every column it sends or fires on), and no row-level security policy in the way",
+            "replay needs USAGE on the watched table's schema, SELECT on the table (or, for a watch without a condition, on every column it sends or fires on), and no row-level security policy in the way",
         );
     }
 }
