@@ -81,7 +81,7 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"pgwatch.busy_batch_delay",
         c"The longest a delivery worker lets changes gather before its next batch.",
-        c"After each batch the worker waits in proportion to the commit rate it saw (1 ms per 1000 transactions per second), at most this long (but see pgwatch.listener_batch_delay), next to nothing after a quiet spell; 0 disables waiting.",
+        c"After each batch the worker waits with the cube of the commit rate it saw, reaching this at 700 transactions per second per millisecond of it (the default 10 ms at 7000), at most this long (but see pgwatch.listener_batch_delay), next to nothing after a quiet spell; 0 disables waiting.",
         &BUSY_BATCH_DELAY_MS,
         0,
         1000,

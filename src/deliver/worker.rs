@@ -635,13 +635,15 @@ fn listener_batch_delay() -> Duration {
 }
 
 /// The commit rate at which the worker waits its longest (`busy_batch_delay`), in commits per
-/// second per millisecond of it: the default 10 ms from 10,000 commits per second on. Below that
-/// the wait falls with the square of the rate (2.5 ms at 5,000, 0.1 ms at 1,000). A batch costs
-/// the worker, the WAL writer and every listening backend about the same whatever it carries, so
-/// near one client's full rate batches of a few transactions would cost more than the writes
-/// they announce; at half that rate a quarter of the wait keeps changes within a few
-/// milliseconds, and a wait in proportion to the rate would grow with the machine's speed.
-const WAIT_PER_COMMIT_RATE: Duration = Duration::from_micros(1);
+/// second per millisecond of it: the default 10 ms from 7,000 commits per second on. Below that
+/// the wait falls with the cube of the rate (3.6 ms at 5,000, 1.25 ms at 3,500, 0.03 ms at
+/// 1,000). A batch costs the worker, the WAL writer and every listening backend about the same
+/// whatever it carries, and each of their wake-ups costs a writer on the same cores a context
+/// switch and its caches: near one client's full rate, batches of a few transactions would cost
+/// more than the writes they announce. At half that rate an eighth of the wait keeps changes
+/// within a few milliseconds, and a wait in proportion to the rate would grow with the machine's
+/// speed.
+const FULL_RATE_PER_MS: f64 = 700.0;
 
 /// Under a steady stream of commits, the worker lets the next batch gather at least this many
 /// times as long as the end of a send's commit takes (see [`Worker::wake_time`]): it signals every
@@ -651,14 +653,14 @@ const WAIT_PER_COMMIT_RATE: Duration = Duration::from_micros(1);
 /// time, within `listener_batch_delay` (or `busy_batch_delay`, if longer).
 const WAIT_PER_WAKE_TIME: u32 = 8;
 
-/// Below this rate-proportional wait (100 commits per second), commits are sporadic: no wait.
-/// Above it the wake-ups' floor applies, also when listeners have slowed the writers down (so few
-/// commits would otherwise mean many notifications, each waking them all).
-const STEADY: Duration = Duration::from_micros(100);
+/// Below this commit rate (per second), commits are sporadic: no wait. Above it the wake-ups'
+/// floor applies, also when listeners have slowed the writers down (so few commits would
+/// otherwise mean many notifications, each waking them all).
+const STEADY_RATE: f64 = 100.0;
 
 /// How long to let the next batch gather after sending `transactions` that committed over
-/// `arrived_over` (since the previous batch): with the square of that commit rate (see
-/// [`WAIT_PER_COMMIT_RATE`]), at most `longest`, and under a steady stream at least
+/// `arrived_over` (since the previous batch): with the cube of that commit rate (see
+/// [`FULL_RATE_PER_MS`]), at most `longest`, and under a steady stream at least
 /// [`WAIT_PER_WAKE_TIME`] times `wake_time`, at most `listening` (or `longest`, if longer) for
 /// that; nothing when `longest` is 0. A change after a quiet spell goes out at once and the wait
 /// after it is next to nothing; a steady stream of commits, even one client's, is sent in batches,
@@ -672,13 +674,13 @@ fn gather_delay(
     wake_time: Duration,
 ) -> Duration {
     let rate = transactions as f64 / arrived_over.as_secs_f64().max(1e-6);
-    if longest.is_zero() || WAIT_PER_COMMIT_RATE.mul_f64(rate.min(1e9)) < STEADY {
+    if longest.is_zero() || rate < STEADY_RATE {
         // Sporadic commits: a sleep this short would gather nothing and cost more than it waits.
         return Duration::ZERO;
     }
-    let longest_from = longest.as_secs_f64() / WAIT_PER_COMMIT_RATE.as_secs_f64();
-    let share = (rate / longest_from).min(1.0);
-    let by_rate = longest.mul_f64(share * share);
+    let full_rate = longest.as_secs_f64() * 1000.0 * FULL_RATE_PER_MS;
+    let share = (rate / full_rate).min(1.0);
+    let by_rate = longest.mul_f64(share.powi(3));
     by_rate.max((wake_time * WAIT_PER_WAKE_TIME).min(longest.max(listening)))
 }
 
@@ -691,13 +693,13 @@ mod tests {
         let longest = Duration::from_millis(10);
         let ms = Duration::from_millis;
         let wait = |transactions, over| gather_delay(transactions, over, (longest, ms(50)), Duration::ZERO).as_micros();
-        // 1,000 per second: 0.1 ms; 4,000: 1.6 ms; 10,000 and more: all 10, one transaction at
+        // 1,000 per second: 0.03 ms; 4,000: 1.9 ms; 7,000 and more: all 10, one transaction at
         // a time as well as in batches.
         assert_eq!(
-            [wait(1, ms(1)), wait(4, ms(1)), wait(10, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
-            [100, 1600, 10000, 10000, 10000]
+            [wait(1, ms(1)), wait(4, ms(1)), wait(7, ms(1)), wait(100, ms(1)), wait(5, Duration::ZERO)],
+            [29, 1865, 10000, 10000, 10000]
         );
-        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1600, 10000]);
+        assert_eq!([wait(1, Duration::from_micros(250)), wait(1, Duration::ZERO)], [1865, 10000]);
         assert_eq!(gather_delay(4, ms(1), (ms(3), ms(50)), Duration::ZERO), ms(3));
         // A transaction or two after a second's quiet: no wait.
         assert_eq!([wait(1, ms(1000)), wait(2, ms(1000))], [0, 0]);
@@ -709,7 +711,7 @@ mod tests {
     fn under_steady_load_slow_wake_ups_stretch_the_wait_within_the_listeners_setting() {
         let (longest, us, ms) =
             ((Duration::from_millis(10), Duration::from_millis(50)), Duration::from_micros, Duration::from_millis);
-        // 1,000 commits per second: 0.1 ms by the rate; wake-ups of 20 µs make it 160 µs, of
+        // 1,000 commits per second: 0.03 ms by the rate; wake-ups of 20 µs make it 160 µs, of
         // 250 µs (20 listeners, say) 2 ms, of 2 ms 16, of 8 ms (a hundred) the listeners' 50.
         let wait = |wake| gather_delay(1, ms(1), longest, wake);
         assert_eq!([wait(us(20)), wait(us(250)), wait(ms(2)), wait(ms(8))], [us(160), us(2000), ms(16), ms(50)]);
