@@ -138,7 +138,7 @@ fn ddl_that_would_break_a_watch_is_refused_and_writes_keep_working() {
                 "ALTER TABLE o_ddl RENAME COLUMN status TO state",
                 "2BP01",
                 format!(
-                    r#"cannot rename column "state" of table public.o_ddl: pgwatch watch {conditional} (channel "o_ddl_cond") has a condition that refers to it"#
+                    r#"cannot rename a column of table public.o_ddl to "state": pgwatch watch {conditional} (channel "o_ddl_cond") has a condition that refers to it"#
                 ),
             ),
             ("ALTER TABLE o_ddl ALTER COLUMN status TYPE varchar(10)", "0A000", String::new()),

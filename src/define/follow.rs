@@ -103,7 +103,7 @@ fn follow(id: i64, changes: &[Changed]) {
             fail(
                 PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
                 format!(
-                    "cannot rename column \"{name}\" of table {}: pgwatch watch {id} (channel \"{}\") has a condition that refers to it",
+                    "cannot rename a column of table {} to \"{name}\": pgwatch watch {id} (channel \"{}\") has a condition that refers to it",
                     table.display, watch.channel
                 ),
                 "unwatch the table, rename the column, then watch it again with the condition written for the new name",
