@@ -1097,6 +1097,19 @@ fn a_committed_prepared_transaction_tells_the_watches_it_changed_to_refetch() {
         assert_eq!(stat(&mut writer, "prepared_unsent"), unsent + 1);
         writer.batch_execute("COMMIT PREPARED 'e2e_prep_3'").unwrap();
         listener.expect(&[resync]);
+        // A PREPARE that fails after pgwatch's pre-prepare (its GID taken) prepared nothing:
+        // nothing is counted.
+        writer
+            .batch_execute("BEGIN; INSERT INTO e2e_prep VALUES (7); PREPARE TRANSACTION 'e2e_prep_7'; SELECT 1")
+            .unwrap();
+        let unsent = stat(&mut writer, "prepared_unsent");
+        let (code, message) =
+            failure(&mut writer, "BEGIN; INSERT INTO e2e_prep VALUES (8); PREPARE TRANSACTION 'e2e_prep_7'");
+        assert_eq!(code, "42710", "{message}");
+        writer.batch_execute("ROLLBACK").unwrap();
+        writer.batch_execute("SELECT 1").unwrap();
+        assert_eq!(stat(&mut writer, "prepared_unsent"), unsent);
+        writer.batch_execute("ROLLBACK PREPARED 'e2e_prep_7'").unwrap();
         // Rolled back, or without watched changes: nothing.
         writer.batch_execute("BEGIN; INSERT INTO e2e_prep VALUES (2); PREPARE TRANSACTION 'e2e_prep_2'").unwrap();
         writer.batch_execute("ROLLBACK PREPARED 'e2e_prep_2'").unwrap();

@@ -112,6 +112,10 @@ thread_local! {
     /// waiting for PostgreSQL's lock cancelled, say), the prepared one stays committed, and the
     /// worker is asked for the resync instead (see `resync_at_commit`).
     static COMMITTED_PREPARED: RefCell<Vec<Rc<Target>>> = const { RefCell::new(Vec::new()) };
+    /// What a transaction being prepared will not notify (rows, truncated tables, and whether
+    /// its subscribers are told at COMMIT PREPARED): counted and reported once PREPARE
+    /// succeeded, not for one that fails after pre-prepare (prepared transactions disabled, say).
+    static UNSENT_AT_PREPARE: Cell<Option<(usize, usize, bool)>> = const { Cell::new(None) };
 }
 
 impl Xact {
@@ -401,16 +405,19 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
             let announced = prepared::prepare(
                 xact.buffers.iter().filter(|b| b.folded.has_news()).map(|b| b.target.clone()).collect(),
             );
-            if rows + truncates > 0 {
+            UNSENT_AT_PREPARE.set((rows + truncates > 0).then_some((rows, truncates, announced)));
+            put_back(xact);
+        }
+        XactEvent::XACT_EVENT_PREPARE => {
+            prepared::prepared();
+            if let Some((rows, truncates, announced)) = UNSENT_AT_PREPARE.take() {
                 stats::add(Counter::PreparedUnsent, (rows + truncates) as u64);
                 let then = if announced { ": their subscribers are told to refetch when it commits" } else { "" };
                 warning!(
                     "pgwatch: {rows} changed rows and {truncates} truncated tables of this prepared transaction will not be notified{then}"
                 );
             }
-            put_back(xact);
         }
-        XactEvent::XACT_EVENT_PREPARE => prepared::prepared(),
         XactEvent::XACT_EVENT_COMMIT => {
             forget();
             COMMITTED_PREPARED.with_borrow_mut(Vec::clear);
@@ -437,6 +444,7 @@ unsafe extern "C-unwind" fn on_xact(event: XactEvent::Type, _arg: *mut c_void) {
         XactEvent::XACT_EVENT_ABORT | XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             forget();
             prepared::abandon();
+            UNSENT_AT_PREPARE.set(None);
             INLINE.with_borrow_mut(Vec::clear);
             CHECK_EXTENSION.set(false);
             if let (Some(queued), Some(shared)) = (QUEUED.take(), shmem::shared()) {
