@@ -13,6 +13,7 @@
 
 use pgrx::prelude::*;
 
+mod acl;
 mod capture;
 mod define;
 mod deliver;

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 
+use crate::acl;
 use crate::capture;
 use crate::define::validate::{watchable, RegClass, WatchArgs};
 use crate::define::{follow, owner, validate, watches};
@@ -256,7 +257,9 @@ mod pgwatch {
                 // SAFETY: a syscache lookup; NULL for a database dropped meanwhile.
                 let name = unsafe { pg_sys::get_database_name(dboid) };
                 // As PostgreSQL's database sizes: only of databases the role may connect to.
-                if !every_database && (name.is_null() || !may_connect(dboid)) {
+                if !every_database
+                    && (name.is_null() || !acl::allowed(acl::Object::Database(dboid), pg_sys::ACL_CONNECT))
+                {
                     return None;
                 }
                 // SAFETY: a database name is a NUL-terminated string.
@@ -285,19 +288,6 @@ fn reads_all_stats() -> bool {
     let role = pg_sys::ROLE_PG_READ_ALL_STATS;
     // SAFETY: a role membership check of the current user.
     unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), pg_sys::Oid::from(role)) }
-}
-
-/// Whether the current role may connect to database `dboid`, which exists.
-fn may_connect(dboid: pg_sys::Oid) -> bool {
-    // SAFETY: a plain ACL check of an existing database.
-    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-    let allowed = unsafe { pg_sys::pg_database_aclcheck(dboid, pg_sys::GetUserId(), pg_sys::ACL_CONNECT as _) };
-    // SAFETY: as above (PostgreSQL 16 folded the per-kind checks into one).
-    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-    let allowed = unsafe {
-        pg_sys::object_aclcheck(pg_sys::DatabaseRelationId, dboid, pg_sys::GetUserId(), pg_sys::ACL_CONNECT as _)
-    };
-    allowed == pg_sys::AclResult::ACLCHECK_OK
 }
 
 /// Removes the watch of `tbl` named `label`, or every watch of `tbl` when `label` is NULL, with

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
+use crate::acl;
 use crate::define::owner::{as_extension_owner, with_safe_search_path};
 use crate::deliver::shmem;
 use crate::deliver::slots::{set_latch, MAX_DATABASES};
@@ -102,7 +103,7 @@ pub fn refusal(tbl: pg_sys::Oid, columns: &[impl AsRef<[u8]>], condition: bool) 
     }
     // PostgreSQL lets nobody read a table in a schema they may not use, whatever the table's
     // own privileges.
-    if !may_use_schema_of(tbl, user) {
+    if !may_use_schema_of(tbl) {
         return Some("you may not use its table's schema");
     }
     // SAFETY: checks whether row-level security applies to the current user on the table (with
@@ -112,21 +113,15 @@ pub fn refusal(tbl: pg_sys::Oid, columns: &[impl AsRef<[u8]>], condition: bool) 
     rls.then_some("row-level security applies to you on its table")
 }
 
-/// Whether `user` has USAGE on the schema of table `tbl`.
-fn may_use_schema_of(tbl: pg_sys::Oid, user: pg_sys::Oid) -> bool {
+/// Whether the current role has USAGE on the schema of table `tbl`.
+fn may_use_schema_of(tbl: pg_sys::Oid) -> bool {
     // SAFETY: a syscache lookup of an existing relation.
     let schema = unsafe { pg_sys::get_rel_namespace(tbl) };
     // A table dropped meanwhile: nothing to read (an ACL check would fail on the missing schema).
     if schema == pg_sys::Oid::INVALID {
         return false;
     }
-    // SAFETY: a plain ACL check of an existing schema.
-    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-    let allowed = unsafe { pg_sys::pg_namespace_aclcheck(schema, user, pg_sys::ACL_USAGE as _) };
-    // SAFETY: as above (PostgreSQL 16 folded the per-kind checks into one).
-    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-    let allowed = unsafe { pg_sys::object_aclcheck(pg_sys::NamespaceRelationId, schema, user, pg_sys::ACL_USAGE as _) };
-    allowed == pg_sys::AclResult::ACLCHECK_OK
+    acl::allowed(acl::Object::Schema(schema), pg_sys::ACL_USAGE)
 }
 
 /// Refuses the current user unless they may replay the watch (see [`refusal`]).
